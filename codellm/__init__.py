@@ -1,0 +1,3 @@
+"""codellm: local code-assistant models (registry, engine, server, trainer)."""
+
+__version__ = "0.1.0"

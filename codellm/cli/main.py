@@ -1,0 +1,203 @@
+"""The ``codellm`` command. Each command parses, calls the library, and prints; nothing more."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from codellm import __version__
+from codellm.errors import CodellmError
+
+
+class Group(click.Group):
+    """Turns library errors into one line on stderr and exit code 1, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CodellmError as exc:
+            click.echo(f"Error: {exc.message}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def _registry():
+    from codellm.registry import Registry
+
+    return Registry()
+
+
+def _fmt_params(n: int | None) -> str:
+    if not n:
+        return "unknown"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="codellm")
+def cli():
+    """codellm: local code models. Pull them from the Hugging Face hub, fine-tune them with QLoRA,
+    and serve them through an OpenAI- and Ollama-compatible HTTP server.
+
+    Models live in $CODELLM_HOME (default ~/.codellm).
+    """
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--revision", help="Hub branch, tag or commit to pull (default: main).")
+@click.option("--allow-pickle", is_flag=True, help="Accept pickle weights (*.bin, *.pt) when a repo has no safetensors.")
+@click.option("--trust-remote-code", is_flag=True, help="Accept repos that need their own Python code (auto_map).")
+@click.option("--token", envvar="HF_TOKEN", help="Hub token for gated or private repos (default: $HF_TOKEN).")
+def pull(model, revision, allow_pickle, trust_remote_code, token):
+    """Download MODEL from the Hugging Face hub into the registry.
+
+    MODEL is a catalog name (qwen2.5-coder:1.5b, deepseek-coder:1.3b-instruct, starcoder2:3b, ...; see
+    `codellm catalog`) or a hub repo id (Qwen/Qwen2.5-Coder-1.5B-Instruct[:tag]). Honours HF_ENDPOINT.
+    Interrupted pulls resume; every file is verified against the hub's checksum.
+    """
+    from codellm.cli.progress import PullBars
+    from codellm.registry.hub import pull as do_pull
+
+    entry = do_pull(
+        _registry(), model, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+        token=token, progress=PullBars(model), show_file_bars=sys.stderr.isatty(),
+    )
+    click.echo(f"pulled {entry.name.short} ({entry.id})")
+
+
+@cli.command("catalog")
+def catalog_cmd():
+    """List the built-in short names and the hub repos they pull."""
+    from codellm.registry.catalog import CATALOG, DEFAULT_TAGS
+
+    click.echo(f"{'NAME':<32}{'HUB REPO':<44}FIM")
+    for name, entry in CATALOG.items():
+        default = " (default)" if DEFAULT_TAGS.get(name.split(":")[0]) == name.split(":")[1] else ""
+        click.echo(f"{name + default:<32}{entry.repo:<44}{'yes' if entry.fim else '-'}")
+
+
+@cli.command("list")
+def list_cmd():
+    """List the models in the registry (NAME, ID, SIZE, MODIFIED)."""
+    from codellm.registry.store import age, human_size
+
+    rows = [(str(e.name), e.id, human_size(e.manifest.size), age(e.modified)) for e in _registry().list()]
+    width = max([len(r[0]) for r in rows] + [4]) + 4
+    click.echo(f"{'NAME':<{width}}{'ID':<16}{'SIZE':<12}MODIFIED")
+    for name, id_, size, modified in rows:
+        click.echo(f"{name:<{width}}{id_:<16}{size:<12}{modified}")
+
+
+cli.add_command(list_cmd, "ls")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--modelfile", is_flag=True, help="Print a Modelfile that re-creates MODEL.")
+@click.option("--license", "license_", is_flag=True, help="Print the license.")
+@click.option("--template", is_flag=True, help="Print the chat template.")
+@click.option("--system", is_flag=True, help="Print the system prompt.")
+@click.option("--parameters", is_flag=True, help="Print the default parameters.")
+def show(model, modelfile, license_, template, system, parameters):
+    """Show what MODEL is: architecture, parameters, context, quantization, template, license."""
+    from codellm.registry import manifest as mt
+    from codellm.registry.create import show_modelfile
+    from codellm.registry.info import describe_model
+
+    reg = _registry()
+    if modelfile:
+        click.echo(show_modelfile(reg, model), nl=False)
+        return
+    info = describe_model(reg, model)
+    if license_:
+        click.echo(info.license or "")
+        return
+    if template:
+        click.echo(info.template or "")
+        return
+    if system:
+        click.echo(info.system or "")
+        return
+    if parameters:
+        click.echo(info.parameters_text, nl=False)
+        return
+    c = info.config
+    lines = ["  Model"]
+    for key, value in (
+        ("architecture", c.model_type or c.architecture), ("family", c.family),
+        ("parameters", _fmt_params(c.parameters)), ("context length", c.context_length),
+        ("quantization", (c.quantization or c.dtype or "unknown").upper()), ("source", c.source),
+    ):
+        if value:
+            lines.append(f"    {key:<20}{value}")
+    if c.base:
+        lines.append(f"    {'adapter of':<20}{c.base}")
+    lines += ["", "  Capabilities"] + [f"    {cap}" for cap in info.capabilities]
+    if info.parameters_text:
+        lines += ["", "  Parameters"] + ["    " + ln for ln in info.parameters_text.splitlines()]
+    if info.system:
+        lines += ["", "  System", "    " + info.system.splitlines()[0][:100]]
+    if info.license:
+        lines += ["", "  License", "    " + info.license.strip().splitlines()[0][:100]]
+    click.echo("\n".join(lines))
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("destination")
+def cp(source, destination):
+    """Copy SOURCE to a new name DESTINATION (no data is copied: blobs are shared)."""
+    entry = _registry().copy(source, destination)
+    click.echo(f"copied '{source}' to '{entry.name.short}'")
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+def rm(models):
+    """Remove MODELS and free the blobs no other model uses."""
+    reg = _registry()
+    for name in models:
+        freed = reg.remove(name)
+        click.echo(f"deleted '{name}' ({len(freed)} blobs freed)")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-f", "--file", "path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Modelfile to build from (default: ./Modelfile).")
+def create(name, path):
+    """Create model NAME from a Modelfile (FROM, PARAMETER, TEMPLATE, SYSTEM, MESSAGE, ADAPTER, LICENSE)."""
+    from codellm.cli.progress import PullBars
+    from codellm.registry import modelfile
+    from codellm.registry.create import create as do_create
+    from codellm.registry.hub import pull as do_pull
+
+    path = path or Path("Modelfile")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise click.ClickException(f"cannot read Modelfile {path}: {exc.strerror}") from None
+    reg = _registry()
+    entry = do_create(
+        reg, name, modelfile.parse(text), base_dir=path.resolve().parent,
+        pull=lambda src: do_pull(reg, src, progress=PullBars(src)),
+        status=lambda s: click.echo(s, err=True),
+    )
+    click.echo(f"created {entry.name.short} ({entry.id})")
+
+
+def main() -> None:
+    cli(prog_name="codellm")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The registry on disk: ``$CODELLM_HOME/{blobs,manifests,models}``.
+
+Manifests live at ``manifests/<namespace>/<model>/<tag>`` and are always written last and atomically,
+so a reader sees either the old model or the complete new one. ``models/<id>/`` is a directory of
+symlinks into the blob store that transformers and peft load from, rebuilt on demand.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+from filelock import FileLock
+
+from codellm.errors import InvalidRequest, NotFound
+from codellm.registry import manifest as mt
+from codellm.registry.blobs import BlobStore, sha256_bytes
+from codellm.registry.names import ModelName
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("CODELLM_HOME") or Path.home() / ".codellm").expanduser()
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: ModelName
+    manifest: mt.Manifest
+    digest: str  # sha256 of the manifest bytes: the model's ID
+    modified: float
+
+    @property
+    def id(self) -> str:
+        return self.digest.split(":", 1)[1][:12]
+
+
+class Registry:
+    def __init__(self, home: str | os.PathLike | None = None):
+        self.home = Path(home) if home else default_home()
+        self.blobs = BlobStore(self.home / "blobs")
+        self.manifests = self.home / "manifests"
+        self.manifests.mkdir(parents=True, exist_ok=True)
+
+    # -- names and manifests -------------------------------------------------------------
+    def _path(self, name: ModelName) -> Path:
+        path = self.manifests.joinpath(*name.parts)
+        if not path.resolve().is_relative_to(self.manifests.resolve()):
+            raise InvalidRequest(f"invalid model name {name}")
+        return path
+
+    def lock(self, key: str) -> FileLock:
+        locks = self.home / "locks"
+        locks.mkdir(exist_ok=True)
+        return FileLock(str(locks / (sha256_bytes(key.encode())[7:23] + ".lock")))
+
+    def exists(self, name: str | ModelName) -> bool:
+        return self._path(_name(name)).is_file()
+
+    def get(self, name: str | ModelName) -> Entry:
+        parsed = _name(name)
+        path = self._path(parsed)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"model '{parsed.short}' not found", param="model") from None
+        return Entry(parsed, mt.Manifest.decode(data), sha256_bytes(data), path.stat().st_mtime)
+
+    def save(self, name: str | ModelName, manifest: mt.Manifest) -> Entry:
+        """Write a manifest atomically, after checking every layer it names is stored."""
+        parsed = _name(name)
+        for layer in manifest.layers:
+            if not self.blobs.has(layer.digest):
+                raise InvalidRequest(f"layer {layer.digest} of {parsed.short} is missing from the blob store")
+        path = self._path(parsed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = manifest.encode()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return Entry(parsed, manifest, sha256_bytes(data), path.stat().st_mtime)
+
+    def list(self) -> list[Entry]:
+        entries = []
+        for path in sorted(self.manifests.glob("*/*/*")):
+            if path.is_file() and not path.name.startswith("."):
+                try:
+                    name = ModelName(*path.relative_to(self.manifests).parts)
+                    entries.append(self.get(name))
+                except (ValueError, msgspec.DecodeError, NotFound):
+                    continue
+        return sorted(entries, key=lambda e: -e.modified)
+
+    def copy(self, src: str | ModelName, dst: str | ModelName) -> Entry:
+        return self.save(dst, self.get(src).manifest)
+
+    def remove(self, name: str | ModelName) -> list[str]:
+        """Delete a manifest, then every blob of it that no other manifest references."""
+        entry = self.get(name)
+        with self.lock("gc"):
+            self._path(entry.name).unlink()
+            self._prune_dirs(self._path(entry.name).parent)
+            referenced = {layer.digest for other in self.list() for layer in other.manifest.layers}
+            freed = []
+            for layer in entry.manifest.layers:
+                if layer.digest not in referenced and layer.digest not in freed:
+                    self.blobs.remove(layer.digest)
+                    freed.append(layer.digest)
+        shutil.rmtree(self.home / "models" / entry.id, ignore_errors=True)
+        return freed
+
+    def _prune_dirs(self, directory: Path) -> None:
+        for d in (directory, directory.parent):
+            try:
+                d.rmdir()
+            except OSError:
+                return
+
+    # -- building manifests -------------------------------------------------------------
+    def add_layer_bytes(self, media_type: str, data: bytes, filename: str | None = None) -> mt.Layer:
+        digest, size = self.blobs.add_bytes(data)
+        return mt.Layer(media_type, digest, size, filename)
+
+    def add_layer_file(self, media_type: str, path: Path, filename: str | None = None) -> mt.Layer:
+        digest, size = self.blobs.add_file(path)
+        return mt.Layer(media_type, digest, size, filename or path.name)
+
+    def read_layer(self, layer: mt.Layer) -> bytes:
+        return self.blobs.read_bytes(layer.digest)
+
+    def params(self, manifest: mt.Manifest) -> dict:
+        layer = manifest.layer(mt.PARAMS)
+        return msgspec.json.decode(self.read_layer(layer)) if layer else {}
+
+    def text(self, manifest: mt.Manifest, media_type: str) -> str | None:
+        layer = manifest.layer(media_type)
+        return self.read_layer(layer).decode() if layer else None
+
+    def messages(self, manifest: mt.Manifest) -> list[dict]:
+        layer = manifest.layer(mt.MESSAGES)
+        return msgspec.json.decode(self.read_layer(layer)) if layer else []
+
+    # -- loadable directories -----------------------------------------------------------
+    def model_dir(self, name: str | ModelName, media_types: frozenset[str] = mt.FILE_LAYERS - {mt.ADAPTER}) -> Path:
+        """A directory of the model's files (symlinks into the blob store) for transformers to load."""
+        entry = self.get(name)
+        return self.files_dir(entry.manifest, media_types, key=entry.id)
+
+    def files_dir(self, manifest: mt.Manifest, media_types: frozenset[str], key: str) -> Path:
+        root = self.home / "models"
+        target = root / f"{key}-{sha256_bytes(','.join(sorted(media_types)).encode())[7:15]}"
+        if target.is_dir():
+            return target
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        for layer in manifest.layers:
+            if layer.media_type in media_types and layer.filename:
+                link = tmp / Path(layer.filename).name
+                if not link.exists():
+                    os.symlink(self.blobs.path(layer.digest), link)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def adapter_dir(self, name: str | ModelName) -> Path:
+        entry = self.get(name)
+        return self.files_dir(entry.manifest, frozenset({mt.ADAPTER}), key=entry.id)
+
+
+def _name(name: str | ModelName) -> ModelName:
+    return name if isinstance(name, ModelName) else ModelName.parse(name)
+
+
+def age(seconds_since_epoch: float) -> str:
+    """'3 minutes ago' as Ollama prints it."""
+    delta = max(0, time.time() - seconds_since_epoch)
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if delta >= size:
+            n = int(delta // size)
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return "Less than a minute ago" if delta >= 1 else "Just now"
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
