@@ -195,6 +195,130 @@ def create(name, path):
     click.echo(f"created {entry.name.short} ({entry.id})")
 
 
+def _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code):
+    from codellm.engine.manager import LoadOptions
+
+    return LoadOptions(device=device, dtype=dtype, quantize=quantize, num_ctx=num_ctx, slots=slots,
+                       max_queue=max_queue, trust_remote_code=trust_remote_code)
+
+
+def engine_options(f):
+    for option in reversed([
+        click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+        click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Weights dtype (default: bf16 on GPU, fp32 on CPU)."),
+        click.option("--quantize", type=click.Choice(["nf4"]), help="Load weights 4-bit with bitsandbytes (GPU)."),
+        click.option("--num-ctx", type=click.IntRange(16), help="Context length per sequence (default: the model's num_ctx or 4096)."),
+        click.option("--slots", type=click.IntRange(1), help="Sequences decoded together (default: 64 on GPU, 8 on CPU)."),
+        click.option("--max-queue", type=click.IntRange(1), default=256, show_default=True, help="Requests queued per model before 429."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow models that need their repo's Python code."),
+    ]):
+        f = option(f)
+    return f
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=11435, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+@click.option("--api-key", envvar="CODELLM_API_KEY", help="Require 'Authorization: Bearer KEY' (default: $CODELLM_API_KEY).")
+@click.option("--model", "models", multiple=True, help="Load these models at start (others load on first use). "
+              "'default' means the default model, pulled or built on first use.")
+@click.option("--cors-origin", "cors", multiple=True, help="Allow browser requests from this origin (repeatable, '*' for any).")
+@click.option("--log-level", default="info", type=click.Choice(["critical", "error", "warning", "info", "debug"]), show_default=True)
+@engine_options
+def serve(host, port, api_key, models, cors, log_level, device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code):
+    """Serve registry models over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models, /health, /metrics; OpenAPI at /schema)."""
+    import logging
+
+    import uvicorn
+
+    from codellm.engine.defaults import ensure_default
+    from codellm.engine.manager import ModelManager
+    from codellm.server import create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    reg = _registry()
+    manager = ModelManager(reg, _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code))
+    names = []
+    for name in models or (["default"] if not reg.list() else []):
+        names.append(ensure_default(reg, status=lambda s: click.echo(s, err=True)) if name == "default" else name)
+    for name in names:
+        click.echo(f"loading {name}", err=True)
+        manager.get(name)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
+    click.echo(f"codellm {__version__} serving on http://{host}:{port} (models: {', '.join(e.name.short for e in reg.list())})", err=True)
+    uvicorn.run(create_app(manager, api_key=api_key, cors_origins=list(cors) or None), host=host, port=port,
+                log_level=log_level, timeout_graceful_shutdown=5)
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("prompt", nargs=-1)
+@click.option("--url", default=None, help="Server to talk to (default: http://127.0.0.1:11435 if it answers, else in-process).")
+@click.option("--api-key", envvar="CODELLM_API_KEY", help="API key of the server.")
+@click.option("--system", help="System message.")
+@click.option("--local", is_flag=True, help="Always run the engine in this process.")
+@engine_options
+def run(model, prompt, url, api_key, system, local, device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code):
+    """Chat with MODEL: answer PROMPT and exit, or start an interactive chat.
+
+    In the chat: /set system TEXT, /set parameter NAME VALUE, /clear, /bye, and \"\"\" to begin and end a
+    multi-line message. Talks to a running `codellm serve` when one answers, else loads the model here.
+    """
+    from codellm.server import client
+
+    target = url or client.DEFAULT_URL
+    use_http = not local and client.server_available(target)
+    if not use_http and url:
+        raise click.ClickException(f"no codellm server answers at {url}")
+    if model == "default":
+        from codellm.engine.defaults import ensure_default
+
+        model = ensure_default(_registry(), status=lambda s: click.echo(s, err=True))
+    session = client.Session(model=model, system=system)
+    if use_http:
+        ask = lambda text: client.stream_http(target, session, text, api_key)  # noqa: E731
+    else:
+        from codellm.engine.manager import ModelManager
+
+        manager = ModelManager(_registry(), _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code))
+        manager.get(model)
+        ask = lambda text: client.stream_local(manager, session, text)  # noqa: E731
+
+    def answer(text: str) -> None:
+        for piece in client.exchange(ask(text), session, text):
+            click.echo(piece, nl=False)
+        click.echo()
+
+    if prompt:
+        answer(" ".join(prompt))
+        return
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip().startswith('"""'):
+            block = [line.strip()[3:]]
+            while not block[-1].rstrip().endswith('"""'):
+                try:
+                    block.append(input("... " if interactive else ""))
+                except EOFError:
+                    break
+            line = "\n".join(block).rstrip().removesuffix('"""')
+        elif not line.strip():
+            continue
+        cmd = client.parse_command(line)
+        if cmd.kind == "bye":
+            break
+        if cmd.kind == "message":
+            answer(cmd.arg)
+        else:
+            click.echo(client.apply(session, cmd))
+
+
 def main() -> None:
     cli(prog_name="codellm")
 

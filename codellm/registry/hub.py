@@ -126,7 +126,7 @@ def pull(
 ) -> Entry:
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import (
-        GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError,
+        GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError,
     )
 
     progress = progress or SilentProgress()
@@ -143,7 +143,7 @@ def pull(
         raise NotFound(f"hub repo {target.repo} not found (or private: set HF_TOKEN)") from exc
     except RevisionNotFoundError as exc:
         raise NotFound(f"revision {target.revision!r} of {target.repo} not found") from exc
-    except (HfHubHTTPError, OSError) as exc:
+    except Exception as exc:  # transport errors come from huggingface_hub's own httpx fork
         raise DownloadError(f"cannot reach the hub for {target.repo}: {_first_line(exc)}") from exc
 
     is_adapter = any(getattr(f, "path", "") == "adapter_config.json" for f in tree)
@@ -175,7 +175,7 @@ def pull(
                         target.repo, f.path, revision=sha, local_dir=staging, endpoint=endpoint,
                         token=token, tqdm_class=bar,
                     ))
-                except (HfHubHTTPError, OSError) as exc:
+                except Exception as exc:
                     raise DownloadError(f"downloading {f.path} from {target.repo} failed: {_first_line(exc)}") from exc
                 if _verified(local, f):
                     progress.done(f)

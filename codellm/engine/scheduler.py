@@ -1,0 +1,342 @@
+"""Continuous batching: one engine thread per loaded model runs the step loop.
+
+Each iteration admits waiting sequences into free cache slots, spends a bounded token budget on
+prefill (long prompts are chunked, so running streams keep decoding), then decodes every running
+sequence in one batched forward pass. Sequences join and leave at token boundaries; a cancelled
+one (client gone) frees its slot before the next step. Results go to a per-request ``sink``
+callable from the engine thread; the server turns those into SSE/NDJSON on its event loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from codellm.errors import ContextLengthExceeded, InvalidRequest, QueueFull
+from codellm.engine import kvcache
+from codellm.engine.detok import IncrementalDetokenizer, StopMatcher
+from codellm.engine.loader import LoadedModel
+from codellm.engine.sampling import SamplingParams, TokenLogprob, sample
+
+log = logging.getLogger("codellm.engine")
+_ids = itertools.count(1)
+
+
+@dataclass
+class Output:
+    """One step's news for one sequence (choice ``index`` of its request)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_logprobs: list[float | None] | None = None
+    error: str | None = None
+
+
+Sink = Callable[[Output], None]
+
+
+@dataclass(eq=False)
+class Sequence:
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    sink: Sink
+    max_new: int
+    stop_ids: set[int]
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    generator: torch.Generator | None
+    want_prompt_logprobs: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+    slot: int | None = None
+    cached: int = 0  # prompt tokens already in the cache
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    finished: bool = False
+    prompt_logprobs: list[float | None] | None = None
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < len(self.prompt)
+
+
+class Handle:
+    """What ``submit`` returns: cancel it when the client goes away."""
+
+    def __init__(self, engine: "Engine", seqs: list[Sequence]):
+        self.engine, self.seqs = engine, seqs
+
+    def cancel(self) -> None:
+        self.engine.cancel(self)
+
+
+@dataclass
+class Stats:
+    steps: int = 0
+    decode_tokens: int = 0
+    prefill_tokens: int = 0
+    max_batch: int = 0
+    batch_sizes: Counter = field(default_factory=Counter)
+    finished: int = 0
+    cancelled: int = 0
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int = 512):
+        self.lm = lm
+        cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
+        slots = slots or (64 if lm.device.type == "cuda" else 8)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.cache = kvcache.SlotCache(
+            layers=cfg.num_hidden_layers, slots=slots, kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            head_dim=head_dim, max_len=lm.max_len, dtype=lm.dtype if lm.dtype != torch.float32 or lm.device.type == "cpu" else torch.float32,
+            device=lm.device,
+        )
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.free_slots = list(range(slots))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stats = Stats()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._queued = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"engine:{lm.name}", daemon=True)
+        self._thread.start()
+
+    # -- API (any thread) ---------------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        return self.cache.slots
+
+    def active(self) -> int:
+        return self.slots - len(self.free_slots)
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._queued
+
+    def check_prompt(self, n_prompt: int) -> None:
+        if n_prompt >= self.lm.max_len:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.lm.max_len} tokens. However, you requested "
+                f"{n_prompt} tokens in the prompt, which leaves no room for the completion. "
+                "Please reduce the length of the prompt.", param="messages",
+            )
+
+    def submit(self, prompt: list[int], params: SamplingParams, sink: Sink, *, n: int = 1,
+               prompt_logprobs: bool = False) -> Handle:
+        if not prompt:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        self.check_prompt(len(prompt))
+        room = self.lm.max_len - len(prompt)
+        max_new = min(params.max_tokens, room) if params.max_tokens is not None else room
+        with self._lock:
+            if self._queued + n > self.max_queue:
+                raise QueueFull(f"the server is busy: {self._queued} requests are queued for {self.lm.name}")
+            self._queued += n
+        tok = self.lm.tokenizer
+        stop_ids = set() if params.ignore_eos else set(self.lm.eos_ids)
+        stop_ids |= set(params.stop_token_ids)
+        strings = []
+        special = set(tok.all_special_tokens) | set(getattr(tok, "added_tokens_encoder", {}) or {})
+        for s in params.stop:
+            if s in special:
+                stop_ids.add(tok.convert_tokens_to_ids(s))
+            else:
+                strings.append(s)
+        seqs = [
+            Sequence(
+                index=i, prompt=list(prompt), params=params, sink=sink, max_new=max(0, max_new), stop_ids=stop_ids,
+                detok=IncrementalDetokenizer(tok, prompt), stops=StopMatcher(strings),
+                generator=torch.Generator().manual_seed(params.seed + i) if params.seed is not None else None,
+                want_prompt_logprobs=prompt_logprobs and i == 0,
+            )
+            for i in range(n)
+        ]
+        handle = Handle(self, seqs)
+        self._inbox.put(("add", seqs))
+        return handle
+
+    def cancel(self, handle: Handle) -> None:
+        self._inbox.put(("cancel", handle.seqs))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout=10)
+
+    # -- the loop (engine thread) ------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            idle = not self.waiting and not self.running
+            try:
+                self._drain(block=idle)
+                if self._stop.is_set():
+                    break
+                self._admit()
+                self._prefill()
+                self._decode()
+            except Exception as exc:  # never let one bad batch kill the engine
+                log.exception("engine step failed")
+                for seq in list(self.running):
+                    self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+        for seq in list(self.running) + list(self.waiting):
+            self._finish(seq, "cancelled")
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, seqs = item
+            if kind == "add":
+                self.waiting.extend(seqs)
+            elif kind == "cancel":
+                for seq in seqs:
+                    seq.cancelled = True
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            self._finish(seq, "cancelled")
+        for seq in [s for s in self.running if s.cancelled]:
+            self._finish(seq, "cancelled")
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot = self.free_slots.pop(0)
+            self.running.append(seq)
+
+    def _forward(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        ctx = kvcache.step_context(self.cache, slots, positions)
+        dev = self.lm.device
+        with kvcache.use(ctx), _attention_backends(dev):
+            out = self.lm.model(
+                input_ids=ids.to(dev), position_ids=positions.to(dev), use_cache=False,
+                logits_to_keep=0 if all_logits else 1,
+            )
+        return out.logits
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        for seq in [s for s in self.running if s.prefilling]:
+            if budget <= 0:
+                break
+            start = seq.cached
+            end = min(len(seq.prompt), start + budget)
+            ids = torch.tensor([seq.prompt[start:end]])
+            positions = torch.arange(start, end).unsqueeze(0)
+            logits = self._forward(ids, torch.tensor([seq.slot]), positions, all_logits=seq.want_prompt_logprobs)
+            self.stats.prefill_tokens += end - start
+            budget -= end - start
+            if seq.want_prompt_logprobs:
+                lp = torch.log_softmax(logits[0].float(), dim=-1)
+                if seq.prompt_logprobs is None:
+                    seq.prompt_logprobs = [None]
+                nxt = seq.prompt[start + 1:end + 1]
+                seq.prompt_logprobs += [float(lp[j, t]) for j, t in enumerate(nxt)]
+            seq.cached = end
+            if not seq.prefilling:
+                if seq.max_new == 0:
+                    self._finish(seq, "length")
+                    continue
+                self._sample([seq], logits[:, -1])
+
+    def _decode(self) -> None:
+        batch = [s for s in self.running if not s.prefilling and not s.finished]
+        if not batch:
+            return
+        ids = torch.tensor([[s.generated[-1]] for s in batch])
+        positions = torch.tensor([[len(s.prompt) + len(s.generated) - 1] for s in batch])
+        logits = self._forward(ids, torch.tensor([s.slot for s in batch]), positions)
+        self.stats.steps += 1
+        self.stats.decode_tokens += len(batch)
+        self.stats.max_batch = max(self.stats.max_batch, len(batch))
+        self.stats.batch_sizes[len(batch)] += 1
+        self._sample(batch, logits[:, -1])
+
+    def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> None:
+        tokens, infos = sample(logits, [s.params for s in batch], [s.generated for s in batch], [s.generator for s in batch])
+        for seq, token, info in zip(batch, tokens, infos):
+            if seq.first_token_at is None:
+                seq.first_token_at = time.monotonic()
+            seq.generated.append(token)
+            out = Output(index=seq.index, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated))
+            if seq.prompt_logprobs is not None and len(seq.generated) == 1:
+                out.prompt_logprobs = seq.prompt_logprobs
+            if token in seq.stop_ids:
+                out.finish_reason = "stop"
+                out.text = seq.stops.feed(seq.detok.flush()) + ("" if seq.stops.stopped else seq.stops.flush())
+                self._finish(seq, "stop", out)
+                continue
+            piece = seq.detok.add(token)
+            out.text = seq.stops.feed(piece)
+            out.token_ids = [token]
+            if info is not None:
+                out.logprobs = [info]
+            if seq.stops.stopped:
+                self._finish(seq, "stop", out)
+            elif len(seq.generated) >= seq.max_new:
+                out.text += seq.stops.feed(seq.detok.flush())
+                if not seq.stops.stopped:
+                    out.text += seq.stops.flush()
+                self._finish(seq, "stop" if seq.stops.stopped else "length", out)
+            else:
+                seq.sink(out)
+
+    def _finish(self, seq: Sequence, reason: str, out: Output | None = None, error: str | None = None) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.slot is not None:
+            self.free_slots.append(seq.slot)
+            self.free_slots.sort()
+            seq.slot = None
+        with self._lock:
+            self._queued -= 1
+        if reason == "cancelled":
+            self.stats.cancelled += 1
+        else:
+            self.stats.finished += 1
+        out = out or Output(index=seq.index, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated))
+        out.finish_reason = reason
+        out.error = error
+        try:
+            seq.sink(out)
+        except Exception:  # a sink must never break the loop
+            log.exception("sink failed")
+
+
+def _attention_backends(device: torch.device):
+    """Keep torch's cuDNN SDPA off the decode path: it rebuilds its plan for every new KV length."""
+    if device.type != "cuda":
+        import contextlib
+
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

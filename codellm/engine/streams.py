@@ -1,0 +1,72 @@
+"""Bridges from the engine thread to consumers: an asyncio stream and a blocking iterator.
+
+Leaving either early (client disconnect, Ctrl-C) cancels the request, which frees its cache slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+
+from codellm.engine.scheduler import Engine, Handle, Output
+from codellm.engine.sampling import SamplingParams
+
+
+class AsyncStream:
+    """Outputs of one or more submissions (several prompts, n choices each) merged in arrival order.
+
+    Choice indexes are offset so that prompt ``p`` with ``n`` choices owns ``p*n .. p*n+n-1``.
+    """
+
+    def __init__(self):
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Output] = asyncio.Queue()
+        self._open = 0
+        self.handles: list[Handle] = []
+
+    def add(self, engine: Engine, prompt: list[int], params: SamplingParams, *, n: int = 1, offset: int = 0,
+            prompt_logprobs: bool = False) -> "AsyncStream":
+        def sink(out: Output) -> None:
+            out.index += offset
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+
+        try:
+            self.handles.append(engine.submit(prompt, params, sink, n=n, prompt_logprobs=prompt_logprobs))
+        except BaseException:
+            self.cancel()
+            raise
+        self._open += n
+        return self
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Output:
+        if self._open == 0:
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        if out.finish_reason is not None:
+            self._open -= 1
+        return out
+
+    def cancel(self) -> None:
+        if self._open:
+            for handle in self.handles:
+                handle.cancel()
+
+
+def iterate(engine: Engine, prompt: list[int], params: SamplingParams):
+    """Blocking iterator of outputs for one sequence; cancels on early exit."""
+    q: queue.SimpleQueue[Output] = queue.SimpleQueue()
+    handle = engine.submit(prompt, params, q.put)
+    finished = False
+    try:
+        while True:
+            out = q.get()
+            yield out
+            if out.finish_reason is not None:
+                finished = True
+                return
+    finally:
+        if not finished:
+            handle.cancel()

@@ -1,0 +1,83 @@
+"""The Litestar application: routes, API-key guard, CORS, health, metrics, OpenAPI."""
+
+from __future__ import annotations
+
+import hmac
+import os
+
+from litestar import Litestar, Request, get
+from litestar.config.cors import CORSConfig
+from litestar.connection import ASGIConnection
+from litestar.handlers import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+from litestar.response import Response
+
+from codellm import __version__
+from codellm.engine.manager import LoadOptions, ModelManager
+from codellm.errors import Unauthorized
+from codellm.registry import Registry
+from codellm.server import openai
+from codellm.server.errors import HANDLERS
+
+
+def api_key_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    key = connection.app.state.api_key
+    if not key or handler.opt.get("public") or connection.scope.get("method") == "OPTIONS":
+        return
+    auth = connection.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise Unauthorized("Incorrect API key provided. Send it as 'Authorization: Bearer <key>'."
+                           if auth else "Missing API key. Send it as 'Authorization: Bearer <key>'.")
+
+
+@get("/health", opt={"public": True}, summary="Liveness and loaded models")
+async def health(request: Request) -> dict:
+    manager: ModelManager = request.app.state.manager
+    return {"status": "ok", "version": __version__, "models": {
+        name: {"slots": s.engine.slots, "active": s.engine.active(), "queued": s.engine.pending(),
+               "max_batch": s.engine.stats.max_batch, "steps": s.engine.stats.steps,
+               "decode_tokens": s.engine.stats.decode_tokens, "cancelled": s.engine.stats.cancelled,
+               "max_len": s.lm.max_len, "device": str(s.lm.device), "dtype": str(s.lm.dtype).removeprefix("torch.")}
+        for name, s in manager.loaded().items()
+    }}
+
+
+@get("/metrics", opt={"public": True}, media_type="text/plain; version=0.0.4", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    manager: ModelManager = request.app.state.manager
+    lines = []
+    for metric, kind, value in (
+        ("codellm_num_requests_running", "gauge", lambda s: s.engine.active()),
+        ("codellm_num_requests_waiting", "gauge", lambda s: max(0, s.engine.pending() - s.engine.active())),
+        ("codellm_kv_cache_usage_perc", "gauge", lambda s: s.engine.active() / s.engine.slots),
+        ("codellm_generation_tokens_total", "counter", lambda s: s.engine.stats.decode_tokens),
+        ("codellm_prompt_tokens_total", "counter", lambda s: s.engine.stats.prefill_tokens),
+        ("codellm_request_success_total", "counter", lambda s: s.engine.stats.finished),
+        ("codellm_request_cancelled_total", "counter", lambda s: s.engine.stats.cancelled),
+    ):
+        lines.append(f"# TYPE {metric} {kind}")
+        for name, served in manager.loaded().items():
+            lines.append(f'{metric}{{model_name="{name}"}} {value(served)}')
+    return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+
+def create_app(
+    manager: ModelManager | None = None,
+    *,
+    api_key: str | None = None,
+    cors_origins: list[str] | None = None,
+) -> Litestar:
+    manager = manager or ModelManager(Registry(), LoadOptions())
+    app = Litestar(
+        route_handlers=[health, metrics, *openai.ROUTES],
+        exception_handlers=HANDLERS,
+        guards=[api_key_guard],
+        cors_config=CORSConfig(allow_origins=cors_origins, allow_headers=["*"], allow_methods=["*"]) if cors_origins else None,
+        openapi_config=OpenAPIConfig(title="codellm", version=__version__, path="/schema"),
+        on_shutdown=[lambda: manager.close()],
+        debug=False,
+    )
+    app.state.manager = manager
+    app.state.api_key = api_key if api_key is not None else os.environ.get("CODELLM_API_KEY") or None
+    return app

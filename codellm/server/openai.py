@@ -1,0 +1,313 @@
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions (with FIM).
+
+Streams are SSE with one compact JSON object per ``data:`` line, no comments, and ``data: [DONE]``
+last; the response ends right after it. A client that goes away cancels its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from litestar import Request, Response, get, post
+from litestar.response import Stream
+
+from codellm import __version__
+from codellm.engine import prompts
+from codellm.engine.manager import ModelManager, Served
+from codellm.engine.sampling import TokenLogprob
+from codellm.engine.scheduler import Output
+from codellm.engine.streams import AsyncStream
+from codellm.errors import CodellmError, InvalidName, InvalidRequest, NotFound
+from codellm.server.errors import error_body
+from codellm.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, dumps
+
+FINGERPRINT = f"codellm-{__version__}"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def manager_of(request: Request) -> ModelManager:
+    return request.app.state.manager
+
+
+async def served_model(request: Request, name: str) -> Served:
+    manager = manager_of(request)
+    try:
+        manager.registry.get(name)
+    except (InvalidName, NotFound):
+        raise NotFound(f"The model `{name}` does not exist.", param="model") from None
+    return await asyncio.to_thread(manager.get, name)
+
+
+def sampling_overrides(data: SamplingFields, max_tokens: int | None, logprobs: int | None) -> dict:
+    bias = None
+    if data.logit_bias:
+        try:
+            bias = {int(k): float(v) for k, v in data.logit_bias.items()}
+        except ValueError:
+            raise InvalidRequest("logit_bias keys must be token ids", param="logit_bias") from None
+    stop = [data.stop] if isinstance(data.stop, str) else data.stop
+    if stop is not None and len(stop) > 64:
+        raise InvalidRequest("at most 64 stop sequences", param="stop")
+    return dict(
+        temperature=data.temperature, top_p=data.top_p, top_k=data.top_k, min_p=data.min_p, seed=data.seed,
+        presence_penalty=data.presence_penalty, frequency_penalty=data.frequency_penalty,
+        repetition_penalty=data.repetition_penalty, logit_bias=bias, max_tokens=max_tokens, stop=stop,
+        logprobs=logprobs, ignore_eos=data.ignore_eos or None,
+    )
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0}}
+
+
+def _token_text(tok, token_id: int) -> str:
+    return tok.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def chat_logprobs(tok, infos: list[TokenLogprob]) -> dict:
+    def entry(tid: int, lp: float) -> dict:
+        text = _token_text(tok, tid)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(i.token_id, i.logprob), "top_logprobs": [entry(t, v) for t, v in i.top]} for i in infos]}
+
+
+def completion_logprobs(tok, infos: list[TokenLogprob], offset: int, prompt: list[tuple[int, float | None]] = ()) -> dict:
+    tokens, lps, tops, offsets = [], [], [], []
+    pos = offset
+    for tid, lp in prompt:
+        text = _token_text(tok, tid)
+        tokens.append(text), lps.append(lp), tops.append(None), offsets.append(pos)
+        pos += len(text)
+    for info in infos:
+        text = _token_text(tok, info.token_id)
+        tokens.append(text), lps.append(info.logprob), offsets.append(pos)
+        tops.append({_token_text(tok, t): v for t, v in info.top} or None)
+        pos += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+async def _watch_disconnect(request: Request, stream: AsyncStream) -> None:
+    """Non-streaming requests: cancel the generation if the client hangs up while waiting."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            stream.cancel()
+            return
+
+
+async def collect(request: Request, stream: AsyncStream, choices: int) -> list[list[Output]]:
+    results: list[list[Output]] = [[] for _ in range(choices)]
+    watcher = asyncio.create_task(_watch_disconnect(request, stream))
+    try:
+        async for out in stream:
+            results[out.index].append(out)
+            if out.finish_reason == "error":
+                raise CodellmError(f"generation failed: {out.error}")
+    finally:
+        watcher.cancel()
+        stream.cancel()
+    return results
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + dumps(obj) + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def _error_event(out: Output) -> bytes:
+    return _sse(error_body(f"generation failed: {out.error}", "server_error", "internal_error"))
+
+
+@post("/v1/chat/completions", status_code=200, summary="Chat completion (OpenAI)")
+async def chat_completions(request: Request, data: ChatCompletionRequest) -> Response:
+    served = await served_model(request, data.model)
+    lm = served.lm
+    messages = [msg_to_dict(m) for m in data.messages]
+    prompt = await asyncio.to_thread(prompts.chat_prompt, lm, messages)
+    logprobs = (data.top_logprobs or 0) if data.logprobs else None
+    max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
+    params = served.sampling(sampling_overrides(data, max_tokens, logprobs))
+    stream = AsyncStream().add(served.engine, prompt, params, n=data.n)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    tok = lm.tokenizer
+    if data.stream:
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        return Stream(_chat_events(stream, data, rid, created, tok, len(prompt), include_usage),
+                      media_type="text/event-stream", headers=SSE_HEADERS)
+    results = await collect(request, stream, data.n)
+    choices, completion = [], 0
+    for index, outs in enumerate(results):
+        completion += outs[-1].completion_tokens
+        infos = [i for o in outs for i in o.logprobs]
+        choices.append({
+            "index": index,
+            "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
+            "logprobs": chat_logprobs(tok, infos) if logprobs is not None else None,
+            "finish_reason": outs[-1].finish_reason,
+        })
+    return Response({
+        "id": rid, "object": "chat.completion", "created": created, "model": data.model,
+        "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage(len(prompt), completion),
+    })
+
+
+def msg_to_dict(m) -> dict:
+    out: dict = {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+    for key in ("name", "tool_calls", "tool_call_id"):
+        if getattr(m, key) is not None:
+            out[key] = getattr(m, key)
+    return out
+
+
+async def _chat_events(stream: AsyncStream, data: ChatCompletionRequest, rid: str, created: int, tok,
+                       n_prompt: int, include_usage: bool) -> AsyncIterator[bytes]:
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": data.model,
+            "system_fingerprint": FINGERPRINT}
+    extra = {"usage": None} if include_usage else {}
+    completion = [0] * data.n
+    want_lp = data.logprobs
+
+    def chunk(index: int, delta: dict, finish: str | None = None, lp: dict | None = None) -> bytes:
+        return _sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}], **extra})
+
+    try:
+        for index in range(data.n):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        async for out in stream:
+            if out.finish_reason == "error":
+                yield _error_event(out)
+                return
+            completion[out.index] = out.completion_tokens
+            lp = chat_logprobs(tok, out.logprobs) if want_lp and out.logprobs else None
+            if out.finish_reason:
+                yield chunk(out.index, {"content": out.text} if out.text else {}, out.finish_reason, lp)
+            elif out.text or lp:
+                yield chunk(out.index, {"content": out.text}, None, lp)
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": usage(n_prompt, sum(completion))})
+        yield DONE
+    finally:
+        stream.cancel()
+
+
+@post("/v1/completions", status_code=200, summary="Text completion and fill-in-the-middle (OpenAI)")
+async def completions(request: Request, data: CompletionRequest) -> Response:
+    served = await served_model(request, data.model)
+    lm = served.lm
+    raw = data.prompt
+    if isinstance(raw, str) or (raw and all(isinstance(t, int) for t in raw)):
+        prompt_list: list = [raw]
+    elif all(isinstance(p, str) for p in raw) or all(isinstance(p, list) for p in raw):
+        prompt_list = list(raw)
+    else:
+        raise InvalidRequest("prompt must be a string, a list of strings, a list of token ids, or a list of those lists",
+                             param="prompt")
+    if not prompt_list or any(p in ("", []) for p in prompt_list) and data.suffix is None:
+        raise InvalidRequest("prompt must not be empty", param="prompt")
+    if data.echo and data.suffix is not None:
+        raise InvalidRequest("echo and suffix cannot be used together", param="echo")
+    if len(prompt_list) * data.n > 64:
+        raise InvalidRequest("at most 64 choices per request", param="n")
+    encoded = [await asyncio.to_thread(prompts.completion_prompt, lm, p, data.suffix) for p in prompt_list]
+    for ids in encoded:
+        served.engine.check_prompt(len(ids))
+    params = served.sampling(sampling_overrides(data, data.max_tokens if data.max_tokens is not None else 16, data.logprobs))
+    if data.suffix is not None and lm.fim:
+        params.stop = list(params.stop) + [s for s in lm.fim.stop if s not in params.stop]
+    stream = AsyncStream()
+    for p_index, ids in enumerate(encoded):
+        stream.add(served.engine, ids, params, n=data.n, offset=p_index * data.n,
+                   prompt_logprobs=data.echo and data.logprobs is not None)
+    texts = [p if isinstance(p, str) else lm.tokenizer.decode(p) for p in prompt_list]
+    rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    n_prompt = sum(len(ids) for ids in encoded)
+    if data.stream:
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        return Stream(_completion_events(stream, data, rid, created, lm.tokenizer, texts, encoded, n_prompt, include_usage),
+                      media_type="text/event-stream", headers=SSE_HEADERS)
+    results = await collect(request, stream, len(prompt_list) * data.n)
+    choices, completion = [], 0
+    for index, outs in enumerate(results):
+        p_index = index // data.n
+        completion += outs[-1].completion_tokens
+        text = "".join(o.text for o in outs)
+        prefix = texts[p_index] if data.echo else ""
+        lp = None
+        if data.logprobs is not None:
+            plp = outs[0].prompt_logprobs if data.echo else None
+            prompt_part = list(zip(encoded[p_index], plp or [])) if plp else []
+            lp = completion_logprobs(lm.tokenizer, [i for o in outs for i in o.logprobs], 0, prompt_part)
+        choices.append({"index": index, "text": prefix + text, "logprobs": lp, "finish_reason": outs[-1].finish_reason})
+    return Response({
+        "id": rid, "object": "text_completion", "created": created, "model": data.model,
+        "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage(n_prompt, completion),
+    })
+
+
+async def _completion_events(stream, data: CompletionRequest, rid, created, tok, texts, encoded, n_prompt, include_usage):
+    base = {"id": rid, "object": "text_completion", "created": created, "model": data.model,
+            "system_fingerprint": FINGERPRINT}
+    extra = {"usage": None} if include_usage else {}
+    completion: dict[int, int] = {}
+
+    def chunk(index: int, text: str, finish: str | None, lp: dict | None = None) -> bytes:
+        return _sse({**base, "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}], **extra})
+
+    try:
+        if data.echo:
+            for index in range(len(texts) * data.n):
+                yield chunk(index, texts[index // data.n], None)
+        async for out in stream:
+            if out.finish_reason == "error":
+                yield _error_event(out)
+                return
+            completion[out.index] = out.completion_tokens
+            lp = completion_logprobs(tok, out.logprobs, 0) if data.logprobs is not None and out.logprobs else None
+            if out.finish_reason or out.text or lp:
+                yield chunk(out.index, out.text, out.finish_reason, lp)
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": usage(n_prompt, sum(completion.values()))})
+        yield DONE
+    finally:
+        stream.cancel()
+
+
+def model_card(entry, max_len: int | None = None) -> dict:
+    c = entry.manifest.config
+    card = {"id": entry.name.short, "object": "model", "created": int(entry.modified), "owned_by": "codellm",
+            "root": c.source or entry.name.short, "parent": c.base,
+            "max_model_len": max_len or c.context_length}
+    return card
+
+
+@get("/v1/models", summary="List models")
+async def list_models(request: Request) -> dict:
+    manager = manager_of(request)
+    loaded = manager.loaded()
+    entries = manager.registry.list()
+    return {"object": "list", "data": [
+        model_card(e, loaded[str(e.name)].lm.max_len if str(e.name) in loaded else None)
+        for e in entries
+    ]}
+
+
+@get("/v1/models/{model_id:path}", summary="Describe a model")
+async def get_model(request: Request, model_id: str) -> dict:
+    manager = manager_of(request)
+    name = model_id.lstrip("/")
+    try:
+        entry = manager.registry.get(name)
+    except (InvalidName, NotFound):
+        raise NotFound(f"The model `{name}` does not exist.", param="model") from None
+    loaded = manager.loaded().get(str(entry.name))
+    return model_card(entry, loaded.lm.max_len if loaded else None)
+
+
+ROUTES = [chat_completions, completions, list_models, get_model]

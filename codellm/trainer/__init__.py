@@ -1,0 +1,1 @@
+"""QLoRA training and adapter merging (issue #4: not built yet)."""
