@@ -46,6 +46,8 @@ class HubMirror:
         self.cut_after: dict[str, int] = {}  # path -> close the connection after this many body bytes (once)
         self.corrupt_once: set[str] = set()
         self.gated: set[str] = set()
+        self.throttle: dict[str, tuple[int, float]] = {}  # path -> (after this many bytes, sleep per 64 KiB chunk)
+        self.ranges: list[tuple[str, str]] = []  # (path, Range header) of every ranged GET
         self.requests: list[str] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -148,6 +150,8 @@ class HubMirror:
                     etag = entry["lfs"]["oid"] if "lfs" in entry else entry["oid"]
                     start = 0
                     rng = self.headers.get("Range")
+                    if rng and body:
+                        mirror.ranges.append((fname, rng))
                     if rng and rng.startswith("bytes="):
                         start = int(rng[6:].split("-")[0] or 0)
                     payload = data[start:]
@@ -181,6 +185,17 @@ class HubMirror:
                             self.connection.shutdown(socket.SHUT_RDWR)
                         except OSError:
                             pass
+                        return
+                    slow = mirror.throttle.get(fname)
+                    if slow:
+                        import time
+                        after, delay = slow
+                        for i in range(0, len(payload), 65536):
+                            self.wfile.write(payload[i:i + 65536])
+                            self.wfile.flush()
+                            mirror.served[fname] += len(payload[i:i + 65536])
+                            if i >= after:
+                                time.sleep(delay)
                         return
                     self.wfile.write(payload)
                     mirror.served[fname] += len(payload)

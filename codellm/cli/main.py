@@ -69,7 +69,7 @@ def pull(model, revision, allow_pickle, trust_remote_code, token):
 
     entry = do_pull(
         _registry(), model, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-        token=token, progress=PullBars(model), show_file_bars=sys.stderr.isatty(),
+        token=token, progress=PullBars(model),
     )
     click.echo(f"pulled {entry.name.short} ({entry.id})")
 
@@ -146,8 +146,8 @@ def show(model, modelfile, license_, template, system, parameters):
         lines += ["", "  Parameters"] + ["    " + ln for ln in info.parameters_text.splitlines()]
     if info.system:
         lines += ["", "  System", "    " + info.system.splitlines()[0][:100]]
-    if info.license:
-        lines += ["", "  License", "    " + info.license.strip().splitlines()[0][:100]]
+    if info.licenses:
+        lines += ["", "  License"] + ["    " + (text.strip().splitlines() or [""])[0][:100] for text in info.licenses]
     click.echo("\n".join(lines))
 
 

@@ -28,6 +28,8 @@ class PullBars:
 
     def advance(self, file, nbytes: int) -> None:
         if self.total is not None:
+            if self.tty and self.total.postfix != file.path:
+                self.total.set_postfix_str(file.path, refresh=False)
             self.total.update(nbytes)
 
     def done(self, file) -> None:

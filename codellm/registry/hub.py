@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from tqdm.auto import tqdm as _tqdm
+import os
 
 from codellm.errors import DownloadError, InvalidName, NotFound, Refused
 from codellm.registry import catalog, describe
@@ -95,21 +95,58 @@ def _select(files: list[RemoteFile], *, allow_pickle: bool, trust_remote_code: b
     return chosen
 
 
-def _bar_class(hook: Callable[[int], None], visible: bool) -> type:
-    """A tqdm class for huggingface_hub's per-file bar that forwards byte counts to ``hook``."""
+CHUNK = 1 << 20
 
-    class FileBar(_tqdm):
-        def __init__(self, *args, **kwargs):
-            if not visible:
-                kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
 
-        def update(self, n=1):
-            if n:
-                hook(n)
-            return super().update(n) if not self.disable else None
+def download(url: str, dest: Path, *, headers: dict, size: int, on_bytes: Callable[[int], None], attempts: int = 3) -> None:
+    """GET ``url`` into ``dest``, resuming from a ``dest.partial`` left by an earlier (killed) run.
 
-    return FileBar
+    huggingface_hub downloads into a fresh per-process temp file and resumes only within one process;
+    a pull must survive being killed, so the ranged transfer is ours. Each chunk is flushed to disk
+    as it arrives, so a kill loses at most one chunk.
+    """
+    import httpx
+
+    partial = dest.with_name(dest.name + ".partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, attempts + 1):
+        have = partial.stat().st_size if partial.exists() else 0
+        if have > size:
+            partial.unlink()
+            have = 0
+        if have:
+            on_bytes(have)
+        if have == size:
+            break
+        request_headers = {**headers, **({"Range": f"bytes={have}-"} if have else {})}
+        try:
+            with httpx.stream("GET", url, headers=request_headers, follow_redirects=True, timeout=httpx.Timeout(30, read=120)) as resp:
+                if resp.status_code == 416:  # nothing left to send: start over
+                    partial.unlink(missing_ok=True)
+                    on_bytes(-have)
+                    continue
+                if resp.status_code not in (200, 206):
+                    raise DownloadError(f"HTTP {resp.status_code} for {url}")
+                mode = "ab" if resp.status_code == 206 else "wb"
+                if mode == "wb" and have:
+                    on_bytes(-have)  # the server ignored our Range: count from zero again
+                with open(partial, mode) as fh:
+                    for chunk in resp.iter_bytes(CHUNK):
+                        fh.write(chunk)
+                        fh.flush()
+                        on_bytes(len(chunk))
+        except httpx.HTTPError as exc:
+            got = partial.stat().st_size if partial.exists() else 0
+            on_bytes(-got)
+            if attempt == attempts:
+                raise DownloadError(f"downloading {url} failed: {_first_line(exc)}") from exc
+            continue
+        if partial.stat().st_size == size:
+            break
+        on_bytes(-partial.stat().st_size)
+    else:
+        raise DownloadError(f"downloading {url} failed after {attempts} attempts")
+    os.replace(partial, dest)
 
 
 def pull(
@@ -122,9 +159,11 @@ def pull(
     endpoint: str | None = None,
     token: str | None = None,
     progress: Progress | None = None,
-    show_file_bars: bool = False,
 ) -> Entry:
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    from codellm import __version__
     from huggingface_hub.errors import (
         GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError,
     )
@@ -132,6 +171,7 @@ def pull(
     progress = progress or SilentProgress()
     target = resolve(spec, revision)
     api = HfApi(endpoint=endpoint, token=token)
+    headers = build_hf_headers(token=token, library_name="codellm", library_version=__version__)
     progress.status(f"pulling manifest of {target.repo}")
     try:
         info = api.model_info(target.repo, revision=target.revision)
@@ -168,20 +208,15 @@ def pull(
                 progress.advance(f, f.size)
                 progress.done(f)
                 return registry.blobs.path(f.digest)
+            dest = staging / f.path
+            url = hf_hub_url(target.repo, f.path, revision=sha, endpoint=endpoint)
             for attempt in (1, 2):
-                bar = _bar_class(lambda n, f=f: progress.advance(f, n), show_file_bars)
-                try:
-                    local = Path(hf_hub_download(
-                        target.repo, f.path, revision=sha, local_dir=staging, endpoint=endpoint,
-                        token=token, tqdm_class=bar,
-                    ))
-                except Exception as exc:
-                    raise DownloadError(f"downloading {f.path} from {target.repo} failed: {_first_line(exc)}") from exc
-                if _verified(local, f):
+                download(url, dest, headers=headers, size=f.size, on_bytes=lambda n, f=f: progress.advance(f, n))
+                if _verified(dest, f):
                     progress.done(f)
-                    return local
-                local.unlink(missing_ok=True)  # corrupt: fetch it again, once
-                _forget_local_metadata(staging, f.path)
+                    return dest
+                progress.advance(f, -f.size)
+                dest.unlink(missing_ok=True)  # corrupt: fetch it again, once
                 if attempt == 2:
                     raise DownloadError(f"{f.path} from {target.repo} failed its checksum twice")
             raise AssertionError("unreachable")
@@ -232,12 +267,6 @@ def _verified(path: Path, f: RemoteFile) -> bool:
     if f.git_oid:
         return git_blob_sha1(path) == f.git_oid
     return True
-
-
-def _forget_local_metadata(staging: Path, filename: str) -> None:
-    meta = staging / ".cache" / "huggingface" / "download"
-    for suffix in (".metadata", ".lock"):
-        (meta / (filename + suffix)).unlink(missing_ok=True)
 
 
 def _read(path: Path | None) -> bytes | None:

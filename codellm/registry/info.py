@@ -17,6 +17,7 @@ class ModelInfo:
     template: str | None
     system: str | None
     license: str | None
+    licenses: list[str]
     capabilities: list[str]
 
     @property
@@ -62,5 +63,6 @@ def describe_model(registry: Registry, name: str) -> ModelInfo:
     licenses = [registry.read_layer(layer).decode(errors="replace") for layer in m.layers_of(mt.LICENSE)]
     return ModelInfo(
         entry=entry, config=c, parameters=registry.params(m), template=chat_template_of(registry, m),
-        system=registry.text(m, mt.SYSTEM), license="\n".join(licenses) or None, capabilities=caps,
+        system=registry.text(m, mt.SYSTEM), license="\n".join(licenses) or None, licenses=licenses,
+        capabilities=caps,
     )

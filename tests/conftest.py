@@ -1,0 +1,151 @@
+"""Shared fixtures: tiny real models built offline, a local hub mirror, a real server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hubmirror import HubMirror  # noqa: E402
+
+TINY_REPO = "Qwen/Qwen2.5-Coder-0.5B-Instruct"  # the catalog's qwen2.5-coder:0.5b, served by the mirror
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from codellm.engine import tiny
+
+    return tiny.build(tmp_path_factory.mktemp("tiny") / "model", steps=150)
+
+
+@pytest.fixture(scope="session")
+def big_dir(tmp_path_factory) -> Path:
+    """~18 MB of weights: more than huggingface_hub's 10 MiB write chunk, so a killed pull leaves a partial file."""
+    from codellm.engine import tiny
+
+    return tiny.build(tmp_path_factory.mktemp("big") / "model", hidden=512)
+
+
+@pytest.fixture(scope="session")
+def pickle_dir(tmp_path_factory, tiny_dir) -> Path:
+    import torch
+    from safetensors.torch import load_file
+
+    d = tmp_path_factory.mktemp("pickle") / "model"
+    d.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (d / f.name).write_bytes(f.read_bytes())
+    torch.save(load_file(tiny_dir / "model.safetensors"), d / "pytorch_model.bin")
+    return d
+
+
+@pytest.fixture(scope="session")
+def remote_code_dir(tmp_path_factory, tiny_dir) -> Path:
+    d = tmp_path_factory.mktemp("remote") / "model"
+    d.mkdir()
+    for f in tiny_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "modeling_evil.py").write_text("import os\n")
+    return d
+
+
+@pytest.fixture()
+def hub(tiny_dir, big_dir, pickle_dir, remote_code_dir):
+    with HubMirror() as mirror:
+        mirror.add(TINY_REPO, tiny_dir)
+        mirror.add("acme/tiny-coder", tiny_dir)
+        mirror.add("acme/pickle-only", pickle_dir)
+        mirror.add("acme/big-coder", big_dir)
+        mirror.add("acme/remote-code", remote_code_dir)
+        yield mirror
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "codellm-home"
+    monkeypatch.setenv("CODELLM_HOME", str(path))
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "codellm.cli.main", *args], env=full_env, capture_output=True,
+                          text=True, input=input, timeout=timeout)
+
+
+@pytest.fixture()
+def cli(home, hub):
+    def call(*args, **kw):
+        env = {"CODELLM_HOME": str(home), "HF_ENDPOINT": hub.url, **kw.pop("env", {})}
+        return run_cli(*args, env=env, **kw)
+
+    return call
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, home: Path, *args: str, api_key: str | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        cmd = [sys.executable, "-m", "codellm.cli.main", "serve", "--port", str(self.port), "--log-level", "warning", *args]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        self.log = open(home / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "CODELLM_HOME": str(home)}, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(home / f'server-{self.port}.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise RuntimeError("server did not start")
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def served_home(tmp_path_factory, tiny_dir) -> Path:
+    """A registry holding the tiny model as `tiny-coder` (with Modelfile defaults) and `qwen2.5-coder:0.5b`."""
+    from codellm.registry import Registry
+    from codellm.registry.create import create
+    from codellm.registry.modelfile import Modelfile
+
+    home = tmp_path_factory.mktemp("served-home")
+    reg = Registry(home)
+    create(reg, "qwen2.5-coder:0.5b", Modelfile(from_=str(tiny_dir)))
+    create(reg, "tiny-coder", Modelfile(from_="qwen2.5-coder:0.5b", parameters={"temperature": 0.0}))
+    return home
