@@ -130,8 +130,9 @@ def test_killed_pull_resumes_without_refetching(cli, home, hub, big_dir):
     r = cli("pull", "acme/big-coder")
     assert r.returncode == 0, r.stderr
     assert any(f == "model.safetensors" and rng.startswith("bytes=") and rng != "bytes=0-" for f, rng in hub.ranges)
-    # the second pull fetched only what the first had not written yet: at least the first 10 MiB were kept
-    assert hub.served["model.safetensors"] - sent_before <= size - 10 * 2**20
+    # the second pull fetched only what the first had not written yet (less what was in flight when killed)
+    refetched = hub.served["model.safetensors"] - sent_before
+    assert refetched <= size - sent_before + 4 * 2**20 and refetched < size - 8 * 2**20
     assert Registry(home).blobs.verify(Registry(home).get("acme/big-coder").manifest.layer(mt.WEIGHTS).digest)
 
 
