@@ -23,7 +23,7 @@ TINY_REPO = "Qwen/Qwen2.5-Coder-0.5B-Instruct"  # the catalog's qwen2.5-coder:0.
 def tiny_dir(tmp_path_factory) -> Path:
     from codellm.engine import tiny
 
-    return tiny.build(tmp_path_factory.mktemp("tiny") / "model", steps=150)
+    return tiny.build(tmp_path_factory.mktemp("tiny") / "model", steps=300)
 
 
 @pytest.fixture(scope="session")

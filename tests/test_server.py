@@ -1,0 +1,268 @@
+"""The OpenAI-compatible server, started for real on loopback, driven by the openai SDK and httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import Server
+
+KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="module")
+def server(served_home):
+    srv = Server(served_home, "--slots", "16", "--num-ctx", "256", "--model", "tiny-coder", api_key=KEY)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def aclient(server):
+    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def chat(client, content="write a function", **kw):
+    kw.setdefault("max_tokens", 24)
+    return client.chat.completions.create(model="tiny-coder", messages=[{"role": "user", "content": content}], **kw)
+
+
+def wait_idle(server, timeout=10.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = server.health()["models"]["tiny-coder:latest"]
+        if info["active"] == 0 and info["queued"] == 0:
+            return info
+        time.sleep(0.05)
+    raise AssertionError(f"work still running: {server.health()}")
+
+
+def test_models(client, server):
+    ids = [m.id for m in client.models.list().data]
+    assert {"tiny-coder", "qwen2.5-coder:0.5b"} <= set(ids)
+    card = client.models.retrieve("tiny-coder")
+    assert card.id == "tiny-coder" and card.model_extra["max_model_len"] == 256
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("gpt-4o")
+    assert err.value.body["code"] == "model_not_found"
+
+
+def test_chat_non_streaming(client):
+    r = chat(client)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and isinstance(r.created, int) and r.model == "tiny-coder"
+    assert choice.index == 0 and choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 10 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    # the model's Modelfile default (temperature 0) makes it deterministic
+    assert chat(client).choices[0].message.content == choice.message.content
+    multi = client.chat.completions.create(model="tiny-coder", max_tokens=8, messages=[
+        {"role": "system", "content": "You are terse."}, {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}])
+    assert multi.usage.prompt_tokens > r.usage.prompt_tokens - 10
+
+
+def test_chat_streaming_sse_framing(server, client):
+    text = chat(client).choices[0].message.content
+    chunks = list(chat(client, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in chunks[1:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == text
+    assert [c.choices[0].finish_reason for c in chunks[:-2]] == [None] * (len(chunks) - 2)
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+    # raw bytes: compact JSON per data line, no comments, [DONE] last, then the body ends
+    body = {"model": "tiny-coder", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=server.headers) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        raw = resp.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    assert all(e.startswith("data: {") and "\n" not in e and ": " not in e[6:30] for e in events[:-2])
+    assert '"usage"' not in raw
+
+
+def test_async_clients_and_16_concurrent_streams_share_batches(server, aclient):
+    async def one(i):
+        stream = await aclient.chat.completions.create(
+            model="tiny-coder", messages=[{"role": "user", "content": f"task {i}"}], max_tokens=40, stream=True,
+            temperature=0.9, seed=i, extra_body={"ignore_eos": True})
+        parts, finish = [], None
+        async for chunk in stream:
+            parts.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        return "".join(parts), finish
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(16)))
+
+    before = server.health()["models"]["tiny-coder:latest"]
+    results = asyncio.run(main())
+    assert all(finish == "length" for _, finish in results)
+    after = wait_idle(server)
+    assert after["max_batch"] >= 12  # requests decoded together, not one after another
+    steps = after["steps"] - before["steps"]
+    assert steps < 16 * 40 / 4  # far fewer forward passes than tokens
+
+
+def test_completions_fim_and_raw_fim_agree(client):
+    prefix, suffix = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
+    with_suffix = client.completions.create(model="tiny-coder", prompt=prefix, suffix=suffix, max_tokens=12)
+    raw = client.completions.create(model="tiny-coder", prompt=f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>",
+                                    max_tokens=12)
+    # special-token text in a raw prompt tokenizes to the special ids: same prompt, same answer
+    assert with_suffix.usage.prompt_tokens == raw.usage.prompt_tokens
+    assert with_suffix.choices[0].text == raw.choices[0].text
+    split = client.completions.create(model="tiny-coder", prompt=f"<|fim_prefix|>{prefix}", max_tokens=1)
+    assert split.usage.prompt_tokens < raw.usage.prompt_tokens
+    assert with_suffix.object == "text_completion" and isinstance(with_suffix.created, int)
+
+
+def test_completions_list_echo_logprobs(client):
+    r = client.completions.create(model="tiny-coder", prompt=["def fib", "class Stack"], max_tokens=6, n=2,
+                                  logprobs=3, echo=True)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text.startswith("def fib") and r.choices[2].text.startswith("class Stack")
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset)
+    assert all(len(t) <= 3 for t in lp.top_logprobs[-6:])
+    c = chat(client, logprobs=True, top_logprobs=2, max_tokens=5)
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens and len(content[0].top_logprobs) == 2
+    assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
+
+
+def test_stop_strings_across_token_boundaries(client):
+    base = client.completions.create(model="tiny-coder", prompt="class Stack:\n", max_tokens=30, temperature=0).choices[0].text
+    assert len(base) > 12
+    # a stop that starts in the middle of one token and ends inside a later one
+    stop = base[5:11]
+    r = client.completions.create(model="tiny-coder", prompt="class Stack:\n", max_tokens=30, temperature=0, stop=[stop, "zzz"])
+    assert r.choices[0].text == base[:base.index(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tiny-coder", prompt="class Stack:\n", max_tokens=30, temperature=0,
+                                         stop=stop, stream=True)
+    pieces = list(streamed)
+    assert "".join(p.choices[0].text for p in pieces) == base[:base.index(stop)]
+    assert pieces[-1].choices[0].finish_reason == "stop"
+
+
+def test_multibyte_utf8_never_broken(client):
+    prompt = "# Unicode"
+    r = client.completions.create(model="tiny-coder", prompt=prompt, max_tokens=40, temperature=0)
+    text = r.choices[0].text
+    assert any(ord(ch) > 127 for ch in text) and "\ufffd" not in text
+    pieces = [c.choices[0].text for c in client.completions.create(model="tiny-coder", prompt=prompt, max_tokens=40,
+                                                                    temperature=0, stream=True)]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+def test_seed_reproducible(client):
+    kw = dict(temperature=2.0, max_tokens=20, extra_body={"ignore_eos": True})
+    a = chat(client, seed=1234, **kw).choices[0].message.content
+    b = chat(client, seed=1234, **kw).choices[0].message.content
+    others = {chat(client, seed=s, **kw).choices[0].message.content for s in (1, 2, 3)}
+    assert a == b and len(others | {a}) > 1
+    n = chat(client, seed=5, n=3, **kw)
+    assert [c.index for c in n.choices] == [0, 1, 2] and len({c.message.content for c in n.choices}) > 1
+
+
+def test_disconnect_frees_slot(server):
+    wait_idle(server)
+    before = server.health()["models"]["tiny-coder:latest"]["cancelled"]
+    body = {"model": "tiny-coder", "messages": [{"role": "user", "content": "go"}], "max_tokens": 10_000,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=server.headers) as resp:
+        lines = resp.iter_lines()
+        next(lines), next(lines)
+        assert server.health()["models"]["tiny-coder:latest"]["active"] == 1
+    info = wait_idle(server, timeout=5)
+    assert info["cancelled"] == before + 1
+    # non-streaming: the client gives up while waiting
+    body.update(stream=False, n=16)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, headers=server.headers, timeout=0.2)
+    info = wait_idle(server, timeout=5)
+    assert info["cancelled"] == before + 1 + 16
+
+
+def test_errors_in_openai_shape_and_server_keeps_serving(server, client):
+    url, h = server.url + "/v1/chat/completions", server.headers
+
+    def err(resp, status, code=None, param=None):
+        assert resp.status_code == status, resp.text
+        e = resp.json()["error"]
+        assert set(e) == {"message", "type", "param", "code"} and e["message"]
+        if code:
+            assert e["code"] == code
+        if param:
+            assert e["param"] == param
+        return e
+
+    err(httpx.post(url, content=b"{not json", headers={**h, "content-type": "application/json"}), 400)
+    err(httpx.post(url, json={"model": "tiny-coder"}, headers=h), 400)
+    err(httpx.post(url, json={"model": "tiny-coder", "messages": [{"role": "user", "content": "x"}], "temperature": 9}, headers=h),
+        400, param="temperature")
+    err(httpx.post(url, json={"model": "tiny-coder", "messages": [{"role": "wizard", "content": "x"}]}, headers=h), 400)
+    err(httpx.post(url, json={"model": "tiny-coder", "messages": []}, headers=h), 400, param="messages")
+    err(httpx.post(url, json={"model": "tiny-coder", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"a": 1}}, headers=h),
+        400, param="logit_bias")
+    assert err(httpx.post(url, json={"model": "x", "messages": []}), 401)["type"] == "authentication_error"
+    err(httpx.post(url, json={"model": "x", "messages": []}, headers={"Authorization": "Bearer wrong"}), 401)
+    err(httpx.post(url, json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}, headers=h), 404, "model_not_found", "model")
+    e = err(httpx.post(url, json={"model": "tiny-coder", "messages": [{"role": "user", "content": "word " * 400}]}, headers=h),
+            400, "context_length_exceeded")
+    assert "maximum context length is 256 tokens" in e["message"] and "requested" in e["message"]
+    with pytest.raises(openai.BadRequestError):
+        chat(client, content="word " * 400)
+    # max_tokens beyond the context left is clamped, not refused
+    r = chat(client, max_tokens=4096, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.total_tokens == 256
+    r = client.completions.create(model="tiny-coder", prompt="x", suffix="y", echo=True, max_tokens=2) if False else None
+    e = err(httpx.post(server.url + "/v1/completions", json={"model": "tiny-coder", "prompt": [1, "a"]}, headers=h), 400)
+    assert httpx.get(server.url + "/health").status_code == 200  # public
+    assert httpx.get(server.url + "/schema/openapi.json").status_code in (200, 401)
+    assert chat(client).choices[0].message.content  # still serving
+
+
+def test_queue_full_is_429_with_retry_after(served_home):
+    srv = Server(served_home, "--slots", "1", "--max-queue", "1")
+    try:
+        body = {"model": "tiny-coder", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1900,
+                "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body) as resp:
+            lines = resp.iter_lines()  # keep the iterator: dropping it closes the connection
+            next(lines)
+            r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": False})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        assert srv.health()["status"] == "ok"
+    finally:
+        srv.stop()
+
+
+def test_cli_run_one_shot_and_interactive(served_home, server):
+    from conftest import run_cli
+
+    env = {"CODELLM_HOME": str(served_home)}
+    r = run_cli("run", "tiny-coder", "write", "a", "function", "--url", server.url, "--api-key", KEY, env=env)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    script = '/set system You are terse.\n/set parameter num_predict 5\n"""\nfirst line\nsecond line\n"""\nhello\n/bogus\n/bye\n'
+    r = run_cli("run", "tiny-coder", "--local", "--num-ctx", "256", env=env, input=script)
+    assert r.returncode == 0, r.stderr
+    assert "Set system message." in r.stdout and "Set parameter 'num_predict' to '5'" in r.stdout
+    assert "unknown command '/bogus'" in r.stdout
+    r = run_cli("run", "no-such-model", "hi", "--local", env=env)
+    assert r.returncode == 1 and "not found" in r.stderr and "Traceback" not in r.stderr
