@@ -16,7 +16,7 @@ def loaded(served_home):
     from codellm.engine.loader import load
     from codellm.registry import Registry
 
-    return load(Registry(served_home), "tiny-coder")
+    return load(Registry(served_home), "tiny-coder", dtype="fp32")  # on a GPU too: parity is checked in fp32
 
 
 def test_detokenizer_holds_partial_utf8(loaded):

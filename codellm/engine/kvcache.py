@@ -42,18 +42,23 @@ class StepContext:
     """What every attention layer of one forward pass needs: which slots, at which positions."""
 
     cache: SlotCache
-    slots: torch.Tensor  # [B] long
+    slots: torch.Tensor  # [B] long, on the cache's device
     positions: torch.Tensor  # [B, T] long: absolute position of each query token
     kv_len: int  # keys to attend over: max(position) + 1
-    mask: torch.Tensor  # [B, 1, T, kv_len] bool
-    single: bool  # one sequence whose keys are a contiguous prefix: attend with is_causal-free views
+    mask: torch.Tensor  # [B, 1, T, kv_len] bool, True = may attend
+    single: tuple[int, int] | None  # (slot, first position) when one sequence's tokens are contiguous
+    grouped_masks: dict = None  # mask repeated per query group, built once per step and shared by layers
 
 
-def step_context(cache: SlotCache, slots: torch.Tensor, positions: torch.Tensor) -> StepContext:
-    kv_len = int(positions.max().item()) + 1
-    keys = torch.arange(kv_len, device=positions.device)
-    mask = (keys.view(1, 1, 1, -1) <= positions[:, None, :, None])
-    return StepContext(cache, slots, positions, kv_len, mask, single=slots.numel() == 1)
+def step_context(cache: SlotCache, slots: list[int], positions: torch.Tensor) -> StepContext:
+    """``positions`` is a CPU tensor; everything the layers index with is moved to the cache's device once."""
+    device = cache.k[0].device
+    kv_len = int(positions.max()) + 1
+    single = (slots[0], int(positions[0, 0])) if len(slots) == 1 else None
+    pos = positions.to(device, non_blocking=True)
+    keys = torch.arange(kv_len, device=device)
+    mask = keys.view(1, 1, 1, -1) <= pos[:, None, :, None]
+    return StepContext(cache, torch.tensor(slots, device=device), pos, kv_len, mask, single, {})
 
 
 @contextmanager
@@ -73,25 +78,32 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer = module.layer_idx
     kc, vc = ctx.cache.k[layer], ctx.cache.v[layer]
-    if ctx.single:
-        slot = int(ctx.slots[0])
-        start = int(ctx.positions[0, 0])
+    if ctx.single is not None:
+        slot, start = ctx.single
         t = key.shape[2]
-        kc[slot, :, start:start + t] = key[0]
-        vc[slot, :, start:start + t] = value[0]
+        kc[slot, :, start:start + t] = key[0].to(kc.dtype)
+        vc[slot, :, start:start + t] = value[0].to(vc.dtype)
         k = kc[slot:slot + 1, :, :ctx.kv_len]
         v = vc[slot:slot + 1, :, :ctx.kv_len]
     else:
         rows = ctx.slots[:, None].expand_as(ctx.positions)
-        kc[rows, :, ctx.positions] = key.transpose(1, 2)
-        vc[rows, :, ctx.positions] = value.transpose(1, 2)
+        kc[rows, :, ctx.positions] = key.transpose(1, 2).to(kc.dtype)
+        vc[rows, :, ctx.positions] = value.transpose(1, 2).to(vc.dtype)
         k = kc[ctx.slots, :, :ctx.kv_len]
         v = vc[ctx.slots, :, :ctx.kv_len]
-    out = F.scaled_dot_product_attention(
-        query, k.to(query.dtype), v.to(query.dtype), attn_mask=ctx.mask, scale=scaling,
-        enable_gqa=query.shape[1] != k.shape[1],
-    )
-    return out.transpose(1, 2).contiguous(), None
+    b, hq, t, d = query.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    if group > 1:
+        # GQA without copying keys: fold each KV head's query group into the query-length axis
+        q = query.reshape(b, hkv, group * t, d)
+        mask = ctx.grouped_masks.get(group)
+        if mask is None:
+            mask = ctx.grouped_masks[group] = ctx.mask.repeat(1, 1, group, 1)
+    else:
+        q, mask = query, ctx.mask
+    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scaling)
+    return out.reshape(b, hq, t, d).transpose(1, 2).contiguous(), None
 
 
 def register() -> str:

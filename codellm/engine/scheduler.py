@@ -229,10 +229,10 @@ class Engine:
             seq.slot = self.free_slots.pop(0)
             self.running.append(seq)
 
-    def _forward(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, slots: list[int], positions: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         ctx = kvcache.step_context(self.cache, slots, positions)
         dev = self.lm.device
-        with kvcache.use(ctx), _attention_backends(dev):
+        with kvcache.use(ctx), _attention_backends(dev), torch.inference_mode():
             out = self.lm.model(
                 input_ids=ids.to(dev), position_ids=positions.to(dev), use_cache=False,
                 logits_to_keep=0 if all_logits else 1,
@@ -248,11 +248,12 @@ class Engine:
             end = min(len(seq.prompt), start + budget)
             ids = torch.tensor([seq.prompt[start:end]])
             positions = torch.arange(start, end).unsqueeze(0)
-            logits = self._forward(ids, torch.tensor([seq.slot]), positions, all_logits=seq.want_prompt_logprobs)
+            logits = self._forward(ids, [seq.slot], positions, all_logits=seq.want_prompt_logprobs)
             self.stats.prefill_tokens += end - start
             budget -= end - start
             if seq.want_prompt_logprobs:
-                lp = torch.log_softmax(logits[0].float(), dim=-1)
+                with torch.inference_mode():
+                    lp = torch.log_softmax(logits[0].float(), dim=-1).cpu()
                 if seq.prompt_logprobs is None:
                     seq.prompt_logprobs = [None]
                 nxt = seq.prompt[start + 1:end + 1]
@@ -270,7 +271,7 @@ class Engine:
             return
         ids = torch.tensor([[s.generated[-1]] for s in batch])
         positions = torch.tensor([[len(s.prompt) + len(s.generated) - 1] for s in batch])
-        logits = self._forward(ids, torch.tensor([s.slot for s in batch]), positions)
+        logits = self._forward(ids, [s.slot for s in batch], positions)
         self.stats.steps += 1
         self.stats.decode_tokens += len(batch)
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
@@ -278,7 +279,8 @@ class Engine:
         self._sample(batch, logits[:, -1])
 
     def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> None:
-        tokens, infos = sample(logits, [s.params for s in batch], [s.generated for s in batch], [s.generator for s in batch])
+        with torch.inference_mode():
+            tokens, infos = sample(logits, [s.params for s in batch], [s.generated for s in batch], [s.generator for s in batch])
         for seq, token, info in zip(batch, tokens, infos):
             if seq.first_token_at is None:
                 seq.first_token_at = time.monotonic()

@@ -1,0 +1,274 @@
+"""Serving benchmark: N concurrent streaming clients against a running `codellm serve`, and plain HF
+`generate` on the same model and prompts in the same run, so the ratio is measured side by side.
+
+    python benchmarks/serve_bench.py --build llama3.2-1b --concurrency 1,16,64 --hf-baseline
+
+--build makes a random-weight model of a known shape in a scratch registry (speed does not depend on
+weight values) with a synthetic tokenizer whose every id decodes to text; EOS is ignored, so every
+request generates exactly --max-tokens. Prompts are --prompt-len random token ids. Reports output
+tokens/s, time to first token p50/p99 and inter-token latency; writes JSON and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                        rope_theta=500000.0, tie_word_embeddings=True),
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                      tie_word_embeddings=False),
+    "tiny": dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True),
+}
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer of exactly ``vocab_size`` ids, each decoding to a short word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|endoftext|>": 0}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    i = 0
+    while len(vocab) < vocab_size:
+        word, n = "", i
+        while True:
+            word = chr(ord("a") + n % 26) + word
+            n //= 26
+            if n == 0:
+                break
+        vocab.setdefault("Ġ" + word, len(vocab))
+        i += 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    return fast
+
+
+def build_model(shape: str, home: Path, name: str = "bench") -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from codellm.registry import Registry
+    from codellm.registry.create import create
+    from codellm.registry.modelfile import Modelfile
+
+    cfg = LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=0, pad_token_id=0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    directory = home / "src"
+    model.save_pretrained(directory, safe_serialization=True)
+    synthetic_tokenizer(cfg.vocab_size).save_pretrained(directory)
+    del model
+    create(Registry(home), name, Modelfile(from_=str(directory)))
+    return name
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first, stamps, tokens = None, [], 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            if event.get("choices") and event["choices"][0].get("text"):
+                now = time.perf_counter()
+                first = first or now
+                stamps.append(now)
+    end = time.perf_counter()
+    itl = [(b - a) for a, b in zip(stamps, stamps[1:])]
+    return {"ttft": (first or end) - start, "tokens": tokens, "latency": end - start, "itl": itl}
+
+
+async def run_level(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> dict:
+    limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        await one_request(client, url, model, prompts[0][:16], 8)  # warm-up
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_request(client, url, model, p, max_tokens) for p in prompts))
+        wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    ttft = [r["ttft"] * 1000 for r in results]
+    itl = [x * 1000 for r in results for x in r["itl"]]
+    return {"concurrency": len(prompts), "output_tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1), "ttft_ms_p50": round(percentile(ttft, 50), 1),
+            "ttft_ms_p99": round(percentile(ttft, 99), 1), "itl_ms_p50": round(percentile(itl, 50), 2),
+            "itl_ms_p99": round(percentile(itl, 99), 2)}
+
+
+def hf_generate(home: Path, model: str, prompts: list[list[int]], max_tokens: int, quantize: str | None) -> dict:
+    """Plain transformers generate (sdpa, cuDNN attention off as in the baseline) on the same prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from codellm.registry import Registry
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    directory = Registry(home).model_dir(model)
+    kwargs = {"dtype": torch.bfloat16 if torch.cuda.is_available() else torch.float32, "attn_implementation": "sdpa"}
+    if quantize == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    if not quantize:
+        m.to(device)
+    ids = torch.tensor(prompts, device=device)
+    gen = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    m.generate(ids[:, :16], attention_mask=torch.ones_like(ids[:, :16]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = m.generate(ids, attention_mask=torch.ones_like(ids), **gen)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    del m
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"concurrency": len(prompts), "output_tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1)}
+
+
+def start_server(home: Path, model: str, port: int, slots: int, num_ctx: int, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "codellm.cli.main", "serve", "--port", str(port), "--model", model,
+           "--slots", str(slots), "--num-ctx", str(num_ctx), "--max-queue", str(max(256, slots * 2)),
+           "--log-level", "warning", *extra]
+    env = {**os.environ, "CODELLM_HOME": str(home), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, env=env)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("server exited")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise SystemExit("server did not start")
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
+    return info
+
+
+def table(results: dict) -> str:
+    lines = [f"Device: {results['env']['device']}; torch {results['env']['torch']}, transformers "
+             f"{results['env']['transformers']}; shape {results['shape']}, prompt {results['prompt_len']} tokens, "
+             f"{results['max_tokens']} new tokens, greedy, EOS ignored.", "",
+             "| path | concurrency | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | vs HF generate |",
+             "|---|---|---|---|---|---|---|"]
+    hf = {r["concurrency"]: r["tokens_per_s"] for r in results.get("hf_generate", [])}
+    for r in results["codellm"]:
+        ratio = f"{r['tokens_per_s'] / hf[r['concurrency']]:.2f}x" if r["concurrency"] in hf else "-"
+        lines.append(f"| codellm serve ({results['variant']}) | {r['concurrency']} | {r['tokens_per_s']} | {r['ttft_ms_p50']} | "
+                     f"{r['ttft_ms_p99']} | {r['itl_ms_p50']} | {ratio} |")
+    for r in results.get("hf_generate", []):
+        lines.append(f"| HF generate{' (padded batch)' if r['concurrency'] > 1 else ''} | {r['concurrency']} | "
+                     f"{r['tokens_per_s']} | - | - | - | 1.00x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="A running server (default: start one on a scratch registry).")
+    ap.add_argument("--model", default="bench")
+    ap.add_argument("--build", choices=sorted(SHAPES), help="Build a random-weight model of this shape first.")
+    ap.add_argument("--home", type=Path, help="Registry to use (default: a temporary one).")
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--hf-baseline", action="store_true", help="Also time HF generate on the same prompts.")
+    ap.add_argument("--quantize", choices=["nf4"], help="Serve (and baseline) 4-bit.")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    home = args.home or Path(tempfile.mkdtemp(prefix="codellm-bench-"))
+    if args.build:
+        print(f"building {args.build} random-weight model in {home}", flush=True)
+        build_model(args.build, home, args.model)
+    rng = random.Random(0)
+    vocab = SHAPES.get(args.build or "", {}).get("vocab_size", 400)
+    prompts = [[rng.randrange(300, vocab) for _ in range(args.prompt_len)] for _ in range(max(levels))]
+    results = {"env": environment(), "shape": args.build or args.model, "prompt_len": args.prompt_len,
+               "max_tokens": args.max_tokens, "variant": args.quantize or "bf16", "codellm": [], "hf_generate": []}
+    proc = None
+    url = args.url
+    if not url:
+        port = 11500 + rng.randrange(400)
+        extra = ["--quantize", args.quantize] if args.quantize else []
+        proc = start_server(home, args.model, port, max(levels), args.prompt_len + args.max_tokens + 16, extra)
+        url = f"http://127.0.0.1:{port}"
+    try:
+        for c in levels:
+            r = asyncio.run(run_level(url, args.model, prompts[:c], args.max_tokens))
+            print("codellm", r, flush=True)
+            results["codellm"].append(r)
+        results["server_health"] = httpx.get(url + "/health").json()
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait(30)
+    if args.hf_baseline:
+        for c in levels:
+            r = hf_generate(home, args.model, prompts[:c], args.max_tokens, args.quantize)
+            print("hf_generate", r, flush=True)
+            results["hf_generate"].append(r)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"serve_{results['shape']}_{results['variant']}{args.tag}"
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (args.out / f"{stem}.md").write_text(table(results))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
