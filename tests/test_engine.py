@@ -38,18 +38,20 @@ def test_stop_matcher_spans_pieces():
     assert "".join(m.feed(p) for p in ["ST", "OR", "E"]) + m.flush() == "STORE" and not m.stopped
 
 
-def test_greedy_matches_hf_generate_with_concurrent_batching(loaded):
+@pytest.mark.parametrize("prefill_chunk", [4, 512], ids=["chunked-prefill", "batched-prefill"])
+def test_greedy_matches_hf_generate_with_concurrent_batching(loaded, prefill_chunk):
     from codellm.engine.scheduler import Engine
 
     tok = loaded.tokenizer
-    prompts = ["def fibonacci(n):\n", "class Stack:\n    def", "for i in range(10):"]
+    prompts = ["def fibonacci(n):\n", "class Stack:\n    def", "for i in range(10):", "import csv\n\ndef read_csv(path):\n    with"]
     refs = []
     for p in prompts:
         ids = tok(p, add_special_tokens=False)["input_ids"]
         out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
                                     pad_token_id=0)
         refs.append(out[0, len(ids):].tolist())
-    engine = Engine(loaded, slots=4, prefill_chunk=4)  # tiny prefill chunks: prompts interleave with decodes
+    # 4: prompts are chunked and interleave with decodes; 512: prompts of different lengths prefill in one padded pass
+    engine = Engine(loaded, slots=4, prefill_chunk=prefill_chunk)
     try:
         results = {i: [] for i in range(len(prompts))}
         finished = [threading.Event() for _ in prompts]

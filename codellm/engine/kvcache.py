@@ -27,7 +27,7 @@ _CTX: contextvars.ContextVar["StepContext | None"] = contextvars.ContextVar("cod
 class SlotCache:
     def __init__(self, *, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (slots, kv_heads, max_len, head_dim)
+        shape = (slots, kv_heads, max_len + 1, head_dim)  # the last position is scratch space for padding
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.slots, self.max_len = slots, max_len
@@ -51,13 +51,17 @@ class StepContext:
 
 
 def step_context(cache: SlotCache, slots: list[int], positions: torch.Tensor) -> StepContext:
-    """``positions`` is a CPU tensor; everything the layers index with is moved to the cache's device once."""
+    """``positions`` is a CPU tensor in which -1 marks padding; what the layers index with is moved to
+    the cache's device once per step. Padding writes go to a scratch position no sequence reads."""
     device = cache.k[0].device
     kv_len = int(positions.max()) + 1
-    single = (slots[0], int(positions[0, 0])) if len(slots) == 1 else None
-    pos = positions.to(device, non_blocking=True)
+    padded = bool((positions < 0).any())
+    single = (slots[0], int(positions[0, 0])) if len(slots) == 1 and not padded else None
+    write = torch.where(positions < 0, cache.max_len, positions) if padded else positions
+    pos = write.to(device, non_blocking=True)
+    attend = positions.clamp(min=0).to(device, non_blocking=True) if padded else pos
     keys = torch.arange(kv_len, device=device)
-    mask = keys.view(1, 1, 1, -1) <= pos[:, None, :, None]
+    mask = keys.view(1, 1, 1, -1) <= attend[:, None, :, None]
     return StepContext(cache, torch.tensor(slots, device=device), pos, kv_len, mask, single, {})
 
 

@@ -28,7 +28,7 @@ class LoadOptions:
     num_ctx: int | None = None
     slots: int | None = None
     max_queue: int = 256
-    prefill_chunk: int = 512
+    prefill_chunk: int | None = None  # prompt tokens per step (default: 2048 on GPU, 512 on CPU)
     trust_remote_code: bool = False
 
 

@@ -58,6 +58,9 @@ def sample(
     generators: list[torch.Generator | None],
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Pick one token per row of ``logits`` [B, V]; ``histories`` are each row's generated ids."""
+    if all(p.greedy and p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0
+           and not p.presence_penalty and not p.frequency_penalty for p in params):
+        return logits.argmax(dim=-1).tolist(), [None] * len(params)  # the common case: one op, one sync
     logits = logits.float()
     want_logprobs = any(p.logprobs is not None for p in params)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None

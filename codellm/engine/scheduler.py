@@ -97,7 +97,7 @@ class Stats:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int = 512):
+    def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int | None = None):
         self.lm = lm
         cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
         slots = slots or (64 if lm.device.type == "cuda" else 8)
@@ -108,7 +108,7 @@ class Engine:
             device=lm.device,
         )
         self.max_queue = max_queue
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = prefill_chunk or (2048 if lm.device.type == "cuda" else 512)
         self.free_slots = list(range(slots))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -234,43 +234,74 @@ class Engine:
         dev = self.lm.device
         with kvcache.use(ctx), _attention_backends(dev), torch.inference_mode():
             out = self.lm.model(
-                input_ids=ids.to(dev), position_ids=positions.to(dev), use_cache=False,
+                input_ids=ids.to(dev), position_ids=positions.clamp(min=0).to(dev), use_cache=False,
                 logits_to_keep=0 if all_logits else 1,
             )
         return out.logits
 
     def _prefill(self) -> None:
+        """Spend up to ``prefill_chunk`` prompt tokens: one padded forward for many prompts, chunking long ones."""
         budget = self.prefill_chunk
+        plan: list[tuple[Sequence, int, int]] = []
         for seq in [s for s in self.running if s.prefilling]:
             if budget <= 0:
                 break
             start = seq.cached
             end = min(len(seq.prompt), start + budget)
-            ids = torch.tensor([seq.prompt[start:end]])
-            positions = torch.arange(start, end).unsqueeze(0)
-            logits = self._forward(ids, [seq.slot], positions, all_logits=seq.want_prompt_logprobs)
-            self.stats.prefill_tokens += end - start
+            if seq.want_prompt_logprobs:  # needs every position's logits: a forward of its own
+                self._prefill_one(seq, start, end)
+            else:
+                plan.append((seq, start, end))
             budget -= end - start
-            if seq.want_prompt_logprobs:
-                with torch.inference_mode():
-                    lp = torch.log_softmax(logits[0].float(), dim=-1).cpu()
-                if seq.prompt_logprobs is None:
-                    seq.prompt_logprobs = [None]
-                nxt = seq.prompt[start + 1:end + 1]
-                seq.prompt_logprobs += [float(lp[j, t]) for j, t in enumerate(nxt)]
-            seq.cached = end
-            if not seq.prefilling:
-                if seq.max_new == 0:
-                    self._finish(seq, "length")
-                    continue
-                self._sample([seq], logits[:, -1])
+        if len(plan) == 1:
+            self._prefill_one(*plan[0])
+        elif plan:
+            width = max(end - start for _, start, end in plan)
+            ids = torch.zeros((len(plan), width), dtype=torch.long)
+            positions = torch.full((len(plan), width), -1, dtype=torch.long)
+            for row, (seq, start, end) in enumerate(plan):  # left-padded: every row's last token is last
+                ids[row, width - (end - start):] = torch.tensor(seq.prompt[start:end])
+                positions[row, width - (end - start):] = torch.arange(start, end)
+            logits = self._forward(ids, [seq.slot for seq, _, _ in plan], positions)
+            self.stats.prefill_tokens += sum(end - start for _, start, end in plan)
+            done = []
+            for row, (seq, start, end) in enumerate(plan):
+                seq.cached = end
+                if not seq.prefilling:
+                    done.append(row)
+            self._after_prefill([plan[r][0] for r in done], logits[done, -1] if done else None)
+
+    def _prefill_one(self, seq: Sequence, start: int, end: int) -> None:
+        ids = torch.tensor([seq.prompt[start:end]])
+        positions = torch.arange(start, end).unsqueeze(0)
+        logits = self._forward(ids, [seq.slot], positions, all_logits=seq.want_prompt_logprobs)
+        self.stats.prefill_tokens += end - start
+        if seq.want_prompt_logprobs:
+            with torch.inference_mode():
+                lp = torch.log_softmax(logits[0].float(), dim=-1).cpu()
+            if seq.prompt_logprobs is None:
+                seq.prompt_logprobs = [None]
+            nxt = seq.prompt[start + 1:end + 1]
+            seq.prompt_logprobs += [float(lp[j, t]) for j, t in enumerate(nxt)]
+        seq.cached = end
+        if not seq.prefilling:
+            self._after_prefill([seq], logits[:, -1])
+
+    def _after_prefill(self, seqs: list[Sequence], logits: torch.Tensor | None) -> None:
+        """Prompts fully in the cache: sample their first tokens (or finish those asked for none)."""
+        keep = [i for i, seq in enumerate(seqs) if seq.max_new > 0]
+        for seq in seqs:
+            if seq.max_new == 0:
+                self._finish(seq, "length")
+        if keep:
+            self._sample([seqs[i] for i in keep], logits[keep])
 
     def _decode(self) -> None:
         batch = [s for s in self.running if not s.prefilling and not s.finished]
         if not batch:
             return
         ids = torch.tensor([[s.generated[-1]] for s in batch])
-        positions = torch.tensor([[len(s.prompt) + len(s.generated) - 1] for s in batch])
+        positions = torch.tensor([[len(s.prompt) + len(s.generated) - 1] for s in batch], dtype=torch.long)
         logits = self._forward(ids, [s.slot for s in batch], positions)
         self.stats.steps += 1
         self.stats.decode_tokens += len(batch)
