@@ -273,3 +273,30 @@ def test_every_help_is_complete():
         r = run_cli(name, "--help")
         assert r.returncode == 0 and "Usage:" in r.stdout
         assert len(group.commands[name].help or "") > 20, name
+
+
+def test_shipped_modelfiles_build_and_render(home, tiny_dir):
+    from pathlib import Path
+
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from codellm.registry.create import create
+    from codellm.registry.info import describe_model
+
+    root = Path(__file__).resolve().parents[1] / "Modelfiles"
+    files = sorted(root.glob("*.Modelfile"))
+    assert {f.name for f in files} >= {"python-assistant.Modelfile", "llama2-alpaca-python.Modelfile"}
+    reg = Registry(home)
+    for path in files:
+        mf = modelfile.parse(path.read_text())
+        assert mf.from_ in ("qwen2.5-coder:1.5b", "llama2:7b-chat")
+        mf.from_ = str(tiny_dir)  # offline: the same Modelfile on the tiny model
+        entry = create(reg, path.stem.lower(), mf)
+        info = describe_model(reg, str(entry.name))
+        assert info.system and info.parameters["num_ctx"] in (8192, 4096)
+    alpaca = modelfile.parse((root / "llama2-alpaca-python.Modelfile").read_text())
+    text = ImmutableSandboxedEnvironment().from_string(alpaca.template).render(
+        messages=[{"role": "system", "content": alpaca.system}, {"role": "user", "content": "Sum a list"}],
+        bos_token="<s>", eos_token="</s>")
+    assert text.startswith("<s>Below is an instruction") and "### Task:\nSum a list\n\n### Input:\n" in text
+    assert text.endswith("### Response:\n")
