@@ -27,6 +27,26 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory, tiny_dir) -> Path:
+    """A real PEFT LoRA adapter for the tiny model, with non-zero weights so it changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def big_dir(tmp_path_factory) -> Path:
     """~18 MB of weights: more than huggingface_hub's 10 MiB write chunk, so a killed pull leaves a partial file."""
     from codellm.engine import tiny
@@ -138,8 +158,9 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def served_home(tmp_path_factory, tiny_dir) -> Path:
-    """A registry holding the tiny model as `tiny-coder` (with Modelfile defaults) and `qwen2.5-coder:0.5b`."""
+def served_home(tmp_path_factory, tiny_dir, adapter_dir) -> Path:
+    """A registry holding the tiny model as `qwen2.5-coder:0.5b`, as `tiny-coder` (Modelfile defaults), and
+    `tiny-lora` (the same base with a LoRA adapter on top, served unmerged)."""
     from codellm.registry import Registry
     from codellm.registry.create import create
     from codellm.registry.modelfile import Modelfile
@@ -148,4 +169,5 @@ def served_home(tmp_path_factory, tiny_dir) -> Path:
     reg = Registry(home)
     create(reg, "qwen2.5-coder:0.5b", Modelfile(from_=str(tiny_dir)))
     create(reg, "tiny-coder", Modelfile(from_="qwen2.5-coder:0.5b", parameters={"temperature": 0.0}))
+    create(reg, "tiny-lora", Modelfile(from_="qwen2.5-coder:0.5b", adapters=[str(adapter_dir)], parameters={"temperature": 0.0}))
     return home

@@ -98,3 +98,41 @@ def test_sampling_controls():
     ids, info = sample(logits[:1], [SamplingParams(temperature=0, logprobs=2)], [[]], [None])
     assert info[0].token_id == 3 and [t for t, _ in info[0].top] == [3, 2]
     assert abs(sum(torch.tensor([0.0, 1.0, 2.0, 3.0]).softmax(0)) - 1) < 1e-6
+
+
+def test_adapter_served_unmerged_matches_peft(served_home, adapter_dir, tiny_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from codellm.engine.loader import load
+    from codellm.engine.scheduler import Engine
+    from codellm.registry import Registry
+    from codellm.registry import manifest as mt
+
+    reg = Registry(served_home)
+    made = reg.get("tiny-lora").manifest
+    base = reg.get("qwen2.5-coder:0.5b").manifest
+    assert {l.filename for l in made.layers_of(mt.ADAPTER)} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert {l.digest for l in base.layers_of(mt.WEIGHTS)} <= {l.digest for l in made.layers}  # shares the base weights
+    lm = load(reg, "tiny-lora", dtype="fp32")
+    assert isinstance(lm.model, PeftModel) and lm.model.peft_config["default"].r == 4  # unmerged
+    ref_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), adapter_dir).eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    ids = lm.tokenizer("def fibonacci(n):\n", add_special_tokens=False)["input_ids"]
+    ref = ref_model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    base_out = plain.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    assert ref != base_out  # the adapter matters
+    engine = Engine(lm, slots=2)
+    try:
+        done, got = threading.Event(), []
+
+        def sink(out):
+            got.extend(out.token_ids)
+            if out.finish_reason:
+                done.set()
+
+        engine.submit(ids, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), sink)
+        assert done.wait(60)
+        assert got == ref
+    finally:
+        engine.shutdown()

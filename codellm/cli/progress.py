@@ -12,9 +12,14 @@ class PullBars:
     def __init__(self, name: str):
         self.name = name
         self.total: tqdm | None = None
+        self.file: tqdm | None = None
+        self.current = None
         self.tty = sys.stderr.isatty()
 
     def status(self, message: str) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
         if self.total is not None:
             self.total.close()
             self.total = None
@@ -28,10 +33,19 @@ class PullBars:
 
     def advance(self, file, nbytes: int) -> None:
         if self.total is not None:
-            if self.tty and self.total.postfix != file.path:
-                self.total.set_postfix_str(file.path, refresh=False)
             self.total.update(nbytes)
+        if self.tty:
+            if self.current is not file:
+                if self.file is not None:
+                    self.file.close()
+                self.current = file
+                self.file = tqdm(total=file.size, unit="B", unit_scale=True, desc=f"  {file.path}", leave=False,
+                                 position=1, file=sys.stderr, mininterval=0.2)
+            self.file.update(nbytes)
 
     def done(self, file) -> None:
+        if self.file is not None and self.current is file:
+            self.file.close()
+            self.file, self.current = None, None
         if not self.tty:
             click.echo(f"  {file.path}: ok", err=True)

@@ -25,6 +25,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the top k
+    json_object: bool = False  # constrain the output to one JSON object (response_format json_object)
 
     @property
     def greedy(self) -> bool:

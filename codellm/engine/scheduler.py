@@ -23,6 +23,7 @@ import torch
 from codellm.errors import ContextLengthExceeded, InvalidRequest, QueueFull
 from codellm.engine import kvcache
 from codellm.engine.detok import IncrementalDetokenizer, StopMatcher
+from codellm.engine.jsonmode import JsonPrefix
 from codellm.engine.loader import LoadedModel
 from codellm.engine.sampling import SamplingParams, TokenLogprob, sample
 
@@ -67,6 +68,7 @@ class Sequence:
     cancelled: bool = False
     finished: bool = False
     prompt_logprobs: list[float | None] | None = None
+    json: JsonPrefix | None = None
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 
@@ -167,6 +169,7 @@ class Engine:
                 detok=IncrementalDetokenizer(tok, prompt), stops=StopMatcher(strings),
                 generator=torch.Generator().manual_seed(params.seed + i) if params.seed is not None else None,
                 want_prompt_logprobs=prompt_logprobs and i == 0,
+                json=JsonPrefix() if params.json_object else None,
             )
             for i in range(n)
         ]
@@ -312,6 +315,12 @@ class Engine:
     def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> None:
         with torch.inference_mode():
             tokens, infos = sample(logits, [s.params for s in batch], [s.generated for s in batch], [s.generator for s in batch])
+        for row, seq in enumerate(batch):
+            if seq.json is not None:
+                tokens[row] = self._json_token(seq, tokens[row], logits[row])
+                if infos[row] is not None and infos[row].token_id != tokens[row]:
+                    lp = torch.log_softmax(logits[row].float(), dim=-1)
+                    infos[row] = TokenLogprob(tokens[row], float(lp[tokens[row]]), infos[row].top)
         for seq, token, info in zip(batch, tokens, infos):
             if seq.first_token_at is None:
                 seq.first_token_at = time.monotonic()
@@ -329,7 +338,10 @@ class Engine:
             out.token_ids = [token]
             if info is not None:
                 out.logprobs = [info]
-            if seq.stops.stopped:
+            if seq.stops.stopped or (seq.json is not None and seq.json.done):
+                out.text += seq.stops.feed(seq.detok.flush())
+                if not seq.stops.stopped:
+                    out.text += seq.stops.flush()
                 self._finish(seq, "stop", out)
             elif len(seq.generated) >= seq.max_new:
                 out.text += seq.stops.feed(seq.detok.flush())
@@ -338,6 +350,25 @@ class Engine:
                 self._finish(seq, "stop" if seq.stops.stopped else "length", out)
             else:
                 seq.sink(out)
+
+    def _json_token(self, seq: Sequence, token: int, logits: torch.Tensor) -> int:
+        """The sampled token if it keeps the output a JSON object prefix, else the likeliest token that does."""
+        tok = self.lm.tokenizer
+
+        def fits(tid: int) -> bool:
+            if tid in seq.stop_ids:
+                return False
+            text = tok.decode([tid], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            return bool(text) and seq.json.clone().feed(text)
+
+        chosen = token if fits(token) else None
+        if chosen is None:
+            order = torch.topk(logits, min(64, logits.shape[-1])).indices.tolist()
+            chosen = next((t for t in order if fits(t)), None)
+        if chosen is None:
+            chosen = next((t for t in torch.argsort(logits, descending=True).tolist() if fits(t)), token)
+        seq.json.feed(tok.decode([chosen], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        return chosen
 
     def _finish(self, seq: Sequence, reason: str, out: Output | None = None, error: str | None = None) -> None:
         if seq.finished:

@@ -134,6 +134,8 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
     logprobs = (data.top_logprobs or 0) if data.logprobs else None
     max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
     params = served.sampling(sampling_overrides(data, max_tokens, logprobs))
+    if data.response_format and data.response_format.type in ("json_object", "json_schema"):
+        params.json_object = True
     stream = AsyncStream().add(served.engine, prompt, params, n=data.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     tok = lm.tokenizer
