@@ -121,7 +121,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, home: Path, *args: str, api_key: str | None = None):
+    def __init__(self, home: Path, *args: str, api_key: str | None = None, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -129,7 +129,8 @@ class Server:
         if api_key:
             cmd += ["--api-key", api_key]
         self.log = open(home / f"server-{self.port}.log", "w")
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "CODELLM_HOME": str(home)}, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "CODELLM_HOME": str(home), **(env or {})}, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:

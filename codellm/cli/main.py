@@ -195,11 +195,12 @@ def create(name, path):
     click.echo(f"created {entry.name.short} ({entry.id})")
 
 
-def _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code):
-    from codellm.engine.manager import LoadOptions
+def _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code, keep_alive="-1", max_loaded=3):
+    from codellm.engine.manager import LoadOptions, parse_keep_alive
 
     return LoadOptions(device=device, dtype=dtype, quantize=quantize, num_ctx=num_ctx, slots=slots,
-                       max_queue=max_queue, trust_remote_code=trust_remote_code)
+                       max_queue=max_queue, trust_remote_code=trust_remote_code,
+                       keep_alive=parse_keep_alive(keep_alive, 300.0), max_loaded=max_loaded)
 
 
 def engine_options(f):
@@ -224,10 +225,17 @@ def engine_options(f):
               "'default' means the default model, pulled or built on first use.")
 @click.option("--cors-origin", "cors", multiple=True, help="Allow browser requests from this origin (repeatable, '*' for any).")
 @click.option("--log-level", default="info", type=click.Choice(["critical", "error", "warning", "info", "debug"]), show_default=True)
+@click.option("--keep-alive", default="5m", show_default=True, envvar="CODELLM_KEEP_ALIVE",
+              help="How long a model stays loaded after its last request (Ollama's keep_alive: 5m, 1h, 0, -1 = forever). "
+                   "Models named with --model stay loaded.")
+@click.option("--max-loaded", default=3, show_default=True, type=click.IntRange(1),
+              help="Models loaded at once; the least recently used idle one is unloaded to make room.")
 @engine_options
-def serve(host, port, api_key, models, cors, log_level, device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code):
-    """Serve registry models over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
-    /v1/models, /health, /metrics; OpenAPI at /schema)."""
+def serve(host, port, api_key, models, cors, log_level, keep_alive, max_loaded, device, dtype, quantize, num_ctx, slots,
+          max_queue, trust_remote_code):
+    """Serve registry models over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/embeddings,
+    /v1/models) and Ollama's (/api/chat, /api/generate, /api/tags, /api/show, /api/pull, /api/ps, ...),
+    with /health, /metrics and the OpenAPI schema at /schema."""
     import logging
 
     import uvicorn
@@ -238,13 +246,14 @@ def serve(host, port, api_key, models, cors, log_level, device, dtype, quantize,
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     reg = _registry()
-    manager = ModelManager(reg, _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code))
+    manager = ModelManager(reg, _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code,
+                                              keep_alive, max_loaded))
     names = []
     for name in models or (["default"] if not reg.list() else []):
         names.append(ensure_default(reg, status=lambda s: click.echo(s, err=True)) if name == "default" else name)
     for name in names:
         click.echo(f"loading {name}", err=True)
-        manager.get(name)
+        manager.get(name, pin=True)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
     click.echo(f"codellm {__version__} serving on http://{host}:{port} (models: {', '.join(e.name.short for e in reg.list())})", err=True)
@@ -317,6 +326,29 @@ def run(model, prompt, url, api_key, system, local, device, dtype, quantize, num
             answer(cmd.arg)
         else:
             click.echo(client.apply(session, cmd))
+
+
+@cli.command()
+@click.option("--url", default="http://127.0.0.1:11435", show_default=True, help="The server to ask.")
+def ps(url):
+    """List the models a running server has loaded (NAME, ID, SIZE, CONTEXT, UNTIL)."""
+    from codellm.server.client import loaded_models
+
+    rows = loaded_models(url)
+    click.echo(f"{'NAME':<32}{'ID':<16}{'SIZE':<12}{'CONTEXT':<10}UNTIL")
+    for row in rows:
+        click.echo(f"{row['name']:<32}{row['digest'][:12]:<16}{row['size'] / 1e6:>7.1f} MB  {row['context_length']:<10}{row['until']}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--url", default="http://127.0.0.1:11435", show_default=True, help="The server to ask.")
+def stop(model, url):
+    """Unload MODEL from a running server now (keep_alive 0)."""
+    from codellm.server.client import unload
+
+    unload(url, model)
+    click.echo(f"stopped {model}")
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from codellm import __version__
 from codellm.engine.manager import LoadOptions, ModelManager
 from codellm.errors import Unauthorized
 from codellm.registry import Registry
-from codellm.server import openai
+from codellm.server import ollama, openai
 from codellm.server.errors import HANDLERS
 
 
@@ -62,6 +62,32 @@ async def metrics(request: Request) -> Response:
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 
+async def _reaper(app: Litestar) -> None:
+    """Unload models whose keep_alive ran out (Ollama semantics), once a second."""
+    import asyncio
+
+    while True:
+        await asyncio.sleep(1)
+        try:
+            await asyncio.to_thread(app.state.manager.reap)
+        except Exception:  # keep reaping whatever one unload did
+            import logging
+
+            logging.getLogger("codellm.server").exception("reaper")
+
+
+async def _start_reaper(app: Litestar) -> None:
+    import asyncio
+
+    app.state.reaper = asyncio.create_task(_reaper(app))
+
+
+async def _stop_reaper(app: Litestar) -> None:
+    task = getattr(app.state, "reaper", None)
+    if task:
+        task.cancel()
+
+
 def create_app(
     manager: ModelManager | None = None,
     *,
@@ -70,12 +96,13 @@ def create_app(
 ) -> Litestar:
     manager = manager or ModelManager(Registry(), LoadOptions())
     app = Litestar(
-        route_handlers=[health, metrics, *openai.ROUTES],
-        exception_handlers=HANDLERS,
+        route_handlers=[health, metrics, *openai.ROUTES, *ollama.ROUTES],
+        exception_handlers={**HANDLERS, **ollama.EXCEPTION_HANDLERS},
         guards=[api_key_guard],
         cors_config=CORSConfig(allow_origins=cors_origins, allow_headers=["*"], allow_methods=["*"]) if cors_origins else None,
         openapi_config=OpenAPIConfig(title="codellm", version=__version__, path="/schema"),
-        on_shutdown=[lambda: manager.close()],
+        on_startup=[_start_reaper],
+        on_shutdown=[_stop_reaper, lambda: manager.close()],
         debug=False,
     )
     app.state.manager = manager

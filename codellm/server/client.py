@@ -143,3 +143,34 @@ def exchange(stream: Iterator[str], session: Session, user: str) -> Iterator[str
         pieces.append(piece)
         yield piece
     session.history += [{"role": "user", "content": user}, {"role": "assistant", "content": "".join(pieces)}]
+
+
+def _ollama_call(method: str, url: str, path: str, **kw) -> httpx.Response:
+    from codellm.errors import NotFound
+
+    try:
+        resp = httpx.request(method, url + path, timeout=30, **kw)
+    except httpx.HTTPError as exc:
+        raise CodellmError(f"no codellm server answers at {url} ({type(exc).__name__})") from None
+    if resp.status_code == 404:
+        raise NotFound(resp.json().get("error", "not found"))
+    if resp.status_code >= 400:
+        raise CodellmError(resp.json().get("error", resp.text))
+    return resp
+
+
+def loaded_models(url: str) -> list[dict]:
+    """What `codellm ps` prints: the server's loaded models with their expiry in words."""
+    import time
+    from datetime import datetime
+
+    rows = []
+    for m in _ollama_call("GET", url, "/api/ps").json()["models"]:
+        left = datetime.fromisoformat(m["expires_at"].replace("Z", "+00:00")).timestamp() - time.time()
+        until = "Forever" if left > 5 * 365 * 86400 else f"{int(left // 60)} minutes from now" if left >= 60 else "less than a minute"
+        rows.append({**m, "until": until})
+    return rows
+
+
+def unload(url: str, model: str) -> None:
+    _ollama_call("POST", url, "/api/generate", json={"model": model, "keep_alive": 0})

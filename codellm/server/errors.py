@@ -20,7 +20,14 @@ def _response(status: int, body: dict, headers: dict | None = None) -> Response:
     return Response(content=body, status_code=status, media_type=MediaType.JSON, headers=headers or {})
 
 
+def _ollama(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
 def codellm_error(request: Request, exc: CodellmError) -> Response:
+    if _ollama(request):  # Ollama's shape; a full queue is 503 there
+        status = 503 if isinstance(exc, QueueFull) else exc.status
+        return _response(status, {"error": exc.message})
     headers = {}
     if isinstance(exc, QueueFull):
         headers["Retry-After"] = "1"
@@ -30,6 +37,8 @@ def codellm_error(request: Request, exc: CodellmError) -> Response:
 
 
 def validation_error(request: Request, exc: ValidationException) -> Response:
+    if _ollama(request):
+        return _response(400, {"error": str(exc.detail)})
     param, detail = None, exc.detail
     extra = exc.extra if isinstance(exc.extra, list) else []
     if extra and isinstance(extra[0], dict):
@@ -43,6 +52,8 @@ def validation_error(request: Request, exc: ValidationException) -> Response:
 
 def http_error(request: Request, exc: HTTPException) -> Response:
     status = exc.status_code
+    if _ollama(request):
+        return _response(status, {"error": str(exc.detail)}, dict(exc.headers or {}))
     kind = {401: "authentication_error", 404: "invalid_request_error", 405: "invalid_request_error"}.get(
         status, "invalid_request_error" if status < 500 else "server_error")
     headers = dict(exc.headers or {})
@@ -51,6 +62,8 @@ def http_error(request: Request, exc: HTTPException) -> Response:
 
 def internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
+    if _ollama(request):
+        return _response(500, {"error": f"internal error: {type(exc).__name__}"})
     return _response(500, error_body(f"internal error: {type(exc).__name__}", "server_error", "internal_error"),
                      {"x-should-retry": "false"})
 

@@ -7,6 +7,7 @@ last; the response ends right after it. A client that goes away cancels its gene
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -22,7 +23,7 @@ from codellm.engine.scheduler import Output
 from codellm.engine.streams import AsyncStream
 from codellm.errors import CodellmError, InvalidName, InvalidRequest, NotFound
 from codellm.server.errors import error_body
-from codellm.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, dumps
+from codellm.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields, dumps
 
 FINGERPRINT = f"codellm-{__version__}"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -33,12 +34,20 @@ def manager_of(request: Request) -> ModelManager:
 
 
 async def served_model(request: Request, name: str) -> Served:
+    """The loaded model, counted as busy until ``release``: keep-alive never unloads it mid-request."""
     manager = manager_of(request)
     try:
         manager.registry.get(name)
     except (InvalidName, NotFound):
         raise NotFound(f"The model `{name}` does not exist.", param="model") from None
-    return await asyncio.to_thread(manager.get, name)
+    served = await asyncio.to_thread(manager.get, name)
+    served.active += 1
+    return served
+
+
+def release(request: Request, served: Served) -> None:
+    served.active -= 1
+    manager_of(request).touch(served)
 
 
 def sampling_overrides(data: SamplingFields, max_tokens: int | None, logprobs: int | None) -> dict:
@@ -114,6 +123,15 @@ async def collect(request: Request, stream: AsyncStream, choices: int) -> list[l
     return results
 
 
+async def _released(request: Request, served: Served, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A stream that marks its model idle again when it ends, however it ends."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        release(request, served)
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + dumps(obj) + b"\n\n"
 
@@ -128,6 +146,14 @@ def _error_event(out: Output) -> bytes:
 @post("/v1/chat/completions", status_code=200, summary="Chat completion (OpenAI)")
 async def chat_completions(request: Request, data: ChatCompletionRequest) -> Response:
     served = await served_model(request, data.model)
+    try:
+        return await _chat(request, data, served)
+    except BaseException:
+        release(request, served)
+        raise
+
+
+async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -> Response:
     lm = served.lm
     messages = [msg_to_dict(m) for m in data.messages]
     prompt = await asyncio.to_thread(prompts.chat_prompt, lm, messages)
@@ -141,9 +167,10 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
     tok = lm.tokenizer
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return Stream(_chat_events(stream, data, rid, created, tok, len(prompt), include_usage),
+        return Stream(_released(request, served, _chat_events(stream, data, rid, created, tok, len(prompt), include_usage)),
                       media_type="text/event-stream", headers=SSE_HEADERS)
     results = await collect(request, stream, data.n)
+    release(request, served)
     choices, completion = [], 0
     for index, outs in enumerate(results):
         completion += outs[-1].completion_tokens
@@ -202,6 +229,14 @@ async def _chat_events(stream: AsyncStream, data: ChatCompletionRequest, rid: st
 @post("/v1/completions", status_code=200, summary="Text completion and fill-in-the-middle (OpenAI)")
 async def completions(request: Request, data: CompletionRequest) -> Response:
     served = await served_model(request, data.model)
+    try:
+        return await _completions(request, data, served)
+    except BaseException:
+        release(request, served)
+        raise
+
+
+async def _completions(request: Request, data: CompletionRequest, served: Served) -> Response:
     lm = served.lm
     raw = data.prompt
     if isinstance(raw, str) or (raw and all(isinstance(t, int) for t in raw)):
@@ -232,9 +267,11 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
     n_prompt = sum(len(ids) for ids in encoded)
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return Stream(_completion_events(stream, data, rid, created, lm.tokenizer, texts, encoded, n_prompt, include_usage),
+        return Stream(_released(request, served, _completion_events(stream, data, rid, created, lm.tokenizer, texts, encoded,
+                                                                    n_prompt, include_usage)),
                       media_type="text/event-stream", headers=SSE_HEADERS)
     results = await collect(request, stream, len(prompt_list) * data.n)
+    release(request, served)
     choices, completion = [], 0
     for index, outs in enumerate(results):
         p_index = index // data.n
@@ -312,4 +349,29 @@ async def get_model(request: Request, model_id: str) -> dict:
     return model_card(entry, loaded.lm.max_len if loaded else None)
 
 
-ROUTES = [chat_completions, completions, list_models, get_model]
+@post("/v1/embeddings", status_code=200, summary="Embeddings (OpenAI)")
+async def embeddings(request: Request, data: EmbeddingRequest) -> dict:
+    import struct
+
+    from codellm.engine.embeddings import embed
+
+    served = await served_model(request, data.model)
+    try:
+        texts = [data.input] if isinstance(data.input, str) else list(data.input)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise InvalidRequest("input must be a string or a list of strings", param="input")
+        vectors, n = await asyncio.to_thread(embed, served.lm, texts, truncate=False)
+    finally:
+        release(request, served)
+    if data.dimensions:
+        vectors = [v[:data.dimensions] for v in vectors]
+    if data.encoding_format == "base64":  # float32 little-endian, what openai-node asks for by default
+        items = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
+    else:
+        items = vectors
+    return {"object": "list", "model": data.model,
+            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(items)],
+            "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+
+ROUTES = [chat_completions, completions, list_models, get_model, embeddings]

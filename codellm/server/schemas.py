@@ -74,3 +74,11 @@ class CompletionRequest(SamplingFields, kw_only=True):
 def dumps(obj: Any) -> bytes:
     """Compact JSON: one object per SSE ``data:`` line, as strict client parsers want."""
     return msgspec.json.encode(obj)
+
+
+class EmbeddingRequest(Struct, kw_only=True):
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Meta(ge=1)] | None = None
+    user: str | None = None

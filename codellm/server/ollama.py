@@ -1,0 +1,498 @@
+"""Ollama's native API on the same server, so Ollama clients (the `ollama` Python client, Continue's
+Ollama provider, Open WebUI) work unmodified.
+
+Streams are NDJSON (one whole JSON object per line, no blank lines) and `stream` defaults to true;
+errors are ``{"error": "..."}``; durations are nanoseconds; options use Ollama's names and defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator
+
+import msgspec
+from litestar import Request, Response, delete, get, head, post
+from litestar.response import Stream
+
+from codellm.engine import prompts
+from codellm.engine.manager import ModelManager, Served, options_to_overrides, parse_keep_alive
+from codellm.engine.streams import AsyncStream
+from codellm.errors import CodellmError, InvalidName, InvalidRequest, NotFound, QueueFull
+from codellm.registry import manifest as mt
+from codellm.registry.info import describe_model
+from codellm.registry.store import Entry
+
+OLLAMA_VERSION = "0.12.6"  # the API level we speak; clients refuse servers older than 0.6.4
+OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1, "repeat_last_n": 64}
+NDJSON = "application/x-ndjson"
+
+
+class OllamaError(Exception):
+    """Raised inside /api routes: answered as {"error": message} with ``status``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def ollama_error(request: Request, exc: OllamaError) -> Response:
+    return Response({"error": exc.message}, status_code=exc.status)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _manager(request: Request) -> ModelManager:
+    return request.app.state.manager
+
+
+def _name_of(body: dict) -> str:
+    name = body.get("model") or body.get("name")
+    if not name or not isinstance(name, str):
+        raise OllamaError(400, "model is required")
+    return name
+
+
+async def _body(request: Request) -> dict:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        data = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise OllamaError(400, f"invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise OllamaError(400, "request body must be a JSON object")
+    return data
+
+
+def _entry(request: Request, name: str) -> Entry:
+    try:
+        return _manager(request).registry.get(name)
+    except (InvalidName, NotFound):
+        raise OllamaError(404, f'model "{name}" not found, try pulling it first') from None
+
+
+def _line(obj: Any) -> bytes:
+    return msgspec.json.encode(obj) + b"\n"
+
+
+def _details(entry: Entry) -> dict:
+    c = entry.manifest.config
+    family = c.model_type or c.family or ""
+    return {"parent_model": c.base or "", "format": c.format or "safetensors", "family": family,
+            "families": [family] if family else None, "parameter_size": _param_size(c.parameters),
+            "quantization_level": (c.quantization or _dtype_label(c.dtype)).upper()}
+
+
+def _dtype_label(dtype: str | None) -> str:
+    return {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(dtype or "", dtype or "unknown")
+
+
+def _param_size(n: int | None) -> str:
+    if not n:
+        return "unknown"
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def _tag_entry(entry: Entry) -> dict:
+    name = str(entry.name)
+    return {"name": name, "model": name, "modified_at": _iso(entry.modified), "size": entry.manifest.size,
+            "digest": entry.digest.split(":", 1)[1], "details": _details(entry)}
+
+
+@get("/", media_type="text/plain", opt={"public": True}, include_in_schema=False)
+async def root() -> str:
+    return "Ollama is running"
+
+
+@head("/", opt={"public": True}, include_in_schema=False)
+async def root_head() -> None:
+    return None
+
+
+@get("/api/version", opt={"public": True}, summary="Ollama API version")
+async def version() -> dict:
+    return {"version": OLLAMA_VERSION}
+
+
+@get("/api/tags", summary="List local models (Ollama)")
+async def tags(request: Request) -> dict:
+    return {"models": [_tag_entry(e) for e in _manager(request).registry.list()]}
+
+
+@post("/api/show", status_code=200, summary="Show a model (Ollama)")
+async def show(request: Request) -> dict:
+    from codellm.registry.create import show_modelfile
+
+    body = await _body(request)
+    name = _name_of(body)
+    entry = _entry(request, name)
+    reg = _manager(request).registry
+    info = describe_model(reg, name)
+    c = entry.manifest.config
+    arch = c.model_type or "unknown"
+    model_info: dict[str, Any] = {"general.architecture": arch, "general.parameter_count": c.parameters or 0,
+                                  "general.basename": entry.name.model, f"{arch}.context_length": c.context_length or 0}
+    cfg_layer = entry.manifest.layer(mt.CONFIG)
+    if cfg_layer:
+        cfg = json.loads(reg.read_layer(cfg_layer))
+        for ours, theirs in (("embedding_length", "hidden_size"), ("block_count", "num_hidden_layers"),
+                             ("attention.head_count", "num_attention_heads"),
+                             ("attention.head_count_kv", "num_key_value_heads"), ("vocab_size", "vocab_size")):
+            if isinstance(cfg.get(theirs), int):
+                model_info[f"{arch}.{ours}"] = cfg[theirs]
+    out = {"modelfile": show_modelfile(reg, name), "parameters": info.parameters_text, "template": info.template or "",
+           "details": _details(entry), "model_info": model_info, "capabilities": info.capabilities,
+           "modified_at": _iso(entry.modified)}
+    if info.system:
+        out["system"] = info.system
+    if info.license:
+        out["license"] = info.license
+    return out
+
+
+async def _serve(request: Request, name: str, keep_alive) -> tuple[Served, float | None]:
+    manager = _manager(request)
+    _entry(request, name)
+    try:  # no keep_alive in the request: the server's default, and a model pinned at start stays pinned
+        keep = "default" if keep_alive is None else parse_keep_alive(keep_alive, manager.options.keep_alive)
+    except CodellmError as exc:
+        raise OllamaError(400, exc.message) from None
+    started = time.perf_counter()
+    served = await asyncio.to_thread(manager.get, name)
+    served.load_ns = int((time.perf_counter() - started) * 1e9)
+    return served, keep
+
+
+def _load_or_unload(request: Request, served: Served, keep: float | None, key: str, extra: dict) -> dict:
+    """A request with no prompt/messages just loads the model (or unloads it with keep_alive 0)."""
+    manager = _manager(request)
+    manager.touch(served, keep)
+    reason = "unload" if keep == 0 and not isinstance(keep, str) else "load"
+    return {"model": served.lm.name, "created_at": _now(), **extra, "done": True, "done_reason": reason}
+
+
+def _sampling(served: Served, body: dict) -> Any:
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise OllamaError(400, "options must be an object")
+    params = served.sampling(options_to_overrides(options), base=OLLAMA_DEFAULTS)
+    fmt = body.get("format")
+    if fmt == "json" or isinstance(fmt, dict):
+        params.json_object = True
+    elif fmt not in (None, ""):
+        raise OllamaError(400, f"invalid format {fmt!r}: use \"json\" or a JSON schema")
+    return params
+
+
+def _submit(served: Served, ids: list[int], params) -> AsyncStream:
+    try:
+        return AsyncStream().add(served.engine, ids, params)
+    except QueueFull as exc:
+        raise OllamaError(503, f"server busy, please try again. maximum pending requests exceeded ({exc.message})") from None
+
+
+async def _run(request: Request, served: Served, keep, stream: AsyncStream, shape, final_extra, want_stream: bool,
+               n_prompt: int, t0: float):
+    """Drive one generation as NDJSON lines (or one object); keep-alive starts when it ends."""
+    manager = _manager(request)
+    served.active += 1
+
+    def final(reason: str, count: int, eval_ns: int, prompt_ns: int, extra: dict) -> dict:
+        return {"done": True, "done_reason": reason, **extra, "total_duration": int((time.perf_counter() - t0) * 1e9),
+                "load_duration": getattr(served, "load_ns", 0), "prompt_eval_count": n_prompt,
+                "prompt_eval_duration": prompt_ns, "eval_count": count, "eval_duration": eval_ns}
+
+    async def lines() -> AsyncIterator[bytes]:
+        first_at, count, text, ids = None, 0, [], []
+        try:
+            async for out in stream:
+                if out.finish_reason == "error":
+                    yield _line({"error": f"generation failed: {out.error}"})
+                    return
+                first_at = first_at or time.perf_counter()
+                count = out.completion_tokens
+                ids += out.token_ids
+                if out.text:
+                    text.append(out.text)
+                    if want_stream:
+                        yield _line({"model": served.lm.name, "created_at": _now(), **shape(out.text), "done": False})
+                if out.finish_reason:
+                    now = time.perf_counter()
+                    prompt_ns = int(((first_at or now) - t0) * 1e9)
+                    reason = "length" if out.finish_reason == "length" else "stop"
+                    body = shape("" if want_stream else "".join(text))
+                    yield _line({"model": served.lm.name, "created_at": _now(), **body,
+                                 **final(reason, count, int((now - (first_at or now)) * 1e9), prompt_ns, final_extra(ids))})
+        finally:
+            stream.cancel()
+            served.active -= 1
+            manager.touch(served, keep)
+
+    if want_stream:
+        return Stream(lines(), media_type=NDJSON)
+    watcher = asyncio.create_task(_watch(request, stream))
+    try:
+        chunks = [chunk async for chunk in lines()]
+    finally:
+        watcher.cancel()
+    obj = json.loads(chunks[-1]) if chunks else {"error": "no output"}
+    if "error" in obj:
+        raise OllamaError(500, obj["error"])
+    return Response(obj)
+
+
+async def _watch(request: Request, stream: AsyncStream) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    stream.cancel()
+
+
+@post("/api/generate", status_code=200, summary="Generate a completion (Ollama)")
+async def generate(request: Request) -> Response:
+    body = await _body(request)
+    name = _name_of(body)
+    served, keep = await _serve(request, name, body.get("keep_alive"))
+    prompt, suffix = body.get("prompt") or "", body.get("suffix")
+    if not prompt and not suffix:
+        return Response(_load_or_unload(request, served, keep, "response", {"response": ""}))
+    lm = served.lm
+    t0 = time.perf_counter()
+    try:
+        if suffix is not None and suffix != "":
+            ids = prompts.encode(lm, prompts.fim_text(lm, prompt, suffix))
+        elif body.get("raw"):
+            ids = prompts.encode(lm, prompt)
+        else:
+            msgs = ([{"role": "system", "content": body["system"]}] if body.get("system") else []) + [{"role": "user", "content": prompt}]
+            ids = prompts.chat_prompt(lm, msgs) if getattr(lm.tokenizer, "chat_template", None) else prompts.encode(lm, prompt)
+        context = body.get("context") or []
+        if context and isinstance(context, list):
+            ids = [int(t) for t in context] + ids
+        served.engine.check_prompt(len(ids))
+    except CodellmError as exc:
+        raise OllamaError(exc.status if exc.status < 500 else 500, exc.message) from None
+    params = _sampling(served, body)
+    if suffix and lm.fim:
+        params.stop = list(params.stop) + [s for s in lm.fim.stop if s not in params.stop]
+    stream = _submit(served, ids, params)
+    prompt_ids = list(ids)
+    return await _run(request, served, keep, stream, lambda text: {"response": text},
+                      lambda out_ids: {"context": prompt_ids + out_ids}, body.get("stream", True) is not False,
+                      len(ids), t0)
+
+
+@post("/api/chat", status_code=200, summary="Chat (Ollama)")
+async def chat(request: Request) -> Response:
+    body = await _body(request)
+    name = _name_of(body)
+    served, keep = await _serve(request, name, body.get("keep_alive"))
+    messages = body.get("messages") or []
+    if not isinstance(messages, list) or any(not isinstance(m, dict) or "role" not in m for m in messages):
+        raise OllamaError(400, "messages must be a list of {role, content}")
+    if not messages:
+        return Response(_load_or_unload(request, served, keep, "message", {"message": {"role": "assistant", "content": ""}}))
+    t0 = time.perf_counter()
+    try:
+        ids = prompts.chat_prompt(served.lm, [{"role": m["role"], "content": m.get("content") or ""} for m in messages],
+                                  tools=body.get("tools"))
+        served.engine.check_prompt(len(ids))
+    except CodellmError as exc:
+        raise OllamaError(exc.status if exc.status < 500 else 500, exc.message) from None
+    stream = _submit(served, ids, _sampling(served, body))
+    return await _run(request, served, keep, stream, lambda text: {"message": {"role": "assistant", "content": text}},
+                      lambda out_ids: {}, body.get("stream", True) is not False, len(ids), t0)
+
+
+class _Progress:
+    """Registry job progress as Ollama's NDJSON status objects, handed from the worker thread to the response."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        self.loop, self.queue = loop, queue
+        self.counts: dict[str, int] = {}
+        self.last: dict[str, float] = {}
+
+    def _put(self, obj: dict) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, obj)
+
+    def status(self, message: str) -> None:
+        self._put({"status": message})
+
+    def start(self, files) -> None:
+        pass
+
+    def _file(self, file, completed: int) -> None:
+        key = file.digest or file.path
+        self._put({"status": f"pulling {key.removeprefix('sha256:')[:12]}", "digest": key, "total": file.size,
+                   "completed": min(completed, file.size)})
+
+    def advance(self, file, nbytes: int) -> None:
+        key = file.digest or file.path
+        self.counts[key] = max(0, self.counts.get(key, 0) + nbytes)
+        now = time.monotonic()
+        if now - self.last.get(key, 0) > 0.1:
+            self.last[key] = now
+            self._file(file, self.counts[key])
+
+    def done(self, file) -> None:
+        self._file(file, file.size)
+
+
+async def _progress_job(request: Request, job, want_stream: bool) -> Response:
+    """Run a blocking registry job in a thread, reporting its status lines as Ollama does."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    future = loop.run_in_executor(None, job, _Progress(loop, queue))
+    future.add_done_callback(lambda f: queue.put_nowait(None))
+
+    async def lines() -> AsyncIterator[bytes]:
+        while (item := await queue.get()) is not None:
+            if item.get("status") != "success":
+                yield _line(item)
+        exc = future.exception()
+        if exc is not None:
+            yield _line({"error": exc.message if isinstance(exc, CodellmError) else f"{type(exc).__name__}: {exc}"})
+        else:
+            yield _line({"status": "success"})
+
+    if want_stream:
+        return Stream(lines(), media_type=NDJSON)
+    try:
+        await future
+    except CodellmError as exc:
+        raise OllamaError(exc.status if exc.status < 500 else 500, exc.message) from None
+    return Response({"status": "success"})
+
+
+@post("/api/pull", status_code=200, summary="Pull a model from the Hugging Face hub (Ollama)")
+async def pull(request: Request) -> Response:
+    from codellm.registry.hub import pull as hub_pull
+
+    body = await _body(request)
+    name = _name_of(body)
+    reg = _manager(request).registry
+    return await _progress_job(request, lambda progress: hub_pull(reg, name, progress=progress),
+                               body.get("stream", True) is not False)
+
+
+@post("/api/create", status_code=200, summary="Create a model from a Modelfile or fields (Ollama)")
+async def create(request: Request) -> Response:
+    from codellm.registry import modelfile as mfmod
+    from codellm.registry.create import create as do_create
+
+    body = await _body(request)
+    name = _name_of(body)
+    reg = _manager(request).registry
+    try:
+        if body.get("modelfile"):
+            mf = mfmod.parse(body["modelfile"])
+        else:
+            if not body.get("from"):
+                raise OllamaError(400, "neither 'from' nor 'modelfile' was given")
+            params = {}
+            for key, value in (body.get("parameters") or {}).items():
+                params[key] = [mfmod.coerce_parameter(key, v) for v in value] if isinstance(value, list) else mfmod.coerce_parameter(key, value)
+            mf = mfmod.Modelfile(from_=body["from"], parameters=params, template=body.get("template"),
+                                 system=body.get("system"),
+                                 messages=[mfmod.Message(m["role"], m["content"]) for m in body.get("messages") or []],
+                                 licenses=[body["license"]] if isinstance(body.get("license"), str) else list(body.get("license") or []))
+    except CodellmError as exc:
+        raise OllamaError(400, exc.message) from None
+
+    def job(progress):
+        # a remote client may not make the server read local paths: names only
+        return do_create(reg, name, mf, allow_paths=False, status=progress.status)
+
+    return await _progress_job(request, job, body.get("stream", True) is not False)
+
+
+@post("/api/copy", status_code=200, summary="Copy a model (Ollama)")
+async def copy(request: Request) -> Response:
+    body = await _body(request)
+    source, destination = body.get("source"), body.get("destination")
+    if not source or not destination:
+        raise OllamaError(400, "source and destination are required")
+    _entry(request, source)
+    try:
+        _manager(request).registry.copy(source, destination)
+    except InvalidName as exc:
+        raise OllamaError(400, exc.message) from None
+    return Response(None, status_code=200)
+
+
+@delete("/api/delete", status_code=200, summary="Delete a model (Ollama)")
+async def remove(request: Request) -> Response:
+    body = await _body(request)
+    name = _name_of(body)
+    _entry(request, name)
+    manager = _manager(request)
+    manager.unload(name) if manager.canonical(name) in manager.loaded() else None
+    manager.registry.remove(name)
+    return Response(None, status_code=200)
+
+
+@get("/api/ps", summary="Loaded models (Ollama)")
+async def ps(request: Request) -> dict:
+    manager = _manager(request)
+    models = []
+    for key, served in manager.loaded().items():
+        entry = manager.registry.get(key)
+        expires = served.expires_at if served.expires_at is not None else time.time() + 10 * 365 * 86400
+        vram = served.engine.cache.nbytes + entry.manifest.size if served.lm.device.type == "cuda" else 0
+        models.append({**_tag_entry(entry), "expires_at": _iso(expires), "size_vram": vram,
+                       "context_length": served.lm.max_len})
+    return {"models": models}
+
+
+def _inputs(value, key: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value
+    raise OllamaError(400, f"{key} must be a string or a list of strings")
+
+
+@post("/api/embed", status_code=200, summary="Embeddings (Ollama)")
+async def embed(request: Request) -> dict:
+    from codellm.engine.embeddings import embed as do_embed
+
+    body = await _body(request)
+    name = _name_of(body)
+    served, keep = await _serve(request, name, body.get("keep_alive"))
+    t0 = time.perf_counter()
+    try:
+        vectors, n = await asyncio.to_thread(do_embed, served.lm, _inputs(body.get("input"), "input"),
+                                             truncate=body.get("truncate", True) is not False)
+    except CodellmError as exc:
+        raise OllamaError(exc.status, exc.message) from None
+    finally:
+        _manager(request).touch(served, keep)
+    return {"model": served.lm.name, "embeddings": vectors, "total_duration": int((time.perf_counter() - t0) * 1e9),
+            "load_duration": getattr(served, "load_ns", 0), "prompt_eval_count": n}
+
+
+@post("/api/embeddings", status_code=200, summary="Embedding of one prompt (Ollama, legacy)")
+async def embeddings(request: Request) -> dict:
+    from codellm.engine.embeddings import embed as do_embed
+
+    body = await _body(request)
+    name = _name_of(body)
+    served, keep = await _serve(request, name, body.get("keep_alive"))
+    try:
+        vectors, _ = await asyncio.to_thread(do_embed, served.lm, _inputs(body.get("prompt"), "prompt")[:1])
+    finally:
+        _manager(request).touch(served, keep)
+    return {"embedding": vectors[0]}
+
+
+ROUTES = [root, root_head, version, tags, show, generate, chat, pull, create, copy, remove, ps, embed, embeddings]
+EXCEPTION_HANDLERS = {OllamaError: ollama_error}
