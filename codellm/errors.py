@@ -65,6 +65,14 @@ class QueueFull(CodellmError):
     code = "queue_full"
 
 
+class InsufficientMemory(CodellmError):
+    """A model does not fit beside the busy ones; retrying at once cannot help."""
+
+    status = 507
+    type = "server_error"
+    code = "insufficient_memory"
+
+
 class DownloadError(CodellmError):
     """The hub could not give us what we asked for, or gave corrupt data."""
 

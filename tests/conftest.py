@@ -26,24 +26,40 @@ def tiny_dir(tmp_path_factory) -> Path:
     return tiny.build(tmp_path_factory.mktemp("tiny") / "model", steps=300)
 
 
-@pytest.fixture(scope="session")
-def adapter_dir(tmp_path_factory, tiny_dir) -> Path:
+def make_adapter(out: Path, base_dir: Path, seed: int) -> Path:
     """A real PEFT LoRA adapter for the tiny model, with non-zero weights so it changes the output."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(1)
-    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
                                             init_lora_weights=False))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory, tiny_dir) -> Path:
+    return make_adapter(tmp_path_factory.mktemp("adapter") / "adapter", tiny_dir, seed=1)
+
+
+@pytest.fixture(scope="session")
+def adapter2_dir(tmp_path_factory, tiny_dir) -> Path:
+    return make_adapter(tmp_path_factory.mktemp("adapter2") / "adapter", tiny_dir, seed=2)
+
+
+@pytest.fixture(scope="session")
+def other_dirs(tmp_path_factory) -> list[Path]:
+    """Two more tiny models with weights of their own (other seeds): separate copies in memory."""
+    from codellm.engine import tiny
+
+    return [tiny.build(tmp_path_factory.mktemp(f"other{i}") / "model", seed=i) for i in (1, 2)]
 
 
 @pytest.fixture(scope="session")

@@ -115,7 +115,7 @@ def test_adapter_served_unmerged_matches_peft(served_home, adapter_dir, tiny_dir
     assert {l.filename for l in made.layers_of(mt.ADAPTER)} == {"adapter_config.json", "adapter_model.safetensors"}
     assert {l.digest for l in base.layers_of(mt.WEIGHTS)} <= {l.digest for l in made.layers}  # shares the base weights
     lm = load(reg, "tiny-lora", dtype="fp32")
-    assert isinstance(lm.model, PeftModel) and lm.model.peft_config["default"].r == 4  # unmerged
+    assert isinstance(lm.model, PeftModel) and lm.model.peft_config[lm.adapter].r == 4  # unmerged
     ref_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), adapter_dir).eval()
     plain = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     ids = lm.tokenizer("def fibonacci(n):\n", add_special_tokens=False)["input_ids"]
@@ -136,3 +136,86 @@ def test_adapter_served_unmerged_matches_peft(served_home, adapter_dir, tiny_dir
         assert got == ref
     finally:
         engine.shutdown()
+
+
+def test_adapters_of_one_base_share_weights_and_batches(served_home, adapter_dir, adapter2_dir, tiny_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from codellm.engine.manager import LoadOptions, ModelManager
+    from codellm.registry import Registry
+    from codellm.registry.create import create
+    from codellm.registry.modelfile import Modelfile
+
+    reg = Registry(served_home)
+    if not reg.exists("tiny-lora2"):
+        create(reg, "tiny-lora2", Modelfile(from_="qwen2.5-coder:0.5b", adapters=[str(adapter2_dir)]))
+    manager = ModelManager(reg, LoadOptions(dtype="fp32", keep_alive=None))
+    try:
+        served = {name: manager.get(name) for name in ("tiny-lora", "tiny-lora2", "tiny-coder")}
+        engines = {id(s.engine) for s in served.values()}
+        assert len(engines) == 1 and len(manager._groups) == 1  # one copy of the weights, one engine
+        engine = served["tiny-coder"].engine
+        ids = served["tiny-coder"].lm.tokenizer("def fibonacci(n):\n", add_special_tokens=False)["input_ids"]
+
+        def reference(adapter):
+            model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+            if adapter:
+                model = PeftModel.from_pretrained(model, adapter)
+            out = model.eval().generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+            return out[0, len(ids):].tolist()
+
+        refs = {"tiny-lora": reference(adapter_dir), "tiny-lora2": reference(adapter2_dir), "tiny-coder": reference(None)}
+        assert len({tuple(r) for r in refs.values()}) == 3  # three different answers
+        results = {name: [] for name in refs}
+        finished = {name: threading.Event() for name in refs}
+
+        def sink_for(name):
+            def sink(out):
+                results[name].extend(out.token_ids)
+                if out.finish_reason:
+                    finished[name].set()
+            return sink
+
+        before = engine.stats.max_batch
+        with engine.step_lock:  # hold the loop so the three requests decode together
+            for name in refs:
+                engine.submit(ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), sink_for(name),
+                              lm=served[name].lm)
+        assert all(ev.wait(60) for ev in finished.values())
+        assert results == refs
+        assert engine.stats.max_batch >= 2 and engine.stats.max_batch >= before
+    finally:
+        manager.close()
+
+
+def test_memory_check_evicts_then_refuses(served_home, other_dirs):
+    from codellm.engine import memory
+    from codellm.engine.manager import LoadOptions, ModelManager
+    from codellm.errors import InsufficientMemory
+    from codellm.registry import Registry
+    from codellm.registry.create import create
+    from codellm.registry.modelfile import Modelfile
+
+    reg = Registry(served_home)
+    if not reg.exists("other-a"):
+        create(reg, "other-a", Modelfile(from_=str(other_dirs[0])))
+    options = LoadOptions(dtype="fp32", keep_alive=None, num_ctx=256, slots=2)
+    one = memory.estimate(reg, reg.get("tiny-coder").manifest, options)
+    assert one > reg.get("tiny-coder").manifest.layer("application/vnd.codellm.weights").size * 0.9
+    options.memory_limit = int(one * 1.5)  # room for one copy of the weights, not two
+    manager = ModelManager(reg, options)
+    try:
+        manager.get("tiny-coder")
+        manager.get("tiny-lora")  # shares the weights: no new memory
+        assert set(manager.loaded()) == {"tiny-coder:latest", "tiny-lora:latest"}
+        manager.get("other-a")  # does not fit beside them: the idle ones make room
+        assert set(manager.loaded()) == {"other-a:latest"}
+        manager.options.memory_limit = one // 10
+        manager.close()
+        with pytest.raises(InsufficientMemory) as err:
+            manager.get("tiny-coder")
+        assert "requires more memory" in err.value.message and err.value.status == 507
+    finally:
+        manager.close()
+    assert memory.parse_size("8GB") == 8 * 10**9 and memory.parse_size("512MiB") == 512 * 2**20

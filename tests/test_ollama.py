@@ -16,7 +16,7 @@ from conftest import Server, run_cli
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, tiny_dir, adapter_dir):
+def home(tmp_path_factory, tiny_dir, adapter_dir, other_dirs):
     from codellm.registry import Registry
     from codellm.registry.create import create
     from codellm.registry.modelfile import Modelfile
@@ -26,6 +26,8 @@ def home(tmp_path_factory, tiny_dir, adapter_dir):
     create(reg, "qwen2.5-coder:0.5b", Modelfile(from_=str(tiny_dir)))
     create(reg, "tiny-coder", Modelfile(from_="qwen2.5-coder:0.5b", parameters={"temperature": 0.0, "stop": ["zzz"]}))
     create(reg, "tiny-lora", Modelfile(from_="qwen2.5-coder:0.5b", adapters=[str(adapter_dir)]))
+    create(reg, "other-a", Modelfile(from_=str(other_dirs[0])))
+    create(reg, "other-b", Modelfile(from_=str(other_dirs[1])))
     return home
 
 
@@ -149,13 +151,20 @@ def test_keep_alive_ps_stop_and_eviction(server, client, home):
     while "tiny-coder:latest" in _loaded(client) and time.time() < deadline:
         time.sleep(0.25)
     assert "tiny-coder:latest" not in _loaded(client)  # keep_alive ran out
-    for name in ("tiny-coder", "qwen2.5-coder:0.5b", "tiny-lora"):  # cap of 2: the least recently used goes
+    # a base and its adapters share one copy of the weights: all three load together
+    for name in ("tiny-coder", "qwen2.5-coder:0.5b", "tiny-lora"):
         client.generate(model=name, prompt="x", options={"num_predict": 1}, keep_alive=-1, stream=False)
-    assert set(_loaded(client)) == {"qwen2.5-coder:0.5b", "tiny-lora:latest"}
+    assert set(_loaded(client)) == {"tiny-coder:latest", "qwen2.5-coder:0.5b", "tiny-lora:latest"}
+    # models with weights of their own count against the cap of 2: the least recently used weights go
+    client.generate(model="other-a", prompt="x", options={"num_predict": 1}, keep_alive=-1, stream=False)
+    assert set(_loaded(client)) == {"tiny-coder:latest", "qwen2.5-coder:0.5b", "tiny-lora:latest", "other-a:latest"}
+    client.generate(model="tiny-lora", prompt="x", options={"num_predict": 1}, keep_alive=-1, stream=False)
+    client.generate(model="other-b", prompt="x", options={"num_predict": 1}, keep_alive=-1, stream=False)
+    assert set(_loaded(client)) == {"tiny-coder:latest", "qwen2.5-coder:0.5b", "tiny-lora:latest", "other-b:latest"}
     r = run_cli("ps", "--url", server.url, env={"CODELLM_HOME": str(home)})
     assert r.returncode == 0 and "tiny-lora:latest" in r.stdout and "Forever" in r.stdout
     r = run_cli("stop", "tiny-lora", "--url", server.url, env={"CODELLM_HOME": str(home)})
-    assert r.returncode == 0 and "tiny-lora:latest" not in _loaded(client)
+    assert r.returncode == 0 and "tiny-lora:latest" not in _loaded(client) and "tiny-coder:latest" in _loaded(client)
     r = run_cli("stop", "nothing-here", "--url", server.url)
     assert r.returncode == 1 and "not found" in r.stderr
 

@@ -253,6 +253,8 @@ def test_queue_full_is_429_with_retry_after(served_home):
             r = httpx.post(srv.url + "/v1/chat/completions", json={**body, "stream": False})
             assert r.status_code == 429 and r.headers["retry-after"] == "1"
             assert r.json()["error"]["type"] == "rate_limit_error"
+            o = httpx.post(srv.url + "/api/generate", json={"model": "tiny-coder", "prompt": "x", "stream": False})
+            assert o.status_code == 503 and "busy" in o.json()["error"]  # Ollama's status and shape
         assert srv.health()["status"] == "ok"
         pre = httpx.options(srv.url + "/v1/chat/completions", headers={
             "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",

@@ -195,12 +195,15 @@ def create(name, path):
     click.echo(f"created {entry.name.short} ({entry.id})")
 
 
-def _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code, keep_alive="-1", max_loaded=3):
+def _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code, keep_alive="-1", max_loaded=3,
+                  memory_limit=None):
     from codellm.engine.manager import LoadOptions, parse_keep_alive
+    from codellm.engine.memory import parse_size
 
     return LoadOptions(device=device, dtype=dtype, quantize=quantize, num_ctx=num_ctx, slots=slots,
                        max_queue=max_queue, trust_remote_code=trust_remote_code,
-                       keep_alive=parse_keep_alive(keep_alive, 300.0), max_loaded=max_loaded)
+                       keep_alive=parse_keep_alive(keep_alive, 300.0), max_loaded=max_loaded,
+                       memory_limit=parse_size(memory_limit))
 
 
 def engine_options(f):
@@ -229,10 +232,12 @@ def engine_options(f):
               help="How long a model stays loaded after its last request (Ollama's keep_alive: 5m, 1h, 0, -1 = forever). "
                    "Models named with --model stay loaded.")
 @click.option("--max-loaded", default=3, show_default=True, type=click.IntRange(1),
-              help="Models loaded at once; the least recently used idle one is unloaded to make room.")
+              help="Model weights loaded at once (a base and its adapters count once); the least recently used idle "
+                   "ones are unloaded to make room.")
+@click.option("--memory-limit", help="Memory codellm may use for weights and KV caches, e.g. 20GB (default: what is free).")
 @engine_options
-def serve(host, port, api_key, models, cors, log_level, keep_alive, max_loaded, device, dtype, quantize, num_ctx, slots,
-          max_queue, trust_remote_code):
+def serve(host, port, api_key, models, cors, log_level, keep_alive, max_loaded, memory_limit, device, dtype, quantize,
+          num_ctx, slots, max_queue, trust_remote_code):
     """Serve registry models over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/embeddings,
     /v1/models) and Ollama's (/api/chat, /api/generate, /api/tags, /api/show, /api/pull, /api/ps, ...),
     with /health, /metrics and the OpenAPI schema at /schema."""
@@ -247,7 +252,7 @@ def serve(host, port, api_key, models, cors, log_level, keep_alive, max_loaded, 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     reg = _registry()
     manager = ModelManager(reg, _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code,
-                                              keep_alive, max_loaded))
+                                              keep_alive, max_loaded, memory_limit))
     names = []
     for name in models or (["default"] if not reg.list() else []):
         names.append(ensure_default(reg, status=lambda s: click.echo(s, err=True)) if name == "default" else name)

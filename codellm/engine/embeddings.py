@@ -31,8 +31,9 @@ def embed(lm: LoadedModel, texts: list[str], *, truncate: bool = True) -> tuple[
                                                 param="input")
                 ids = ids[:lm.max_len]
             total += len(ids)
+            extra = {"adapter_names": [lm.adapter or "__base__"]} if getattr(lm.model, "peft_config", None) else {}
             out = lm.model(input_ids=torch.tensor([ids], device=lm.device), output_hidden_states=True, use_cache=False,
-                           logits_to_keep=1)
+                           logits_to_keep=1, **extra)
             vec = out.hidden_states[-1][0].float().mean(dim=0)
             vectors.append(torch.nn.functional.normalize(vec, dim=0).cpu().tolist())
     return vectors, total

@@ -39,6 +39,7 @@ class LoadedModel:
     fim: mt.FimTokens | None = None
     eos_ids: set[int] = field(default_factory=set)
     quantization: str | None = None
+    adapter: str | None = None  # the PEFT adapter (on ``model``) this model's requests run with
 
     @property
     def config(self) -> mt.ModelConfig:
@@ -72,42 +73,49 @@ def _eos_ids(registry: Registry, manifest: mt.Manifest, tokenizer, fim: mt.FimTo
     return ids
 
 
-def load(
-    registry: Registry,
-    name: str,
-    *,
-    device: str | None = None,
-    dtype: str | None = None,
-    quantize: str | None = None,
-    num_ctx: int | None = None,
-    trust_remote_code: bool = False,
-) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def resolve(registry: Registry, name: str):
+    """(entry, manifest holding the weights): an adapter-only model's weights are its base's."""
     entry = registry.get(name)
-    manifest = entry.manifest
-    config = manifest.config
+    manifest, config = entry.manifest, entry.manifest.config
     if config.embedding:
         raise InvalidRequest(f"{entry.name.short} is an embedding model, not a generator")
-    weights_manifest = manifest
+    weights = manifest
     if manifest.is_adapter:
         if not config.base:
             raise InvalidRequest(f"adapter {entry.name.short} does not name its base model")
         try:
-            weights_manifest = registry.get(config.base).manifest
+            weights = registry.get(config.base).manifest
         except NotFound:
             raise NotFound(f"base model '{config.base}' of adapter '{entry.name.short}' is not in the registry") from None
-    if (config.trust_remote_code or weights_manifest.config.trust_remote_code) and not trust_remote_code:
+    return entry, weights
+
+
+def weights_identity(weights: mt.Manifest, *options) -> str:
+    """Models with the same weights (and load options) share one copy in memory and one engine."""
+    from codellm.registry.blobs import sha256_bytes
+
+    digests = sorted(layer.digest for layer in weights.layers if layer.media_type in (mt.WEIGHTS, mt.CONFIG))
+    return sha256_bytes(repr((digests, options)).encode())[7:23]
+
+
+def adapter_name(entry) -> str:
+    """PEFT keeps adapters in ModuleDicts, whose keys cannot hold '.' or ':': name them by manifest id."""
+    return f"a{entry.id}"
+
+
+def load_weights(registry: Registry, entry, weights: mt.Manifest, *, device=None, dtype=None, quantize=None,
+                 trust_remote_code=False):
+    from transformers import AutoModelForCausalLM
+
+    config = entry.manifest.config
+    if (config.trust_remote_code or weights.config.trust_remote_code) and not trust_remote_code:
         raise Refused(f"{entry.name.short} needs remote code: serve it with --trust-remote-code")
-    if weights_manifest.config.format == "pickle" and not any(l.filename and l.filename.endswith(".safetensors") for l in weights_manifest.layers):
+    if weights.config.format == "pickle" and not any(l.filename and l.filename.endswith(".safetensors") for l in weights.layers):
         raise Refused(f"{entry.name.short} has pickle weights only; codellm loads safetensors")
-    files_key = f"{entry.id}-weights" if manifest is weights_manifest else f"{entry.id}-base"
-    model_dir = registry.files_dir(weights_manifest, mt.FILE_LAYERS - {mt.ADAPTER}, key=files_key)
-    # the tokenizer (and template) of the served model itself win over its base's
-    tok_dir = registry.files_dir(manifest, frozenset({mt.TOKENIZER}), key=f"{entry.id}-tok") if manifest.layers_of(mt.TOKENIZER) else model_dir
+    model_dir = registry.files_dir(weights, mt.FILE_LAYERS - {mt.ADAPTER}, key=f"w{weights_identity(weights)}")
     dev, torch_dtype = pick_device(device, dtype)
-    attn = kvcache.register()
-    kwargs = dict(dtype=torch_dtype, attn_implementation=attn, use_safetensors=True, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=torch_dtype, attn_implementation=kvcache.register(), use_safetensors=True,
+                  trust_remote_code=trust_remote_code)
     if quantize:
         if quantize != "nf4":
             raise InvalidRequest(f"unknown quantization {quantize!r} (supported: nf4)")
@@ -118,28 +126,70 @@ def load(
             bnb_4bit_compute_dtype=torch_dtype if torch_dtype != torch.float32 else torch.bfloat16,
         )
         kwargs["device_map"] = {"": dev}
-    log.info("loading %s from %s (%s, %s)", entry.name.short, model_dir, dev, torch_dtype)
+    log.info("loading weights of %s from %s (%s, %s)", entry.name.short, model_dir, dev, torch_dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if not quantize:
         model.to(dev)
-    adapter_layers = manifest.layers_of(mt.ADAPTER)
-    if adapter_layers:
-        from peft import PeftModel
+    return model.eval(), dev, torch_dtype
 
-        adapter_dir = registry.files_dir(manifest, frozenset({mt.ADAPTER}), key=f"{entry.id}-adapter")
-        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-    model.eval()
+
+def attach_adapter(registry: Registry, model, entry):
+    """Put the adapter of ``entry`` on ``model`` (unmerged), next to any adapters already there."""
+    from peft import PeftModel
+
+    name = adapter_name(entry)
+    adapter_dir = registry.files_dir(entry.manifest, frozenset({mt.ADAPTER}), key=f"{entry.id}-adapter")
+    if isinstance(model, PeftModel):
+        if name not in model.peft_config:
+            model.load_adapter(adapter_dir, adapter_name=name, is_trainable=False)
+    else:
+        model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=name, is_trainable=False)
+    return model.eval(), name
+
+
+def view(registry: Registry, entry, weights: mt.Manifest, model, dev, torch_dtype, *, num_ctx=None, quantize=None,
+         adapter: str | None = None, trust_remote_code: bool = False, max_len_cap: int | None = None) -> LoadedModel:
+    """The prompt side of a model (tokenizer, template, defaults, FIM, EOS) around weights in memory."""
+    from transformers import AutoTokenizer
+
+    manifest, config = entry.manifest, entry.manifest.config
+    tok_source = manifest if manifest.layers_of(mt.TOKENIZER) else weights
+    tok_dir = registry.files_dir(tok_source, frozenset({mt.TOKENIZER, mt.CONFIG, mt.GENERATION_CONFIG}),
+                                 key=f"t{weights_identity(tok_source)}")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
     template = chat_template_of(registry, manifest)
     if template:
         tokenizer.chat_template = template
-    params = {**registry.params(weights_manifest), **registry.params(manifest)} if manifest is not weights_manifest else registry.params(manifest)
-    context = config.context_length or weights_manifest.config.context_length or DEFAULT_NUM_CTX
+    params = {**registry.params(weights), **registry.params(manifest)} if manifest is not weights else registry.params(manifest)
+    context = config.context_length or weights.config.context_length or DEFAULT_NUM_CTX
     max_len = min(int(num_ctx or params.get("num_ctx") or DEFAULT_NUM_CTX), context)
-    fim = config.fim or weights_manifest.config.fim
+    if max_len_cap:
+        max_len = min(max_len, max_len_cap)
+    fim = config.fim or weights.config.fim
     return LoadedModel(
         name=str(entry.name), manifest=manifest, model=model, tokenizer=tokenizer, device=dev, dtype=torch_dtype,
         max_len=max_len, defaults=params, system=registry.text(manifest, mt.SYSTEM),
-        messages=registry.messages(manifest), fim=fim, eos_ids=_eos_ids(registry, weights_manifest, tokenizer, fim),
-        quantization=quantize,
+        messages=registry.messages(manifest), fim=fim, eos_ids=_eos_ids(registry, weights, tokenizer, fim),
+        quantization=quantize, adapter=adapter,
     )
+
+
+def load(
+    registry: Registry,
+    name: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    num_ctx: int | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load one model on its own (its weights, its adapter if any, its prompt side)."""
+    entry, weights = resolve(registry, name)
+    model, dev, torch_dtype = load_weights(registry, entry, weights, device=device, dtype=dtype, quantize=quantize,
+                                           trust_remote_code=trust_remote_code)
+    adapter = None
+    if entry.manifest.layers_of(mt.ADAPTER):
+        model, adapter = attach_adapter(registry, model, entry)
+    return view(registry, entry, weights, model, dev, torch_dtype, num_ctx=num_ctx, quantize=quantize, adapter=adapter,
+                trust_remote_code=trust_remote_code)

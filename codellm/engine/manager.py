@@ -6,7 +6,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from codellm.engine.loader import LoadedModel, load
+from codellm.engine import memory
+from codellm.engine.loader import LoadedModel
 from codellm.engine.sampling import SamplingParams
 from codellm.engine.scheduler import Engine
 from codellm.registry import ModelName, Registry
@@ -23,7 +24,8 @@ _PARAM_MAP = {
 @dataclass
 class LoadOptions:
     keep_alive: float | None = 300.0  # seconds a model stays loaded after its last request; None: forever
-    max_loaded: int = 3  # models loaded at once; the least recently used idle one makes room
+    max_loaded: int = 3  # weights loaded at once (a base and its adapters count once); LRU idle ones make room
+    memory_limit: int | None = None  # bytes codellm may use for weights and caches (default: what is free)
     device: str | None = None
     dtype: str | None = None
     quantize: str | None = None
@@ -41,6 +43,7 @@ class Served:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
 
+    group: str = ""  # the weights in memory it runs on (shared with its base and sibling adapters)
     expires_at: float | None = None  # None: stays loaded
     active: int = 0  # requests in flight (a model is never unloaded under them)
 
@@ -93,13 +96,23 @@ def parse_keep_alive(value, default: float | None) -> float | None:
     return None if seconds < 0 else seconds
 
 
+@dataclass
+class Group:
+    """Weights in memory and the engine that runs them, shared by every model over those weights
+    (a base and all its adapters): loading another adapter costs only reading it."""
+
+    key: str
+    engine: Engine
+    nbytes: int
+
+
 class ModelManager:
     def __init__(self, registry: Registry, options: LoadOptions | None = None):
         self.registry = registry
         self.options = options or LoadOptions()
         self._served: dict[str, Served] = {}
-        self._locks: dict[str, threading.Lock] = {}
-        self._lock = threading.Lock()
+        self._groups: dict[str, Group] = {}
+        self._load_lock = threading.RLock()
 
     def canonical(self, name: str) -> str:
         return str(ModelName.parse(name))
@@ -108,32 +121,82 @@ class ModelManager:
         return dict(self._served)
 
     def get(self, name: str, *, pin: bool = False) -> Served:
-        """The loaded model ``name``, loading it (and evicting idle ones beyond the cap) if needed."""
+        """The loaded model ``name``, loading it (and evicting idle ones beyond the caps) if needed."""
         key = self.canonical(name)
         served = self._served.get(key)
         if served is None:
             self.registry.get(key)  # NotFound before taking any lock
-            with self._lock:
-                lock = self._locks.setdefault(key, threading.Lock())
-            with lock:
-                served = self._served.get(key)
-                if served is None:
-                    self._make_room(key)
-                    o = self.options
-                    lm = load(self.registry, key, device=o.device, dtype=o.dtype, quantize=o.quantize,
-                              num_ctx=o.num_ctx, trust_remote_code=o.trust_remote_code)
-                    engine = Engine(lm, slots=o.slots, max_queue=o.max_queue, prefill_chunk=o.prefill_chunk)
-                    served = self._served[key] = Served(lm, engine)
-                    served.expires_at = None if pin or o.keep_alive is None else time.time() + o.keep_alive
+            with self._load_lock:
+                served = self._served.get(key) or self._load(key, pin)
         served.last_used = time.time()
         return served
 
-    def _make_room(self, loading: str) -> None:
-        while len(self._served) >= max(1, self.options.max_loaded):
-            idle = [(s.last_used, k) for k, s in self._served.items() if s.active == 0 and k != loading]
+    def _load(self, key: str, pin: bool) -> Served:
+        from codellm.engine import loader
+        from codellm.registry import manifest as mt
+
+        o = self.options
+        entry, weights = loader.resolve(self.registry, key)
+        gkey = loader.weights_identity(weights, o.device, o.dtype, o.quantize)
+        group = self._groups.get(gkey)
+        if group is None:
+            need = memory.estimate(self.registry, weights, o)
+            self._make_room(need)
+            model, dev, dtype = loader.load_weights(self.registry, entry, weights, device=o.device, dtype=o.dtype,
+                                                    quantize=o.quantize, trust_remote_code=o.trust_remote_code)
+            base = loader.view(self.registry, entry, weights, model, dev, dtype, num_ctx=o.num_ctx, quantize=o.quantize,
+                               trust_remote_code=o.trust_remote_code)
+            engine = Engine(base, slots=o.slots, max_queue=o.max_queue, prefill_chunk=o.prefill_chunk)
+            group = self._groups[gkey] = Group(gkey, engine, need)
+        engine = group.engine
+        adapter = None
+        if entry.manifest.layers_of(mt.ADAPTER):
+            with engine.step_lock:  # no step runs while the adapter goes in
+                model, adapter = loader.attach_adapter(self.registry, engine.lm.model, entry)
+                engine.lm.model = model
+                for other in self._served.values():
+                    if other.group == gkey:
+                        other.lm.model = model
+        lm = loader.view(self.registry, entry, weights, engine.lm.model, engine.lm.device, engine.lm.dtype,
+                         num_ctx=o.num_ctx, quantize=o.quantize, adapter=adapter, trust_remote_code=o.trust_remote_code,
+                         max_len_cap=engine.lm.max_len)
+        served = Served(lm, engine, group=gkey)
+        served.expires_at = None if pin or o.keep_alive is None else time.time() + o.keep_alive
+        self._served[key] = served
+        return served
+
+    def _groups_by_age(self) -> list[str]:
+        """Idle groups (nothing in flight in any of their models), least recently used first."""
+        ages = []
+        for gkey in self._groups:
+            members = [s for s in self._served.values() if s.group == gkey]
+            if all(s.active == 0 for s in members):
+                ages.append((max((s.last_used for s in members), default=0), gkey))
+        return [g for _, g in sorted(ages)]
+
+    def _make_room(self, need: int) -> None:
+        """Evict idle models, least recently used first, until one more fits the count cap and memory."""
+        from codellm.errors import InsufficientMemory
+
+        while True:
+            used = sum(g.nbytes for g in self._groups.values())
+            free = memory.available(self.options, used)
+            if len(self._groups) < max(1, self.options.max_loaded) and need <= free:
+                return
+            idle = self._groups_by_age()
             if not idle:
-                break  # every loaded model is busy: load anyway rather than fail the request
-            self.unload(min(idle)[1])
+                if need > free:
+                    raise InsufficientMemory(
+                        f"model requires more memory ({memory.human(need)}) than is available ({memory.human(free)})")
+                return  # over the count cap but every model is busy: load anyway rather than fail
+            self._unload_group(idle[0])
+
+    def _unload_group(self, gkey: str) -> None:
+        for key in [k for k, s in self._served.items() if s.group == gkey]:
+            self._served.pop(key, None)
+        group = self._groups.pop(gkey, None)
+        if group:
+            group.engine.shutdown()
 
     def touch(self, served: Served, keep_alive: float | None | str = "default") -> None:
         """A request finished: the model stays loaded for keep_alive seconds (0: unload now)."""
@@ -155,11 +218,13 @@ class ModelManager:
         return gone
 
     def unload(self, name: str) -> bool:
-        served = self._served.pop(self.canonical(name), None)
-        if served:
-            served.engine.shutdown()
+        """Forget ``name``; its weights leave memory once no other model shares them."""
+        with self._load_lock:
+            served = self._served.pop(self.canonical(name), None)
+            if served and not any(s.group == served.group for s in self._served.values()):
+                self._unload_group(served.group)
         return served is not None
 
     def close(self) -> None:
-        for key in list(self._served):
-            self.unload(key)
+        for gkey in list(self._groups):
+            self._unload_group(gkey)

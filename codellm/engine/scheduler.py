@@ -69,6 +69,7 @@ class Sequence:
     finished: bool = False
     prompt_logprobs: list[float | None] | None = None
     json: JsonPrefix | None = None
+    adapter: str | None = None
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 
@@ -119,6 +120,7 @@ class Engine:
         self._queued = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.step_lock = threading.Lock()  # held while a step runs: hold it to change the model safely
         self._thread = threading.Thread(target=self._loop, name=f"engine:{lm.name}", daemon=True)
         self._thread.start()
 
@@ -134,27 +136,31 @@ class Engine:
         with self._lock:
             return self._queued
 
-    def check_prompt(self, n_prompt: int) -> None:
-        if n_prompt >= self.lm.max_len:
+    def check_prompt(self, n_prompt: int, lm: LoadedModel | None = None) -> None:
+        max_len = min((lm or self.lm).max_len, self.lm.max_len)
+        if n_prompt >= max_len:
             raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.lm.max_len} tokens. However, you requested "
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
                 f"{n_prompt} tokens in the prompt, which leaves no room for the completion. "
                 "Please reduce the length of the prompt.", param="messages",
             )
 
     def submit(self, prompt: list[int], params: SamplingParams, sink: Sink, *, n: int = 1,
-               prompt_logprobs: bool = False) -> Handle:
+               prompt_logprobs: bool = False, lm: LoadedModel | None = None) -> Handle:
+        """Queue ``n`` sequences for ``prompt``. ``lm`` is the model view asked for (its tokenizer, EOS ids and
+        adapter) when several models share this engine's weights; default: the engine's own."""
+        lm = lm or self.lm
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
-        self.check_prompt(len(prompt))
-        room = self.lm.max_len - len(prompt)
+        self.check_prompt(len(prompt), lm)
+        room = min(lm.max_len, self.lm.max_len) - len(prompt)
         max_new = min(params.max_tokens, room) if params.max_tokens is not None else room
         with self._lock:
             if self._queued + n > self.max_queue:
                 raise QueueFull(f"the server is busy: {self._queued} requests are queued for {self.lm.name}")
             self._queued += n
-        tok = self.lm.tokenizer
-        stop_ids = set() if params.ignore_eos else set(self.lm.eos_ids)
+        tok = lm.tokenizer
+        stop_ids = set() if params.ignore_eos else set(lm.eos_ids)
         stop_ids |= set(params.stop_token_ids)
         strings = []
         special = set(tok.all_special_tokens) | set(getattr(tok, "added_tokens_encoder", {}) or {})
@@ -169,7 +175,7 @@ class Engine:
                 detok=IncrementalDetokenizer(tok, prompt), stops=StopMatcher(strings),
                 generator=torch.Generator().manual_seed(params.seed + i) if params.seed is not None else None,
                 want_prompt_logprobs=prompt_logprobs and i == 0,
-                json=JsonPrefix() if params.json_object else None,
+                json=JsonPrefix() if params.json_object else None, adapter=lm.adapter,
             )
             for i in range(n)
         ]
@@ -194,9 +200,10 @@ class Engine:
                 self._drain(block=idle)
                 if self._stop.is_set():
                     break
-                self._admit()
-                self._prefill()
-                self._decode()
+                with self.step_lock:
+                    self._admit()
+                    self._prefill()
+                    self._decode()
             except Exception as exc:  # never let one bad batch kill the engine
                 log.exception("engine step failed")
                 for seq in list(self.running):
@@ -232,13 +239,16 @@ class Engine:
             seq.slot = self.free_slots.pop(0)
             self.running.append(seq)
 
-    def _forward(self, ids: torch.Tensor, slots: list[int], positions: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        ctx = kvcache.step_context(self.cache, slots, positions)
+    def _forward(self, ids: torch.Tensor, seqs: list[Sequence], positions: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        ctx = kvcache.step_context(self.cache, [s.slot for s in seqs], positions)
         dev = self.lm.device
+        extra = {}
+        if getattr(self.lm.model, "peft_config", None):  # rows pick their adapter (PEFT mixed-batch LoRA)
+            extra["adapter_names"] = [s.adapter or "__base__" for s in seqs]
         with kvcache.use(ctx), _attention_backends(dev), torch.inference_mode():
             out = self.lm.model(
                 input_ids=ids.to(dev), position_ids=positions.clamp(min=0).to(dev), use_cache=False,
-                logits_to_keep=0 if all_logits else 1,
+                logits_to_keep=0 if all_logits else 1, **extra,
             )
         return out.logits
 
@@ -265,7 +275,7 @@ class Engine:
             for row, (seq, start, end) in enumerate(plan):  # left-padded: every row's last token is last
                 ids[row, width - (end - start):] = torch.tensor(seq.prompt[start:end])
                 positions[row, width - (end - start):] = torch.arange(start, end)
-            logits = self._forward(ids, [seq.slot for seq, _, _ in plan], positions)
+            logits = self._forward(ids, [seq for seq, _, _ in plan], positions)
             self.stats.prefill_tokens += sum(end - start for _, start, end in plan)
             done = []
             for row, (seq, start, end) in enumerate(plan):
@@ -277,7 +287,7 @@ class Engine:
     def _prefill_one(self, seq: Sequence, start: int, end: int) -> None:
         ids = torch.tensor([seq.prompt[start:end]])
         positions = torch.arange(start, end).unsqueeze(0)
-        logits = self._forward(ids, [seq.slot], positions, all_logits=seq.want_prompt_logprobs)
+        logits = self._forward(ids, [seq], positions, all_logits=seq.want_prompt_logprobs)
         self.stats.prefill_tokens += end - start
         if seq.want_prompt_logprobs:
             with torch.inference_mode():
@@ -305,7 +315,7 @@ class Engine:
             return
         ids = torch.tensor([[s.generated[-1]] for s in batch])
         positions = torch.tensor([[len(s.prompt) + len(s.generated) - 1] for s in batch], dtype=torch.long)
-        logits = self._forward(ids, [s.slot for s in batch], positions)
+        logits = self._forward(ids, batch, positions)
         self.stats.steps += 1
         self.stats.decode_tokens += len(batch)
         self.stats.max_batch = max(self.stats.max_batch, len(batch))

@@ -25,13 +25,13 @@ class AsyncStream:
         self.handles: list[Handle] = []
 
     def add(self, engine: Engine, prompt: list[int], params: SamplingParams, *, n: int = 1, offset: int = 0,
-            prompt_logprobs: bool = False) -> "AsyncStream":
+            prompt_logprobs: bool = False, lm=None) -> "AsyncStream":
         def sink(out: Output) -> None:
             out.index += offset
             self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
 
         try:
-            self.handles.append(engine.submit(prompt, params, sink, n=n, prompt_logprobs=prompt_logprobs))
+            self.handles.append(engine.submit(prompt, params, sink, n=n, prompt_logprobs=prompt_logprobs, lm=lm))
         except BaseException:
             self.cancel()
             raise
@@ -55,10 +55,10 @@ class AsyncStream:
                 handle.cancel()
 
 
-def iterate(engine: Engine, prompt: list[int], params: SamplingParams):
+def iterate(engine: Engine, prompt: list[int], params: SamplingParams, lm=None):
     """Blocking iterator of outputs for one sequence; cancels on early exit."""
     q: queue.SimpleQueue[Output] = queue.SimpleQueue()
-    handle = engine.submit(prompt, params, q.put)
+    handle = engine.submit(prompt, params, q.put, lm=lm)
     finished = False
     try:
         while True:

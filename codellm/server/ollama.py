@@ -196,7 +196,7 @@ def _sampling(served: Served, body: dict) -> Any:
 
 def _submit(served: Served, ids: list[int], params) -> AsyncStream:
     try:
-        return AsyncStream().add(served.engine, ids, params)
+        return AsyncStream().add(served.engine, ids, params, lm=served.lm)
     except QueueFull as exc:
         raise OllamaError(503, f"server busy, please try again. maximum pending requests exceeded ({exc.message})") from None
 
@@ -278,7 +278,7 @@ async def generate(request: Request) -> Response:
         context = body.get("context") or []
         if context and isinstance(context, list):
             ids = [int(t) for t in context] + ids
-        served.engine.check_prompt(len(ids))
+        served.engine.check_prompt(len(ids), served.lm)
     except CodellmError as exc:
         raise OllamaError(exc.status if exc.status < 500 else 500, exc.message) from None
     params = _sampling(served, body)
@@ -305,7 +305,7 @@ async def chat(request: Request) -> Response:
     try:
         ids = prompts.chat_prompt(served.lm, [{"role": m["role"], "content": m.get("content") or ""} for m in messages],
                                   tools=body.get("tools"))
-        served.engine.check_prompt(len(ids))
+        served.engine.check_prompt(len(ids), served.lm)
     except CodellmError as exc:
         raise OllamaError(exc.status if exc.status < 500 else 500, exc.message) from None
     stream = _submit(served, ids, _sampling(served, body))

@@ -162,7 +162,7 @@ async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -
     params = served.sampling(sampling_overrides(data, max_tokens, logprobs))
     if data.response_format and data.response_format.type in ("json_object", "json_schema"):
         params.json_object = True
-    stream = AsyncStream().add(served.engine, prompt, params, n=data.n)
+    stream = AsyncStream().add(served.engine, prompt, params, n=data.n, lm=lm)
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     tok = lm.tokenizer
     if data.stream:
@@ -254,13 +254,13 @@ async def _completions(request: Request, data: CompletionRequest, served: Served
         raise InvalidRequest("at most 64 choices per request", param="n")
     encoded = [await asyncio.to_thread(prompts.completion_prompt, lm, p, data.suffix) for p in prompt_list]
     for ids in encoded:
-        served.engine.check_prompt(len(ids))
+        served.engine.check_prompt(len(ids), lm)
     params = served.sampling(sampling_overrides(data, data.max_tokens if data.max_tokens is not None else 16, data.logprobs))
     if data.suffix is not None and lm.fim:
         params.stop = list(params.stop) + [s for s in lm.fim.stop if s not in params.stop]
     stream = AsyncStream()
     for p_index, ids in enumerate(encoded):
-        stream.add(served.engine, ids, params, n=data.n, offset=p_index * data.n,
+        stream.add(served.engine, ids, params, n=data.n, offset=p_index * data.n, lm=lm,
                    prompt_logprobs=data.echo and data.logprobs is not None)
     texts = [p if isinstance(p, str) else lm.tokenizer.decode(p) for p in prompt_list]
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())

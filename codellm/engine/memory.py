@@ -1,0 +1,84 @@
+"""Will a model fit? Estimates of weights + KV cache bytes, and what the device has free."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+
+from codellm.registry import manifest as mt
+
+_STORED = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def parse_size(text: str | None) -> int | None:
+    """'8GB', '512MiB', '1.5GiB', '1000000' -> bytes."""
+    if text is None or str(text).strip() == "":
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", str(text).lower())
+    if not m:
+        from codellm.errors import InvalidRequest
+
+        raise InvalidRequest(f"invalid size {text!r} (e.g. 8GB, 512MiB)")
+    unit = (m.group(2) or "b").rstrip("b") or ""
+    base = 1024 if unit.endswith("i") else 1000
+    power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.rstrip("i")]
+    return int(float(m.group(1)) * base ** power)
+
+
+def estimate(registry, weights: mt.Manifest, options) -> int:
+    """Bytes the weights take once loaded (in the dtype asked for) plus the engine's KV cache."""
+    from codellm.engine.loader import DEFAULT_NUM_CTX, pick_device
+
+    device, dtype = pick_device(options.device, options.dtype)
+    target = torch.finfo(dtype).bits // 8
+    stored = _STORED.get(weights.config.dtype or "", target)
+    raw = sum(layer.size for layer in weights.layers_of(mt.WEIGHTS) if (layer.filename or "").endswith(".safetensors"))
+    nbytes = raw * (0.3 if options.quantize == "nf4" else target / stored)
+    layer = weights.layer(mt.CONFIG)
+    if layer:
+        cfg = json.loads(registry.read_layer(layer))
+        cfg = cfg.get("text_config", cfg)
+        heads = cfg.get("num_attention_heads") or 1
+        head_dim = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // heads)
+        kv = cfg.get("num_key_value_heads") or heads
+        ctx = min(options.num_ctx or DEFAULT_NUM_CTX, weights.config.context_length or DEFAULT_NUM_CTX) + 1
+        slots = options.slots or (64 if device.type == "cuda" else 8)
+        nbytes += 2 * cfg.get("num_hidden_layers", 0) * slots * ctx * kv * head_dim * target
+    return int(nbytes)
+
+
+def available(options, used: int) -> int:
+    """Bytes free for one more model: the device's free memory, capped by --memory-limit."""
+    from codellm.engine.loader import pick_device
+
+    device, _ = pick_device(options.device, options.dtype)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = _meminfo_available()
+    if options.memory_limit is not None:
+        free = min(free, options.memory_limit - used)
+    return int(free)
+
+
+def _meminfo_available() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
