@@ -181,3 +181,18 @@ def test_embeddings_three_ways(server, client):
                                                           "encoding_format": "base64"}).json()
     vec = struct.unpack(f"<{len(floats)}f", base64.b64decode(raw["data"][0]["embedding"]))
     assert list(vec) == pytest.approx(floats, abs=1e-6) and raw["usage"]["prompt_tokens"] > 0
+
+
+def test_generate_with_go_template(server):
+    from codellm.engine.prompts import go_template
+
+    t = "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n"
+    assert go_template(t, prompt="hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert go_template(t, system="S", prompt="hi").startswith("<|im_start|>system\nS<|im_end|>\n")
+    assert go_template("{{- .Prompt -}}  ", prompt="x") == "x"
+    r = httpx.post(server.url + "/api/generate", json={"model": "tiny-coder", "prompt": "hi", "template": t, "stream": False,
+                                                        "options": {"num_predict": 3}})
+    assert r.status_code == 200 and r.json()["done"]
+    bad = httpx.post(server.url + "/api/generate", json={"model": "tiny-coder", "prompt": "hi", "template": "{{ range .Messages }}x{{ end }}",
+                                                          "stream": False})
+    assert bad.status_code == 400 and "unsupported template action" in bad.json()["error"]

@@ -81,3 +81,34 @@ def completion_prompt(lm: LoadedModel, prompt: str | list[int], suffix: str | No
     if suffix is not None:
         return encode(lm, fim_text(lm, prompt, suffix), add_special_tokens=True)
     return encode(lm, prompt)
+
+
+_GO_TAG = __import__("re").compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}")
+_GO_VARS = {".System": "system", ".Prompt": "prompt", ".Suffix": "suffix", ".Response": "response"}
+
+
+def go_template(template: str, *, system: str = "", prompt: str = "", suffix: str = "") -> str:
+    """Render the common subset of an Ollama (Go) prompt template: {{ .System }}, {{ .Prompt }},
+    {{ .Suffix }}, {{ .Response }}, {{ if .X }}...{{ else }}...{{ end }}, and {{- -}} trimming."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def convert(m) -> str:
+        left, body, right = m.group(1), m.group(2), m.group(3)
+        open_, close = ("{%" + left, right + "%}")
+        if body in _GO_VARS:
+            return "{{" + left + " " + _GO_VARS[body] + " " + right + "}}"
+        if body.startswith("if ") and body[3:].strip() in _GO_VARS:
+            return f"{open_} if {_GO_VARS[body[3:].strip()]} {close}"
+        if body == "else":
+            return f"{open_} else {close}"
+        if body == "end":
+            return f"{open_} endif {close}"
+        raise InvalidRequest(f"unsupported template action {{{{ {body} }}}}: codellm renders .System, .Prompt, "
+                             ".Suffix, .Response, if/else/end", param="template")
+
+    try:
+        jinja = ImmutableSandboxedEnvironment(keep_trailing_newline=True).from_string(_GO_TAG.sub(convert, template))
+    except TemplateSyntaxError as exc:
+        raise InvalidRequest(f"invalid template: {exc.message}", param="template") from None
+    return jinja.render(system=system, prompt=prompt, suffix=suffix, response="")

@@ -272,6 +272,9 @@ async def generate(request: Request) -> Response:
             ids = prompts.encode(lm, prompts.fim_text(lm, prompt, suffix))
         elif body.get("raw"):
             ids = prompts.encode(lm, prompt)
+        elif body.get("template"):
+            ids = prompts.encode(lm, prompts.go_template(body["template"], system=body.get("system") or lm.system or "",
+                                                         prompt=prompt))
         else:
             msgs = ([{"role": "system", "content": body["system"]}] if body.get("system") else []) + [{"role": "user", "content": prompt}]
             ids = prompts.chat_prompt(lm, msgs) if getattr(lm.tokenizer, "chat_template", None) else prompts.encode(lm, prompt)
