@@ -188,3 +188,53 @@ def served_home(tmp_path_factory, tiny_dir, adapter_dir) -> Path:
     create(reg, "tiny-coder", Modelfile(from_="qwen2.5-coder:0.5b", parameters={"temperature": 0.0}))
     create(reg, "tiny-lora", Modelfile(from_="qwen2.5-coder:0.5b", adapters=[str(adapter_dir)], parameters={"temperature": 0.0}))
     return home
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER_QUESTION = "What is the weather in Paris?"
+WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.fixture(scope="session")
+def tool_home(tmp_path_factory, tiny_dir) -> Path:
+    """A registry with `tool-coder`: the tiny model taught to answer the weather question with a Hermes
+    tool call, for exactly the prompt codellm renders (tools described through the chat template path)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from codellm.engine import prompts
+    from codellm.engine.loader import load
+    from codellm.registry import Registry
+    from codellm.registry.create import create
+    from codellm.registry.modelfile import Modelfile
+
+    home = tmp_path_factory.mktemp("tool-home")
+    reg = Registry(home)
+    create(reg, "base", Modelfile(from_=str(tiny_dir)))
+    lm = load(reg, "base")
+    prompt = prompts.chat_prompt(lm, [{"role": "user", "content": WEATHER_QUESTION}], tools=[WEATHER_TOOL])
+    answer = lm.tokenizer(WEATHER_CALL + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    ids = torch.tensor([prompt + answer])
+    labels = ids.clone()
+    labels[0, :len(prompt)] = -100
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(150):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if loss.item() < 0.01:
+            break
+    out = tmp_path_factory.mktemp("tool-model") / "model"
+    model.save_pretrained(out)
+    for f in tiny_dir.iterdir():
+        if not f.name.endswith((".safetensors", "config.json")) or f.name == "tokenizer_config.json":
+            (out / f.name).write_bytes(f.read_bytes())
+    (out / "generation_config.json").write_bytes((tiny_dir / "generation_config.json").read_bytes())
+    create(reg, "qwen2.5-coder-tools", Modelfile(from_=str(out), parameters={"temperature": 0.0}))
+    return home

@@ -6,8 +6,11 @@ what editors that build their own FIM prompts rely on.
 
 from __future__ import annotations
 
+import json
+
 from codellm.errors import InvalidRequest
 from codellm.engine.loader import LoadedModel
+from codellm.engine.tools import template_renders_tools, tools_system_prompt
 
 
 def _text_of(content) -> str:
@@ -26,16 +29,41 @@ def _text_of(content) -> str:
     return "".join(parts)
 
 
-def chat_messages(lm: LoadedModel, messages: list[dict]) -> list[dict]:
-    """Request messages with the Modelfile SYSTEM and MESSAGEs put in front."""
-    msgs = [{**m, "content": _text_of(m.get("content"))} for m in messages]
+def _template_message(m: dict) -> dict:
+    """Chat templates want tool-call arguments as objects; OpenAI clients send JSON strings."""
+    out = {**m, "content": _text_of(m.get("content"))}
+    if m.get("tool_calls"):
+        calls = []
+        for call in m["tool_calls"]:
+            fn = dict(call.get("function") or {})
+            if isinstance(fn.get("arguments"), str):
+                try:
+                    fn["arguments"] = json.loads(fn["arguments"] or "{}")
+                except ValueError:
+                    pass
+            calls.append({**call, "type": call.get("type", "function"), "function": fn})
+        out["tool_calls"] = calls
+    return out
+
+
+def chat_messages(lm: LoadedModel, messages: list[dict], tools: list | None = None) -> list[dict]:
+    """Request messages with the Modelfile SYSTEM and MESSAGEs put in front (and, for templates that
+    ignore ``tools``, the tools described in the system message)."""
+    msgs = [_template_message(m) for m in messages]
     history = [dict(m) for m in lm.messages]
     if lm.system and not any(m["role"] == "system" for m in msgs):
         history.insert(0, {"role": "system", "content": lm.system})
     if msgs and msgs[0]["role"] == "system":
         history = [msgs[0]] + [m for m in history if m["role"] != "system"]
         msgs = msgs[1:]
-    return history + msgs
+    out = history + msgs
+    if tools and not template_renders_tools(getattr(lm.tokenizer, "chat_template", None)):
+        note = tools_system_prompt(tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + note}
+        else:
+            out.insert(0, {"role": "system", "content": note})
+    return out
 
 
 def chat_prompt(lm: LoadedModel, messages: list[dict], *, add_generation_prompt: bool = True, tools: list | None = None) -> list[int]:
@@ -48,7 +76,7 @@ def chat_prompt(lm: LoadedModel, messages: list[dict], *, add_generation_prompt:
             param="model",
         )
     try:
-        text = tok.apply_chat_template(chat_messages(lm, messages), tokenize=False,
+        text = tok.apply_chat_template(chat_messages(lm, messages, tools), tokenize=False,
                                        add_generation_prompt=add_generation_prompt, tools=tools or None)
     except Exception as exc:  # jinja raises from inside templates (raise_exception)
         raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from None

@@ -20,6 +20,7 @@ from litestar.response import Stream
 from codellm.engine import prompts
 from codellm.engine.manager import ModelManager, Served, options_to_overrides, parse_keep_alive
 from codellm.engine.streams import AsyncStream
+from codellm.engine.tools import ToolCallParser, tool_format
 from codellm.errors import CodellmError, InvalidName, InvalidRequest, NotFound, QueueFull
 from codellm.registry import manifest as mt
 from codellm.registry.info import describe_model
@@ -202,7 +203,7 @@ def _submit(served: Served, ids: list[int], params) -> AsyncStream:
 
 
 async def _run(request: Request, served: Served, keep, stream: AsyncStream, shape, final_extra, want_stream: bool,
-               n_prompt: int, t0: float):
+               n_prompt: int, t0: float, tools_fmt: str | None = None):
     """Drive one generation as NDJSON lines (or one object); keep-alive starts when it ends."""
     manager = _manager(request)
     served.active += 1
@@ -212,8 +213,15 @@ async def _run(request: Request, served: Served, keep, stream: AsyncStream, shap
                 "load_duration": getattr(served, "load_ns", 0), "prompt_eval_count": n_prompt,
                 "prompt_eval_duration": prompt_ns, "eval_count": count, "eval_duration": eval_ns}
 
+    parser = ToolCallParser(tools_fmt) if tools_fmt else None
+
+    def calls_shape(calls: list) -> dict:  # Ollama: tool-call arguments are objects
+        body = shape("")
+        body["message"]["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+        return body
+
     async def lines() -> AsyncIterator[bytes]:
-        first_at, count, text, ids = None, 0, [], []
+        first_at, count, text, ids, calls = None, 0, [], [], []
         try:
             async for out in stream:
                 if out.finish_reason == "error":
@@ -222,15 +230,26 @@ async def _run(request: Request, served: Served, keep, stream: AsyncStream, shap
                 first_at = first_at or time.perf_counter()
                 count = out.completion_tokens
                 ids += out.token_ids
-                if out.text:
-                    text.append(out.text)
-                    if want_stream:
-                        yield _line({"model": served.lm.name, "created_at": _now(), **shape(out.text), "done": False})
+                events = [("text", out.text)] if out.text else []
+                if parser is not None:
+                    events = (parser.feed(out.text) if out.text else []) + (parser.finish() if out.finish_reason else [])
+                for kind, value in events:
+                    if kind == "call":
+                        calls.append(value)
+                        if want_stream:
+                            yield _line({"model": served.lm.name, "created_at": _now(), **calls_shape([value]), "done": False})
+                    elif value:
+                        text.append(value)
+                        if want_stream:
+                            yield _line({"model": served.lm.name, "created_at": _now(), **shape(value), "done": False})
                 if out.finish_reason:
                     now = time.perf_counter()
                     prompt_ns = int(((first_at or now) - t0) * 1e9)
                     reason = "length" if out.finish_reason == "length" else "stop"
                     body = shape("" if want_stream else "".join(text))
+                    if calls and not want_stream:
+                        body = calls_shape(calls)
+                        body["message"]["content"] = "".join(text)
                     yield _line({"model": served.lm.name, "created_at": _now(), **body,
                                  **final(reason, count, int((now - (first_at or now)) * 1e9), prompt_ns, final_extra(ids))})
         finally:
@@ -306,14 +325,15 @@ async def chat(request: Request) -> Response:
         return Response(_load_or_unload(request, served, keep, "message", {"message": {"role": "assistant", "content": ""}}))
     t0 = time.perf_counter()
     try:
-        ids = prompts.chat_prompt(served.lm, [{"role": m["role"], "content": m.get("content") or ""} for m in messages],
-                                  tools=body.get("tools"))
+        ids = prompts.chat_prompt(served.lm, [{k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "name")}
+                                              for m in messages], tools=body.get("tools"))
         served.engine.check_prompt(len(ids), served.lm)
     except CodellmError as exc:
         raise OllamaError(exc.status if exc.status < 500 else 500, exc.message) from None
     stream = _submit(served, ids, _sampling(served, body))
+    tools_fmt = tool_format(served.lm.tokenizer.chat_template, served.lm.config.family) if body.get("tools") else None
     return await _run(request, served, keep, stream, lambda text: {"message": {"role": "assistant", "content": text}},
-                      lambda out_ids: {}, body.get("stream", True) is not False, len(ids), t0)
+                      lambda out_ids: {}, body.get("stream", True) is not False, len(ids), t0, tools_fmt)
 
 
 class _Progress:

@@ -21,6 +21,7 @@ from codellm.engine.manager import ModelManager, Served
 from codellm.engine.sampling import TokenLogprob
 from codellm.engine.scheduler import Output
 from codellm.engine.streams import AsyncStream
+from codellm.engine.tools import ToolCallParser, parse_all, tool_format
 from codellm.errors import CodellmError, InvalidName, InvalidRequest, NotFound
 from codellm.server.errors import error_body
 from codellm.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields, dumps
@@ -156,7 +157,10 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
 async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -> Response:
     lm = served.lm
     messages = [msg_to_dict(m) for m in data.messages]
-    prompt = await asyncio.to_thread(prompts.chat_prompt, lm, messages)
+    tools = data.tools if data.tools and data.tool_choice != "none" else None
+    prompt = await asyncio.to_thread(prompts.chat_prompt, lm, messages, tools=tools)
+    fmt = tool_format(lm.tokenizer.chat_template, lm.config.family) if tools else None
+    single_call = data.parallel_tool_calls is False
     logprobs = (data.top_logprobs or 0) if data.logprobs else None
     max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
     params = served.sampling(sampling_overrides(data, max_tokens, logprobs))
@@ -167,7 +171,8 @@ async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -
     tok = lm.tokenizer
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return Stream(_released(request, served, _chat_events(stream, data, rid, created, tok, len(prompt), include_usage)),
+        return Stream(_released(request, served, _chat_events(stream, data, rid, created, tok, len(prompt), include_usage,
+                                                               fmt, single_call)),
                       media_type="text/event-stream", headers=SSE_HEADERS)
     results = await collect(request, stream, data.n)
     release(request, served)
@@ -175,11 +180,20 @@ async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -
     for index, outs in enumerate(results):
         completion += outs[-1].completion_tokens
         infos = [i for o in outs for i in o.logprobs]
+        text, finish = "".join(o.text for o in outs), outs[-1].finish_reason
+        message: dict = {"role": "assistant", "content": text}
+        if fmt:
+            content, calls = parse_all(text, fmt)
+            if calls:
+                calls = calls[:1] if single_call else calls
+                message = {"role": "assistant", "content": content.strip() or None, "tool_calls": [
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments_json}}
+                    for c in calls]}
+                finish = "tool_calls"
         choices.append({
-            "index": index,
-            "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
+            "index": index, "message": message,
             "logprobs": chat_logprobs(tok, infos) if logprobs is not None else None,
-            "finish_reason": outs[-1].finish_reason,
+            "finish_reason": finish,
         })
     return Response({
         "id": rid, "object": "chat.completion", "created": created, "model": data.model,
@@ -196,7 +210,8 @@ def msg_to_dict(m) -> dict:
 
 
 async def _chat_events(stream: AsyncStream, data: ChatCompletionRequest, rid: str, created: int, tok,
-                       n_prompt: int, include_usage: bool) -> AsyncIterator[bytes]:
+                       n_prompt: int, include_usage: bool, fmt: str | None = None,
+                       single_call: bool = False) -> AsyncIterator[bytes]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": data.model,
             "system_fingerprint": FINGERPRINT}
     extra = {"usage": None} if include_usage else {}
@@ -209,12 +224,40 @@ async def _chat_events(stream: AsyncStream, data: ChatCompletionRequest, rid: st
     try:
         for index in range(data.n):
             yield chunk(index, {"role": "assistant", "content": ""})
+        parsers = [ToolCallParser(fmt) for _ in range(data.n)] if fmt else None
+        calls_sent = [0] * data.n
+
+        def tool_deltas(index: int, events: list) -> list[bytes]:
+            """Text as content deltas; each call as a first delta (id, type, name) then its arguments."""
+            sent = []
+            for kind, value in events:
+                if kind == "text":
+                    if value:
+                        sent.append(chunk(index, {"content": value}))
+                elif not (single_call and calls_sent[index]):
+                    k = calls_sent[index]
+                    calls_sent[index] += 1
+                    sent.append(chunk(index, {"tool_calls": [{"index": k, "id": value.id, "type": "function",
+                                                              "function": {"name": value.name, "arguments": ""}}]}))
+                    sent.append(chunk(index, {"tool_calls": [{"index": k, "function": {"arguments": value.arguments_json}}]}))
+            return sent
+
         async for out in stream:
             if out.finish_reason == "error":
                 yield _error_event(out)
                 return
             completion[out.index] = out.completion_tokens
             lp = chat_logprobs(tok, out.logprobs) if want_lp and out.logprobs else None
+            if parsers is not None:
+                events = parsers[out.index].feed(out.text) if out.text else []
+                if out.finish_reason:
+                    events += parsers[out.index].finish()
+                for event in tool_deltas(out.index, events):
+                    yield event
+                if out.finish_reason:
+                    finish = "tool_calls" if calls_sent[out.index] else out.finish_reason
+                    yield chunk(out.index, {}, finish, lp)
+                continue
             if out.finish_reason:
                 yield chunk(out.index, {"content": out.text} if out.text else {}, out.finish_reason, lp)
             elif out.text or lp:

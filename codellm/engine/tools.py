@@ -1,0 +1,170 @@
+"""Tool calling: tools go into the prompt through the model's chat template, and the family's
+tool-call syntax is parsed back out of the generated text, incrementally, so streams can send
+tool-call deltas as soon as a call is complete.
+
+Formats: Hermes ``<tool_call>{json}</tool_call>`` (Qwen2.5 coders and most fine-tunes), Llama 3 JSON
+(``{"name": ..., "parameters": {...}}``, optionally after ``<|python_tag|>``), Mistral
+``[TOOL_CALLS][{...}]``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict
+    id: str = ""
+
+    def __post_init__(self):
+        self.id = self.id or f"call_{uuid.uuid4().hex[:24]}"
+
+    @property
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+
+def tool_format(template: str | None, family: str | None) -> str:
+    t = template or ""
+    if "<tool_call>" in t:
+        return "hermes"
+    if "<|python_tag|>" in t or "ipython" in t:
+        return "llama3"
+    if "[TOOL_CALLS]" in t:
+        return "mistral"
+    return {"llama": "llama3", "codestral": "mistral"}.get(family or "", "hermes")
+
+
+def template_renders_tools(template: str | None) -> bool:
+    return bool(template) and "tools" in template
+
+
+def tools_system_prompt(tools: list[dict]) -> str:
+    """For chat templates that ignore ``tools``: describe them in Hermes style in the system message."""
+    lines = ["You may call one or more functions to assist with the user query.",
+             "You are provided with function signatures within <tools></tools> XML tags:", "<tools>"]
+    lines += [json.dumps(t, ensure_ascii=False) for t in tools]
+    lines += ["</tools>", "For each function call, return a json object with function name and arguments within "
+              "<tool_call></tool_call> XML tags:", "<tool_call>", '{"name": <function-name>, "arguments": <args-json-object>}',
+              "</tool_call>"]
+    return "\n".join(lines)
+
+
+def _call_from(obj) -> ToolCall | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    return ToolCall(obj["name"], args if isinstance(args, dict) else {})
+
+
+class ToolCallParser:
+    """Feed generated text; get back ("text", str) and ("call", ToolCall) events in order."""
+
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def __init__(self, fmt: str):
+        self.fmt = fmt
+        self.buffer = ""
+        self.in_call = False
+        self.json_mode: bool | None = None  # llama3 / mistral: decided by how the output starts
+        self.calls = 0
+
+    def feed(self, text: str) -> list[tuple]:
+        self.buffer += text
+        return self._hermes() if self.fmt == "hermes" else self._whole()
+
+    def _hermes(self) -> list[tuple]:
+        events = []
+        while True:
+            if self.in_call:
+                end = self.buffer.find(self.CLOSE)
+                if end < 0:
+                    return events
+                call = self._parse_json(self.buffer[:end])
+                events.append(("call", call) if call else ("text", self.OPEN + self.buffer[:end] + self.CLOSE))
+                self.buffer = self.buffer[end + len(self.CLOSE):]
+                self.in_call = False
+                continue
+            start = self.buffer.find(self.OPEN)
+            if start >= 0:
+                if start:
+                    events.append(("text", self.buffer[:start]))
+                self.buffer = self.buffer[start + len(self.OPEN):]
+                self.in_call = True
+                continue
+            keep = _partial_suffix(self.buffer, self.OPEN)  # a marker may be arriving in pieces
+            if len(self.buffer) > keep:
+                events.append(("text", self.buffer[:len(self.buffer) - keep]))
+                self.buffer = self.buffer[len(self.buffer) - keep:]
+            return events
+
+    def _whole(self) -> list[tuple]:
+        if self.json_mode is None:
+            head = self.buffer.lstrip()
+            if not head:
+                return []
+            marker = "[TOOL_CALLS]" if self.fmt == "mistral" else "<|python_tag|>"
+            if head.startswith(("{", "[")) or head.startswith(marker):
+                self.json_mode = True
+            elif marker.startswith(head):
+                return []  # maybe the marker, arriving in pieces: wait
+            else:
+                self.json_mode = False
+        if self.json_mode:
+            return []  # parsed whole at the end
+        out, self.buffer = self.buffer, ""
+        return [("text", out)] if out else []
+
+    def _parse_json(self, text: str) -> ToolCall | None:
+        try:
+            return _call_from(json.loads(text.strip()))
+        except ValueError:
+            return None
+
+    def finish(self) -> list[tuple]:
+        """End of output: whatever is held back, as calls where it parses, else as text."""
+        rest, self.buffer = self.buffer, ""
+        if self.fmt == "hermes":
+            if self.in_call:
+                call = self._parse_json(rest)
+                return [("call", call)] if call else [("text", self.OPEN + rest)]
+            return [("text", rest)] if rest else []
+        if not self.json_mode:
+            return [("text", rest)] if rest else []
+        body = rest.strip().removeprefix("[TOOL_CALLS]").removeprefix("<|python_tag|>").strip()
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            chunks = [c for c in body.replace(";\n", ";").split(";") if c.strip()]
+            try:
+                parsed = [json.loads(c) for c in chunks]
+            except ValueError:
+                return [("text", rest)]
+        items = parsed if isinstance(parsed, list) else [parsed]
+        calls = [_call_from(i) for i in items]
+        if not calls or any(c is None for c in calls):
+            return [("text", rest)]
+        return [("call", c) for c in calls]
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+def parse_all(text: str, fmt: str) -> tuple[str, list[ToolCall]]:
+    parser = ToolCallParser(fmt)
+    events = parser.feed(text) + parser.finish()
+    content = "".join(e[1] for e in events if e[0] == "text")
+    return content, [e[1] for e in events if e[0] == "call"]
