@@ -237,4 +237,34 @@ def tool_home(tmp_path_factory, tiny_dir) -> Path:
             (out / f.name).write_bytes(f.read_bytes())
     (out / "generation_config.json").write_bytes((tiny_dir / "generation_config.json").read_bytes())
     create(reg, "qwen2.5-coder-tools", Modelfile(from_=str(out), parameters={"temperature": 0.0}))
+    # the names deploy/editors/ uses, so the replay tests can read those files as they are
+    reg.copy("qwen2.5-coder-tools", "qwen2.5-coder:1.5b")
+    reg.copy("qwen2.5-coder-tools", "qwen2.5-coder:1.5b-base")
+    embed_dir, rerank_dir = encoder_dirs(tmp_path_factory)
+    create(reg, "bge-small:en-v1.5", Modelfile(from_=str(embed_dir)))
+    create(reg, "bge-reranker:base", Modelfile(from_=str(rerank_dir)))
     return home
+
+
+def encoder_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny BERT sentence encoder and a tiny cross-encoder (random weights, real tokenizer)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    from codellm.engine import tiny
+
+    tok = tiny.build_tokenizer()
+    cfg = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=512, pad_token_id=tok.pad_token_id)
+    dirs = []
+    for name, make in (("embed", lambda: BertModel(BertConfig(**cfg))),
+                       ("rerank", lambda: BertForSequenceClassification(BertConfig(**cfg, num_labels=1)))):
+        torch.manual_seed(0)
+        d = tmp_path_factory.mktemp(name) / "model"
+        make().save_pretrained(d)
+        tok.save_pretrained(d)
+        tc = json.loads((d / "tokenizer_config.json").read_text())
+        tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+        (d / "tokenizer_config.json").write_text(json.dumps(tc))
+        dirs.append(d)
+    return dirs[0], dirs[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import ollama
@@ -16,14 +17,14 @@ MODEL = "qwen2.5-coder-tools"
 
 @pytest.fixture(scope="module")
 def server(tool_home):
-    srv = Server(tool_home, "--model", MODEL, api_key="sk-editor")
+    srv = Server(tool_home, "--model", MODEL, "--slots", "8")
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="sk-editor", max_retries=0)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="codellm", max_retries=0)
 
 
 def ask(client, **kw):
@@ -84,5 +85,173 @@ def test_ollama_chat_tool_calls_have_object_arguments(server):
     assert all(line for line in lines.split("\n")[:-1])
     assert any(p["message"].get("tool_calls") for p in parts) and parts[-1]["done"] is True
     # the ollama client parses such a response into its own types
-    client = ollama.Client(host=server.url, headers={"Authorization": "Bearer sk-editor"})
+    client = ollama.Client(host=server.url)
     assert client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}], options={"num_predict": 3}).done
+
+
+# ---- replay: each client's requests as its source sends them, checked the way its parser reads them ----
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1] / "deploy" / "editors"
+CONTINUE_STOPS = ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
+                  "<|file_sep|>", "<|im_start|>", "<|im_end|>", "\n\n", "\r\n\r\n", "/src/", "#- coding: utf-8", "```"]
+PREFIX, SUFFIX = "def fibonacci(n):\n    ", "\n\nprint(fibonacci(10))\n"
+
+
+def continue_models(server) -> dict:
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "continue-config.yaml").read_text())
+    out = {}
+    for m in cfg["models"]:
+        base = m["apiBase"].replace("http://127.0.0.1:11435", server.url)
+        for role in m.get("roles", []):
+            out.setdefault((m["provider"], role), {**m, "apiBase": base})
+    return out
+
+
+def sse_events(raw: str) -> list[dict]:
+    """Continue's parser: split on single newlines, one complete JSON per data line, no comments."""
+    events = []
+    lines = raw.split("\n")
+    assert not any(line.startswith(":") for line in lines)
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            events.append(json.loads(line[6:]))
+    assert raw.rstrip("\n").endswith("data: [DONE]")
+    return events
+
+
+def test_continue_openai_chat_autocomplete_embed_rerank(server):
+    import base64
+    import struct
+
+    models = continue_models(server)
+    chat = models[("openai", "chat")]
+    headers = {"Authorization": f"Bearer {chat['apiKey']}", "User-Agent": "OpenAI/JS 4.x", "Content-Type": "application/json"}
+    body = {"model": chat["model"], "messages": [{"role": "user", "content": "write a function"}], "stream": True,
+            "stream_options": {"include_usage": True}, "max_tokens": 4096, "temperature": 0.5,
+            "stop": CONTINUE_STOPS[:8] + [f"stop-{i}" for i in range(30)]}
+    events = sse_events(httpx.post(chat["apiBase"] + "/chat/completions", json=body, headers=headers, timeout=60).text)
+    assert events[-1]["choices"] == [] and all(k in events[-1]["usage"] for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
+    auto = models[("openai", "autocomplete")]
+    body = {"model": auto["model"], "prompt": f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>", "stream": True,
+            "temperature": 0.01, "max_tokens": 4096, "stop": CONTINUE_STOPS}
+    events = sse_events(httpx.post(auto["apiBase"] + "/completions", json=body, headers=headers, timeout=60).text)
+    text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert not any(stop in text for stop in CONTINUE_STOPS) and events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "qwen" in auto["model"] and "coder" in auto["model"]  # Continue's template choice keys on the model id
+    emb = models[("openai", "embed")]
+    raw = httpx.post(emb["apiBase"] + "/embeddings", headers=headers, json={
+        "model": emb["model"], "input": ["def add(a, b):", "class Stack:"], "encoding_format": "base64"}).json()
+    floats = httpx.post(emb["apiBase"] + "/embeddings", headers=headers, json={
+        "model": emb["model"], "input": ["def add(a, b):", "class Stack:"]}).json()
+    vec = struct.unpack(f"<{len(floats['data'][0]['embedding'])}f", base64.b64decode(raw["data"][0]["embedding"]))
+    assert list(vec) == pytest.approx(floats["data"][0]["embedding"], abs=1e-6) and len(vec) == 32
+    rr = models[("openai", "rerank")]
+    docs = ["def add(a, b): return a + b", "the weather is nice", "class Stack: pass"]
+    r = httpx.post(rr["apiBase"] + "/rerank", headers=headers, json={"model": rr["model"], "query": "add numbers", "documents": docs}).json()
+    assert sorted(d["index"] for d in r["data"]) == [0, 1, 2] and r["results"] == r["data"]
+    assert all(0 <= d["relevance_score"] <= 1 for d in r["data"])
+    assert r["data"] == sorted(r["data"], key=lambda d: -d["relevance_score"])
+    top = httpx.post(server.url + "/rerank", json={"model": "bge-small:en-v1.5", "query": "add", "documents": docs, "top_n": 2}).json()
+    assert len(top["results"]) == 2  # an embedding model reranks by cosine
+    bad = httpx.post(server.url + "/v1/chat/completions", json={"model": "bge-small:en-v1.5", "messages": [{"role": "user", "content": "x"}]})
+    assert bad.status_code == 400 and "does not support generate" in bad.json()["error"]["message"]
+
+
+def test_continue_ollama_provider(server):
+    m = continue_models(server)[("ollama", "chat")]
+    show = httpx.post(m["apiBase"] + "/api/show", json={"name": m["model"]}).json()
+    assert "model_info" in show and isinstance(show["parameters"], str) and "template" in show
+    r = httpx.post(m["apiBase"] + "/api/generate", json={
+        "model": m["model"], "prompt": f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>", "raw": True,
+        "keep_alive": 1800, "options": {"temperature": 0.01, "num_predict": 16, "stop": CONTINUE_STOPS}})
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert lines[-1]["done"] is True and all(not line["done"] for line in lines[:-1])
+
+
+def test_tabby_completion_stream(server):
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / "tabby-config.toml").read_text())["model"]["completion"]["http"]
+    url = cfg["api_endpoint"].replace("http://127.0.0.1:11435", server.url) + "/completions"
+    body = {"model": cfg["model_name"], "prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 64, "temperature": 0.1,
+            "stream": True, "presence_penalty": 0.0}
+    with httpx.stream("POST", url, json=body, headers={"Authorization": f"Bearer {cfg['api_key']}"}) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        raw = resp.read().decode()
+    events = sse_events(raw)
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length") and "text" in events[-1]["choices"][0]
+    assert all(c["index"] == 0 and (c["finish_reason"] is None) == (e is not events[-1]) for e in events for c in e["choices"])
+
+
+def test_zed_chat_and_edit_prediction(server):
+    cfg = json.loads((ROOT / "zed-settings.json").read_text())["language_models"]["openai_compatible"]["codellm"]
+    base = cfg["api_url"].replace("http://127.0.0.1:11435", server.url)
+    model = cfg["available_models"][0]["name"]
+    raw = httpx.post(base + "/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_completion_tokens": 8,
+        "stream_options": {"include_usage": True}}).text
+    events = sse_events(raw)
+    assert all("choices" in e and isinstance(e["created"], int) for e in events)
+    assert all(c["finish_reason"] is None for e in events[:-2] for c in e["choices"])
+    r = httpx.post(base + "/completions", json={"model": model, "prompt": PREFIX, "max_tokens": 8, "stream": False}).json()
+    assert {"id", "object", "created", "model", "usage"} <= set(r) and isinstance(r["created"], int)
+
+
+def test_llama_vim_infill_with_repository_context(server):
+    import re
+
+    body = {"input_prefix": "import math\n\n", "input_suffix": SUFFIX, "prompt": "def fibonacci(n):\n    ",
+            "input_extra": [{"filename": "util.py", "text": "def add(a, b):\n    return a + b\n"}],
+            "n_predict": 16, "top_k": 40, "top_p": 0.99, "stream": False, "samplers": ["top_k", "top_p", "infill"],
+            "cache_prompt": True, "t_max_prompt_ms": 500, "t_max_predict_ms": 1000}
+    raw = httpx.post(server.url + "/infill", json=body).text
+    assert re.search(r'"content":"', raw)  # llama.vim's own check: compact JSON
+    r = json.loads(raw)
+    assert r["stop"] is True and r["tokens_predicted"] > 0 and "timings" in r and r["tokens_evaluated"] > 20
+    warm = httpx.post(server.url + "/infill", json={**body, "n_predict": 0}).json()  # warm-up
+    assert warm["content"] == "" and warm["tokens_predicted"] == 0
+    without = httpx.post(server.url + "/infill", json={**body, "input_extra": []}).json()
+    assert without["tokens_evaluated"] < r["tokens_evaluated"]  # the repository context went into the prompt
+
+
+def test_llm_ls_and_mistral_fim_and_cline(server, client):
+    r = httpx.post(server.url + "/v1/completions", json={
+        "model": "qwen2.5-coder:1.5b-base", "prompt": f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>",
+        "max_tokens": 20, "temperature": 0.2, "top_p": 0.95, "stream": False}).json()
+    assert isinstance(r["choices"][0]["text"], str)
+    fim = httpx.post(server.url + "/v1/fim/completions", json={
+        "model": "qwen2.5-coder:1.5b", "prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 12, "temperature": 0}).json()
+    assert fim["choices"][0]["message"]["role"] == "assistant" and fim["usage"]["completion_tokens"] > 0
+    raw = httpx.post(server.url + "/v1/fim/completions", json={
+        "model": "qwen2.5-coder:1.5b", "prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 12, "stream": True}).text
+    assert "".join(e["choices"][0]["delta"]["content"] for e in sse_events(raw) if e["choices"]) == \
+        fim["choices"][0]["message"]["content"]
+    cline = json.loads((ROOT / "cline.json").read_text())
+    oa = openai.OpenAI(base_url=cline["openAiBaseUrl"].replace("http://127.0.0.1:11435", server.url),
+                       api_key=cline["openAiApiKey"], max_retries=0)
+    chunks = list(oa.chat.completions.create(model=cline["openAiModelId"], messages=[{"role": "user", "content": "hi"}],
+                                             stream=True, stream_options={"include_usage": True}, max_tokens=6))
+    assert chunks[-1].usage.total_tokens > 0
+
+
+def test_keystroke_aborts_leave_nothing_running(server):
+    """Continue aborts its autocomplete request on nearly every keystroke: 50 of them, each after one chunk."""
+    def health():
+        return httpx.get(server.url + "/health").json()["models"]["qwen2.5-coder-tools:latest"]
+
+    before = health()["cancelled"]
+    body = {"model": MODEL, "prompt": f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>", "stream": True,
+            "temperature": 0.01, "max_tokens": 4096, "ignore_eos": True}
+    with httpx.Client(timeout=30) as http:
+        for _ in range(50):
+            with http.stream("POST", server.url + "/v1/completions", json=body) as resp:
+                lines = resp.iter_lines()
+                next(lines)
+    deadline = time.time() + 10
+    while time.time() < deadline and (health()["active"] or health()["queued"]):
+        time.sleep(0.05)
+    info = health()
+    assert info["active"] == 0 and info["queued"] == 0
+    assert info["cancelled"] == before + 50

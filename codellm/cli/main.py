@@ -291,14 +291,24 @@ def run(model, prompt, url, api_key, system, local, device, dtype, quantize, num
 
         model = ensure_default(_registry(), status=lambda s: click.echo(s, err=True))
     session = client.Session(model=model, system=system)
+    manager = None
     if use_http:
         ask = lambda text: client.stream_http(target, session, text, api_key)  # noqa: E731
     else:
         from codellm.engine.manager import ModelManager
 
         manager = ModelManager(_registry(), _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code))
-        manager.get(model)
+        manager.get(model, pin=True)
         ask = lambda text: client.stream_local(manager, session, text)  # noqa: E731
+    try:
+        _chat_loop(session, ask, prompt)
+    finally:
+        if manager is not None:
+            manager.close()  # stop engine threads before the interpreter goes
+
+
+def _chat_loop(session, ask, prompt) -> None:
+    from codellm.server import client
 
     def answer(text: str) -> None:
         for piece in client.exchange(ask(text), session, text):

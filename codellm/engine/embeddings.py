@@ -37,3 +37,14 @@ def embed(lm: LoadedModel, texts: list[str], *, truncate: bool = True) -> tuple[
             vec = out.hidden_states[-1][0].float().mean(dim=0)
             vectors.append(torch.nn.functional.normalize(vec, dim=0).cpu().tolist())
     return vectors, total
+
+
+def embed_served(served, texts: list[str], *, truncate: bool = True) -> tuple[list[list[float]], int]:
+    """Embeddings from whatever ``served`` is: an encoder model, or a generative one (mean-pooled)."""
+    if served.encoder is not None:
+        if not texts:
+            from codellm.errors import InvalidRequest
+
+            raise InvalidRequest("input must not be empty", param="input")
+        return served.encoder.embed(texts, truncate=truncate)
+    return embed(served.lm, texts, truncate=truncate)

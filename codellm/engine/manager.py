@@ -39,13 +39,23 @@ class LoadOptions:
 @dataclass
 class Served:
     lm: LoadedModel
-    engine: Engine
+    engine: Engine | None  # None for encoders (embedding and rerank models)
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
 
     group: str = ""  # the weights in memory it runs on (shared with its base and sibling adapters)
     expires_at: float | None = None  # None: stays loaded
+    encoder: object = None  # codellm.engine.encoders.Encoder for embedding / rerank models
     active: int = 0  # requests in flight (a model is never unloaded under them)
+
+    def generator(self) -> Engine:
+        """The engine, or a clear 400 when this model cannot generate text."""
+        if self.engine is None:
+            from codellm.errors import InvalidRequest
+
+            raise InvalidRequest(f'"{self.lm.name}" does not support generate: it is an {self.lm.config.task} model',
+                                 param="model", code="model_not_supported")
+        return self.engine
 
     def sampling(self, overrides: dict, base: dict | None = None) -> SamplingParams:
         """Request fields over the model's Modelfile defaults over the API's defaults (``base``, in
@@ -102,7 +112,7 @@ class Group:
     (a base and all its adapters): loading another adapter costs only reading it."""
 
     key: str
-    engine: Engine
+    engine: Engine | None
     nbytes: int
 
 
@@ -136,6 +146,9 @@ class ModelManager:
         from codellm.registry import manifest as mt
 
         o = self.options
+        entry = self.registry.get(key)
+        if entry.manifest.config.task in ("embed", "rerank"):
+            return self._load_encoder(key, entry, pin)
         entry, weights = loader.resolve(self.registry, key)
         gkey = loader.weights_identity(weights, o.device, o.dtype, o.quantize)
         group = self._groups.get(gkey)
@@ -161,6 +174,23 @@ class ModelManager:
                          num_ctx=o.num_ctx, quantize=o.quantize, adapter=adapter, trust_remote_code=o.trust_remote_code,
                          max_len_cap=engine.lm.max_len)
         served = Served(lm, engine, group=gkey)
+        served.expires_at = None if pin or o.keep_alive is None else time.time() + o.keep_alive
+        self._served[key] = served
+        return served
+
+    def _load_encoder(self, key: str, entry, pin: bool) -> Served:
+        from codellm.engine import loader
+        from codellm.engine.encoders import load_encoder
+
+        o = self.options
+        gkey = "enc-" + loader.weights_identity(entry.manifest, o.device, o.dtype)
+        need = memory.estimate(self.registry, entry.manifest, o, kv_cache=False)
+        self._make_room(need)
+        enc = load_encoder(self.registry, entry, device=o.device, dtype=o.dtype, trust_remote_code=o.trust_remote_code)
+        self._groups[gkey] = Group(gkey, None, need)
+        lm = LoadedModel(name=key, manifest=entry.manifest, model=enc.model, tokenizer=enc.tokenizer, device=enc.device,
+                         dtype=next(enc.model.parameters()).dtype, max_len=enc.max_len)
+        served = Served(lm, None, group=gkey, encoder=enc)
         served.expires_at = None if pin or o.keep_alive is None else time.time() + o.keep_alive
         self._served[key] = served
         return served
@@ -195,7 +225,7 @@ class ModelManager:
         for key in [k for k, s in self._served.items() if s.group == gkey]:
             self._served.pop(key, None)
         group = self._groups.pop(gkey, None)
-        if group:
+        if group and group.engine:
             group.engine.shutdown()
 
     def touch(self, served: Served, keep_alive: float | None | str = "default") -> None:

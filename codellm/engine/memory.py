@@ -35,7 +35,7 @@ def parse_size(text: str | None) -> int | None:
     return int(float(m.group(1)) * base ** power)
 
 
-def estimate(registry, weights: mt.Manifest, options) -> int:
+def estimate(registry, weights: mt.Manifest, options, kv_cache: bool = True) -> int:
     """Bytes the weights take once loaded (in the dtype asked for) plus the engine's KV cache."""
     from codellm.engine.loader import DEFAULT_NUM_CTX, pick_device
 
@@ -44,7 +44,7 @@ def estimate(registry, weights: mt.Manifest, options) -> int:
     stored = _STORED.get(weights.config.dtype or "", target)
     raw = sum(layer.size for layer in weights.layers_of(mt.WEIGHTS) if (layer.filename or "").endswith(".safetensors"))
     nbytes = raw * (0.3 if options.quantize == "nf4" else target / stored)
-    layer = weights.layer(mt.CONFIG)
+    layer = weights.layer(mt.CONFIG) if kv_cache else None
     if layer:
         cfg = json.loads(registry.read_layer(layer))
         cfg = cfg.get("text_config", cfg)

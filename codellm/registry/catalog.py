@@ -64,6 +64,10 @@ CATALOG: dict[str, Entry] = {
     "llama3.2:1b": _E("meta-llama/Llama-3.2-1B-Instruct", "llama", "Llama 3.2 1B instruct (gated)"),
     "llama3.2:1b-base": _E("meta-llama/Llama-3.2-1B", "llama", "Llama 3.2 1B base (gated)"),
     "llama3.2:3b": _E("meta-llama/Llama-3.2-3B-Instruct", "llama", "Llama 3.2 3B instruct (gated)"),
+    # embeddings and rerank (encoders, served by /v1/embeddings, /api/embed, /v1/rerank)
+    "bge-small:en-v1.5": _E("BAAI/bge-small-en-v1.5", "bert", "BGE small English embeddings (384-d)"),
+    "all-minilm:l6-v2": _E("sentence-transformers/all-MiniLM-L6-v2", "bert", "MiniLM sentence embeddings (384-d)"),
+    "bge-reranker:base": _E("BAAI/bge-reranker-base", "xlm-roberta", "BGE cross-encoder reranker"),
 }
 # The tag a bare name (``qwen2.5-coder``) means.
 DEFAULT_TAGS = {
@@ -74,6 +78,9 @@ DEFAULT_TAGS = {
     "codegemma": "2b",
     "llama2": "7b-chat",
     "llama3.2": "1b",
+    "bge-small": "en-v1.5",
+    "all-minilm": "l6-v2",
+    "bge-reranker": "base",
 }
 DEFAULT_MODEL = "qwen2.5-coder:0.5b"
 

@@ -101,6 +101,13 @@ def describe(files: dict[str, Path], *, source: str, revision: str | None = None
         if isinstance(cfg.get(key), int):
             context = cfg[key]
             break
+    arch = archs[0] or ""
+    if arch.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) or not arch:
+        task = "generate"
+    elif arch.endswith("ForSequenceClassification"):
+        task = "rerank"
+    else:
+        task = "embed"
     return mt.ModelConfig(
         architecture=archs[0],
         model_type=model_type,
@@ -111,7 +118,8 @@ def describe(files: dict[str, Path], *, source: str, revision: str | None = None
         chat_template=bool(tok_cfg.get("chat_template")) or "chat_template.jinja" in files or "chat_template.json" in files,
         fim=fim,
         quantization=quant,
-        embedding=any("Embedding" in (a or "") or "Model" == (a or "")[-5:] for a in archs) and "ForCausalLM" not in (archs[0] or ""),
+        embedding=task == "embed",
+        task=task,
         source=source,
         revision=revision,
         format="safetensors" if any(n.endswith(".safetensors") for n in files) else ("pickle" if any(is_pickle(n) for n in files) else "none"),

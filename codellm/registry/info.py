@@ -54,7 +54,9 @@ def describe_model(registry: Registry, name: str) -> ModelInfo:
     m = entry.manifest
     c = m.config
     caps = []
-    if c.embedding:
+    if c.task == "rerank":
+        caps.append("rerank")
+    elif c.embedding or c.task == "embed":
         caps.append("embedding")
     else:
         caps.append("completion")

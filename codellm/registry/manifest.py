@@ -60,6 +60,7 @@ class ModelConfig(msgspec.Struct, omit_defaults=True):
     fim: FimTokens | None = None
     quantization: str | None = None
     embedding: bool = False
+    task: str = "generate"  # generate | embed (an encoder) | rerank (a cross-encoder)
     source: str | None = None  # hub repo id (or "local") it came from
     revision: str | None = None
     base: str | None = None  # for adapters: name of the base model

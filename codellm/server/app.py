@@ -16,7 +16,7 @@ from codellm import __version__
 from codellm.engine.manager import LoadOptions, ModelManager
 from codellm.errors import Unauthorized
 from codellm.registry import Registry
-from codellm.server import ollama, openai
+from codellm.server import editors, ollama, openai
 from codellm.server.errors import HANDLERS
 
 
@@ -39,7 +39,7 @@ async def health(request: Request) -> dict:
                "max_batch": s.engine.stats.max_batch, "steps": s.engine.stats.steps,
                "decode_tokens": s.engine.stats.decode_tokens, "cancelled": s.engine.stats.cancelled,
                "max_len": s.lm.max_len, "device": str(s.lm.device), "dtype": str(s.lm.dtype).removeprefix("torch.")}
-        for name, s in manager.loaded().items()
+        for name, s in manager.loaded().items() if s.engine is not None
     }}
 
 
@@ -58,6 +58,8 @@ async def metrics(request: Request) -> Response:
     ):
         lines.append(f"# TYPE {metric} {kind}")
         for name, served in manager.loaded().items():
+            if served.engine is None:
+                continue
             lines.append(f'{metric}{{model_name="{name}"}} {value(served)}')
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
@@ -96,7 +98,7 @@ def create_app(
 ) -> Litestar:
     manager = manager or ModelManager(Registry(), LoadOptions())
     app = Litestar(
-        route_handlers=[health, metrics, *openai.ROUTES, *ollama.ROUTES],
+        route_handlers=[health, metrics, *openai.ROUTES, *editors.ROUTES, *ollama.ROUTES],
         exception_handlers={**HANDLERS, **ollama.EXCEPTION_HANDLERS},
         guards=[api_key_guard],
         cors_config=CORSConfig(allow_origins=cors_origins, allow_headers=["*"], allow_methods=["*"]) if cors_origins else None,

@@ -129,7 +129,7 @@ def stream_local(manager, session: Session, user: str) -> Iterator[str]:
     served = manager.get(session.model)
     ids = prompts.chat_prompt(served.lm, session.messages(user))
     overrides = {k: v for k, v in session.options.items() if k in served.sampling({}).__struct_fields__}
-    for out in iterate(served.engine, ids, served.sampling(overrides), lm=served.lm):
+    for out in iterate(served.generator(), ids, served.sampling(overrides), lm=served.lm):
         if out.error:
             raise CodellmError(f"generation failed: {out.error}")
         if out.text:

@@ -197,7 +197,11 @@ def _sampling(served: Served, body: dict) -> Any:
 
 def _submit(served: Served, ids: list[int], params) -> AsyncStream:
     try:
-        return AsyncStream().add(served.engine, ids, params, lm=served.lm)
+        served.generator()
+    except CodellmError as exc:
+        raise OllamaError(400, exc.message) from None
+    try:
+        return AsyncStream().add(served.generator(), ids, params, lm=served.lm)
     except QueueFull as exc:
         raise OllamaError(503, f"server busy, please try again. maximum pending requests exceeded ({exc.message})") from None
 
@@ -281,6 +285,8 @@ async def generate(request: Request) -> Response:
     body = await _body(request)
     name = _name_of(body)
     served, keep = await _serve(request, name, body.get("keep_alive"))
+    if served.engine is None:
+        raise OllamaError(400, f'"{name}" does not support generate')
     prompt, suffix = body.get("prompt") or "", body.get("suffix")
     if not prompt and not suffix:
         return Response(_load_or_unload(request, served, keep, "response", {"response": ""}))
@@ -300,7 +306,7 @@ async def generate(request: Request) -> Response:
         context = body.get("context") or []
         if context and isinstance(context, list):
             ids = [int(t) for t in context] + ids
-        served.engine.check_prompt(len(ids), served.lm)
+        served.generator().check_prompt(len(ids), served.lm)
     except CodellmError as exc:
         raise OllamaError(exc.status if exc.status < 500 else 500, exc.message) from None
     params = _sampling(served, body)
@@ -318,6 +324,8 @@ async def chat(request: Request) -> Response:
     body = await _body(request)
     name = _name_of(body)
     served, keep = await _serve(request, name, body.get("keep_alive"))
+    if served.engine is None:
+        raise OllamaError(400, f'"{name}" does not support chat')
     messages = body.get("messages") or []
     if not isinstance(messages, list) or any(not isinstance(m, dict) or "role" not in m for m in messages):
         raise OllamaError(400, "messages must be a list of {role, content}")
@@ -327,7 +335,7 @@ async def chat(request: Request) -> Response:
     try:
         ids = prompts.chat_prompt(served.lm, [{k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "name")}
                                               for m in messages], tools=body.get("tools"))
-        served.engine.check_prompt(len(ids), served.lm)
+        served.generator().check_prompt(len(ids), served.lm)
     except CodellmError as exc:
         raise OllamaError(exc.status if exc.status < 500 else 500, exc.message) from None
     stream = _submit(served, ids, _sampling(served, body))
@@ -470,7 +478,7 @@ async def ps(request: Request) -> dict:
     for key, served in manager.loaded().items():
         entry = manager.registry.get(key)
         expires = served.expires_at if served.expires_at is not None else time.time() + 10 * 365 * 86400
-        vram = served.engine.cache.nbytes + entry.manifest.size if served.lm.device.type == "cuda" else 0
+        vram = ((served.engine.cache.nbytes if served.engine else 0) + entry.manifest.size) if served.lm.device.type == "cuda" else 0
         models.append({**_tag_entry(entry), "expires_at": _iso(expires), "size_vram": vram,
                        "context_length": served.lm.max_len})
     return {"models": models}
@@ -486,14 +494,14 @@ def _inputs(value, key: str) -> list[str]:
 
 @post("/api/embed", status_code=200, summary="Embeddings (Ollama)")
 async def embed(request: Request) -> dict:
-    from codellm.engine.embeddings import embed as do_embed
+    from codellm.engine.embeddings import embed_served
 
     body = await _body(request)
     name = _name_of(body)
     served, keep = await _serve(request, name, body.get("keep_alive"))
     t0 = time.perf_counter()
     try:
-        vectors, n = await asyncio.to_thread(do_embed, served.lm, _inputs(body.get("input"), "input"),
+        vectors, n = await asyncio.to_thread(embed_served, served, _inputs(body.get("input"), "input"),
                                              truncate=body.get("truncate", True) is not False)
     except CodellmError as exc:
         raise OllamaError(exc.status, exc.message) from None
@@ -505,13 +513,13 @@ async def embed(request: Request) -> dict:
 
 @post("/api/embeddings", status_code=200, summary="Embedding of one prompt (Ollama, legacy)")
 async def embeddings(request: Request) -> dict:
-    from codellm.engine.embeddings import embed as do_embed
+    from codellm.engine.embeddings import embed_served
 
     body = await _body(request)
     name = _name_of(body)
     served, keep = await _serve(request, name, body.get("keep_alive"))
     try:
-        vectors, _ = await asyncio.to_thread(do_embed, served.lm, _inputs(body.get("prompt"), "prompt")[:1])
+        vectors, _ = await asyncio.to_thread(embed_served, served, _inputs(body.get("prompt"), "prompt")[:1])
     finally:
         _manager(request).touch(served, keep)
     return {"embedding": vectors[0]}

@@ -155,6 +155,7 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
 
 
 async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -> Response:
+    served.generator()
     lm = served.lm
     messages = [msg_to_dict(m) for m in data.messages]
     tools = data.tools if data.tools and data.tool_choice != "none" else None
@@ -166,7 +167,7 @@ async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -
     params = served.sampling(sampling_overrides(data, max_tokens, logprobs))
     if data.response_format and data.response_format.type in ("json_object", "json_schema"):
         params.json_object = True
-    stream = AsyncStream().add(served.engine, prompt, params, n=data.n, lm=lm)
+    stream = AsyncStream().add(served.generator(), prompt, params, n=data.n, lm=lm)
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     tok = lm.tokenizer
     if data.stream:
@@ -280,6 +281,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
 
 
 async def _completions(request: Request, data: CompletionRequest, served: Served) -> Response:
+    served.generator()
     lm = served.lm
     raw = data.prompt
     if isinstance(raw, str) or (raw and all(isinstance(t, int) for t in raw)):
@@ -297,13 +299,13 @@ async def _completions(request: Request, data: CompletionRequest, served: Served
         raise InvalidRequest("at most 64 choices per request", param="n")
     encoded = [await asyncio.to_thread(prompts.completion_prompt, lm, p, data.suffix) for p in prompt_list]
     for ids in encoded:
-        served.engine.check_prompt(len(ids), lm)
+        served.generator().check_prompt(len(ids), lm)
     params = served.sampling(sampling_overrides(data, data.max_tokens if data.max_tokens is not None else 16, data.logprobs))
     if data.suffix is not None and lm.fim:
         params.stop = list(params.stop) + [s for s in lm.fim.stop if s not in params.stop]
     stream = AsyncStream()
     for p_index, ids in enumerate(encoded):
-        stream.add(served.engine, ids, params, n=data.n, offset=p_index * data.n, lm=lm,
+        stream.add(served.generator(), ids, params, n=data.n, offset=p_index * data.n, lm=lm,
                    prompt_logprobs=data.echo and data.logprobs is not None)
     texts = [p if isinstance(p, str) else lm.tokenizer.decode(p) for p in prompt_list]
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -396,14 +398,14 @@ async def get_model(request: Request, model_id: str) -> dict:
 async def embeddings(request: Request, data: EmbeddingRequest) -> dict:
     import struct
 
-    from codellm.engine.embeddings import embed
+    from codellm.engine.embeddings import embed_served
 
     served = await served_model(request, data.model)
     try:
         texts = [data.input] if isinstance(data.input, str) else list(data.input)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InvalidRequest("input must be a string or a list of strings", param="input")
-        vectors, n = await asyncio.to_thread(embed, served.lm, texts, truncate=False)
+        vectors, n = await asyncio.to_thread(embed_served, served, texts, truncate=False)
     finally:
         release(request, served)
     if data.dimensions:
