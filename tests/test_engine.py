@@ -219,3 +219,26 @@ def test_memory_check_evicts_then_refuses(served_home, other_dirs):
     finally:
         manager.close()
     assert memory.parse_size("8GB") == 8 * 10**9 and memory.parse_size("512MiB") == 512 * 2**20
+
+
+@pytest.mark.parametrize("fmt,text,calls,content", [
+    ("hermes", 'Let me check.<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>', [("f", {"x": 1})], "Let me check."),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "arguments": {"a": "b"}}</tool_call>',
+     [("f", {}), ("g", {"a": "b"})], ""),
+    ("hermes", "<tool_call>not json</tool_call>", [], "<tool_call>not json</tool_call>"),
+    ("llama3", '<|python_tag|>{"name": "f", "parameters": {"q": 2}}', [("f", {"q": 2})], ""),
+    ("llama3", '{"name": "f", "parameters": {"q": 2}}; {"name": "g", "parameters": {}}', [("f", {"q": 2}), ("g", {})], ""),
+    ("llama3", "Paris is sunny.", [], "Paris is sunny."),
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"q": 2}}]', [("f", {"q": 2})], ""),
+])
+def test_tool_call_formats(fmt, text, calls, content):
+    from codellm.engine.tools import ToolCallParser, parse_all, tool_format
+
+    got_content, got = parse_all(text, fmt)
+    assert [(c.name, c.arguments) for c in got] == calls and got_content == content
+    parser = ToolCallParser(fmt)  # the same, fed one character at a time as a stream arrives
+    events = [e for ch in text for e in parser.feed(ch)] + parser.finish()
+    assert [(e[1].name, e[1].arguments) for e in events if e[0] == "call"] == calls
+    assert "".join(e[1] for e in events if e[0] == "text") == content
+    assert tool_format("... <tool_call> ...", None) == "hermes" and tool_format("<|python_tag|>", None) == "llama3"
+    assert tool_format(None, "llama") == "llama3" and tool_format("[TOOL_CALLS]", None) == "mistral"
