@@ -76,14 +76,22 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--home", type=Path, required=True)
     ap.add_argument("--model", default="bench")
-    ap.add_argument("--batch", default="1,64")
+    ap.add_argument("--batch", default="1,16,64")
     ap.add_argument("--steps", type=int, default=128)
     args = ap.parse_args()
     from transformers import AttentionInterface
 
     lm = load(Registry(args.home), args.model, num_ctx=512)
-    engine = Engine(lm, slots=64)
     results = {}
+    graphs = Engine(lm, slots=64, cuda_graphs=True)
+    for b in [int(x) for x in args.batch.split(",")]:
+        run(graphs, b, 8)
+        ms = run(graphs, b, args.steps) * 1000
+        results[f"cuda_graphs/b{b}"] = round(ms, 2)
+        print(f"cuda graphs batch {b}: {ms:.2f} ms/step, {b / ms * 1000:.0f} tok/s", flush=True)
+    print("graphs captured:", sorted(graphs.graphs.graphs) if graphs.graphs else None, flush=True)
+    graphs.shutdown()
+    engine = Engine(lm, slots=64, cuda_graphs=False)
     for variant, fn in (("fold", ORIGINAL), ("enable_gqa", gqa_variant)):
         AttentionInterface.register(kvcache.ATTN_IMPLEMENTATION, fn)
         for b in [int(x) for x in args.batch.split(",")]:

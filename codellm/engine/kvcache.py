@@ -27,10 +27,15 @@ _CTX: contextvars.ContextVar["StepContext | None"] = contextvars.ContextVar("cod
 class SlotCache:
     def __init__(self, *, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (slots, kv_heads, max_len + 1, head_dim)  # the last position is scratch space for padding
+        # one scratch slot (index ``slots``) and one scratch position (``max_len``) take padding writes
+        shape = (slots + 1, kv_heads, max_len + 1, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.slots, self.max_len = slots, max_len
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.slots
 
     @property
     def nbytes(self) -> int:

@@ -34,6 +34,7 @@ class LoadOptions:
     max_queue: int = 256
     prefill_chunk: int | None = None  # prompt tokens per step (default: 2048 on GPU, 512 on CPU)
     trust_remote_code: bool = False
+    cuda_graphs: bool = True  # decode through captured CUDA graphs on GPUs (eager when off, or for adapters)
 
 
 @dataclass
@@ -159,7 +160,8 @@ class ModelManager:
                                                     quantize=o.quantize, trust_remote_code=o.trust_remote_code)
             base = loader.view(self.registry, entry, weights, model, dev, dtype, num_ctx=o.num_ctx, quantize=o.quantize,
                                trust_remote_code=o.trust_remote_code)
-            engine = Engine(base, slots=o.slots, max_queue=o.max_queue, prefill_chunk=o.prefill_chunk)
+            engine = Engine(base, slots=o.slots, max_queue=o.max_queue, prefill_chunk=o.prefill_chunk,
+                            cuda_graphs=o.cuda_graphs)
             group = self._groups[gkey] = Group(gkey, engine, need)
         engine = group.engine
         adapter = None

@@ -100,7 +100,8 @@ class Stats:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int | None = None):
+    def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int | None = None,
+                 cuda_graphs: bool = True):
         self.lm = lm
         cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
         slots = slots or (64 if lm.device.type == "cuda" else 8)
@@ -110,6 +111,11 @@ class Engine:
             head_dim=head_dim, max_len=lm.max_len, dtype=lm.dtype if lm.dtype != torch.float32 or lm.device.type == "cpu" else torch.float32,
             device=lm.device,
         )
+        self.graphs = None
+        if cuda_graphs and lm.device.type == "cuda":
+            from codellm.engine.cudagraph import GraphRunner
+
+            self.graphs = GraphRunner(lm.model, self.cache, lm.device)
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk or (2048 if lm.device.type == "cuda" else 512)
         self.free_slots = list(range(slots))
@@ -313,14 +319,20 @@ class Engine:
         batch = [s for s in self.running if not s.prefilling and not s.finished]
         if not batch:
             return
-        ids = torch.tensor([[s.generated[-1]] for s in batch])
-        positions = torch.tensor([[len(s.prompt) + len(s.generated) - 1] for s in batch], dtype=torch.long)
-        logits = self._forward(ids, batch, positions)
+        logits = None
+        if self.graphs is not None and not getattr(self.lm.model, "peft_config", None):
+            with torch.inference_mode():  # the fast path: one captured graph replay per step
+                logits = self.graphs.run([s.generated[-1] for s in batch], [s.slot for s in batch],
+                                         [len(s.prompt) + len(s.generated) - 1 for s in batch])
+        if logits is None:
+            ids = torch.tensor([[s.generated[-1]] for s in batch])
+            positions = torch.tensor([[len(s.prompt) + len(s.generated) - 1] for s in batch], dtype=torch.long)
+            logits = self._forward(ids, batch, positions)[:, -1]
         self.stats.steps += 1
         self.stats.decode_tokens += len(batch)
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
         self.stats.batch_sizes[len(batch)] += 1
-        self._sample(batch, logits[:, -1])
+        self._sample(batch, logits)
 
     def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> None:
         with torch.inference_mode():
