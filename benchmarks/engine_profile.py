@@ -90,7 +90,18 @@ def main():
         results[f"cuda_graphs/b{b}"] = round(ms, 2)
         print(f"cuda graphs batch {b}: {ms:.2f} ms/step, {b / ms * 1000:.0f} tok/s", flush=True)
     print("graphs captured:", sorted(graphs.graphs.graphs) if graphs.graphs else None, flush=True)
+    from torch.profiler import ProfilerActivity, profile
+
+    b = max(int(x) for x in args.batch.split(","))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run(graphs, b, 16)
+    print(f"--- CUDA graphs, batch {b}: GPU kernels by total time")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    print(f"--- CUDA graphs, batch {b}: CPU by total time")
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=10, max_name_column_width=60))
     graphs.shutdown()
+    if os.environ.get("GRAPHS_ONLY"):
+        return
     engine = Engine(lm, slots=64, cuda_graphs=False)
     for variant, fn in (("fold", ORIGINAL), ("enable_gqa", gqa_variant)):
         AttentionInterface.register(kvcache.ATTN_IMPLEMENTATION, fn)

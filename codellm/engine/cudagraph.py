@@ -61,6 +61,19 @@ class GraphRunner:
         log.info("captured decode graph for batch %d, keys %d", b, kv)
         return graph, out
 
+    def warmup(self) -> None:
+        """Capture every bucket now (a few seconds at load) rather than stalling streams mid-generation."""
+        self.packed.zero_()
+        self.packed[1].fill_(self.cache.scratch_slot)  # capture-time writes land in the scratch slot
+        for b in self.batch_buckets:
+            for kv in self.kv_buckets:
+                if (b, kv) not in self.graphs and not self.disabled:
+                    try:
+                        self.graphs[(b, kv)] = self._capture(b, kv)
+                    except Exception:
+                        log.exception("CUDA graph capture failed; decoding eagerly")
+                        self.disabled = True
+
     def run(self, ids: list[int], slots: list[int], positions: list[int]) -> torch.Tensor | None:
         """Logits [len(ids), V] for one decode step, or None when the graph path cannot run it."""
         if self.disabled:

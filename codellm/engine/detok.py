@@ -20,9 +20,16 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> str:
+        prefix_ids, ids = self.windows(token_id)
+        return self.commit(self._decode(prefix_ids), self._decode(ids))
+
+    def windows(self, token_id: int) -> tuple[list[int], list[int]]:
+        """Take ``token_id``; the two id windows to decode (the engine decodes many sequences' at once)."""
         self.ids.append(token_id)
-        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset:])
+        return self.ids[self.prefix_offset:self.read_offset], self.ids[self.prefix_offset:]
+
+    def commit(self, prefix_text: str, text: str) -> str:
+        """The new text, given the decoded windows; nothing while a character is incomplete."""
         if len(text) > len(prefix_text) and not text.endswith("\ufffd"):
             new = text[len(prefix_text):]
             self.prefix_offset = self.read_offset

@@ -200,6 +200,9 @@ class Engine:
     # -- the loop (engine thread) ------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        if self.graphs is not None and not getattr(self.lm.model, "peft_config", None):
+            with self.step_lock:
+                self.graphs.warmup()
         while not self._stop.is_set():
             idle = not self.waiting and not self.running
             try:
@@ -343,7 +346,8 @@ class Engine:
                 if infos[row] is not None and infos[row].token_id != tokens[row]:
                     lp = torch.log_softmax(logits[row].float(), dim=-1)
                     infos[row] = TokenLogprob(tokens[row], float(lp[tokens[row]]), infos[row].top)
-        for seq, token, info in zip(batch, tokens, infos):
+        pieces = self._detokenize(batch, tokens)
+        for seq, token, info, piece in zip(batch, tokens, infos, pieces):
             if seq.first_token_at is None:
                 seq.first_token_at = time.monotonic()
             seq.generated.append(token)
@@ -355,7 +359,6 @@ class Engine:
                 out.text = seq.stops.feed(seq.detok.flush()) + ("" if seq.stops.stopped else seq.stops.flush())
                 self._finish(seq, "stop", out)
                 continue
-            piece = seq.detok.add(token)
             out.text = seq.stops.feed(piece)
             out.token_ids = [token]
             if info is not None:
@@ -372,6 +375,24 @@ class Engine:
                 self._finish(seq, "stop" if seq.stops.stopped else "length", out)
             else:
                 seq.sink(out)
+
+    def _detokenize(self, batch: list[Sequence], tokens: list[int]) -> list[str]:
+        """Each sequence's new text, from one batched decode per tokenizer instead of two calls per sequence."""
+        pieces: list[str] = [""] * len(batch)
+        groups: dict[int, list[int]] = {}
+        windows: dict[int, tuple[list[int], list[int]]] = {}
+        for row, (seq, token) in enumerate(zip(batch, tokens)):
+            if token in seq.stop_ids:
+                continue
+            windows[row] = seq.detok.windows(token)
+            groups.setdefault(id(seq.detok.tokenizer), []).append(row)
+        for rows in groups.values():
+            tok = batch[rows[0]].detok.tokenizer
+            flat = [w for row in rows for w in windows[row]]
+            texts = tok.batch_decode(flat, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            for i, row in enumerate(rows):
+                pieces[row] = batch[row].detok.commit(texts[2 * i], texts[2 * i + 1])
+        return pieces
 
     def _json_token(self, seq: Sequence, token: int, logits: torch.Tensor) -> int:
         """The sampled token if it keeps the output a JSON object prefix, else the likeliest token that does."""

@@ -6,10 +6,50 @@ Leaving either early (client disconnect, Ctrl-C) cancels the request, which free
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
+import threading
 
 from codellm.engine.scheduler import Engine, Handle, Output
 from codellm.engine.sampling import SamplingParams
+
+
+class _Dispatcher:
+    """Hands outputs from the engine thread to one event loop with one wake-up per batch of outputs,
+    not one per token per stream (at 256 streams that is 256 self-pipe writes a step)."""
+
+    _by_loop: dict[int, "_Dispatcher"] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: collections.deque = collections.deque()
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "_Dispatcher":
+        found = cls._by_loop.get(id(loop))
+        if found is None or found.loop is not loop:
+            found = cls._by_loop[id(loop)] = cls(loop)
+        return found
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.pending = self.pending, collections.deque()
+            self.scheduled = False
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 class AsyncStream:
@@ -26,9 +66,11 @@ class AsyncStream:
 
     def add(self, engine: Engine, prompt: list[int], params: SamplingParams, *, n: int = 1, offset: int = 0,
             prompt_logprobs: bool = False, lm=None) -> "AsyncStream":
+        dispatcher = _Dispatcher.of(self._loop)
+
         def sink(out: Output) -> None:
             out.index += offset
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+            dispatcher.post(self._queue, out)
 
         try:
             self.handles.append(engine.submit(prompt, params, sink, n=n, prompt_logprobs=prompt_logprobs, lm=lm))
