@@ -91,6 +91,10 @@ class AsyncStream:
             self._open -= 1
         return out
 
+    def has_pending(self) -> bool:
+        """Outputs already here: a writer can send them together with what it holds."""
+        return not self._queue.empty()
+
     def cancel(self) -> None:
         if self._open:
             for handle in self.handles:

@@ -124,6 +124,19 @@ async def collect(request: Request, stream: AsyncStream, choices: int) -> list[l
     return results
 
 
+async def coalesce(events: AsyncIterator[bytes], stream: AsyncStream) -> AsyncIterator[bytes]:
+    """Send events that are ready together in one write: when the event loop falls behind the engine
+    (hundreds of streams), each stream catches up in one send instead of one per token."""
+    held: list[bytes] = []
+    async for event in events:
+        held.append(event)
+        if not stream.has_pending():
+            yield b"".join(held)
+            held = []
+    if held:
+        yield b"".join(held)
+
+
 async def _released(request: Request, served: Served, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """A stream that marks its model idle again when it ends, however it ends."""
     try:
@@ -172,8 +185,8 @@ async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -
     tok = lm.tokenizer
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return Stream(_released(request, served, _chat_events(stream, data, rid, created, tok, len(prompt), include_usage,
-                                                               fmt, single_call)),
+        return Stream(_released(request, served, coalesce(_chat_events(stream, data, rid, created, tok, len(prompt),
+                                                                        include_usage, fmt, single_call), stream)),
                       media_type="text/event-stream", headers=SSE_HEADERS)
     results = await collect(request, stream, data.n)
     release(request, served)
@@ -312,8 +325,9 @@ async def _completions(request: Request, data: CompletionRequest, served: Served
     n_prompt = sum(len(ids) for ids in encoded)
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return Stream(_released(request, served, _completion_events(stream, data, rid, created, lm.tokenizer, texts, encoded,
-                                                                    n_prompt, include_usage)),
+        return Stream(_released(request, served, coalesce(_completion_events(stream, data, rid, created, lm.tokenizer,
+                                                                             texts, encoded, n_prompt, include_usage),
+                                                          stream)),
                       media_type="text/event-stream", headers=SSE_HEADERS)
     results = await collect(request, stream, len(prompt_list) * data.n)
     release(request, served)
