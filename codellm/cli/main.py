@@ -348,6 +348,79 @@ def _chat_loop(session, ask, prompt) -> None:
 
 
 @cli.command()
+@click.argument("base")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Training data: .jsonl, .json or .csv (Alpaca, chat messages, or plain completion records).")
+@click.option("--name", required=True, help="Registry name of the adapter model to create.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "alpaca", "chat", "completion"]), default="auto", show_default=True)
+@click.option("--template", type=click.Choice(["auto", "chat", "alpaca"]), default="auto", show_default=True,
+              help="Prompt template: the base's chat template, or Alpaca's (for base models).")
+@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--max-steps", type=click.IntRange(1), help="Stop after this many optimizer steps (overrides --epochs).")
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate (cosine schedule).")
+@click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--max-grad-norm", type=float, default=0.3, show_default=True)
+@click.option("--max-len", type=click.IntRange(16), default=1024, show_default=True, help="Tokens per sample; longer ones are truncated.")
+@click.option("-r", "--rank", "r", type=click.IntRange(1), default=16, show_default=True, help="LoRA rank.")
+@click.option("--alpha", type=click.IntRange(1), default=32, show_default=True, help="LoRA alpha.")
+@click.option("--dropout", type=float, default=0.05, show_default=True, help="LoRA dropout.")
+@click.option("--target-modules", default="all-linear", show_default=True, help="Comma-separated module names, or all-linear.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--save-every", type=click.IntRange(1), default=50, show_default=True, help="Checkpoint every N steps.")
+@click.option("--resume", is_flag=True, help="Continue the run of --name from its last checkpoint.")
+@click.option("--stop-after", type=click.IntRange(1), help="Stop (resumably) after N steps, e.g. in time-limited jobs.")
+@click.option("--no-gradient-checkpointing", is_flag=True, help="Faster, uses more memory.")
+def train(base, data_path, name, fmt, template, epochs, max_steps, lr, warmup_ratio, batch_size, grad_accum, max_grad_norm,
+          max_len, r, alpha, dropout, target_modules, seed, save_every, resume, stop_after, no_gradient_checkpointing):
+    """Fine-tune BASE (a registry model) with LoRA on --data; the adapter becomes registry model --name.
+
+    On a GPU the base is 4-bit (QLoRA: nf4, double quantization, bf16 compute, paged 8-bit AdamW); on CPU
+    it is plain LoRA. Loss counts response tokens only. Writes metrics.jsonl and a PNG of the loss and
+    learning-rate curves beside the adapter; serve the result at once (`codellm serve`, unmerged).
+    """
+    from tqdm.auto import tqdm
+
+    from codellm.trainer.loop import TrainConfig, train as do_train
+
+    cfg = TrainConfig(format=fmt, template=template, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
+                      lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+                      warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, max_len=max_len, seed=seed,
+                      save_every=save_every, gradient_checkpointing=not no_gradient_checkpointing)
+    bar = None
+
+    def progress(p):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=p.total, initial=p.step - 1, desc="training", unit="step", file=sys.stderr)
+        bar.update(1)
+        bar.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}", tok_s=f"{p.tokens_per_s:.0f}", refresh=False)
+
+    entry = do_train(_registry(), base, data_path, name, cfg, resume=resume, stop_after=stop_after,
+                     on_progress=progress, status=lambda s: click.echo(s, err=True))
+    if bar is not None:
+        bar.close()
+    if entry is None:
+        return
+    click.echo(f"trained {entry.name.short} (adapter of {entry.manifest.config.base}); curves: "
+               f"{_registry().home / 'train'}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--as", "as_name", help="Name of the merged model (default: NAME-merged).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Merge in this dtype (default: bf16 on GPU, fp32 on CPU).")
+def merge(name, as_name, dtype):
+    """Fold the adapter of NAME into its base's 16-bit weights and store a full model that shares
+    unchanged blobs with the base; reports how far the merged logits are from base + adapter."""
+    from codellm.trainer.merge import merge as do_merge
+
+    entry, diff = do_merge(_registry(), name, as_name, dtype=dtype, status=lambda s: click.echo(s, err=True))
+    click.echo(f"merged {name} into {entry.name.short} ({entry.id}); max logits difference {diff:.3g}")
+
+
+@cli.command()
 @click.option("--url", default="http://127.0.0.1:11435", show_default=True, help="The server to ask.")
 def ps(url):
     """List the models a running server has loaded (NAME, ID, SIZE, CONTEXT, UNTIL)."""

@@ -1,0 +1,134 @@
+"""LoRA training and merge on a tiny model (CPU): data errors, loss masking, learning, exact resume,
+merge equivalence, and both models answering through the server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from codellm.errors import InvalidRequest
+from codellm.registry import Registry
+from codellm.registry import manifest as mt
+from codellm.trainer.data import load_examples
+from conftest import Server, run_cli
+
+FACTS = [  # prompts that differ early and in length: a LoRA on a 64-wide model must tell them apart
+    ("Which module reads CSV files?", "csv"),
+    ("Name the stack method that removes an item from the top of the stack in Python.", "pop"),
+]
+
+
+@pytest.fixture()
+def alpaca_file(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    path.write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in FACTS))
+    return path
+
+
+@pytest.fixture()
+def base_home(tmp_path, tiny_dir):
+    from codellm.registry.create import create
+    from codellm.registry.modelfile import Modelfile
+
+    home = tmp_path / "home"
+    create(Registry(home), "qwen2.5-coder:tiny", Modelfile(from_=str(tiny_dir)))
+    return home
+
+
+def test_malformed_data_names_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n{not json\n')
+    with pytest.raises(InvalidRequest, match=r"bad.jsonl:3: not valid JSON"):
+        load_examples(bad)
+    missing = tmp_path / "bad.csv"
+    missing.write_text("instruction,output\nhello,world\n,oops\n")
+    with pytest.raises(InvalidRequest, match=r"bad.csv:3: needs string fields"):
+        load_examples(missing, "alpaca")
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"}]}]))
+    with pytest.raises(InvalidRequest, match="last message must be the assistant"):
+        load_examples(chat)
+    r = run_cli("train", "x", "--data", str(bad), "--name", "y", env={"CODELLM_HOME": str(tmp_path / "h")})
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.strip().startswith("Error:")
+
+
+def test_prompt_tokens_are_masked(tiny_dir, alpaca_file):
+    from transformers import AutoTokenizer
+
+    from codellm.trainer.prompts import IGNORE, encode
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    examples, fmt, _ = load_examples(alpaca_file)
+    assert fmt == "alpaca"
+    for template in ("chat", "alpaca"):
+        ids, labels, truncated = encode(examples[0], tok, template, 512)
+        first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
+        assert all(lab == IGNORE for lab in labels[:first]) and labels[first:] == ids[first:]
+        assert tok.decode(ids[first:], skip_special_tokens=True).strip() == "csv"
+        assert ids[-1] == tok.eos_token_id and not truncated  # the model learns to stop
+        assert "Which module reads CSV files?" in tok.decode(ids[:first])
+    ids, labels, _ = encode(examples[0], tok, "chat", 512)
+    first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
+    cut = encode(examples[0], tok, "chat", first + 1)  # room for one response token
+    assert cut[2] and len(cut[0]) == first + 1 and cut[1][-1] != IGNORE
+    assert encode(examples[0], tok, "chat", first) is None  # not even the prompt fits: dropped
+
+
+def test_resume_matches_an_uninterrupted_run(base_home, alpaca_file):
+    from codellm.trainer.loop import TrainConfig, train
+
+    reg = Registry(base_home)
+    cfg = TrainConfig(max_steps=6, batch_size=2, grad_accum=2, lr=3e-3, r=4, alpha=8, save_every=100, max_len=256)
+    train(reg, "qwen2.5-coder:tiny", alpaca_file, "straight", cfg)
+    assert train(reg, "qwen2.5-coder:tiny", alpaca_file, "resumed", cfg, stop_after=3) is None
+    assert not reg.exists("resumed")
+    train(reg, "qwen2.5-coder:tiny", alpaca_file, "resumed", cfg, resume=True)
+    a = load_file(reg.home / "train" / "library--straight--latest" / "adapter" / "adapter_model.safetensors")
+    b = load_file(reg.home / "train" / "library--resumed--latest" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) < 1e-5 for k in a)
+    la = [json.loads(x)["loss"] for x in (reg.home / "train" / "library--straight--latest" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (reg.home / "train" / "library--resumed--latest" / "metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=1e-4, abs=1e-6)
+
+
+def test_train_learns_serves_and_merges(base_home, alpaca_file):
+    env = {"CODELLM_HOME": str(base_home)}
+    r = run_cli("train", "qwen2.5-coder:tiny", "--data", str(alpaca_file), "--name", "facts", "--max-steps", "100",
+                "--batch-size", "2", "--lr", "5e-3", "--rank", "16", "--alpha", "32", "--max-len", "256",
+                "--warmup-ratio", "0.1", "--dropout", "0", "--max-grad-norm", "1.0", env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "plain LoRA" in r.stderr and "2 examples" in r.stderr
+    reg = Registry(base_home)
+    made = reg.get("facts").manifest
+    assert made.is_adapter and made.config.base == "qwen2.5-coder:tiny"
+    assert made.config.base_digest == reg.get("qwen2.5-coder:tiny").digest
+    record = json.loads(reg.read_layer(next(l for l in made.layers_of(mt.TRAINING) if l.filename == "training.json")))
+    assert record["data"].startswith("sha256:") and record["method"] == "lora"
+    work = base_home / "train" / "library--facts--latest"
+    losses = [json.loads(x)["loss"] for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 100 and losses[-1] < 0.1 < losses[0]
+    assert (work / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    r = run_cli("merge", "facts", "--as", "facts-merged", env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    diff = float(r.stdout.strip().split()[-1])
+    assert diff < 1e-3
+    merged = reg.get("facts-merged").manifest
+    base = reg.get("qwen2.5-coder:tiny").manifest
+    assert {l.digest for l in base.layers_of(mt.TOKENIZER)} <= {l.digest for l in merged.layers}  # shared blobs
+    assert merged.layer(mt.WEIGHTS).digest != base.layer(mt.WEIGHTS).digest
+
+    import openai
+
+    srv = Server(base_home, "--num-ctx", "512")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        for model in ("facts", "facts-merged"):
+            for question, answer in FACTS:
+                got = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                                     temperature=0, max_tokens=8).choices[0]
+                assert got.message.content.strip() == answer and got.finish_reason == "stop"
+    finally:
+        srv.stop()
