@@ -132,3 +132,14 @@ def test_train_learns_serves_and_merges(base_home, alpaca_file):
                 assert got.message.content.strip() == answer and got.finish_reason == "stop"
     finally:
         srv.stop()
+
+
+def test_presets_and_overrides():
+    from codellm.trainer.loop import PRESETS, preset
+
+    cfg = preset("llama2-7b-python-18k", lr=1e-4)
+    assert (cfg.r, cfg.alpha, cfg.max_grad_norm, cfg.template, cfg.lr) == (64, 16, 0.3, "alpaca", 1e-4)
+    assert preset("llama3.2-1b-apps").target_modules == "q_proj,k_proj,v_proj,o_proj" and set(PRESETS) == {
+        "llama2-7b-python-18k", "llama3.2-1b-apps"}
+    with pytest.raises(InvalidRequest):
+        preset("nope")

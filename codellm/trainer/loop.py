@@ -46,6 +46,22 @@ class TrainConfig(msgspec.Struct, kw_only=True):
     gradient_checkpointing: bool = True
 
 
+PRESETS: dict[str, dict] = {
+    # the origin projects' setups (artidoro/qlora defaults; bf16 compute where the GPU has it, not fp16)
+    "llama2-7b-python-18k": dict(r=64, alpha=16, dropout=0.1, lr=2e-4, batch_size=4, max_grad_norm=0.3,
+                                 warmup_ratio=0.03, epochs=1.0, template="alpaca", max_len=1024),
+    "llama3.2-1b-apps": dict(r=16, alpha=32, dropout=0.05, lr=7e-5, epochs=10.0, batch_size=4,
+                             target_modules="q_proj,k_proj,v_proj,o_proj", max_len=2048),
+}
+
+
+def preset(name: str, **overrides) -> "TrainConfig":
+    """A TrainConfig from a named preset, with explicit settings on top."""
+    if name not in PRESETS:
+        raise InvalidRequest(f"unknown preset {name!r} (known: {', '.join(PRESETS)})", param="preset")
+    return TrainConfig(**{**PRESETS[name], **overrides})
+
+
 class Progress(msgspec.Struct):
     step: int
     total: int
