@@ -143,3 +143,38 @@ def test_presets_and_overrides():
         "llama2-7b-python-18k", "llama3.2-1b-apps"}
     with pytest.raises(InvalidRequest):
         preset("nope")
+
+
+def test_packed_rows_give_the_same_loss_as_separate_samples(tiny_dir, alpaca_file, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from codellm.trainer.loop import _collate, _token_loss_sum, pack
+    from codellm.trainer.prompts import IGNORE, encode
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
+    more = tmp_path / "more.jsonl"
+    more.write_text(alpaca_file.read_text() + json.dumps({"text": "def add(a, b):\n    return a + b\n"}) + "\n")
+    examples, _, _ = load_examples(alpaca_file)
+    encoded = [encode(e, tok, "chat", 256)[:2] for e in examples] + [
+        (ids, [IGNORE] + ids[1:]) for ids in [tok("def add(a, b):\n    return a + b\n")["input_ids"]]]
+    rows = pack(encoded, 256)
+    assert len(rows) < len(encoded)  # several samples share a row
+    with torch.no_grad():
+        separate = sum(_token_loss_sum(model, *(t for t in _collate([e], tok.pad_token_id)[:3])).item() for e in encoded)
+        ids, labels, mask, positions = _collate(rows, tok.pad_token_id)
+        packed = _token_loss_sum(model, ids, labels, mask, positions).item()
+    assert packed == pytest.approx(separate, rel=1e-4)
+    n_sep = sum(sum(1 for t in lab[1:] if t != IGNORE) for _, lab in encoded)
+    assert n_sep == sum(sum(1 for t in r[1][1:] if t != IGNORE) for r in rows)
+
+
+def test_training_with_packing_runs_and_registers(base_home, alpaca_file):
+    from codellm.trainer.loop import TrainConfig, train
+
+    messages = []
+    entry = train(Registry(base_home), "qwen2.5-coder:tiny", alpaca_file, "packed",
+                  TrainConfig(packing=True, max_steps=3, batch_size=1, lr=1e-3, r=4, alpha=8, max_len=256),
+                  status=messages.append)
+    assert any(m.startswith("packed into 1 rows") for m in messages) and entry.manifest.is_adapter

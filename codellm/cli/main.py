@@ -372,12 +372,13 @@ def _chat_loop(session, ask, prompt) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run of --name from its last checkpoint.")
 @click.option("--stop-after", type=click.IntRange(1), help="Stop (resumably) after N steps, e.g. in time-limited jobs.")
 @click.option("--no-gradient-checkpointing", is_flag=True, help="Faster, uses more memory.")
+@click.option("--packing", is_flag=True, help="Pack several samples per row (isolated by position ids): fewer pad tokens.")
 @click.option("--preset", type=click.Choice(["llama2-7b-python-18k", "llama3.2-1b-apps"]),
               help="The origin projects' settings; options given explicitly override them.")
 @click.pass_context
 def train(ctx, base, data_path, name, fmt, template, epochs, max_steps, lr, warmup_ratio, batch_size, grad_accum,
           max_grad_norm, max_len, r, alpha, dropout, target_modules, seed, save_every, resume, stop_after,
-          no_gradient_checkpointing, preset):
+          no_gradient_checkpointing, packing, preset):
     """Fine-tune BASE (a registry model) with LoRA on --data; the adapter becomes registry model --name.
 
     On a GPU the base is 4-bit (QLoRA: nf4, double quantization, bf16 compute, paged 8-bit AdamW); on CPU
@@ -393,7 +394,7 @@ def train(ctx, base, data_path, name, fmt, template, epochs, max_steps, lr, warm
     given = dict(format=fmt, template=template, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
                  lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                  warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, max_len=max_len, seed=seed,
-                 save_every=save_every, gradient_checkpointing=not no_gradient_checkpointing)
+                 save_every=save_every, gradient_checkpointing=not no_gradient_checkpointing, packing=packing)
     if preset:
         option = {"format": "fmt", "gradient_checkpointing": "no_gradient_checkpointing"}
         explicit = {k: v for k, v in given.items()

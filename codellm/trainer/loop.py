@@ -44,6 +44,7 @@ class TrainConfig(msgspec.Struct, kw_only=True):
     save_every: int = 50
     quantize: str | None = None  # nf4 on GPU (default there); None on CPU
     gradient_checkpointing: bool = True
+    packing: bool = False  # several samples per row, isolated from each other
 
 
 PRESETS: dict[str, dict] = {
@@ -75,21 +76,47 @@ def _batches(order: list[int], size: int) -> list[list[int]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
-def _collate(items: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids, _ in items)
+def pack(encoded: list[tuple[list[int], list[int]]], max_len: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """Pack samples into rows of at most ``max_len`` tokens (first fit, longest first). Each sample keeps
+    its own positions from 0, which transformers turns into a block-diagonal causal mask: packed samples
+    never attend to each other, and no label crosses from one sample into the next."""
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    for ids, labels in sorted(encoded, key=lambda x: -len(x[0])):
+        labels = [IGNORE] + labels[1:]  # the first token of a sample is never predicted from the previous one
+        for row in rows:
+            if len(row[0]) + len(ids) <= max_len:
+                row[0].extend(ids), row[1].extend(labels), row[2].extend(range(len(ids)))
+                break
+        else:
+            rows.append((list(ids), list(labels), list(range(len(ids)))))
+    return rows
+
+
+def _collate(items: list[tuple], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(ids, labels, attention mask, position ids): packed rows carry positions and no mask."""
+    width = max(len(item[0]) for item in items)
     ids = torch.full((len(items), width), pad, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, (i, lab) in enumerate(items):
+    packed = len(items[0]) == 3
+    positions = torch.zeros((len(items), width), dtype=torch.long) if packed else None
+    for row, item in enumerate(items):
+        i, lab = item[0], item[1]
         ids[row, :len(i)] = torch.tensor(i)
         labels[row, :len(lab)] = torch.tensor(lab)
         mask[row, :len(i)] = 1
-    return ids, labels, mask
+        if packed:  # padding continues as one more "sample" of its own
+            positions[row, :len(i)] = torch.tensor(item[2])
+            positions[row, len(i):] = torch.arange(width - len(i))
+    return ids, labels, (None if packed else mask), positions
 
 
-def _token_loss_sum(model, ids, labels, mask) -> torch.Tensor:
+def _token_loss_sum(model, ids, labels, mask, positions=None) -> torch.Tensor:
     """Sum of next-token losses over labelled positions (so accumulation can divide by the window's count)."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    if positions is not None:
+        logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, :-1].float()
+    else:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
     target = labels[:, 1:]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              ignore_index=IGNORE, reduction="sum")
@@ -150,6 +177,10 @@ def train(
            f"{dropped} dropped (prompt alone too long)")
     if not encoded:
         raise InvalidRequest("no example fits in max_len", param="max_len")
+    n_examples = len(encoded)
+    if cfg.packing:
+        encoded = pack(encoded, cfg.max_len)
+        status(f"packed into {len(encoded)} rows of up to {cfg.max_len} tokens")
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -216,14 +247,15 @@ def train(
             items = [encoded[i] for i in micro_batch(position)]
             position += 1
             window.append(items)
-            n_tokens += sum(sum(1 for t in lab[1:] if t != IGNORE) for _, lab in items)
+            n_tokens += sum(sum(1 for t in item[1][1:] if t != IGNORE) for item in items)
         loss_total = 0.0
         for items in window:
-            ids, labels, mask = (t.to(dev) for t in _collate(items, tokenizer.pad_token_id))
-            loss = _token_loss_sum(model, ids, labels, mask) / max(1, n_tokens)
+            ids, labels, mask, positions = (t.to(dev) if t is not None else None
+                                            for t in _collate(items, tokenizer.pad_token_id))
+            loss = _token_loss_sum(model, ids, labels, mask, positions) / max(1, n_tokens)
             loss.backward()
             loss_total += loss.item()
-            tokens_seen += int(mask.sum())
+            tokens_seen += sum(len(item[0]) for item in items)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -249,7 +281,7 @@ def train(
     adapter_dir = workdir / "adapter"
     model.save_pretrained(adapter_dir)
     return _register(registry, target, entry, adapter_dir, metrics_path, plot_path, cfg, fmt, template, data_hash,
-                     quantize, len(encoded))
+                     quantize, n_examples)
 
 
 def _checkpoint(model, optimizer, scheduler, path: Path, step: int, position: int) -> None:
