@@ -159,9 +159,15 @@ def _error_event(out: Output) -> bytes:
 
 @post("/v1/chat/completions", status_code=200, summary="Chat completion (OpenAI)")
 async def chat_completions(request: Request, data: ChatCompletionRequest) -> Response:
+    return await _guarded(request, data, _chat)
+
+
+async def _guarded(request: Request, data, handler) -> Response:
+    """Run ``handler`` with the model counted busy; a failure before a response marks it idle again
+    (a stream marks it idle when it ends)."""
     served = await served_model(request, data.model)
     try:
-        return await _chat(request, data, served)
+        return await handler(request, data, served)
     except BaseException:
         release(request, served)
         raise
@@ -285,12 +291,7 @@ async def _chat_events(stream: AsyncStream, data: ChatCompletionRequest, rid: st
 
 @post("/v1/completions", status_code=200, summary="Text completion and fill-in-the-middle (OpenAI)")
 async def completions(request: Request, data: CompletionRequest) -> Response:
-    served = await served_model(request, data.model)
-    try:
-        return await _completions(request, data, served)
-    except BaseException:
-        release(request, served)
-        raise
+    return await _guarded(request, data, _completions)
 
 
 async def _completions(request: Request, data: CompletionRequest, served: Served) -> Response:
