@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -30,15 +29,6 @@ def _registry():
     from codellm.registry import Registry
 
     return Registry()
-
-
-def _fmt_params(n: int | None) -> str:
-    if not n:
-        return "unknown"
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -109,9 +99,8 @@ cli.add_command(list_cmd, "ls")
 @click.option("--parameters", is_flag=True, help="Print the default parameters.")
 def show(model, modelfile, license_, template, system, parameters):
     """Show what MODEL is: architecture, parameters, context, quantization, template, license."""
-    from codellm.registry import manifest as mt
     from codellm.registry.create import show_modelfile
-    from codellm.registry.info import describe_model
+    from codellm.registry.info import describe_model, parameter_size
 
     reg = _registry()
     if modelfile:
@@ -134,7 +123,7 @@ def show(model, modelfile, license_, template, system, parameters):
     lines = ["  Model"]
     for key, value in (
         ("architecture", c.model_type or c.architecture), ("family", c.family),
-        ("parameters", _fmt_params(c.parameters)), ("context length", c.context_length),
+        ("parameters", parameter_size(c.parameters)), ("context length", c.context_length),
         ("quantization", (c.quantization or c.dtype or "unknown").upper()), ("source", c.source),
     ):
         if value:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextvars
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ class StepContext:
     kv_len: int  # keys to attend over: max(position) + 1
     mask: torch.Tensor  # [B, 1, T, kv_len] bool, True = may attend
     single: tuple[int, int] | None  # (slot, first position) when one sequence's tokens are contiguous
-    grouped_masks: dict = None  # mask repeated per query group, built once per step and shared by layers
+    grouped_masks: dict = field(default_factory=dict)  # mask repeated per query group, built once a step for all layers
 
 
 def step_context(cache: SlotCache, slots: list[int], positions: torch.Tensor) -> StepContext:

@@ -13,7 +13,6 @@ import itertools
 import logging
 import queue
 import threading
-import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -70,8 +69,6 @@ class Sequence:
     prompt_logprobs: list[float | None] | None = None
     json: JsonPrefix | None = None
     adapter: str | None = None
-    submitted: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -348,8 +345,6 @@ class Engine:
                     infos[row] = TokenLogprob(tokens[row], float(lp[tokens[row]]), infos[row].top)
         pieces = self._detokenize(batch, tokens)
         for seq, token, info, piece in zip(batch, tokens, infos, pieces):
-            if seq.first_token_at is None:
-                seq.first_token_at = time.monotonic()
             seq.generated.append(token)
             out = Output(index=seq.index, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated))
             if seq.prompt_logprobs is not None and len(seq.generated) == 1:

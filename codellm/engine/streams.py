@@ -33,9 +33,9 @@ class _Dispatcher:
             found = cls._by_loop[id(loop)] = cls(loop)
         return found
 
-    def post(self, queue: asyncio.Queue, item) -> None:
+    def post(self, target: asyncio.Queue, item) -> None:
         with self.lock:
-            self.pending.append((queue, item))
+            self.pending.append((target, item))
             if self.scheduled:
                 return
             self.scheduled = True
@@ -48,8 +48,8 @@ class _Dispatcher:
         with self.lock:
             items, self.pending = self.pending, collections.deque()
             self.scheduled = False
-        for queue, item in items:
-            queue.put_nowait(item)
+        for target, item in items:
+            target.put_nowait(item)
 
 
 class AsyncStream:

@@ -9,7 +9,7 @@ repo and revision, so two pulls of one model at once both succeed and store it o
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -56,9 +56,7 @@ class RemoteFile:
 class PullSpec:
     repo: str
     name: ModelName
-    family: str | None = None
     revision: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def resolve(spec: str, revision: str | None = None) -> PullSpec:
@@ -66,14 +64,14 @@ def resolve(spec: str, revision: str | None = None) -> PullSpec:
     found = catalog.lookup(spec) if "/" not in spec else None
     if found:
         name, entry = found
-        return PullSpec(entry.repo, name, entry.family, revision)
+        return PullSpec(entry.repo, name, revision)
     if "/" not in spec:
         known = ", ".join(sorted({k.split(":")[0] for k in catalog.CATALOG}))
         raise NotFound(f"unknown model '{spec}': not in the catalog ({known}); pull a hub repo as org/name")
     repo, _, tag = spec.partition(":")
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise InvalidName(f"invalid hub repo id {repo!r}: expected org/name")
-    return PullSpec(repo, ModelName.parse(f"{repo}:{tag or 'latest'}"), None, revision)
+    return PullSpec(repo, ModelName.parse(f"{repo}:{tag or 'latest'}"), revision)
 
 
 def _select(files: list[RemoteFile], *, allow_pickle: bool, trust_remote_code: bool, repo: str) -> list[RemoteFile]:
@@ -221,33 +219,22 @@ def pull(
                     raise DownloadError(f"{f.path} from {target.repo} failed its checksum twice")
             raise AssertionError("unreachable")
 
-        # config files first: they decide whether remote code is needed
+        # small files first: config.json and tokenizer_config.json decide whether remote code is needed,
+        # and that is refused before any weights are downloaded
         by_name: dict[str, Path] = {}
-        for f in sorted(chosen, key=lambda f: f.media_type not in (mt.CONFIG, mt.TOKENIZER)):
-            if f.media_type in (mt.WEIGHTS, mt.ADAPTER, mt.CODE) and not by_name.get("__checked__"):
-                by_name["__checked__"] = Path()
-                if not trust_remote_code and describe.needs_remote_code(
-                    _read(by_name.get("config.json")), _read(by_name.get("tokenizer_config.json"))
-                ):
-                    raise Refused(
-                        f"{target.repo} needs custom code from its repo (auto_map): "
-                        "pass --trust-remote-code if you trust it"
-                    )
+        heavy = (mt.WEIGHTS, mt.ADAPTER, mt.CODE)
+        for f in [f for f in chosen if f.media_type not in heavy]:
             by_name[f.path] = fetch(f)
-        by_name.pop("__checked__", None)
         if not trust_remote_code and describe.needs_remote_code(
             _read(by_name.get("config.json")), _read(by_name.get("tokenizer_config.json"))
         ):
-            raise Refused(f"{target.repo} needs custom code from its repo (auto_map): pass --trust-remote-code")
+            raise Refused(f"{target.repo} needs custom code from its repo (auto_map): "
+                          "pass --trust-remote-code if you trust it")
+        for f in [f for f in chosen if f.media_type in heavy]:
+            by_name[f.path] = fetch(f)
 
         progress.status("verifying sha256 digests and writing manifest")
-        config = describe.describe(by_name, source=target.repo, revision=sha)
-        if target.family and config.fim is None and catalog.FIM.get(target.family):
-            specials = catalog.special_tokens_of(_read(by_name.get("tokenizer.json")), _read(by_name.get("tokenizer_config.json")))
-            fim = catalog.FIM[target.family]
-            if fim.prefix.strip() in specials or target.family == "codellama":
-                config.fim = fim
-        config.family = target.family or config.family
+        config = describe.describe(by_name, source=target.repo, revision=sha)  # family and FIM from the catalog
         config.trust_remote_code = trust_remote_code
         layers = []
         for f in chosen:

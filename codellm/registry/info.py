@@ -29,6 +29,16 @@ class ModelInfo:
         return "".join(line + "\n" for line in lines)
 
 
+def parameter_size(n: int | None) -> str:
+    """A parameter count as Ollama prints it: 1.5B, 494.0M, 105.5K."""
+    if not n:
+        return "unknown"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
 def chat_template_of(registry: Registry, manifest: mt.Manifest) -> str | None:
     """The Modelfile TEMPLATE, else the tokenizer's own chat template."""
     text = registry.text(manifest, mt.TEMPLATE)

@@ -16,11 +16,10 @@ from msgspec import Meta, Struct
 from codellm.engine import prompts
 from codellm.engine.manager import Served
 from codellm.engine.streams import AsyncStream
-from codellm.errors import InvalidRequest, NotFound
+from codellm.errors import InvalidRequest
 from codellm.server.openai import (
     DONE, FINGERPRINT, SSE_HEADERS, _released, _sse, collect, manager_of, release, served_model, usage,
 )
-from codellm.server.schemas import dumps
 
 
 class ExtraChunk(Struct):
@@ -51,9 +50,8 @@ def default_model(request: Request, name: str | None) -> str:
     manager = manager_of(request)
     pinned = [k for k, s in manager.loaded().items() if s.expires_at is None and s.engine is not None]
     loaded = [k for k, s in manager.loaded().items() if s.engine is not None]
-    for candidates in (pinned, loaded):
-        if len(candidates) >= 1:
-            return candidates[0]
+    if pinned or loaded:
+        return (pinned or loaded)[0]
     raise InvalidRequest("no model given and none loaded: start the server with --model NAME", param="model")
 
 

@@ -20,10 +20,11 @@ from litestar.response import Stream
 from codellm.engine import prompts
 from codellm.engine.manager import ModelManager, Served, options_to_overrides, parse_keep_alive
 from codellm.engine.streams import AsyncStream
+from codellm.server.openai import watch_disconnect
 from codellm.engine.tools import ToolCallParser, tool_format
-from codellm.errors import CodellmError, InvalidName, InvalidRequest, NotFound, QueueFull
+from codellm.errors import CodellmError, InvalidName, NotFound, QueueFull
 from codellm.registry import manifest as mt
-from codellm.registry.info import describe_model
+from codellm.registry.info import describe_model, parameter_size
 from codellm.registry.store import Entry
 
 OLLAMA_VERSION = "0.12.6"  # the API level we speak; clients refuse servers older than 0.6.4
@@ -90,18 +91,12 @@ def _details(entry: Entry) -> dict:
     c = entry.manifest.config
     family = c.model_type or c.family or ""
     return {"parent_model": c.base or "", "format": c.format or "safetensors", "family": family,
-            "families": [family] if family else None, "parameter_size": _param_size(c.parameters),
+            "families": [family] if family else None, "parameter_size": parameter_size(c.parameters),
             "quantization_level": (c.quantization or _dtype_label(c.dtype)).upper()}
 
 
 def _dtype_label(dtype: str | None) -> str:
     return {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(dtype or "", dtype or "unknown")
-
-
-def _param_size(n: int | None) -> str:
-    if not n:
-        return "unknown"
-    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
 def _tag_entry(entry: Entry) -> dict:
@@ -174,7 +169,16 @@ async def _serve(request: Request, name: str, keep_alive) -> tuple[Served, float
     return served, keep
 
 
-def _load_or_unload(request: Request, served: Served, keep: float | None, key: str, extra: dict) -> dict:
+async def _generator(request: Request, body: dict, action: str) -> tuple[str, Served, Any]:
+    """The model a generate/chat request names, loaded, with its keep_alive; encoders answer 400."""
+    name = _name_of(body)
+    served, keep = await _serve(request, name, body.get("keep_alive"))
+    if served.engine is None:
+        raise OllamaError(400, f'"{name}" does not support {action}')
+    return name, served, keep
+
+
+def _load_or_unload(request: Request, served: Served, keep: float | None, extra: dict) -> dict:
     """A request with no prompt/messages just loads the model (or unloads it with keep_alive 0)."""
     manager = _manager(request)
     manager.touch(served, keep)
@@ -263,7 +267,7 @@ async def _run(request: Request, served: Served, keep, stream: AsyncStream, shap
 
     if want_stream:
         return Stream(lines(), media_type=NDJSON)
-    watcher = asyncio.create_task(_watch(request, stream))
+    watcher = asyncio.create_task(watch_disconnect(request, stream))
     try:
         chunks = [chunk async for chunk in lines()]
     finally:
@@ -274,22 +278,13 @@ async def _run(request: Request, served: Served, keep, stream: AsyncStream, shap
     return Response(obj)
 
 
-async def _watch(request: Request, stream: AsyncStream) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    stream.cancel()
-
-
 @post("/api/generate", status_code=200, summary="Generate a completion (Ollama)")
 async def generate(request: Request) -> Response:
     body = await _body(request)
-    name = _name_of(body)
-    served, keep = await _serve(request, name, body.get("keep_alive"))
-    if served.engine is None:
-        raise OllamaError(400, f'"{name}" does not support generate')
+    name, served, keep = await _generator(request, body, "generate")
     prompt, suffix = body.get("prompt") or "", body.get("suffix")
     if not prompt and not suffix:
-        return Response(_load_or_unload(request, served, keep, "response", {"response": ""}))
+        return Response(_load_or_unload(request, served, keep, {"response": ""}))
     lm = served.lm
     t0 = time.perf_counter()
     try:
@@ -322,15 +317,12 @@ async def generate(request: Request) -> Response:
 @post("/api/chat", status_code=200, summary="Chat (Ollama)")
 async def chat(request: Request) -> Response:
     body = await _body(request)
-    name = _name_of(body)
-    served, keep = await _serve(request, name, body.get("keep_alive"))
-    if served.engine is None:
-        raise OllamaError(400, f'"{name}" does not support chat')
+    name, served, keep = await _generator(request, body, "chat")
     messages = body.get("messages") or []
     if not isinstance(messages, list) or any(not isinstance(m, dict) or "role" not in m for m in messages):
         raise OllamaError(400, "messages must be a list of {role, content}")
     if not messages:
-        return Response(_load_or_unload(request, served, keep, "message", {"message": {"role": "assistant", "content": ""}}))
+        return Response(_load_or_unload(request, served, keep, {"message": {"role": "assistant", "content": ""}}))
     t0 = time.perf_counter()
     try:
         ids = prompts.chat_prompt(served.lm, [{k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "name")}

@@ -86,9 +86,9 @@ def chat_logprobs(tok, infos: list[TokenLogprob]) -> dict:
     return {"content": [{**entry(i.token_id, i.logprob), "top_logprobs": [entry(t, v) for t, v in i.top]} for i in infos]}
 
 
-def completion_logprobs(tok, infos: list[TokenLogprob], offset: int, prompt: list[tuple[int, float | None]] = ()) -> dict:
+def completion_logprobs(tok, infos: list[TokenLogprob], prompt: list[tuple[int, float | None]] = ()) -> dict:
     tokens, lps, tops, offsets = [], [], [], []
-    pos = offset
+    pos = 0
     for tid, lp in prompt:
         text = _token_text(tok, tid)
         tokens.append(text), lps.append(lp), tops.append(None), offsets.append(pos)
@@ -101,7 +101,7 @@ def completion_logprobs(tok, infos: list[TokenLogprob], offset: int, prompt: lis
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-async def _watch_disconnect(request: Request, stream: AsyncStream) -> None:
+async def watch_disconnect(request: Request, stream: AsyncStream) -> None:
     """Non-streaming requests: cancel the generation if the client hangs up while waiting."""
     while True:
         message = await request.receive()
@@ -112,7 +112,7 @@ async def _watch_disconnect(request: Request, stream: AsyncStream) -> None:
 
 async def collect(request: Request, stream: AsyncStream, choices: int) -> list[list[Output]]:
     results: list[list[Output]] = [[] for _ in range(choices)]
-    watcher = asyncio.create_task(_watch_disconnect(request, stream))
+    watcher = asyncio.create_task(watch_disconnect(request, stream))
     try:
         async for out in stream:
             results[out.index].append(out)
@@ -342,7 +342,7 @@ async def _completions(request: Request, data: CompletionRequest, served: Served
         if data.logprobs is not None:
             plp = outs[0].prompt_logprobs if data.echo else None
             prompt_part = list(zip(encoded[p_index], plp or [])) if plp else []
-            lp = completion_logprobs(lm.tokenizer, [i for o in outs for i in o.logprobs], 0, prompt_part)
+            lp = completion_logprobs(lm.tokenizer, [i for o in outs for i in o.logprobs], prompt_part)
         choices.append({"index": index, "text": prefix + text, "logprobs": lp, "finish_reason": outs[-1].finish_reason})
     return Response({
         "id": rid, "object": "text_completion", "created": created, "model": data.model,
@@ -368,7 +368,7 @@ async def _completion_events(stream, data: CompletionRequest, rid, created, tok,
                 yield _error_event(out)
                 return
             completion[out.index] = out.completion_tokens
-            lp = completion_logprobs(tok, out.logprobs, 0) if data.logprobs is not None and out.logprobs else None
+            lp = completion_logprobs(tok, out.logprobs) if data.logprobs is not None and out.logprobs else None
             if out.finish_reason or out.text or lp:
                 yield chunk(out.index, out.text, out.finish_reason, lp)
         if include_usage:

@@ -137,7 +137,7 @@ def train(
 ):
     """Fine-tune ``base`` on ``data_path``; returns the registry entry of adapter model ``name`` (or None
     when ``stop_after`` stopped the run early, leaving a checkpoint to resume from)."""
-    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
