@@ -11,6 +11,19 @@ from codellm.engine.detok import IncrementalDetokenizer, StopMatcher
 from codellm.engine.sampling import SamplingParams, sample
 
 
+class TokenSink:
+    """Collects one sequence's token ids from the engine thread and says when it has finished."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.done = threading.Event()
+
+    def __call__(self, out) -> None:
+        self.tokens.extend(out.token_ids)
+        if out.finish_reason:
+            self.done.set()
+
+
 @pytest.fixture(scope="module")
 def loaded(served_home):
     from codellm.engine.loader import load
@@ -53,22 +66,14 @@ def test_greedy_matches_hf_generate_with_concurrent_batching(loaded, prefill_chu
     # 4: prompts are chunked and interleave with decodes; 512: prompts of different lengths prefill in one padded pass
     engine = Engine(loaded, slots=4, prefill_chunk=prefill_chunk)
     try:
-        results = {i: [] for i in range(len(prompts))}
-        finished = [threading.Event() for _ in prompts]
-
-        def sink_for(i):
-            def sink(out):
-                results[i].extend(out.token_ids)
-                if out.finish_reason:
-                    finished[i].set()
-            return sink
+        sinks = [TokenSink() for _ in prompts]
 
         for i, p in enumerate(prompts):
             ids = tok(p, add_special_tokens=False)["input_ids"]
-            engine.submit(ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), sink_for(i))
-        assert all(ev.wait(60) for ev in finished)
+            engine.submit(ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), sinks[i])
+        assert all(sink.done.wait(60) for sink in sinks)
         for i in range(len(prompts)):
-            assert results[i] == refs[i], f"prompt {i} diverged"
+            assert sinks[i].tokens == refs[i], f"prompt {i} diverged"
         assert engine.stats.max_batch == len(prompts)
         assert engine.active() == 0
     finally:
@@ -124,16 +129,10 @@ def test_adapter_served_unmerged_matches_peft(served_home, adapter_dir, tiny_dir
     assert ref != base_out  # the adapter matters
     engine = Engine(lm, slots=2)
     try:
-        done, got = threading.Event(), []
-
-        def sink(out):
-            got.extend(out.token_ids)
-            if out.finish_reason:
-                done.set()
-
+        sink = TokenSink()
         engine.submit(ids, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), sink)
-        assert done.wait(60)
-        assert got == ref
+        assert sink.done.wait(60)
+        assert sink.tokens == ref
     finally:
         engine.shutdown()
 
@@ -167,23 +166,14 @@ def test_adapters_of_one_base_share_weights_and_batches(served_home, adapter_dir
 
         refs = {"tiny-lora": reference(adapter_dir), "tiny-lora2": reference(adapter2_dir), "tiny-coder": reference(None)}
         assert len({tuple(r) for r in refs.values()}) == 3  # three different answers
-        results = {name: [] for name in refs}
-        finished = {name: threading.Event() for name in refs}
-
-        def sink_for(name):
-            def sink(out):
-                results[name].extend(out.token_ids)
-                if out.finish_reason:
-                    finished[name].set()
-            return sink
-
+        sinks = {name: TokenSink() for name in refs}
         before = engine.stats.max_batch
         with engine.step_lock:  # hold the loop so the three requests decode together
             for name in refs:
-                engine.submit(ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), sink_for(name),
+                engine.submit(ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), sinks[name],
                               lm=served[name].lm)
-        assert all(ev.wait(60) for ev in finished.values())
-        assert results == refs
+        assert all(sink.done.wait(60) for sink in sinks.values())
+        assert {name: sink.tokens for name, sink in sinks.items()} == refs
         assert engine.stats.max_batch >= 2 and engine.stats.max_batch >= before
     finally:
         manager.close()
