@@ -73,9 +73,10 @@ def _eos_ids(registry: Registry, manifest: mt.Manifest, tokenizer, fim: mt.FimTo
     return ids
 
 
-def resolve(registry: Registry, name: str):
-    """(entry, manifest holding the weights): an adapter-only model's weights are its base's."""
-    entry = registry.get(name)
+def resolve(registry: Registry, name):
+    """(entry, manifest holding the weights): an adapter-only model's weights are its base's.
+    ``name`` is a model name, or its registry entry when the caller has read it already."""
+    entry = registry.get(name) if isinstance(name, str) else name
     manifest, config = entry.manifest, entry.manifest.config
     if config.embedding:
         raise InvalidRequest(f"{entry.name.short} is an embedding model, not a generator")

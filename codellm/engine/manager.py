@@ -150,7 +150,7 @@ class ModelManager:
         entry = self.registry.get(key)
         if entry.manifest.config.task in ("embed", "rerank"):
             return self._load_encoder(key, entry, pin)
-        entry, weights = loader.resolve(self.registry, key)
+        entry, weights = loader.resolve(self.registry, entry)
         gkey = loader.weights_identity(weights, o.device, o.dtype, o.quantize)
         group = self._groups.get(gkey)
         if group is None:
