@@ -57,9 +57,10 @@ class HubMirror:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def add(self, repo_id: str, directory: Path) -> Repo:
+    def add(self, repo_id: str, directory: Path, repo_type: str = "model") -> Repo:
+        """Serve ``directory`` as a model repo, or as a dataset repo (``repo_type="dataset"``)."""
         repo = Repo(repo_id, directory)
-        self.repos[repo_id] = repo
+        self.repos[("datasets/" if repo_type == "dataset" else "") + repo_id] = repo
         return repo
 
     def __enter__(self) -> "HubMirror":
@@ -119,8 +120,13 @@ class HubMirror:
                 path = urllib.parse.unquote(url.path)
                 mirror.requests.append(f"{self.command} {path}")
                 parts = path.strip("/").split("/")
+                kind = ""
+                if parts[:2] == ["api", "datasets"]:
+                    kind, parts = "datasets/", ["api", "models", *parts[2:]]
+                elif parts[:1] == ["datasets"]:
+                    kind, parts = "datasets/", parts[1:]
                 if parts[:2] == ["api", "models"] and len(parts) >= 4:
-                    repo = self._repo("/".join(parts[2:4]))
+                    repo = self._repo(kind + "/".join(parts[2:4]))
                     if repo is None:
                         return
                     rest = parts[4:]
@@ -137,7 +143,7 @@ class HubMirror:
                         return self._json(items)
                     return self._error(404, "Not found")
                 if len(parts) >= 5 and parts[2] == "resolve":
-                    repo = self._repo("/".join(parts[:2]))
+                    repo = self._repo(kind + "/".join(parts[:2]))
                     if repo is None:
                         return
                     rev, fname = parts[3], "/".join(parts[4:])

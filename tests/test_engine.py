@@ -80,6 +80,32 @@ def test_greedy_matches_hf_generate_with_concurrent_batching(loaded, prefill_chu
         engine.shutdown()
 
 
+def test_decode_by_slot_with_free_and_prefilling_slots(loaded):
+    """Decode rows are slots: a freed slot in the middle, then a long prompt prefilling into it in chunks,
+    must not disturb the neighbours that keep decoding (their keys are read in place)."""
+    from codellm.engine.scheduler import Engine
+
+    tok = loaded.tokenizer
+    prompts = ["def fibonacci(n):\n", "class Stack:\n    def", "for i in range(10):",
+               "import csv\n\ndef read_csv(path):\n    with open(path) as fh:\n        reader = csv"]
+    budgets = [40, 5, 40, 24]
+    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    refs = [loaded.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, len(ids):].tolist() for ids, n in zip(encoded, budgets)]
+    engine = Engine(loaded, slots=4, prefill_chunk=3)
+    try:
+        sinks = [TokenSink() for _ in prompts]
+        for i in range(3):
+            engine.submit(encoded[i], SamplingParams(temperature=0, max_tokens=budgets[i], ignore_eos=True), sinks[i])
+        assert sinks[1].done.wait(60)  # slot 1 is free again while slots 0 and 2 decode
+        engine.submit(encoded[3], SamplingParams(temperature=0, max_tokens=budgets[3], ignore_eos=True), sinks[3])
+        assert all(sink.done.wait(60) for sink in sinks)
+        assert [s.tokens for s in sinks] == refs
+        assert engine.active() == 0
+    finally:
+        engine.shutdown()
+
+
 def test_sampling_controls():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]] * 4)
     ids, _ = sample(logits, [SamplingParams(temperature=0)] * 4, [[]] * 4, [None] * 4)

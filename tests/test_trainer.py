@@ -149,25 +149,49 @@ def test_packed_rows_give_the_same_loss_as_separate_samples(tiny_dir, alpaca_fil
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from codellm.trainer.loop import _collate, _token_loss_sum, pack
+    from codellm.trainer.loop import pack
+    from codellm.trainer.loss import CausalLMLoss, collate
     from codellm.trainer.prompts import IGNORE, encode
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
-    more = tmp_path / "more.jsonl"
-    more.write_text(alpaca_file.read_text() + json.dumps({"text": "def add(a, b):\n    return a + b\n"}) + "\n")
     examples, _, _ = load_examples(alpaca_file)
     encoded = [encode(e, tok, "chat", 256)[:2] for e in examples] + [
         (ids, [IGNORE] + ids[1:]) for ids in [tok("def add(a, b):\n    return a + b\n")["input_ids"]]]
     rows = pack(encoded, 256)
     assert len(rows) < len(encoded)  # several samples share a row
+    chunked, plain = CausalLMLoss(model, chunk_elements=7 * model.config.vocab_size), CausalLMLoss(model)
+    plain.chunked = False
+    assert chunked.chunked and chunked.chunk == 128  # the smallest chunk: several per batch here
     with torch.no_grad():
-        separate = sum(_token_loss_sum(model, *(t for t in _collate([e], tok.pad_token_id)[:3])).item() for e in encoded)
-        ids, labels, mask, positions = _collate(rows, tok.pad_token_id)
-        packed = _token_loss_sum(model, ids, labels, mask, positions).item()
+        separate = sum(plain(*collate([e], tok.pad_token_id)).item() for e in encoded)
+        packed = plain(*collate(rows, tok.pad_token_id)).item()
+        packed_chunked = chunked(*collate(rows, tok.pad_token_id)).item()
     assert packed == pytest.approx(separate, rel=1e-4)
+    assert packed_chunked == pytest.approx(packed, rel=1e-5)  # chunked head + loss == full logits
     n_sep = sum(sum(1 for t in lab[1:] if t != IGNORE) for _, lab in encoded)
     assert n_sep == sum(sum(1 for t in r[1][1:] if t != IGNORE) for r in rows)
+
+
+def test_chunked_loss_gradients_match_full_logits(tiny_dir, alpaca_file):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from codellm.trainer.loss import CausalLMLoss, collate
+    from codellm.trainer.prompts import encode
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    examples, _, _ = load_examples(alpaca_file)
+    batch = collate([encode(e, tok, "chat", 256)[:2] for e in examples], tok.pad_token_id)
+    grads = []
+    for chunked in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa")
+        loss = CausalLMLoss(model, chunk_elements=8 * model.config.vocab_size)
+        loss.chunked = chunked
+        loss(*batch).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6) for n in grads[0])
 
 
 def test_training_with_packing_runs_and_registers(base_home, alpaca_file):

@@ -1,10 +1,15 @@
 """The GPU fast path for decode: each step replays a captured CUDA graph instead of launching the
 model's ~600 kernels one by one from Python (the eager step is launch-bound: see benchmarks/NOTES.md).
 
-Graphs are captured lazily, one per (batch bucket, key-length bucket), over the same slot KV cache
-and attention function as the eager path; everything a step changes (token ids, slots, positions)
-lives in one static device buffer filled by a single host-to-device copy. Rows beyond the real batch
-write into the cache's scratch slot. The mask is computed inside the graph from the positions.
+Graphs are captured at load, one per (batch bucket, key-length bucket), over the same slot KV cache
+and attention function as the eager path. Row i of a step is slot i, so attention reads keys in place
+(no per-row gather); everything a step changes (token ids, positions) lives in one static device
+buffer filled by a single host-to-device copy. Rows without a sequence write to the cache's scratch
+position. The mask is computed inside the graph from the positions.
+
+With ``compile=True`` the step is first compiled by ``torch.compile`` (inductor fuses the norms,
+rotary embedding and activations of every layer into a few kernels) and the compiled step is what the
+graphs capture: at batch 1 the step is made of hundreds of tiny kernels, so fewer of them is the win.
 """
 
 from __future__ import annotations
@@ -27,26 +32,29 @@ def _buckets(limit: int, start: int) -> list[int]:
 
 
 class GraphRunner:
-    def __init__(self, model, cache: kvcache.SlotCache, device: torch.device, *, min_kv: int = 128):
+    def __init__(self, model, cache: kvcache.SlotCache, device: torch.device, *, min_kv: int = 128, compile: bool = False):
         self.model, self.cache, self.device = model, cache, device
         self.batch_buckets = _buckets(cache.slots, 1)
         self.kv_buckets = _buckets(cache.max_len + 1, min(min_kv, cache.max_len + 1))
         bmax = self.batch_buckets[-1]
-        self.staging = torch.zeros((3, bmax), dtype=torch.long, pin_memory=True)
-        self.packed = torch.zeros((3, bmax), dtype=torch.long, device=device)  # ids, slots, positions
+        self.staging = torch.zeros((2, bmax), dtype=torch.long, pin_memory=True)
+        self.packed = torch.zeros((2, bmax), dtype=torch.long, device=device)  # ids, positions
+        self.rows = torch.arange(bmax, device=device)
+        self.keys = torch.arange(cache.max_len + 1, device=device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.disabled = False
+        self.forward = self._forward
+        if compile:
+            self.forward = torch.compile(self._forward, dynamic=True)
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        mask = keys.view(1, 1, 1, -1) <= pos[:, None, :, None]
+        ctx = kvcache.StepContext(self.cache, rows, pos, keys.shape[0], mask, None, {}, True)
+        return self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, codellm_step=ctx).logits[:, -1]
 
     def _step(self, b: int, kv: int) -> torch.Tensor:
-        ids = self.packed[0, :b].view(b, 1)
-        slots = self.packed[1, :b]
-        pos = self.packed[2, :b].view(b, 1)
-        keys = torch.arange(kv, device=self.device)
-        mask = keys.view(1, 1, 1, -1) <= pos[:, None, :, None]
-        ctx = kvcache.StepContext(self.cache, slots, pos, kv, mask, None, {})
-        with kvcache.use(ctx):
-            return self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1).logits[:, -1]
+        return self.forward(self.packed[0, :b].view(b, 1), self.packed[1, :b].view(b, 1), self.rows[:b], self.keys[:kv])
 
     def _capture(self, b: int, kv: int):
         stream = torch.cuda.Stream(self.device)
@@ -62,9 +70,9 @@ class GraphRunner:
         return graph, out
 
     def warmup(self) -> None:
-        """Capture every bucket now (a few seconds at load) rather than stalling streams mid-generation."""
+        """Capture every bucket now (seconds at load) rather than stalling streams mid-generation."""
         self.packed.zero_()
-        self.packed[1].fill_(self.cache.scratch_slot)  # capture-time writes land in the scratch slot
+        self.packed[1].fill_(self.cache.max_len)  # capture-time writes land in the scratch position
         for b in self.batch_buckets:
             for kv in self.kv_buckets:
                 if (b, kv) not in self.graphs and not self.disabled:
@@ -74,8 +82,9 @@ class GraphRunner:
                         log.exception("CUDA graph capture failed; decoding eagerly")
                         self.disabled = True
 
-    def run(self, ids: list[int], slots: list[int], positions: list[int]) -> torch.Tensor | None:
-        """Logits [len(ids), V] for one decode step, or None when the graph path cannot run it."""
+    def run(self, ids: list[int], positions: list[int]) -> torch.Tensor | None:
+        """Logits [len(ids), V] for one decode step whose row i is slot i (position -1: no sequence there),
+        or None when the graph path cannot run it."""
         if self.disabled:
             return None
         n = len(ids)
@@ -83,10 +92,9 @@ class GraphRunner:
         kv = next((x for x in self.kv_buckets if x >= max(positions) + 1), None)
         if b is None or kv is None:
             return None
-        pad = b - n
-        self.staging[0, :b] = torch.tensor(ids + [0] * pad)
-        self.staging[1, :b] = torch.tensor(slots + [self.cache.scratch_slot] * pad)
-        self.staging[2, :b] = torch.tensor(positions + [0] * pad)
+        scratch = self.cache.max_len
+        self.staging[0, :b] = torch.tensor(ids + [0] * (b - n))
+        self.staging[1, :b] = torch.tensor([p if p >= 0 else scratch for p in positions] + [scratch] * (b - n))
         self.packed[:, :b].copy_(self.staging[:, :b], non_blocking=True)
         key = (b, kv)
         if key not in self.graphs:

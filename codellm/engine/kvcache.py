@@ -53,21 +53,24 @@ class StepContext:
     mask: torch.Tensor  # [B, 1, T, kv_len] bool, True = may attend
     single: tuple[int, int] | None  # (slot, first position) when one sequence's tokens are contiguous
     grouped_masks: dict = field(default_factory=dict)  # mask repeated per query group, built once a step for all layers
+    identity: bool = False  # row i is slot i: read keys as a view of the cache, no per-row gather
 
 
 def step_context(cache: SlotCache, slots: list[int], positions: torch.Tensor) -> StepContext:
     """``positions`` is a CPU tensor in which -1 marks padding; what the layers index with is moved to
-    the cache's device once per step. Padding writes go to a scratch position no sequence reads."""
+    the cache's device once per step. Padding writes go to a scratch position no sequence reads.
+    When ``slots`` is ``0..B-1`` (a decode step laid out by slot) keys are read in place."""
     device = cache.k[0].device
     kv_len = int(positions.max()) + 1
     padded = bool((positions < 0).any())
     single = (slots[0], int(positions[0, 0])) if len(slots) == 1 and not padded else None
+    identity = slots == list(range(len(slots)))
     write = torch.where(positions < 0, cache.max_len, positions) if padded else positions
     pos = write.to(device, non_blocking=True)
     attend = positions.clamp(min=0).to(device, non_blocking=True) if padded else pos
     keys = torch.arange(kv_len, device=device)
     mask = keys.view(1, 1, 1, -1) <= attend[:, None, :, None]
-    return StepContext(cache, torch.tensor(slots, device=device), pos, kv_len, mask, single, {})
+    return StepContext(cache, torch.tensor(slots, device=device), pos, kv_len, mask, single, {}, identity)
 
 
 @contextmanager
@@ -80,7 +83,7 @@ def use(ctx: StepContext):
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    ctx = _CTX.get()
+    ctx = kwargs.pop("codellm_step", None) or _CTX.get()
     if ctx is None:  # not inside an engine step: behave like transformers' sdpa
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -98,8 +101,12 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         rows = ctx.slots[:, None].expand_as(ctx.positions)
         kc[rows, :, ctx.positions] = key.transpose(1, 2).to(kc.dtype)
         vc[rows, :, ctx.positions] = value.transpose(1, 2).to(vc.dtype)
-        k = kc[ctx.slots, :, :ctx.kv_len]
-        v = vc[ctx.slots, :, :ctx.kv_len]
+        if ctx.identity:  # a strided view: attention reads each row's keys where they are
+            b = query.shape[0]
+            k, v = kc[:b, :, :ctx.kv_len], vc[:b, :, :ctx.kv_len]
+        else:
+            k = kc[ctx.slots, :, :ctx.kv_len]
+            v = vc[ctx.slots, :, :ctx.kv_len]
     b, hq, t, d = query.shape
     hkv = k.shape[1]
     group = hq // hkv

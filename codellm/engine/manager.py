@@ -35,6 +35,7 @@ class LoadOptions:
     prefill_chunk: int | None = None  # prompt tokens per step (default: 2048 on GPU, 512 on CPU)
     trust_remote_code: bool = False
     cuda_graphs: bool = True  # decode through captured CUDA graphs on GPUs (eager when off, or for adapters)
+    compile: bool = False  # torch.compile the graph-captured decode step
 
 
 @dataclass
@@ -161,7 +162,7 @@ class ModelManager:
             base = loader.view(self.registry, entry, weights, model, dev, dtype, num_ctx=o.num_ctx, quantize=o.quantize,
                                trust_remote_code=o.trust_remote_code)
             engine = Engine(base, slots=o.slots, max_queue=o.max_queue, prefill_chunk=o.prefill_chunk,
-                            cuda_graphs=o.cuda_graphs)
+                            cuda_graphs=o.cuda_graphs, compile=o.compile)
             group = self._groups[gkey] = Group(gkey, engine, need)
         engine = group.engine
         adapter = None

@@ -98,7 +98,7 @@ class Stats:
 
 class Engine:
     def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, compile: bool = False):
         self.lm = lm
         cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
         slots = slots or (64 if lm.device.type == "cuda" else 8)
@@ -112,7 +112,7 @@ class Engine:
         if cuda_graphs and lm.device.type == "cuda":
             from codellm.engine.cudagraph import GraphRunner
 
-            self.graphs = GraphRunner(lm.model, self.cache, lm.device)
+            self.graphs = GraphRunner(lm.model, self.cache, lm.device, compile=compile)
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk or (2048 if lm.device.type == "cuda" else 512)
         self.free_slots = list(range(slots))
@@ -245,12 +245,18 @@ class Engine:
             seq.slot = self.free_slots.pop(0)
             self.running.append(seq)
 
-    def _forward(self, ids: torch.Tensor, seqs: list[Sequence], positions: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        ctx = kvcache.step_context(self.cache, [s.slot for s in seqs], positions)
+    def _forward(self, ids: torch.Tensor, seqs: list[Sequence] | list[int], positions: torch.Tensor, all_logits: bool = False,
+                 adapters: list[str | None] | None = None) -> torch.Tensor:
+        """One eager forward; ``seqs`` are sequences, or slot indices with their ``adapters`` (a decode laid
+        out by slot)."""
+        slots = [s if isinstance(s, int) else s.slot for s in seqs]
+        ctx = kvcache.step_context(self.cache, slots, positions)
         dev = self.lm.device
         extra = {}
         if getattr(self.lm.model, "peft_config", None):  # rows pick their adapter (PEFT mixed-batch LoRA)
-            extra["adapter_names"] = [s.adapter or "__base__" for s in seqs]
+            if adapters is None:
+                adapters = [s.adapter for s in seqs]
+            extra["adapter_names"] = [a or "__base__" for a in adapters]
         with kvcache.use(ctx), _attention_backends(dev), torch.inference_mode():
             out = self.lm.model(
                 input_ids=ids.to(dev), position_ids=positions.clamp(min=0).to(dev), use_cache=False,
@@ -319,15 +325,23 @@ class Engine:
         batch = [s for s in self.running if not s.prefilling and not s.finished]
         if not batch:
             return
+        # one row per slot 0..hi-1 (slots are handed out lowest first): attention then reads every row's keys
+        # in place; rows of free or still-prefilling slots write to the scratch position and are dropped
+        hi = max(s.slot for s in batch) + 1
+        ids, positions, adapters = [0] * hi, [-1] * hi, [None] * hi
+        for s in batch:
+            ids[s.slot], positions[s.slot] = s.generated[-1], len(s.prompt) + len(s.generated) - 1
+            adapters[s.slot] = s.adapter
+        rows = [s.slot for s in batch]
         logits = None
         if self.graphs is not None and not getattr(self.lm.model, "peft_config", None):
             with torch.inference_mode():  # the fast path: one captured graph replay per step
-                logits = self.graphs.run([s.generated[-1] for s in batch], [s.slot for s in batch],
-                                         [len(s.prompt) + len(s.generated) - 1 for s in batch])
+                logits = self.graphs.run(ids, positions)
         if logits is None:
-            ids = torch.tensor([[s.generated[-1]] for s in batch])
-            positions = torch.tensor([[len(s.prompt) + len(s.generated) - 1] for s in batch], dtype=torch.long)
-            logits = self._forward(ids, batch, positions)[:, -1]
+            logits = self._forward(torch.tensor(ids).unsqueeze(1), list(range(hi)), torch.tensor(positions).unsqueeze(1),
+                                   adapters=adapters)[:, -1]
+        if rows != list(range(hi)):
+            logits = logits[torch.tensor(rows, device=logits.device)]
         self.stats.steps += 1
         self.stats.decode_tokens += len(batch)
         self.stats.max_batch = max(self.stats.max_batch, len(batch))

@@ -1,18 +1,23 @@
-"""Training data: read JSON / JSONL / CSV files, detect the format (Alpaca, chat messages, plain
-completion), and turn records into (prompt messages or text, response) examples. Every malformed
-record is reported with its line or row, never skipped silently."""
+"""Training data: read JSON / JSONL / CSV / Parquet files, a folder of them, or a dataset repo on the
+Hugging Face hub; detect the format (Alpaca, chat messages, plain completion), and turn records into
+(prompt messages or text, response) examples. Every malformed record is reported with its file and line
+or row, never skipped silently."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from codellm.errors import InvalidRequest
 
 FORMATS = ("auto", "alpaca", "chat", "completion")
+SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
+_HUB_ID = re.compile(r"^(?:hf://datasets/)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?$")
 
 
 @dataclass
@@ -57,7 +62,44 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
             return [(n, dict(row)) for n, row in enumerate(reader, 2)]  # row 1 is the header
-    raise InvalidRequest(f"{path.name}: unsupported data format {suffix!r} (use .jsonl, .json or .csv)", param="data")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise InvalidRequest(f"{path.name}: not a readable Parquet file ({exc})", param="data") from None
+        return list(enumerate(table.to_pylist(), 1))
+    raise InvalidRequest(f"{path.name}: unsupported data format {suffix!r} (use {', '.join(SUFFIXES)})", param="data")
+
+
+def data_files(source: str | Path, status: Callable[[str], None] = lambda s: None) -> list[Path]:
+    """The files behind ``--data``: a file, a folder of data files, or a hub dataset repo (``owner/name``,
+    ``hf://datasets/owner/name``, optionally ``@revision``) fetched through huggingface_hub. Folders and
+    repos with split files use the train split."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        match = _HUB_ID.match(str(source))
+        if not match:
+            raise InvalidRequest(f"no such data file: {source}", param="data")
+        from huggingface_hub import snapshot_download
+
+        repo, revision = match.groups()
+        status(f"downloading dataset {repo} from the hub")
+        try:
+            path = Path(snapshot_download(repo, repo_type="dataset", revision=revision,
+                                          allow_patterns=[f"*{s}" for s in SUFFIXES]))
+        except Exception as exc:  # not found, gated, offline: all mean no data
+            raise InvalidRequest(f"no such data file, and no dataset {repo} on the hub ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''})", param="data") from None
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    train = [p for p in files if re.search(r"(^|[^a-z])train([^a-z]|$)", str(p.relative_to(path)).lower())]
+    if not (train or files):
+        raise InvalidRequest(f"{source}: no data files ({', '.join(SUFFIXES)})", param="data")
+    return train or files
 
 
 def detect(record: dict) -> str:
@@ -108,16 +150,20 @@ def to_example(record: dict, fmt: str, where: str) -> Example:
     raise InvalidRequest(f"unknown data format {fmt!r} (use one of {', '.join(FORMATS)})", param="format")
 
 
-def load_examples(path: str | Path, fmt: str = "auto") -> tuple[list[Example], str, str]:
-    """(examples, the format used, sha256 of the data file)."""
-    records = read_records(path)
+def load_examples(source: str | Path, fmt: str = "auto", status: Callable[[str], None] = lambda s: None
+                  ) -> tuple[list[Example], str, str]:
+    """(examples, the format used, sha256 over the data files' bytes)."""
+    files = data_files(source, status)
+    records = [(f"{f.name}:{n}", rec) for f in files for n, rec in read_records(f)]
     if not records:
-        raise InvalidRequest(f"{Path(path).name}: no records", param="data")
+        raise InvalidRequest(f"{Path(source).name}: no records", param="data")
     if fmt == "auto":
         try:
             fmt = detect(records[0][1])
         except InvalidRequest as exc:
-            raise InvalidRequest(f"{Path(path).name}:{records[0][0]}: {exc.message}", param="data") from None
-    examples = [to_example(rec, fmt, f"{Path(path).name}:{n}") for n, rec in records]
-    digest = "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return examples, fmt, digest
+            raise InvalidRequest(f"{records[0][0]}: {exc.message}", param="data") from None
+    examples = [to_example(rec, fmt, where) for where, rec in records]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return examples, fmt, "sha256:" + digest.hexdigest()

@@ -4,10 +4,13 @@ On a GPU the base loads in nf4 (double quantization, bf16 compute) with paged 8-
 is plain LoRA over fp32 weights with torch AdamW, and says so. Loss is a mean over response tokens
 across the whole accumulation window (not a mean of per-batch means). Checkpoints hold the adapter,
 optimizer, scheduler, RNG and data position, so ``resume`` continues exactly where a run stopped.
+A seeded slice of the data is held out: eval loss and chrF of greedy answers at each epoch's end.
+Under ``torchrun`` / ``accelerate launch`` the same function trains data-parallel (``distributed``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -45,6 +48,9 @@ class TrainConfig(msgspec.Struct, kw_only=True):
     quantize: str | None = None  # nf4 on GPU (default there); None on CPU
     gradient_checkpointing: bool = True
     packing: bool = False  # several samples per row, isolated from each other
+    eval_split: float = 0.05  # fraction held out for eval loss and chrF (none when that is under one example)
+    eval_data: str | None = None  # a separate eval file or hub dataset instead of a split
+    eval_samples: int = 4  # eval examples answered greedily for chrF
 
 
 PRESETS: dict[str, dict] = {
@@ -72,10 +78,6 @@ class Progress(msgspec.Struct):
     eta_s: float
 
 
-def _batches(order: list[int], size: int) -> list[list[int]]:
-    return [order[i:i + size] for i in range(0, len(order), size)]
-
-
 def pack(encoded: list[tuple[list[int], list[int]]], max_len: int) -> list[tuple[list[int], list[int], list[int]]]:
     """Pack samples into rows of at most ``max_len`` tokens (first fit, longest first). Each sample keeps
     its own positions from 0, which transformers turns into a block-diagonal causal mask: packed samples
@@ -92,34 +94,56 @@ def pack(encoded: list[tuple[list[int], list[int]]], max_len: int) -> list[tuple
     return rows
 
 
-def _collate(items: list[tuple], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(ids, labels, attention mask, position ids): packed rows carry positions and no mask."""
-    width = max(len(item[0]) for item in items)
-    ids = torch.full((len(items), width), pad, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    packed = len(items[0]) == 3
-    positions = torch.zeros((len(items), width), dtype=torch.long) if packed else None
-    for row, item in enumerate(items):
-        i, lab = item[0], item[1]
-        ids[row, :len(i)] = torch.tensor(i)
-        labels[row, :len(lab)] = torch.tensor(lab)
-        mask[row, :len(i)] = 1
-        if packed:  # padding continues as one more "sample" of its own
-            positions[row, :len(i)] = torch.tensor(item[2])
-            positions[row, len(i):] = torch.arange(width - len(i))
-    return ids, labels, (None if packed else mask), positions
+def load_for_training(model_dir: Path, cfg: TrainConfig, dev: torch.device, quantize: str | None):
+    """The base in bf16 (GPU) / fp32 (CPU), or nf4 with double quantization and bf16 compute, with LoRA
+    adapters on top. Unlike peft's ``prepare_model_for_kbit_training`` nothing is upcast to fp32: the
+    embedding and output layer stay 16-bit (the upcast of a 128k vocabulary costs GBs and buys nothing
+    for frozen weights)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    kwargs = {"dtype": dtype}
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": dev}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)
+    if not quantize:
+        model.to(dev)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
+                      target_modules=cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(","))
+    return get_peft_model(model, lora)
 
 
-def _token_loss_sum(model, ids, labels, mask, positions=None) -> torch.Tensor:
-    """Sum of next-token losses over labelled positions (so accumulation can divide by the window's count)."""
-    if positions is not None:
-        logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, :-1].float()
-    else:
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-    target = labels[:, 1:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum")
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, quantize: str | None):
+    if quantize:
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr)
+    return torch.optim.AdamW(params, lr=cfg.lr, fused=params[0].is_cuda if params else None)
+
+
+def _labelled(items) -> int:
+    return sum(sum(1 for t in item[1][1:] if t != IGNORE) for item in items)
+
+
+def _split(encoded: list, cfg: TrainConfig) -> tuple[list, list]:
+    """(train, eval): a seeded random ``eval_split`` fraction is held out, when there are enough examples."""
+    n_eval = int(len(encoded) * cfg.eval_split)
+    if n_eval < 1 or len(encoded) - n_eval < 1:
+        return encoded, []
+    order = list(range(len(encoded)))
+    random.Random(cfg.seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(encoded) if i not in held], [encoded[i] for i in sorted(held)]
 
 
 def train(
@@ -136,27 +160,33 @@ def train(
     status: Callable[[str], None] = lambda s: None,
 ):
     """Fine-tune ``base`` on ``data_path``; returns the registry entry of adapter model ``name`` (or None
-    when ``stop_after`` stopped the run early, leaving a checkpoint to resume from)."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    when ``stop_after`` stopped the run early, leaving a checkpoint to resume from, and on ranks other
+    than 0 of a data-parallel run)."""
+    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+    from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
     from codellm.engine.loader import resolve, weights_identity
     from codellm.registry.names import ModelName
+    from codellm.trainer import distributed, evaluate
+    from codellm.trainer.loss import CausalLMLoss, collate
 
     cfg = config or TrainConfig()
     target = ModelName.parse(name)
     entry, weights = resolve(registry, base)
     if entry.manifest.is_adapter:
         raise InvalidRequest(f"{base} is an adapter: train on its base model ({entry.manifest.config.base})")
+    world = distributed.setup(device)
+    dev = world.device
+    say = status if world.main else (lambda s: None)
     workdir = registry.home / "train" / f"{target.namespace}--{target.model}--{target.tag}"
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quantize = cfg.quantize if cfg.quantize is not None else ("nf4" if dev.type == "cuda" else None)
     if quantize and dev.type != "cuda":
         raise InvalidRequest("nf4 (QLoRA) needs a CUDA GPU; on CPU codellm trains plain LoRA", param="quantize")
-    status(f"{'QLoRA (nf4 base, bf16 compute)' if quantize else 'LoRA (no GPU: plain LoRA on fp32 weights)'} on {dev}")
+    say(f"{'QLoRA (nf4 base, bf16 compute)' if quantize else 'LoRA (no GPU: plain LoRA on fp32 weights)'} on {dev}"
+        + (f", data-parallel over {world.size} processes" if world.size > 1 else ""))
 
-    examples, fmt, data_hash = datamod.load_examples(data_path, cfg.format)
+    examples, fmt, data_hash = datamod.load_examples(data_path, cfg.format, say)
     model_dir = registry.files_dir(weights, mt.FILE_LAYERS - {mt.ADAPTER}, key=f"w{weights_identity(weights)}")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
@@ -164,58 +194,48 @@ def train(
     template = cfg.template
     if template == "auto":
         template = "chat" if getattr(tokenizer, "chat_template", None) and fmt in ("chat", "alpaca") else "alpaca"
-    encoded, dropped, truncated = [], 0, 0
-    for ex in examples:
-        item = encode(ex, tokenizer, template, cfg.max_len)
-        if item is None:
-            dropped += 1
-            continue
-        ids, labels, cut = item
-        truncated += cut
-        encoded.append((ids, labels))
-    status(f"{len(encoded)} examples ({fmt}, {template} template); {truncated} truncated to {cfg.max_len} tokens, "
-           f"{dropped} dropped (prompt alone too long)")
+
+    def encode_all(exs):
+        out, dropped, truncated = [], 0, 0
+        for ex in exs:
+            item = encode(ex, tokenizer, template, cfg.max_len)
+            if item is None:
+                dropped += 1
+                continue
+            truncated += item[2]
+            out.append(item[:2])
+        return out, dropped, truncated
+
+    encoded, dropped, truncated = encode_all(examples)
+    say(f"{len(encoded)} examples ({fmt}, {template} template); {truncated} truncated to {cfg.max_len} tokens, "
+        f"{dropped} dropped (prompt alone too long)")
     if not encoded:
         raise InvalidRequest("no example fits in max_len", param="max_len")
+    if cfg.eval_data:
+        held, _, _ = encode_all(datamod.load_examples(cfg.eval_data, cfg.format, say)[0])
+    else:
+        encoded, held = _split(encoded, cfg)
+    if held:
+        say(f"{len(encoded)} train / {len(held)} eval examples (eval loss each epoch, chrF on "
+            f"{min(cfg.eval_samples, len(held))} generated answers)")
     n_examples = len(encoded)
     if cfg.packing:
         encoded = pack(encoded, cfg.max_len)
-        status(f"packed into {len(encoded)} rows of up to {cfg.max_len} tokens")
+        say(f"packed into {len(encoded)} rows of up to {cfg.max_len} tokens")
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    kwargs = {"dtype": dtype}
-    if quantize:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": dev}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)
-    if not quantize:
-        model.to(dev)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
-                      target_modules=cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(","))
-    model = get_peft_model(model, lora)
+    model = load_for_training(model_dir, cfg, dev, quantize)
     params = [p for p in model.parameters() if p.requires_grad]
-    if quantize:
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    per_epoch = math.ceil(len(encoded) / (cfg.batch_size * cfg.grad_accum))
+    optimizer = make_optimizer(params, cfg, quantize)
+    per_epoch = math.ceil(len(encoded) / (cfg.batch_size * cfg.grad_accum * world.size))
     total = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs))
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(total * cfg.warmup_ratio), total)
 
-    step, position = 0, 0  # optimizer steps taken, micro-batches consumed
+    step, position = 0, 0  # optimizer steps taken, micro-batches consumed (over all ranks)
     metrics_path = workdir / "metrics.jsonl"
     if resume:
-        ckpts = sorted(workdir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        ckpts = sorted(workdir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
         if not ckpts:
             raise InvalidRequest(f"nothing to resume: no checkpoint in {workdir}")
         last = ckpts[-1]
@@ -225,10 +245,11 @@ def train(
         state = json.loads((last / "state.json").read_text())
         step, position = state["step"], state["position"]
         torch.set_rng_state(torch.load(last / "rng.pt", weights_only=True))
-        status(f"resuming at step {step} from {last.name}")
-    else:
+        say(f"resuming at step {step} from {last.name}")
+    elif world.main:
         workdir.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
+    world.barrier()
 
     batches_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
 
@@ -239,23 +260,52 @@ def train(
         random.Random(cfg.seed + epoch).shuffle(order)
         return order[within * cfg.batch_size:(within + 1) * cfg.batch_size]
 
+    loss_fn = CausalLMLoss(model)
+    runner = world.wrap(loss_fn)  # DDP when data-parallel: the gradients sync through this module's forward
+    pad = tokenizer.pad_token_id
+
+    def log(record: dict) -> None:
+        if world.main:
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def run_eval(epoch: float) -> dict:
+        """Eval loss and chrF on rank 0 (the others wait): the eval set is small by design."""
+        record = {}
+        if held and world.main:
+            model.eval()
+            record = {"step": step, "epoch": round(epoch, 3),
+                      "eval_loss": evaluate.eval_loss(loss_fn, held, cfg.batch_size, pad, dev)}
+            if cfg.eval_samples:
+                pairs = evaluate.generate_samples(model, tokenizer, held[:cfg.eval_samples], dev)
+                record["eval_chrf"] = evaluate.chrf(pairs)
+                record["eval_samples"] = [{"generated": g[:500], "reference": r[:500]} for g, r in pairs[:2]]
+            log(record)
+            say(f"epoch {epoch:g}: eval loss {record['eval_loss']:.4f}"
+                + (f", chrF {record['eval_chrf']:.1f}" if "eval_chrf" in record else ""))
+            model.train()
+        world.barrier()
+        return record
+
     model.train()
-    started, tokens_seen = time.perf_counter(), 0
+    started, tokens_seen, last_eval = time.perf_counter(), 0, {}
+    start_step = step
     while step < total:
-        window, n_tokens = [], 0
-        for _ in range(cfg.grad_accum):
-            items = [encoded[i] for i in micro_batch(position)]
-            position += 1
-            window.append(items)
-            n_tokens += sum(sum(1 for t in item[1][1:] if t != IGNORE) for item in items)
+        window = []
+        for k in range(cfg.grad_accum):
+            window.append([encoded[i] for i in micro_batch(position + k * world.size + world.rank)])
+        position += cfg.grad_accum * world.size
+        n_tokens = world.sum(sum(_labelled(items) for items in window))  # the mean is over the whole window
         loss_total = 0.0
-        for items in window:
-            ids, labels, mask, positions = (t.to(dev) if t is not None else None
-                                            for t in _collate(items, tokenizer.pad_token_id))
-            loss = _token_loss_sum(model, ids, labels, mask, positions) / max(1, n_tokens)
-            loss.backward()
-            loss_total += loss.item()
+        for k, items in enumerate(window):
+            ids, labels, mask, positions = (t.to(dev) if t is not None else None for t in collate(items, pad))
+            sync = k == len(window) - 1 or world.size == 1
+            with (contextlib.nullcontext() if sync else runner.no_sync()):
+                loss = runner(ids, labels, mask, positions) * (world.size / max(1, n_tokens))  # DDP averages
+                loss.backward()
+            loss_total += loss.item() / world.size
             tokens_seen += sum(len(item[0]) for item in items)
+        loss_total = world.sum(loss_total)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -263,25 +313,36 @@ def train(
         step += 1
         elapsed = time.perf_counter() - started
         lr = scheduler.get_last_lr()[0]
-        record = {"step": step, "loss": loss_total, "lr": lr, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                  "elapsed_s": elapsed}
-        with metrics_path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        on_progress(Progress(step, total, loss_total, lr, record["tokens_per_s"], elapsed / step * (total - step)))
+        speed = world.sum(tokens_seen) / max(elapsed, 1e-9)
+        record = {"step": step, "loss": loss_total, "lr": lr, "tokens_per_s": speed, "elapsed_s": elapsed}
+        log(record)
+        if world.main:
+            on_progress(Progress(step, total, loss_total, lr, speed, elapsed / (step - start_step) * (total - step)))
+        epoch_done = position // batches_per_epoch > (position - cfg.grad_accum * world.size) // batches_per_epoch
+        if epoch_done or step == total:
+            last_eval = run_eval(position / batches_per_epoch) or last_eval
         if step % cfg.save_every == 0 or step == total or (stop_after and step >= stop_after):
-            _checkpoint(model, optimizer, scheduler, workdir / f"checkpoint-{step}", step, position)
+            if world.main:
+                _checkpoint(model, optimizer, scheduler, workdir / f"checkpoint-{step}", step, position)
+            world.barrier()
         if stop_after and step >= stop_after and step < total:
-            status(f"stopped after step {step}; continue with --resume")
+            say(f"stopped after step {step}; continue with --resume")
+            world.close()
             return None
 
+    if not world.main:
+        world.close()
+        return None
     plot_path = workdir / "training.png"
     from codellm.trainer.plot import plot_metrics
 
     plot_metrics(metrics_path, plot_path)
     adapter_dir = workdir / "adapter"
     model.save_pretrained(adapter_dir)
-    return _register(registry, target, entry, adapter_dir, metrics_path, plot_path, cfg, fmt, template, data_hash,
-                     quantize, n_examples)
+    entry = _register(registry, target, entry, adapter_dir, metrics_path, plot_path, cfg, fmt, template, data_hash,
+                      quantize, n_examples, world.size, last_eval)
+    world.close()
+    return entry
 
 
 def _checkpoint(model, optimizer, scheduler, path: Path, step: int, position: int) -> None:
@@ -298,14 +359,16 @@ def _checkpoint(model, optimizer, scheduler, path: Path, step: int, position: in
 
 
 def _register(registry, target, base_entry, adapter_dir: Path, metrics_path: Path, plot_path: Path, cfg: TrainConfig,
-              fmt: str, template: str, data_hash: str, quantize, n_examples: int):
+              fmt: str, template: str, data_hash: str, quantize, n_examples: int, processes: int, last_eval: dict):
     """The adapter lands in the registry: adapter files, training record, curves; it names its base by digest."""
     from codellm.registry.create import import_dir
 
     layers, _ = import_dir(registry, adapter_dir, adapter=True)
-    final = [json.loads(line) for line in metrics_path.read_text().splitlines()][-1]
+    final = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if "loss" in r][-1]
+    final.update({k: v for k, v in last_eval.items() if k in ("eval_loss", "eval_chrf")})
     record = {"config": msgspec.to_builtins(cfg), "data_format": fmt, "template": template, "data": data_hash,
-              "examples": n_examples, "method": "qlora-nf4" if quantize else "lora", "final": final}
+              "examples": n_examples, "method": "qlora-nf4" if quantize else "lora", "processes": processes,
+              "final": final}
     layers.append(registry.add_layer_bytes(mt.TRAINING, json.dumps(record, indent=2).encode(), "training.json"))
     layers.append(registry.add_layer_file(mt.TRAINING, metrics_path, "metrics.jsonl"))
     if plot_path.exists():

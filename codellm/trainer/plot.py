@@ -12,11 +12,16 @@ def plot_metrics(metrics_path: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
     steps = [r["step"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    ax1.plot(steps, [r["loss"] for r in rows], color="tab:blue")
-    ax1.set_ylabel("training loss")
+    ax1.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="training loss")
+    if evals:
+        ax1.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="tab:red", label="eval loss")
+        ax1.legend()
+    ax1.set_ylabel("loss")
     ax1.grid(alpha=0.3)
     ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange")
     ax2.set_ylabel("learning rate")
