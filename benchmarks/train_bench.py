@@ -140,7 +140,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--shape", args.shape, "--model-dir", str(args.model_dir), "--steps", str(args.steps),
                "--batch", str(args.batch), "--seq", str(args.seq), "--one", variant] + (["--bf16"] if args.bf16 else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(f"{variant} failed:\n{proc.stderr[-3000:]}", flush=True)

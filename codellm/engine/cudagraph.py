@@ -54,7 +54,8 @@ class GraphRunner:
         return self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, codellm_step=ctx).logits[:, -1]
 
     def _step(self, b: int, kv: int) -> torch.Tensor:
-        return self.forward(self.packed[0, :b].view(b, 1), self.packed[1, :b].view(b, 1), self.rows[:b], self.keys[:kv])
+        with kvcache.attention_backends(self.device):  # chosen at capture: never cuDNN (see attention_backends)
+            return self.forward(self.packed[0, :b].view(b, 1), self.packed[1, :b].view(b, 1), self.rows[:b], self.keys[:kv])
 
     def _capture(self, b: int, kv: int):
         stream = torch.cuda.Stream(self.device)

@@ -127,3 +127,14 @@ def register() -> str:
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, slot_attention)
     return ATTN_IMPLEMENTATION
+
+
+def attention_backends(device: torch.device):
+    """Keep torch's cuDNN SDPA off the decode path: it rebuilds its plan for every new KV length."""
+    if device.type != "cuda":
+        import contextlib
+
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

@@ -257,7 +257,7 @@ class Engine:
             if adapters is None:
                 adapters = [s.adapter for s in seqs]
             extra["adapter_names"] = [a or "__base__" for a in adapters]
-        with kvcache.use(ctx), _attention_backends(dev), torch.inference_mode():
+        with kvcache.use(ctx), kvcache.attention_backends(dev), torch.inference_mode():
             out = self.lm.model(
                 input_ids=ids.to(dev), position_ids=positions.clamp(min=0).to(dev), use_cache=False,
                 logits_to_keep=0 if all_logits else 1, **extra,
@@ -445,14 +445,3 @@ class Engine:
             seq.sink(out)
         except Exception:  # a sink must never break the loop
             log.exception("sink failed")
-
-
-def _attention_backends(device: torch.device):
-    """Keep torch's cuDNN SDPA off the decode path: it rebuilds its plan for every new KV length."""
-    if device.type != "cuda":
-        import contextlib
-
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
