@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 VARIANTS = {
     "baseline": "peft prepare_model_for_kbit_training + HF loss (full fp32 logits) + autocast, grad checkpointing",
-    "codellm": "codellm trainer: no fp32 upcast, chunked loss over labelled tokens, grad checkpointing",
+    "codellm": "codellm trainer: no fp32 upcast, autocast (no LoRA input casts), chunked loss, fused AdamW, grad checkpointing",
     "codellm-no-ckpt": "codellm trainer without gradient checkpointing",
 }
 
@@ -82,7 +82,7 @@ def run_variant(variant: str, model_dir: Path, steps: int, bsz: int, seq: int, q
         quantize = "nf4" if quant else None
         model = load_for_training(model_dir, cfg, torch.device("cuda"), quantize)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(params, cfg, quantize)
+        opt = make_optimizer(params, cfg)
         loss_fn = CausalLMLoss(model)
 
         def loss_of(x):
@@ -103,6 +103,15 @@ def run_variant(variant: str, model_dir: Path, steps: int, bsz: int, seq: int, q
     for i in range(3):
         step(i)
     torch.cuda.synchronize()
+    if os.environ.get("TRAIN_PROFILE"):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step(0)
+            torch.cuda.synchronize()
+        rows = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:25]
+        for e in rows:
+            print(f"PROF {e.self_device_time_total / 1000:9.2f} ms {e.count:6d}x  {e.key[:110]}", file=sys.stderr)
     t = time.perf_counter()
     losses = [float(step(i)) for i in range(steps)]
     torch.cuda.synchronize()

@@ -202,3 +202,99 @@ def test_training_with_packing_runs_and_registers(base_home, alpaca_file):
                   TrainConfig(packing=True, max_steps=3, batch_size=1, lr=1e-3, r=4, alpha=8, max_len=256),
                   status=messages.append)
     assert any(m.startswith("packed into 1 rows") for m in messages) and entry.manifest.is_adapter
+
+
+def _alpaca_rows(n: int) -> list[dict]:
+    """``n`` small Alpaca records (distinct, code-flavoured)."""
+    ops = [("add", "+"), ("subtract", "-"), ("multiply", "*"), ("divide", "/")]
+    rows = []
+    for i in range(n):
+        name, op = ops[i % len(ops)]
+        rows.append({"instruction": f"Write a Python function {name}_{i} that combines two numbers with {name}.",
+                     "input": "", "output": f"def {name}_{i}(a, b):\n    return a {op} b\n"})
+    return rows
+
+
+def test_parquet_data_from_a_hub_dataset_with_eval_split(tmp_path, base_home):
+    """`--data owner/name` downloads a dataset repo through huggingface_hub (from a local hub mirror), reads
+    its Parquet train split, holds out an eval split and logs eval loss and chrF; bad data is named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hubmirror import HubMirror
+
+    repo = tmp_path / "dataset"
+    (repo / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(_alpaca_rows(24)), repo / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(_alpaca_rows(3)), repo / "data" / "test-00000-of-00001.parquet")
+    (repo / "README.md").write_text("---\nlicense: mit\n---\n")
+    examples, fmt, digest = load_examples(repo)  # a local folder: its train files only
+    assert len(examples) == 24 and fmt == "alpaca" and digest.startswith("sha256:")
+
+    with HubMirror() as mirror:
+        mirror.add("acme/py-instruct", repo, repo_type="dataset")
+        env = {"CODELLM_HOME": str(base_home), "HF_ENDPOINT": mirror.url, "HF_HUB_CACHE": str(tmp_path / "hf")}
+        r = run_cli("train", "qwen2.5-coder:tiny", "--data", "acme/py-instruct", "--name", "hub-trained", "--max-steps", "4",
+                    "--batch-size", "4", "--eval-split", "0.25", "--eval-samples", "2", "--max-len", "256", "--rank", "4",
+                    "--alpha", "8", env=env, timeout=600)
+        assert r.returncode == 0, r.stderr
+        assert "downloading dataset acme/py-instruct" in r.stderr and "18 train / 6 eval examples" in r.stderr
+        assert any(p.startswith("GET /datasets/acme/py-instruct/resolve/") and p.endswith("train-00000-of-00001.parquet")
+                   for p in mirror.requests)
+        missing = run_cli("train", "qwen2.5-coder:tiny", "--data", "acme/nope", "--name", "x", env=env)
+        assert missing.returncode != 0 and "no dataset acme/nope on the hub" in missing.stderr
+
+    work = base_home / "train" / "library--hub-trained--latest"
+    records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in records if "eval_loss" in x]
+    assert len([x for x in records if "loss" in x]) == 4 and len(evals) == 1
+    assert evals[0]["eval_loss"] > 0 and 0 <= evals[0]["eval_chrf"] <= 100 and len(evals[0]["eval_samples"]) == 2
+    reg = Registry(base_home)
+    made = reg.get("hub-trained").manifest
+    record = json.loads(reg.read_layer(next(l for l in made.layers_of(mt.TRAINING) if l.filename == "training.json")))
+    assert record["final"]["eval_loss"] == evals[0]["eval_loss"] and record["examples"] == 18
+
+    bad = tmp_path / "bad.parquet"
+    rows = _alpaca_rows(3)
+    del rows[2]["output"]
+    rows[2]["response"] = "x"
+    pq.write_table(pa.Table.from_pylist(rows), bad)
+    with pytest.raises(InvalidRequest, match=r"bad.parquet:3: needs string fields 'instruction' and 'output'"):
+        load_examples(bad, "alpaca")
+
+
+def test_data_parallel_run_matches_a_single_process(tmp_path, base_home):
+    """`torchrun --nproc-per-node 2 -m codellm train` (gloo on CPU) takes the same steps as one process
+    accumulating the same global batch: same losses, same adapter; rank 0 alone writes."""
+    import subprocess
+    import sys
+
+    import torch  # noqa: F401  (torch.distributed.run is torchrun)
+
+    from codellm.trainer.loop import TrainConfig, train
+
+    data = tmp_path / "ops.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _alpaca_rows(8)))
+    reg = Registry(base_home)
+    train(reg, "qwen2.5-coder:tiny", data, "single", TrainConfig(max_steps=3, batch_size=2, grad_accum=2, dropout=0.0,
+          eval_split=0.0, lr=1e-3, r=4, alpha=8, max_len=128, seed=1))
+    env = {**__import__("os").environ, "CODELLM_HOME": str(base_home), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "codellm", "train", "qwen2.5-coder:tiny", "--data", str(data), "--name", "ddp",
+                        "--max-steps", "3", "--batch-size", "2", "--dropout", "0", "--eval-split", "0", "--lr", "1e-3",
+                        "--rank", "4", "--alpha", "8", "--max-len", "128", "--seed", "1"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "data-parallel over 2 processes" in r.stderr
+
+    def losses(name):
+        path = base_home / "train" / f"library--{name}--latest" / "metrics.jsonl"
+        return [json.loads(x)["loss"] for x in path.read_text().splitlines()]
+
+    assert len(losses("ddp")) == 3 and losses("ddp") == pytest.approx(losses("single"), rel=1e-4)
+    a = load_file(base_home / "train" / "library--single--latest" / "adapter" / "adapter_model.safetensors")
+    b = load_file(base_home / "train" / "library--ddp--latest" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) < 1e-5 for k in a)
+    made = reg.get("ddp").manifest
+    record = json.loads(reg.read_layer(next(l for l in made.layers_of(mt.TRAINING) if l.filename == "training.json")))
+    assert record["processes"] == 2

@@ -340,8 +340,9 @@ def _chat_loop(session, ask, prompt) -> None:
 
 @cli.command()
 @click.argument("base")
-@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Training data: .jsonl, .json or .csv (Alpaca, chat messages, or plain completion records).")
+@click.option("--data", "data_path", required=True,
+              help="Training data: a .jsonl/.json/.csv/.parquet file, a folder of them, or a hub dataset "
+                   "(owner/name[@revision]; its train split). Alpaca, chat messages or plain completion records.")
 @click.option("--name", required=True, help="Registry name of the adapter model to create.")
 @click.option("--format", "fmt", type=click.Choice(["auto", "alpaca", "chat", "completion"]), default="auto", show_default=True)
 @click.option("--template", type=click.Choice(["auto", "chat", "alpaca"]), default="auto", show_default=True,
@@ -364,17 +365,26 @@ def _chat_loop(session, ask, prompt) -> None:
 @click.option("--stop-after", type=click.IntRange(1), help="Stop (resumably) after N steps, e.g. in time-limited jobs.")
 @click.option("--no-gradient-checkpointing", is_flag=True, help="Faster, uses more memory.")
 @click.option("--packing", is_flag=True, help="Pack several samples per row (isolated by position ids): fewer pad tokens.")
+@click.option("--eval-split", type=click.FloatRange(0, 0.5), default=0.05, show_default=True,
+              help="Fraction of the data held out for eval loss and chrF at each epoch's end (0: none).")
+@click.option("--eval-data", help="Evaluate on this file or hub dataset instead of a split.")
+@click.option("--eval-samples", type=click.IntRange(0), default=4, show_default=True,
+              help="Eval examples answered greedily and scored with chrF.")
+@click.option("--optimizer", type=click.Choice(["adamw", "paged_adamw_8bit"]), default="adamw", show_default=True,
+              help="AdamW (fused on GPU) or bitsandbytes' paged 8-bit AdamW.")
 @click.option("--preset", type=click.Choice(["llama2-7b-python-18k", "llama3.2-1b-apps"]),
               help="The origin projects' settings; options given explicitly override them.")
 @click.pass_context
 def train(ctx, base, data_path, name, fmt, template, epochs, max_steps, lr, warmup_ratio, batch_size, grad_accum,
           max_grad_norm, max_len, r, alpha, dropout, target_modules, seed, save_every, resume, stop_after,
-          no_gradient_checkpointing, packing, preset):
+          no_gradient_checkpointing, packing, eval_split, eval_data, eval_samples, optimizer, preset):
     """Fine-tune BASE (a registry model) with LoRA on --data; the adapter becomes registry model --name.
 
-    On a GPU the base is 4-bit (QLoRA: nf4, double quantization, bf16 compute, paged 8-bit AdamW); on CPU
-    it is plain LoRA. Loss counts response tokens only. Writes metrics.jsonl and a PNG of the loss and
-    learning-rate curves beside the adapter; serve the result at once (`codellm serve`, unmerged).
+    On a GPU the base is 4-bit (QLoRA: nf4, double quantization, bf16 compute); on CPU it is plain LoRA.
+    Loss counts response tokens only. A held-out split gets eval loss and chrF each epoch. Writes
+    metrics.jsonl and a PNG of the loss and learning-rate curves beside the adapter; serve the result at
+    once (`codellm serve`, unmerged). Data-parallel on several GPUs: `torchrun --nproc-per-node N -m
+    codellm train ...` (or `accelerate launch -m codellm ...`).
     """
     from tqdm.auto import tqdm
 
@@ -385,7 +395,8 @@ def train(ctx, base, data_path, name, fmt, template, epochs, max_steps, lr, warm
     given = dict(format=fmt, template=template, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
                  lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                  warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, max_len=max_len, seed=seed,
-                 save_every=save_every, gradient_checkpointing=not no_gradient_checkpointing, packing=packing)
+                 save_every=save_every, gradient_checkpointing=not no_gradient_checkpointing, packing=packing,
+                 eval_split=eval_split, eval_data=eval_data, eval_samples=eval_samples, optimizer=optimizer)
     if preset:
         option = {"format": "fmt", "gradient_checkpointing": "no_gradient_checkpointing"}
         explicit = {k: v for k, v in given.items()

@@ -124,8 +124,10 @@ class Engine:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.step_lock = threading.Lock()  # held while a step runs: hold it to change the model safely
+        self._ready = threading.Event()  # set once decode graphs are captured (compiled): loading ends there
         self._thread = threading.Thread(target=self._loop, name=f"engine:{lm.name}", daemon=True)
         self._thread.start()
+        self._ready.wait()
 
     # -- API (any thread) ---------------------------------------------------------------
     @property
@@ -197,9 +199,12 @@ class Engine:
     # -- the loop (engine thread) ------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        if self.graphs is not None and not getattr(self.lm.model, "peft_config", None):
-            with self.step_lock:
-                self.graphs.warmup()
+        try:
+            if self.graphs is not None and not getattr(self.lm.model, "peft_config", None):
+                with self.step_lock:
+                    self.graphs.warmup()
+        finally:
+            self._ready.set()
         while not self._stop.is_set():
             idle = not self.waiting and not self.running
             try:

@@ -56,8 +56,17 @@ class CausalLMLoss(torch.nn.Module):
         self.chunked = (self.head is not None and self.decoder is not None
                         and not any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _HEAD_EXTRAS))
         self.chunk = max(128, chunk_elements // max(1, cfg.vocab_size))
+        # 16-bit models compute under autocast: PEFT keeps LoRA weights in fp32 and, outside autocast, casts
+        # every layer's input to fp32 and back (two activation-sized copies per adapted layer, each way)
+        ref = next((p for p in model.parameters() if p.is_floating_point() and not p.requires_grad), None)
+        self.autocast = ref.dtype if ref is not None and ref.dtype in (torch.bfloat16, torch.float16) else None
+        self.device_type = ref.device.type if ref is not None else "cpu"
 
     def forward(self, ids, labels, mask=None, positions=None) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            return self._loss(ids, labels, mask, positions)
+
+    def _loss(self, ids, labels, mask, positions) -> torch.Tensor:
         target = labels[:, 1:]
         if not self.chunked:
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
