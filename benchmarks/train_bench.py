@@ -28,6 +28,7 @@ VARIANTS = {
     "baseline": "peft prepare_model_for_kbit_training + HF loss (full fp32 logits) + autocast, grad checkpointing",
     "codellm": "codellm trainer: no fp32 upcast, autocast (no LoRA input casts), chunked loss, fused AdamW, grad checkpointing",
     "codellm-no-ckpt": "codellm trainer without gradient checkpointing",
+    "codellm-ckpt-12": "codellm trainer recomputing 12 of 16 layers (--checkpoint-layers 12)",
 }
 
 
@@ -78,7 +79,8 @@ def run_variant(variant: str, model_dir: Path, steps: int, bsz: int, seq: int, q
         from codellm.trainer.loop import TrainConfig, load_for_training, make_optimizer
         from codellm.trainer.loss import CausalLMLoss
 
-        cfg = TrainConfig(r=16, alpha=32, dropout=0.05, lr=2e-4, gradient_checkpointing=variant == "codellm")
+        cfg = TrainConfig(r=16, alpha=32, dropout=0.05, lr=2e-4, gradient_checkpointing=variant != "codellm-no-ckpt",
+                          checkpoint_layers=12 if variant == "codellm-ckpt-12" else None)
         quantize = "nf4" if quant else None
         model = load_for_training(model_dir, cfg, torch.device("cuda"), quantize)
         params = [p for p in model.parameters() if p.requires_grad]

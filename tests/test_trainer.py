@@ -298,3 +298,22 @@ def test_data_parallel_run_matches_a_single_process(tmp_path, base_home):
     made = reg.get("ddp").manifest
     record = json.loads(reg.read_layer(next(l for l in made.layers_of(mt.TRAINING) if l.filename == "training.json")))
     assert record["processes"] == 2
+
+
+def test_checkpoint_only_the_first_layers(tiny_dir, alpaca_file):
+    import torch
+    from transformers import AutoTokenizer
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from codellm.trainer.loop import TrainConfig, load_for_training
+    from codellm.trainer.loss import CausalLMLoss, collate
+    from codellm.trainer.prompts import encode
+
+    model = load_for_training(tiny_dir, TrainConfig(checkpoint_layers=1, r=4, alpha=8), torch.device("cpu"), None)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    examples, _, _ = load_examples(alpaca_file)
+    model.train()
+    CausalLMLoss(model)(*collate([encode(e, tok, "chat", 256)[:2] for e in examples], tok.pad_token_id)).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
