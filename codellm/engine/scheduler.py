@@ -134,6 +134,12 @@ class Engine:
     def slots(self) -> int:
         return self.cache.slots
 
+    @property
+    def _graphs_usable(self) -> bool:
+        """Captured graphs decode unless adapters are attached (PEFT's mixed-batch path is not capturable);
+        asked each step, since adapters can be attached to a loaded model at any time."""
+        return self.graphs is not None and not getattr(self.lm.model, "peft_config", None)
+
     def active(self) -> int:
         return self.slots - len(self.free_slots)
 
@@ -200,7 +206,7 @@ class Engine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         try:
-            if self.graphs is not None and not getattr(self.lm.model, "peft_config", None):
+            if self._graphs_usable:
                 with self.step_lock:
                     self.graphs.warmup()
         finally:
@@ -250,17 +256,13 @@ class Engine:
             seq.slot = self.free_slots.pop(0)
             self.running.append(seq)
 
-    def _forward(self, ids: torch.Tensor, seqs: list[Sequence] | list[int], positions: torch.Tensor, all_logits: bool = False,
-                 adapters: list[str | None] | None = None) -> torch.Tensor:
-        """One eager forward; ``seqs`` are sequences, or slot indices with their ``adapters`` (a decode laid
-        out by slot)."""
-        slots = [s if isinstance(s, int) else s.slot for s in seqs]
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: list[int], adapters: list[str | None],
+                 all_logits: bool = False) -> torch.Tensor:
+        """One eager forward: row i goes to cache slot ``slots[i]`` with adapter ``adapters[i]`` (None: base)."""
         ctx = kvcache.step_context(self.cache, slots, positions)
         dev = self.lm.device
         extra = {}
         if getattr(self.lm.model, "peft_config", None):  # rows pick their adapter (PEFT mixed-batch LoRA)
-            if adapters is None:
-                adapters = [s.adapter for s in seqs]
             extra["adapter_names"] = [a or "__base__" for a in adapters]
         with kvcache.use(ctx), kvcache.attention_backends(dev), torch.inference_mode():
             out = self.lm.model(
@@ -292,7 +294,8 @@ class Engine:
             for row, (seq, start, end) in enumerate(plan):  # left-padded: every row's last token is last
                 ids[row, width - (end - start):] = torch.tensor(seq.prompt[start:end])
                 positions[row, width - (end - start):] = torch.arange(start, end)
-            logits = self._forward(ids, [seq for seq, _, _ in plan], positions)
+            seqs = [seq for seq, _, _ in plan]
+            logits = self._forward(ids, positions, [s.slot for s in seqs], [s.adapter for s in seqs])
             self.stats.prefill_tokens += sum(end - start for _, start, end in plan)
             done = []
             for row, (seq, start, end) in enumerate(plan):
@@ -304,7 +307,7 @@ class Engine:
     def _prefill_one(self, seq: Sequence, start: int, end: int) -> None:
         ids = torch.tensor([seq.prompt[start:end]])
         positions = torch.arange(start, end).unsqueeze(0)
-        logits = self._forward(ids, [seq], positions, all_logits=seq.want_prompt_logprobs)
+        logits = self._forward(ids, positions, [seq.slot], [seq.adapter], all_logits=seq.want_prompt_logprobs)
         self.stats.prefill_tokens += end - start
         if seq.want_prompt_logprobs:
             with torch.inference_mode():
@@ -339,12 +342,12 @@ class Engine:
             adapters[s.slot] = s.adapter
         rows = [s.slot for s in batch]
         logits = None
-        if self.graphs is not None and not getattr(self.lm.model, "peft_config", None):
+        if self._graphs_usable:
             with torch.inference_mode():  # the fast path: one captured graph replay per step
                 logits = self.graphs.run(ids, positions)
         if logits is None:
-            logits = self._forward(torch.tensor(ids).unsqueeze(1), list(range(hi)), torch.tensor(positions).unsqueeze(1),
-                                   adapters=adapters)[:, -1]
+            logits = self._forward(torch.tensor(ids).unsqueeze(1), torch.tensor(positions).unsqueeze(1), list(range(hi)),
+                                   adapters)[:, -1]
         if rows != list(range(hi)):
             logits = logits[torch.tensor(rows, device=logits.device)]
         self.stats.steps += 1
