@@ -27,7 +27,7 @@ class World:
         """``value`` summed over ranks."""
         if self.size == 1:
             return value
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t.item())
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from codellm.trainer.loss import CausalLMLoss, collate
+from codellm.trainer.loss import CausalLMLoss, collate, labelled_tokens
 from codellm.trainer.prompts import IGNORE
 
 
@@ -20,7 +20,7 @@ def eval_loss(loss: CausalLMLoss, items: list[tuple[list[int], list[int]]], batc
             batch = items[i:i + batch_size]
             ids, labels, mask, positions = (t.to(device) if t is not None else None for t in collate(batch, pad))
             total += float(loss(ids, labels, mask, positions))
-            count += sum(sum(1 for t in lab[1:] if t != IGNORE) for _, lab in batch)
+            count += labelled_tokens(batch)
     return total / max(1, count)
 
 

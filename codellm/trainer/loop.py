@@ -150,10 +150,6 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig):
     return torch.optim.AdamW(params, lr=cfg.lr, fused=bool(params) and params[0].is_cuda)
 
 
-def _labelled(items) -> int:
-    return sum(sum(1 for t in item[1][1:] if t != IGNORE) for item in items)
-
-
 def _split(encoded: list, cfg: TrainConfig) -> tuple[list, list]:
     """(train, eval): a seeded random ``eval_split`` fraction is held out, when there are enough examples."""
     n_eval = int(len(encoded) * cfg.eval_split)
@@ -188,7 +184,7 @@ def train(
     from codellm.engine.loader import resolve, weights_identity
     from codellm.registry.names import ModelName
     from codellm.trainer import distributed, evaluate
-    from codellm.trainer.loss import CausalLMLoss, collate
+    from codellm.trainer.loss import CausalLMLoss, collate, labelled_tokens
 
     cfg = config or TrainConfig()
     target = ModelName.parse(name)
@@ -314,7 +310,7 @@ def train(
         for k in range(cfg.grad_accum):
             window.append([encoded[i] for i in micro_batch(position + k * world.size + world.rank)])
         position += cfg.grad_accum * world.size
-        n_tokens = world.sum(sum(_labelled(items) for items in window))  # the mean is over the whole window
+        n_tokens = world.sum(sum(labelled_tokens(items) for items in window))  # the mean is over the whole window
         loss_total = 0.0
         for k, items in enumerate(window):
             ids, labels, mask, positions = (t.to(dev) if t is not None else None for t in collate(items, pad))

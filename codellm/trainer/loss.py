@@ -38,6 +38,11 @@ def collate(items: list[tuple], pad: int) -> tuple[torch.Tensor, torch.Tensor, t
     return ids, labels, (None if packed else mask), positions
 
 
+def labelled_tokens(items: list[tuple]) -> int:
+    """How many next-token targets a batch of (ids, labels, ...) items has: the loss's denominator."""
+    return sum(sum(1 for t in item[1][1:] if t != IGNORE) for item in items)
+
+
 def _chunk_loss(hidden: torch.Tensor, target: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), target, reduction="sum")
 
