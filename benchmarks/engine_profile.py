@@ -51,7 +51,8 @@ def main():
     ap.add_argument("--batch", default="1,16,64")
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--slots", type=int, default=64)
-    ap.add_argument("--variants", default="graphs,compile", help="graphs, compile (torch.compile + graphs), eager")
+    ap.add_argument("--variants", default="graphs,graphs-sync,compile",
+                    help="graphs, graphs-sync (no overlap of host work), compile (torch.compile + graphs), eager")
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
@@ -60,7 +61,8 @@ def main():
     results = {}
     for variant in args.variants.split(","):
         t0 = time.perf_counter()
-        engine = Engine(lm, slots=args.slots, cuda_graphs=variant != "eager", compile=variant == "compile")
+        engine = Engine(lm, slots=args.slots, cuda_graphs=variant != "eager", compile=variant == "compile",
+                        overlap=variant != "graphs-sync")
         run(engine, 1, 2)  # load-time work (capture, compile) happens before the first step
         results[f"{variant}/load_s"] = round(time.perf_counter() - t0, 1)
         print(f"{variant}: ready in {results[f'{variant}/load_s']} s", flush=True)

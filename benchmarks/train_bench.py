@@ -26,9 +26,21 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 VARIANTS = {
     "baseline": "peft prepare_model_for_kbit_training + HF loss (full fp32 logits) + autocast, grad checkpointing",
-    "codellm": "codellm trainer: no fp32 upcast, autocast (no LoRA input casts), chunked loss, fused AdamW, grad checkpointing",
+    "codellm": "codellm trainer: no fp32 upcast, autocast (no LoRA input casts), chunked loss, fused AdamW, addmm LoRA, grad checkpointing",
     "codellm-no-ckpt": "codellm trainer without gradient checkpointing",
+    "codellm-no-ckpt-peft-lora": "codellm trainer without gradient checkpointing, PEFT's own LoRA forward",
     "codellm-ckpt-12": "codellm trainer recomputing 12 of 16 layers (--checkpoint-layers 12)",
+    "codellm-selective": "codellm trainer, selective recompute in every layer (--selective-checkpointing)",
+    "codellm-selective-ckpt-4": "codellm trainer, 4 layers fully recomputed, selective recompute in the other 12",
+}
+# TrainConfig settings of each codellm variant on top of the shared ones
+SETTINGS = {
+    "codellm": {},
+    "codellm-no-ckpt": {"gradient_checkpointing": False},
+    "codellm-no-ckpt-peft-lora": {"gradient_checkpointing": False, "fused_lora": False},
+    "codellm-ckpt-12": {"checkpoint_layers": 12},
+    "codellm-selective": {"selective_checkpointing": True},
+    "codellm-selective-ckpt-4": {"selective_checkpointing": True, "checkpoint_layers": 4},
 }
 
 
@@ -79,8 +91,7 @@ def run_variant(variant: str, model_dir: Path, steps: int, bsz: int, seq: int, q
         from codellm.trainer.loop import TrainConfig, load_for_training, make_optimizer
         from codellm.trainer.loss import CausalLMLoss
 
-        cfg = TrainConfig(r=16, alpha=32, dropout=0.05, lr=2e-4, gradient_checkpointing=variant != "codellm-no-ckpt",
-                          checkpoint_layers=12 if variant == "codellm-ckpt-12" else None)
+        cfg = TrainConfig(r=16, alpha=32, dropout=0.05, lr=2e-4, **SETTINGS[variant])
         quantize = "nf4" if quant else None
         model = load_for_training(model_dir, cfg, torch.device("cuda"), quantize)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -106,6 +106,37 @@ def test_decode_by_slot_with_free_and_prefilling_slots(loaded):
         engine.shutdown()
 
 
+def test_pipelined_decode_stop_token_and_slot_reuse(loaded):
+    """Greedy tokens are read a step late: a sequence that hits a stop token has one more row decoded on the
+    device, which must be dropped, and the next prompt admitted into its slot must not see it. A greedy
+    request with log-probabilities in the same batch forces the synchronous path in between."""
+    from codellm.engine.scheduler import Engine
+
+    tok = loaded.tokenizer
+    prompts = ["def fibonacci(n):\n", "class Stack:\n    def", "for i in range(10):"]
+    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    refs = [loaded.model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, len(ids):].tolist() for ids in encoded]
+    stop = refs[0][6]
+    cut = refs[0].index(stop)
+    engine = Engine(loaded, slots=2, prefill_chunk=512)
+    try:
+        sinks = [TokenSink() for _ in prompts]
+        logprob_sink = TokenSink()
+        engine.submit(encoded[0], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop], ignore_eos=True), sinks[0])
+        engine.submit(encoded[1], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), sinks[1])
+        engine.submit(encoded[2], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), sinks[2])
+        assert sinks[0].done.wait(60)
+        engine.submit(encoded[1], SamplingParams(temperature=0, max_tokens=8, logprobs=2, ignore_eos=True), logprob_sink)
+        assert all(sink.done.wait(60) for sink in sinks + [logprob_sink])
+        assert sinks[0].tokens == refs[0][:cut]
+        assert sinks[1].tokens == refs[1] and sinks[2].tokens == refs[2]  # the third reused the first one's slot
+        assert logprob_sink.tokens == refs[1][:8]
+        assert engine.active() == 0
+    finally:
+        engine.shutdown()
+
+
 def test_sampling_controls():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]] * 4)
     ids, _ = sample(logits, [SamplingParams(temperature=0)] * 4, [[]] * 4, [None] * 4)

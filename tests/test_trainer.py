@@ -317,3 +317,42 @@ def test_checkpoint_only_the_first_layers(tiny_dir, alpaca_file):
     model.train()
     CausalLMLoss(model)(*collate([encode(e, tok, "chat", 256)[:2] for e in examples], tok.pad_token_id)).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("variant", ["fused", "fused+selective", "fused+full", "selective-after-1"])
+def test_fused_lora_and_selective_recompute_match_peft(tiny_dir, alpaca_file, variant):
+    """The addmm LoRA forward and the selective recompute policy change what is stored and how, never the
+    numbers: same loss and same adapter gradients as PEFT's own forward without checkpointing, dropout on."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from codellm.trainer.loop import TrainConfig, load_for_training
+    from codellm.trainer.loss import CausalLMLoss, collate
+    from codellm.trainer.prompts import encode
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    examples, _, _ = load_examples(alpaca_file)
+    batch = collate([encode(e, tok, "chat", 256)[:2] for e in examples], tok.pad_token_id)
+    settings = {"fused": dict(gradient_checkpointing=False), "fused+selective": dict(selective_checkpointing=True),
+                "fused+full": dict(), "selective-after-1": dict(selective_checkpointing=True, checkpoint_layers=1)}
+
+    def run(cfg):
+        torch.manual_seed(0)
+        model = load_for_training(tiny_dir, cfg, torch.device("cpu"), None)
+        with torch.no_grad():  # B starts at zero: make the adapters contribute, so their path is tested
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.5)
+        model.train()
+        torch.manual_seed(1)
+        loss = CausalLMLoss(model)(*batch)
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    common = dict(r=4, alpha=8, dropout=0.2)
+    ref_loss, ref_grads = run(TrainConfig(**common, gradient_checkpointing=False, fused_lora=False))
+    loss, grads = run(TrainConfig(**common, **settings[variant]))
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -32,30 +32,42 @@ def _buckets(limit: int, start: int) -> list[int]:
 
 
 class GraphRunner:
-    def __init__(self, model, cache: kvcache.SlotCache, device: torch.device, *, min_kv: int = 128, compile: bool = False):
+    def __init__(self, model, cache: kvcache.SlotCache, device: torch.device, tokens: torch.Tensor, *, min_kv: int = 128,
+                 compile: bool = False):
         self.model, self.cache, self.device = model, cache, device
+        self.tokens = tokens  # [slots] each slot's last argmax, on the device: the next step can read its input there
         self.batch_buckets = _buckets(cache.slots, 1)
         self.kv_buckets = _buckets(cache.max_len + 1, min(min_kv, cache.max_len + 1))
         bmax = self.batch_buckets[-1]
-        self.staging = torch.zeros((2, bmax), dtype=torch.long, pin_memory=True)
-        self.packed = torch.zeros((2, bmax), dtype=torch.long, device=device)  # ids, positions
+        # ids, positions, take (1: this row's input is ``tokens[row]``); two host buffers, so a step's inputs are
+        # written while the previous step's copy may still be pending
+        self.staging = torch.zeros((2, 3, bmax), dtype=torch.long, pin_memory=True)
+        self._flip = 0
+        self.packed = torch.zeros((3, bmax), dtype=torch.long, device=device)
         self.rows = torch.arange(bmax, device=device)
         self.keys = torch.arange(cache.max_len + 1, device=device)
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.disabled = False
         self.forward = self._forward
         if compile:
             self.forward = torch.compile(self._forward, dynamic=True)
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, take: torch.Tensor, rows: torch.Tensor,
+                 keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = ids.shape[0]
+        ids = torch.where(take.bool(), self.tokens[:b].view(b, 1), ids)
         mask = keys.view(1, 1, 1, -1) <= pos[:, None, :, None]
         ctx = kvcache.StepContext(self.cache, rows, pos, keys.shape[0], mask, None, {}, True)
-        return self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, codellm_step=ctx).logits[:, -1]
+        logits = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, codellm_step=ctx).logits[:, -1]
+        nxt = logits.argmax(dim=-1)
+        self.tokens[:b].copy_(nxt)
+        return logits, nxt
 
     def _step(self, b: int, kv: int) -> torch.Tensor:
         with kvcache.attention_backends(self.device):  # chosen at capture: never cuDNN (see attention_backends)
-            return self.forward(self.packed[0, :b].view(b, 1), self.packed[1, :b].view(b, 1), self.rows[:b], self.keys[:kv])
+            return self.forward(self.packed[0, :b].view(b, 1), self.packed[1, :b].view(b, 1), self.packed[2, :b].view(b, 1),
+                                self.rows[:b], self.keys[:kv])
 
     def _capture(self, b: int, kv: int):
         stream = torch.cuda.Stream(self.device)
@@ -83,9 +95,10 @@ class GraphRunner:
                         log.exception("CUDA graph capture failed; decoding eagerly")
                         self.disabled = True
 
-    def run(self, ids: list[int], positions: list[int]) -> torch.Tensor | None:
-        """Logits [len(ids), V] for one decode step whose row i is slot i (position -1: no sequence there),
-        or None when the graph path cannot run it."""
+    def run(self, ids: list[int], positions: list[int], take: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(logits [n, V], argmax [n]) on the device for one decode step whose row i is slot i (position -1: no
+        sequence there; take 1: the input is the slot's last argmax, still on the device), or None when the graph
+        path cannot run it. Nothing here waits for the device."""
         if self.disabled:
             return None
         n = len(ids)
@@ -94,9 +107,12 @@ class GraphRunner:
         if b is None or kv is None:
             return None
         scratch = self.cache.max_len
-        self.staging[0, :b] = torch.tensor(ids + [0] * (b - n))
-        self.staging[1, :b] = torch.tensor([p if p >= 0 else scratch for p in positions] + [scratch] * (b - n))
-        self.packed[:, :b].copy_(self.staging[:, :b], non_blocking=True)
+        staging = self.staging[self._flip]
+        self._flip ^= 1
+        pad = [0] * (b - n)
+        staging[:, :b] = torch.tensor([ids + pad, [p if p >= 0 else scratch for p in positions] + [scratch] * (b - n),
+                                       take + pad])
+        self.packed[:, :b].copy_(staging[:, :b], non_blocking=True)
         key = (b, kv)
         if key not in self.graphs:
             try:
@@ -105,6 +121,6 @@ class GraphRunner:
                 log.exception("CUDA graph capture failed; decoding eagerly from now on")
                 self.disabled = True
                 return None
-        graph, out = self.graphs[key]
+        graph, (logits, tokens) = self.graphs[key]
         graph.replay()
-        return out[:n]
+        return logits[:n], tokens[:n]

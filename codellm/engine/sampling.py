@@ -31,6 +31,12 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     def greedy(self) -> bool:
         return self.temperature <= 1e-5 or self.top_k == 1
 
+    @property
+    def plain_greedy(self) -> bool:
+        """The argmax of the raw logits is the token: no penalties, bias or log-probabilities to compute."""
+        return (self.greedy and self.logprobs is None and not self.logit_bias and self.repetition_penalty == 1.0
+                and not self.presence_penalty and not self.frequency_penalty)
+
 
 @dataclass
 class TokenLogprob:
@@ -59,8 +65,7 @@ def sample(
     generators: list[torch.Generator | None],
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Pick one token per row of ``logits`` [B, V]; ``histories`` are each row's generated ids."""
-    if all(p.greedy and p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0
-           and not p.presence_penalty and not p.frequency_penalty for p in params):
+    if all(p.plain_greedy for p in params):
         return logits.argmax(dim=-1).tolist(), [None] * len(params)  # the common case: one op, one sync
     logits = logits.float()
     want_logprobs = any(p.logprobs is not None for p in params)

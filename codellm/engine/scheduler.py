@@ -69,6 +69,12 @@ class Sequence:
     prompt_logprobs: list[float | None] | None = None
     json: JsonPrefix | None = None
     adapter: str | None = None
+    inflight: int = 0  # tokens decoded on the device whose ids the host has not read yet
+
+    @property
+    def pipelined(self) -> bool:
+        """Its next token is the plain argmax, picked on the device: the host may read it a step later."""
+        return self.params.plain_greedy and self.json is None
 
     @property
     def prefilling(self) -> bool:
@@ -98,7 +104,7 @@ class Stats:
 
 class Engine:
     def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int | None = None,
-                 cuda_graphs: bool = True, compile: bool = False):
+                 cuda_graphs: bool = True, compile: bool = False, overlap: bool = True):
         self.lm = lm
         cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
         slots = slots or (64 if lm.device.type == "cuda" else 8)
@@ -108,11 +114,18 @@ class Engine:
             head_dim=head_dim, max_len=lm.max_len, dtype=lm.dtype if lm.dtype != torch.float32 or lm.device.type == "cpu" else torch.float32,
             device=lm.device,
         )
+        # each slot's last argmax stays on the device, where the next decode step reads its input
+        self.last_tokens = torch.zeros(slots, dtype=torch.long, device=lm.device)
+        cuda = lm.device.type == "cuda"
+        self._host_tokens = [torch.zeros(slots, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._flip = 0
+        self._inflight: tuple[list[Sequence], torch.Tensor, torch.cuda.Event | None] | None = None
         self.graphs = None
-        if cuda_graphs and lm.device.type == "cuda":
+        if cuda_graphs and cuda:
             from codellm.engine.cudagraph import GraphRunner
 
-            self.graphs = GraphRunner(lm.model, self.cache, lm.device, compile=compile)
+            self.graphs = GraphRunner(lm.model, self.cache, lm.device, self.last_tokens, compile=compile)
+        self.overlap = overlap  # read greedy tokens a step late, while the device runs the next step (see _decode)
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk or (2048 if lm.device.type == "cuda" else 512)
         self.free_slots = list(range(slots))
@@ -223,6 +236,7 @@ class Engine:
                     self._decode()
             except Exception as exc:  # never let one bad batch kill the engine
                 log.exception("engine step failed")
+                self._inflight = None
                 for seq in list(self.running):
                     self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
         for seq in list(self.running) + list(self.waiting):
@@ -330,31 +344,83 @@ class Engine:
             self._sample([seqs[i] for i in keep], logits[keep])
 
     def _decode(self) -> None:
-        batch = [s for s in self.running if not s.prefilling and not s.finished]
-        if not batch:
+        """One decode step for every running sequence. When all of them want the plain argmax, the step's tokens
+        stay on the device (the next step reads its inputs there) and the host reads them one step later, while
+        the device runs the next step: detokenization, stop checks and HTTP work overlap the forward pass. A
+        sequence that stopped is then decoded one step too many, and that token is dropped."""
+        batch = [s for s in self.running if not s.prefilling and not s.finished and len(s.generated) + s.inflight < s.max_new]
+        if not batch or not self.overlap or not all(s.pipelined for s in batch):
+            self._complete()  # the host needs every token so far
+            batch = [s for s in self.running if not s.prefilling and not s.finished]
+            if not batch:
+                return
+            logits, _ = self._decode_step(batch)
+            rows = [s.slot for s in batch]
+            if rows != list(range(logits.shape[0])):
+                logits = logits[torch.tensor(rows, device=logits.device)]
+            self._sample(batch, logits)
             return
+        _, tokens = self._decode_step(batch)
+        host = self._host_tokens[self._flip]
+        self._flip ^= 1
+        host[:tokens.shape[0]].copy_(tokens, non_blocking=True)
+        event = None
+        if tokens.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        for s in batch:
+            s.inflight += 1
+        self._complete()  # the previous step's tokens, read while the device runs this one
+        self._inflight = ([(s, s.slot) for s in batch], host, event)
+
+    def _complete(self) -> None:
+        if self._inflight is None:
+            return
+        launched, host, event = self._inflight
+        self._inflight = None
+        if event is not None:
+            event.synchronize()
+        tokens = host.tolist()
+        live = []
+        for seq, slot in launched:
+            seq.inflight -= 1
+            if not seq.finished:  # a sequence that stopped a step ago: drop the extra token
+                live.append((seq, tokens[slot]))
+        if live:
+            self._emit([s for s, _ in live], [t for _, t in live], [None] * len(live))
+
+    def _decode_step(self, batch: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Launch one decode step; (logits, argmax) by slot 0..hi-1, still on the device."""
         # one row per slot 0..hi-1 (slots are handed out lowest first): attention then reads every row's keys
         # in place; rows of free or still-prefilling slots write to the scratch position and are dropped
         hi = max(s.slot for s in batch) + 1
-        ids, positions, adapters = [0] * hi, [-1] * hi, [None] * hi
+        ids, positions, take, adapters = [0] * hi, [-1] * hi, [0] * hi, [None] * hi
         for s in batch:
-            ids[s.slot], positions[s.slot] = s.generated[-1], len(s.prompt) + len(s.generated) - 1
+            positions[s.slot] = len(s.prompt) + len(s.generated) + s.inflight - 1
+            if s.inflight:
+                take[s.slot] = 1
+            else:
+                ids[s.slot] = s.generated[-1]
             adapters[s.slot] = s.adapter
-        rows = [s.slot for s in batch]
-        logits = None
+        out = None
         if self._graphs_usable:
             with torch.inference_mode():  # the fast path: one captured graph replay per step
-                logits = self.graphs.run(ids, positions)
-        if logits is None:
-            logits = self._forward(torch.tensor(ids).unsqueeze(1), torch.tensor(positions).unsqueeze(1), list(range(hi)),
-                                   adapters)[:, -1]
-        if rows != list(range(hi)):
-            logits = logits[torch.tensor(rows, device=logits.device)]
+                out = self.graphs.run(ids, positions, take)
+        if out is None:
+            dev = self.lm.device
+            with torch.inference_mode():
+                inputs = torch.where(torch.tensor(take, dtype=torch.bool).to(dev), self.last_tokens[:hi],
+                                     torch.tensor(ids).to(dev))
+                logits = self._forward(inputs.unsqueeze(1), torch.tensor(positions).unsqueeze(1), list(range(hi)),
+                                       adapters)[:, -1]
+                argmax = logits.argmax(dim=-1)
+                self.last_tokens[:hi] = argmax
+            out = (logits, argmax)
         self.stats.steps += 1
         self.stats.decode_tokens += len(batch)
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
         self.stats.batch_sizes[len(batch)] += 1
-        self._sample(batch, logits)
+        return out
 
     def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> None:
         with torch.inference_mode():
@@ -365,6 +431,10 @@ class Engine:
                 if infos[row] is not None and infos[row].token_id != tokens[row]:
                     lp = torch.log_softmax(logits[row].float(), dim=-1)
                     infos[row] = TokenLogprob(tokens[row], float(lp[tokens[row]]), infos[row].top)
+        self._emit(batch, tokens, infos)
+
+    def _emit(self, batch: list[Sequence], tokens: list[int], infos: list[TokenLogprob | None]) -> None:
+        """Append each sequence's new token and tell its sink: text, stop strings, finish reasons."""
         pieces = self._detokenize(batch, tokens)
         for seq, token, info, piece in zip(batch, tokens, infos, pieces):
             seq.generated.append(token)
