@@ -216,6 +216,10 @@ def environment() -> dict:
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
+    from importlib.util import find_spec
+
+    # what uvicorn serves with: uvloop and httptools (litestar[standard]) when installed, else asyncio and h11
+    info["server_io"] = "+".join(m for m in ("uvloop", "httptools") if find_spec(m)) or "asyncio+h11"
     return info
 
 
@@ -249,7 +253,7 @@ def main() -> None:
     ap.add_argument("--quantize", choices=["nf4"], help="Serve (and baseline) 4-bit.")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--server-args", default="", help="Extra `codellm serve` options, e.g. '--compile'.")
+    ap.add_argument("--server-args", default="", help="Extra `codellm serve` options, e.g. '--no-compile'.")
     args = ap.parse_args()
 
     levels = [int(c) for c in args.concurrency.split(",")]

@@ -26,21 +26,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 VARIANTS = {
     "baseline": "peft prepare_model_for_kbit_training + HF loss (full fp32 logits) + autocast, grad checkpointing",
-    "codellm": "codellm trainer: no fp32 upcast, autocast (no LoRA input casts), chunked loss, fused AdamW, addmm LoRA, grad checkpointing",
+    "codellm": "codellm trainer: no fp32 upcast, autocast (no LoRA input casts), chunked loss, fused AdamW, grad checkpointing",
     "codellm-no-ckpt": "codellm trainer without gradient checkpointing",
-    "codellm-no-ckpt-peft-lora": "codellm trainer without gradient checkpointing, PEFT's own LoRA forward",
     "codellm-ckpt-12": "codellm trainer recomputing 12 of 16 layers (--checkpoint-layers 12)",
-    "codellm-selective": "codellm trainer, selective recompute in every layer (--selective-checkpointing)",
-    "codellm-selective-ckpt-4": "codellm trainer, 4 layers fully recomputed, selective recompute in the other 12",
 }
 # TrainConfig settings of each codellm variant on top of the shared ones
 SETTINGS = {
     "codellm": {},
     "codellm-no-ckpt": {"gradient_checkpointing": False},
-    "codellm-no-ckpt-peft-lora": {"gradient_checkpointing": False, "fused_lora": False},
     "codellm-ckpt-12": {"checkpoint_layers": 12},
-    "codellm-selective": {"selective_checkpointing": True},
-    "codellm-selective-ckpt-4": {"selective_checkpointing": True, "checkpoint_layers": 4},
 }
 
 

@@ -10,6 +10,9 @@ position. The mask is computed inside the graph from the positions.
 With ``compile=True`` the step is first compiled by ``torch.compile`` (inductor fuses the norms,
 rotary embedding and activations of every layer into a few kernels) and the compiled step is what the
 graphs capture: at batch 1 the step is made of hundreds of tiny kernels, so fewer of them is the win.
+
+The step ends with the argmax of every row, written to a per-slot buffer on the device: a greedy
+sequence's next step takes its input from there (``take``), so consecutive steps need no host round trip.
 """
 
 from __future__ import annotations
@@ -53,21 +56,22 @@ class GraphRunner:
         if compile:
             self.forward = torch.compile(self._forward, dynamic=True)
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, take: torch.Tensor, rows: torch.Tensor,
-                 keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, take: torch.Tensor,
+                 ctx: kvcache.StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         b = ids.shape[0]
         ids = torch.where(take.bool(), self.tokens[:b].view(b, 1), ids)
-        mask = keys.view(1, 1, 1, -1) <= pos[:, None, :, None]
-        ctx = kvcache.StepContext(self.cache, rows, pos, keys.shape[0], mask, None, {}, True)
         logits = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, codellm_step=ctx).logits[:, -1]
         nxt = logits.argmax(dim=-1)
         self.tokens[:b].copy_(nxt)
         return logits, nxt
 
-    def _step(self, b: int, kv: int) -> torch.Tensor:
+    def _step(self, b: int, kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, pos, take = (self.packed[i, :b].view(b, 1) for i in range(3))
+        keys = self.keys[:kv]
+        mask = keys.view(1, 1, 1, -1) <= pos[:, None, :, None]
+        ctx = kvcache.StepContext(self.cache, self.rows[:b], pos, kv, mask, None, {}, True)
         with kvcache.attention_backends(self.device):  # chosen at capture: never cuDNN (see attention_backends)
-            return self.forward(self.packed[0, :b].view(b, 1), self.packed[1, :b].view(b, 1), self.packed[2, :b].view(b, 1),
-                                self.rows[:b], self.keys[:kv])
+            return self.forward(ids, pos, take, ctx)
 
     def _capture(self, b: int, kv: int):
         stream = torch.cuda.Stream(self.device)
@@ -83,17 +87,23 @@ class GraphRunner:
         return graph, out
 
     def warmup(self) -> None:
-        """Capture every bucket now (seconds at load) rather than stalling streams mid-generation."""
+        """Capture every bucket now (seconds at load) rather than stalling streams mid-generation. A compiled
+        step that fails to capture falls back to the plain one; a plain one that fails leaves decoding eager."""
         self.packed.zero_()
         self.packed[1].fill_(self.cache.max_len)  # capture-time writes land in the scratch position
         for b in self.batch_buckets:
             for kv in self.kv_buckets:
-                if (b, kv) not in self.graphs and not self.disabled:
+                while (b, kv) not in self.graphs and not self.disabled:
                     try:
                         self.graphs[(b, kv)] = self._capture(b, kv)
                     except Exception:
-                        log.exception("CUDA graph capture failed; decoding eagerly")
-                        self.disabled = True
+                        if self.forward is self._forward:
+                            log.exception("CUDA graph capture failed; decoding eagerly")
+                            self.disabled = True
+                        else:
+                            log.exception("capturing the compiled decode step failed; capturing it uncompiled")
+                            self.forward = self._forward
+                            self.graphs.clear()
 
     def run(self, ids: list[int], positions: list[int], take: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(logits [n, V], argmax [n]) on the device for one decode step whose row i is slot i (position -1: no

@@ -32,10 +32,10 @@ class LoadOptions:
     num_ctx: int | None = None
     slots: int | None = None
     max_queue: int = 256
-    prefill_chunk: int | None = None  # prompt tokens per step (default: 2048 on GPU, 512 on CPU)
+    prefill_chunk: int | None = None  # prompt tokens per step (default: 8192 on GPU, 512 on CPU)
     trust_remote_code: bool = False
     cuda_graphs: bool = True  # decode through captured CUDA graphs on GPUs (eager when off, or for adapters)
-    compile: bool = False  # torch.compile the graph-captured decode step
+    compile: bool = True  # torch.compile the graph-captured decode step (GPU only; falls back to plain graphs)
 
 
 @dataclass

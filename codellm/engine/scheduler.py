@@ -127,7 +127,9 @@ class Engine:
             self.graphs = GraphRunner(lm.model, self.cache, lm.device, self.last_tokens, compile=compile)
         self.overlap = overlap  # read greedy tokens a step late, while the device runs the next step (see _decode)
         self.max_queue = max_queue
-        self.prefill_chunk = prefill_chunk or (2048 if lm.device.type == "cuda" else 512)
+        # prompt tokens per step: a burst of 64 128-token prompts prefills in one forward on a GPU (time to first
+        # token), at the cost of one longer step for streams already decoding
+        self.prefill_chunk = prefill_chunk or (8192 if lm.device.type == "cuda" else 512)
         self.free_slots = list(range(slots))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []

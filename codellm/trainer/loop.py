@@ -25,8 +25,6 @@ from codellm.errors import InvalidRequest
 from codellm.registry import Registry
 from codellm.registry import manifest as mt
 from codellm.trainer import data as datamod
-from codellm.trainer import lora_forward
-from codellm.trainer.recompute import selective_checkpoint
 from codellm.trainer.prompts import IGNORE, encode
 
 
@@ -50,8 +48,6 @@ class TrainConfig(msgspec.Struct, kw_only=True):
     quantize: str | None = None  # nf4 on GPU (default there); None on CPU
     gradient_checkpointing: bool = True
     checkpoint_layers: int | None = None  # recompute only the first N decoder layers (None: all): speed for memory
-    selective_checkpointing: bool = False  # the other layers keep their large matmul outputs, recompute the rest
-    fused_lora: bool = True  # LoRA's product added onto the base output inside one addmm (lora_forward.py)
     optimizer: str = "adamw"  # adamw (fused on GPU) | paged_adamw_8bit (bitsandbytes; for LoRA the states are small either way)
     packing: bool = False  # several samples per row, isolated from each other
     eval_split: float = 0.05  # fraction held out for eval loss and chrF (none when that is under one example)
@@ -125,21 +121,15 @@ def load_for_training(model_dir: Path, cfg: TrainConfig, dev: torch.device, quan
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-        from transformers.modeling_layers import GradientCheckpointingLayer
+        if cfg.checkpoint_layers is not None:  # the layers past N keep their activations instead
+            from transformers.modeling_layers import GradientCheckpointingLayer
 
-        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        full = cfg.checkpoint_layers if cfg.checkpoint_layers is not None else 0 if cfg.selective_checkpointing else len(layers)
-        for layer in layers[full:]:  # past the first ``full`` layers: selective recompute, or none
-            if cfg.selective_checkpointing:
-                layer._gradient_checkpointing_func = selective_checkpoint(cfg.r)
-            else:
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            for layer in layers[cfg.checkpoint_layers:]:
                 layer.gradient_checkpointing = False
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
                       target_modules=cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(","))
-    model = get_peft_model(model, lora)
-    if cfg.fused_lora:
-        lora_forward.install(model)
-    return model
+    return get_peft_model(model, lora)
 
 
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
