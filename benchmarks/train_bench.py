@@ -29,12 +29,22 @@ VARIANTS = {
     "codellm": "codellm trainer: no fp32 upcast, autocast (no LoRA input casts), chunked loss, fused AdamW, grad checkpointing",
     "codellm-no-ckpt": "codellm trainer without gradient checkpointing",
     "codellm-ckpt-12": "codellm trainer recomputing 12 of 16 layers (--checkpoint-layers 12)",
+    "codellm-compile": "codellm trainer, decoder layers through torch.compile (--compile), grad checkpointing",
+    "codellm-no-ckpt-compile": "codellm trainer, --compile, no gradient checkpointing",
+    "codellm-ckpt-8-compile": "codellm trainer, --compile, recomputing 8 of 16 layers",
+    "codellm-ckpt-11-compile": "codellm trainer, --compile, recomputing 11 of 16 layers",
+    "codellm-ckpt-12-compile": "codellm trainer, --compile, recomputing 12 of 16 layers",
 }
 # TrainConfig settings of each codellm variant on top of the shared ones
 SETTINGS = {
     "codellm": {},
     "codellm-no-ckpt": {"gradient_checkpointing": False},
     "codellm-ckpt-12": {"checkpoint_layers": 12},
+    "codellm-compile": {"compile": True},
+    "codellm-no-ckpt-compile": {"compile": True, "gradient_checkpointing": False},
+    "codellm-ckpt-8-compile": {"compile": True, "checkpoint_layers": 8},
+    "codellm-ckpt-11-compile": {"compile": True, "checkpoint_layers": 11},
+    "codellm-ckpt-12-compile": {"compile": True, "checkpoint_layers": 12},
 }
 
 

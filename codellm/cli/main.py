@@ -367,6 +367,8 @@ def _chat_loop(session, ask, prompt) -> None:
 @click.option("--no-gradient-checkpointing", is_flag=True, help="Faster, uses more memory.")
 @click.option("--checkpoint-layers", type=click.IntRange(0), help="Recompute only the first N decoder layers in "
               "backward (default: all): each layer left out is faster and keeps its activations.")
+@click.option("--compile", "compile_layers", is_flag=True, help="torch.compile each decoder layer (fused element-wise "
+              "work; a minute or two at start).")
 @click.option("--packing", is_flag=True, help="Pack several samples per row (isolated by position ids): fewer pad tokens.")
 @click.option("--eval-split", type=click.FloatRange(0, 0.5), default=0.05, show_default=True,
               help="Fraction of the data held out for eval loss and chrF at each epoch's end (0: none).")
@@ -380,7 +382,7 @@ def _chat_loop(session, ask, prompt) -> None:
 @click.pass_context
 def train(ctx, base, data_path, name, fmt, template, epochs, max_steps, lr, warmup_ratio, batch_size, grad_accum,
           max_grad_norm, max_len, r, alpha, dropout, target_modules, seed, save_every, resume, stop_after,
-          no_gradient_checkpointing, checkpoint_layers, packing, eval_split, eval_data, eval_samples, optimizer, preset):
+          no_gradient_checkpointing, checkpoint_layers, compile_layers, packing, eval_split, eval_data, eval_samples, optimizer, preset):
     """Fine-tune BASE (a registry model) with LoRA on --data; the adapter becomes registry model --name.
 
     On a GPU the base is 4-bit (QLoRA: nf4, double quantization, bf16 compute); on CPU it is plain LoRA.
@@ -399,10 +401,10 @@ def train(ctx, base, data_path, name, fmt, template, epochs, max_steps, lr, warm
                  lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                  warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, max_len=max_len, seed=seed,
                  save_every=save_every, gradient_checkpointing=not no_gradient_checkpointing,
-                 checkpoint_layers=checkpoint_layers, packing=packing,
+                 checkpoint_layers=checkpoint_layers, compile=compile_layers, packing=packing,
                  eval_split=eval_split, eval_data=eval_data, eval_samples=eval_samples, optimizer=optimizer)
     if preset:
-        option = {"format": "fmt", "gradient_checkpointing": "no_gradient_checkpointing"}
+        option = {"format": "fmt", "gradient_checkpointing": "no_gradient_checkpointing", "compile": "compile_layers"}
         explicit = {k: v for k, v in given.items()
                     if ctx.get_parameter_source(option.get(k, k)) == ParameterSource.COMMANDLINE}
         cfg = make_preset(preset, **explicit)

@@ -119,7 +119,8 @@ class Engine:
         cuda = lm.device.type == "cuda"
         self._host_tokens = [torch.zeros(slots, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
         self._flip = 0
-        self._inflight: tuple[list[Sequence], torch.Tensor, torch.cuda.Event | None] | None = None
+        # the launched step whose tokens the host has not read: ((sequence, slot) rows, pinned host copy, its event)
+        self._inflight: tuple[list[tuple[Sequence, int]], torch.Tensor, torch.cuda.Event | None] | None = None
         self.graphs = None
         if cuda_graphs and cuda:
             from codellm.engine.cudagraph import GraphRunner

@@ -48,6 +48,7 @@ class TrainConfig(msgspec.Struct, kw_only=True):
     quantize: str | None = None  # nf4 on GPU (default there); None on CPU
     gradient_checkpointing: bool = True
     checkpoint_layers: int | None = None  # recompute only the first N decoder layers (None: all): speed for memory
+    compile: bool = False  # torch.compile each decoder layer: norms, rotary, activations, LoRA glue fused
     optimizer: str = "adamw"  # adamw (fused on GPU) | paged_adamw_8bit (bitsandbytes; for LoRA the states are small either way)
     packing: bool = False  # several samples per row, isolated from each other
     eval_split: float = 0.05  # fraction held out for eval loss and chrF (none when that is under one example)
@@ -122,14 +123,21 @@ def load_for_training(model_dir: Path, cfg: TrainConfig, dev: torch.device, quan
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         if cfg.checkpoint_layers is not None:  # the layers past N keep their activations instead
-            from transformers.modeling_layers import GradientCheckpointingLayer
-
-            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-            for layer in layers[cfg.checkpoint_layers:]:
+            for layer in _decoder_layers(model)[cfg.checkpoint_layers:]:
                 layer.gradient_checkpointing = False
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
                       target_modules=cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(","))
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if cfg.compile:  # per layer, not the whole model: one compiled graph serves every layer (and checkpointing)
+        for layer in _decoder_layers(model):
+            layer.compile()
+    return model
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
