@@ -137,6 +137,47 @@ def test_pipelined_decode_stop_token_and_slot_reuse(loaded):
         engine.shutdown()
 
 
+def test_stream_body_cleans_up_once_even_when_never_started(loaded):
+    """A response body the server drops before reading it (the client left before the first byte) still
+    cancels its generation and runs its cleanup; one read to the end runs the cleanup exactly once."""
+    import asyncio
+    import gc
+    import time
+
+    from codellm.engine.scheduler import Engine
+    from codellm.engine.streams import AsyncStream, closing
+
+    engine = Engine(loaded, slots=2)
+    cleaned = []
+
+    async def body_for(max_tokens):
+        stream = AsyncStream().add(engine, [5, 6, 7], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+
+        async def events():
+            async for out in stream:
+                yield out.text.encode()
+
+        return closing(events(), lambda: (stream.cancel(), cleaned.append(max_tokens)))
+
+    async def main():
+        body = await body_for(100_000)
+        del body  # never started
+        gc.collect()
+        chunks = [c async for c in await body_for(5)]
+        gc.collect()
+        return chunks
+
+    try:
+        assert len(asyncio.run(main())) >= 5
+        deadline = time.time() + 30
+        while engine.active() and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.active() == 0 and engine.stats.cancelled == 1
+        assert sorted(cleaned) == [5, 100_000]
+    finally:
+        engine.shutdown()
+
+
 def test_sampling_controls():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]] * 4)
     ids, _ = sample(logits, [SamplingParams(temperature=0)] * 4, [[]] * 4, [None] * 4)

@@ -297,3 +297,23 @@ def test_response_format_json_object(client):
     streamed = "".join(c.choices[0].delta.content or "" for c in chat(
         client, content="json please", max_tokens=200, response_format={"type": "json_object"}, stream=True))
     assert streamed.lstrip().startswith("{")
+
+
+def test_disconnect_before_the_response_starts_frees_slot(server, client):
+    """Clients that send a streaming request and hang up at once, before any byte of the response: nothing
+    stays running or counted busy, and the server goes on serving."""
+    import json
+    import socket
+    from urllib.parse import urlparse
+
+    wait_idle(server)
+    u = urlparse(server.url)
+    body = json.dumps({"model": "tiny-coder", "messages": [{"role": "user", "content": "go"}], "max_tokens": 10_000,
+                       "stream": True, "ignore_eos": True}).encode()
+    for _ in range(3):
+        with socket.create_connection((u.hostname, u.port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    info = wait_idle(server, timeout=10)
+    assert info["active"] == 0 and info["queued"] == 0
+    assert chat(client, max_tokens=4).choices[0].finish_reason in ("stop", "length")

@@ -9,6 +9,8 @@ import asyncio
 import collections
 import queue
 import threading
+import weakref
+from typing import AsyncIterator, Callable
 
 from codellm.engine.scheduler import Engine, Handle, Output
 from codellm.engine.sampling import SamplingParams
@@ -99,6 +101,33 @@ class AsyncStream:
         if self._open:
             for handle in self.handles:
                 handle.cancel()
+
+
+def closing(events: AsyncIterator[bytes], cleanup: Callable[[], None]) -> AsyncIterator[bytes]:
+    """``events`` as a response body whose ``cleanup`` (cancel the generation, mark the model idle) runs exactly
+    once: when the body ends, when the client goes away mid-stream, and also when the server drops the body
+    without ever starting it (the client was gone before the first byte), which no ``finally`` inside a
+    generator sees."""
+    lock = threading.Lock()
+    done = [False]
+
+    def once() -> None:
+        with lock:
+            if done[0]:
+                return
+            done[0] = True
+        cleanup()
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield event
+        finally:
+            once()
+
+    gen = body()
+    weakref.finalize(gen, once)
+    return gen
 
 
 def iterate(engine: Engine, prompt: list[int], params: SamplingParams, lm=None):

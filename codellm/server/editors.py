@@ -95,18 +95,15 @@ async def infill(request: Request, data: InfillRequest) -> Response:
     if data.stream:
         async def events() -> AsyncIterator[bytes]:
             first = None
-            try:
-                async for out in stream:
-                    first = first or time.perf_counter()
-                    if out.finish_reason:
-                        yield _sse(_infill_body(lm.name, out.text, out.completion_tokens, len(ids), t0, first,
-                                                "eos" if out.finish_reason == "stop" else "limit", settings))
-                    elif out.text:
-                        yield _sse({"index": 0, "content": out.text, "stop": False})
-            finally:
-                stream.cancel()
+            async for out in stream:
+                first = first or time.perf_counter()
+                if out.finish_reason:
+                    yield _sse(_infill_body(lm.name, out.text, out.completion_tokens, len(ids), t0, first,
+                                            "eos" if out.finish_reason == "stop" else "limit", settings))
+                elif out.text:
+                    yield _sse({"index": 0, "content": out.text, "stop": False})
 
-        return Stream(_released(request, served, events()), media_type="text/event-stream", headers=SSE_HEADERS)
+        return Stream(_released(request, served, stream, events()), media_type="text/event-stream", headers=SSE_HEADERS)
     try:
         results = await collect(request, stream, 1)
     finally:
@@ -168,20 +165,17 @@ async def fim_completions(request: Request, data: FimRequest) -> Response:
     base = {"id": rid, "created": created, "model": data.model, "system_fingerprint": FINGERPRINT}
     if data.stream:
         async def events() -> AsyncIterator[bytes]:
-            try:
-                count = 0
-                async for out in stream:
-                    count = out.completion_tokens
-                    delta = {"role": "assistant", "content": out.text} if out.text or out.finish_reason else None
-                    if delta is not None:
-                        yield _sse({**base, "object": "chat.completion.chunk", "choices": [
-                            {"index": 0, "delta": delta, "finish_reason": out.finish_reason}]})
-                yield _sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(len(ids), count)})
-                yield DONE
-            finally:
-                stream.cancel()
+            count = 0
+            async for out in stream:
+                count = out.completion_tokens
+                delta = {"role": "assistant", "content": out.text} if out.text or out.finish_reason else None
+                if delta is not None:
+                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [
+                        {"index": 0, "delta": delta, "finish_reason": out.finish_reason}]})
+            yield _sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(len(ids), count)})
+            yield DONE
 
-        return Stream(_released(request, served, events()), media_type="text/event-stream", headers=SSE_HEADERS)
+        return Stream(_released(request, served, stream, events()), media_type="text/event-stream", headers=SSE_HEADERS)
     try:
         outs = (await collect(request, stream, 1))[0]
     finally:

@@ -19,7 +19,7 @@ from litestar.response import Stream
 
 from codellm.engine import prompts
 from codellm.engine.manager import ModelManager, Served, options_to_overrides, parse_keep_alive
-from codellm.engine.streams import AsyncStream
+from codellm.engine.streams import AsyncStream, closing
 from codellm.server.openai import watch_disconnect
 from codellm.engine.tools import ToolCallParser, tool_format
 from codellm.errors import CodellmError, InvalidName, NotFound, QueueFull
@@ -230,46 +230,47 @@ async def _run(request: Request, served: Served, keep, stream: AsyncStream, shap
 
     async def lines() -> AsyncIterator[bytes]:
         first_at, count, text, ids, calls = None, 0, [], [], []
-        try:
-            async for out in stream:
-                if out.finish_reason == "error":
-                    yield _line({"error": f"generation failed: {out.error}"})
-                    return
-                first_at = first_at or time.perf_counter()
-                count = out.completion_tokens
-                ids += out.token_ids
-                events = [("text", out.text)] if out.text else []
-                if parser is not None:
-                    events = (parser.feed(out.text) if out.text else []) + (parser.finish() if out.finish_reason else [])
-                for kind, value in events:
-                    if kind == "call":
-                        calls.append(value)
-                        if want_stream:
-                            yield _line({"model": served.lm.name, "created_at": _now(), **calls_shape([value]), "done": False})
-                    elif value:
-                        text.append(value)
-                        if want_stream:
-                            yield _line({"model": served.lm.name, "created_at": _now(), **shape(value), "done": False})
-                if out.finish_reason:
-                    now = time.perf_counter()
-                    prompt_ns = int(((first_at or now) - t0) * 1e9)
-                    reason = "length" if out.finish_reason == "length" else "stop"
-                    body = shape("" if want_stream else "".join(text))
-                    if calls and not want_stream:
-                        body = calls_shape(calls)
-                        body["message"]["content"] = "".join(text)
-                    yield _line({"model": served.lm.name, "created_at": _now(), **body,
-                                 **final(reason, count, int((now - (first_at or now)) * 1e9), prompt_ns, final_extra(ids))})
-        finally:
-            stream.cancel()
-            served.active -= 1
-            manager.touch(served, keep)
+        async for out in stream:
+            if out.finish_reason == "error":
+                yield _line({"error": f"generation failed: {out.error}"})
+                return
+            first_at = first_at or time.perf_counter()
+            count = out.completion_tokens
+            ids += out.token_ids
+            events = [("text", out.text)] if out.text else []
+            if parser is not None:
+                events = (parser.feed(out.text) if out.text else []) + (parser.finish() if out.finish_reason else [])
+            for kind, value in events:
+                if kind == "call":
+                    calls.append(value)
+                    if want_stream:
+                        yield _line({"model": served.lm.name, "created_at": _now(), **calls_shape([value]), "done": False})
+                elif value:
+                    text.append(value)
+                    if want_stream:
+                        yield _line({"model": served.lm.name, "created_at": _now(), **shape(value), "done": False})
+            if out.finish_reason:
+                now = time.perf_counter()
+                prompt_ns = int(((first_at or now) - t0) * 1e9)
+                reason = "length" if out.finish_reason == "length" else "stop"
+                body = shape("" if want_stream else "".join(text))
+                if calls and not want_stream:
+                    body = calls_shape(calls)
+                    body["message"]["content"] = "".join(text)
+                yield _line({"model": served.lm.name, "created_at": _now(), **body,
+                             **final(reason, count, int((now - (first_at or now)) * 1e9), prompt_ns, final_extra(ids))})
 
+    def cleanup() -> None:
+        stream.cancel()
+        served.active -= 1
+        manager.touch(served, keep)
+
+    reply = closing(lines(), cleanup)  # runs cleanup once, however the body ends (even never started)
     if want_stream:
-        return Stream(lines(), media_type=NDJSON)
+        return Stream(reply, media_type=NDJSON)
     watcher = asyncio.create_task(watch_disconnect(request, stream))
     try:
-        chunks = [chunk async for chunk in lines()]
+        chunks = [chunk async for chunk in reply]
     finally:
         watcher.cancel()
     obj = json.loads(chunks[-1]) if chunks else {"error": "no output"}

@@ -20,7 +20,7 @@ from codellm.engine import prompts
 from codellm.engine.manager import ModelManager, Served
 from codellm.engine.sampling import TokenLogprob
 from codellm.engine.scheduler import Output
-from codellm.engine.streams import AsyncStream
+from codellm.engine.streams import AsyncStream, closing
 from codellm.engine.tools import ToolCallParser, parse_all, tool_format
 from codellm.errors import CodellmError, InvalidName, InvalidRequest, NotFound
 from codellm.server.errors import error_body
@@ -137,13 +137,14 @@ async def coalesce(events: AsyncIterator[bytes], stream: AsyncStream) -> AsyncIt
         yield b"".join(held)
 
 
-async def _released(request: Request, served: Served, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """A stream that marks its model idle again when it ends, however it ends."""
-    try:
-        async for event in events:
-            yield event
-    finally:
+def _released(request: Request, served: Served, stream: AsyncStream, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A stream body that cancels what is still generating and marks its model idle again when it ends, however
+    it ends (see ``closing``)."""
+    def cleanup() -> None:
+        stream.cancel()
         release(request, served)
+
+    return closing(events, cleanup)
 
 
 def _sse(obj: Any) -> bytes:
@@ -191,7 +192,7 @@ async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -
     tok = lm.tokenizer
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return Stream(_released(request, served, coalesce(_chat_events(stream, data, rid, created, tok, len(prompt),
+        return Stream(_released(request, served, stream, coalesce(_chat_events(stream, data, rid, created, tok, len(prompt),
                                                                         include_usage, fmt, single_call), stream)),
                       media_type="text/event-stream", headers=SSE_HEADERS)
     results = await collect(request, stream, data.n)
@@ -326,7 +327,7 @@ async def _completions(request: Request, data: CompletionRequest, served: Served
     n_prompt = sum(len(ids) for ids in encoded)
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return Stream(_released(request, served, coalesce(_completion_events(stream, data, rid, created, lm.tokenizer,
+        return Stream(_released(request, served, stream, coalesce(_completion_events(stream, data, rid, created, lm.tokenizer,
                                                                              texts, encoded, n_prompt, include_usage),
                                                           stream)),
                       media_type="text/event-stream", headers=SSE_HEADERS)
