@@ -132,6 +132,9 @@ def test_pipelined_decode_stop_token_and_slot_reuse(loaded):
         assert sinks[0].tokens == refs[0][:cut]
         assert sinks[1].tokens == refs[1] and sinks[2].tokens == refs[2]  # the third reused the first one's slot
         assert logprob_sink.tokens == refs[1][:8]
+        # decoded = sent, less the 4 first tokens (from prefill), plus the stop token (decoded, not sent); the row
+        # decoded past the stop is not counted
+        assert engine.stats.decode_tokens == sum(len(s.tokens) for s in sinks + [logprob_sink]) - 4 + 1
         assert engine.active() == 0
     finally:
         engine.shutdown()

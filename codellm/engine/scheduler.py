@@ -389,6 +389,7 @@ class Engine:
             seq.inflight -= 1
             if not seq.finished:  # a sequence that stopped a step ago: drop the extra token
                 live.append((seq, tokens[slot]))
+        self.stats.decode_tokens -= len(launched) - len(live)  # rows decoded past a stop are not output
         if live:
             self._emit([s for s, _ in live], [t for _, t in live], [None] * len(live))
 
