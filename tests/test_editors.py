@@ -255,3 +255,27 @@ def test_keystroke_aborts_leave_nothing_running(server):
     info = health()
     assert info["active"] == 0 and info["queued"] == 0
     assert info["cancelled"] == before + 50
+
+
+def test_tool_choice_required_or_named_forces_a_call(server, client):
+    """``tool_choice`` "required" or a named function: the answer is a call of it (its arguments a JSON object,
+    constrained), even for a message the model would answer in prose; streamed as tool-call deltas too."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in ("required", named):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
+                                           tools=[WEATHER_TOOL], tool_choice=choice, max_tokens=100)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls", c
+        assert c.message.tool_calls[0].function.name == "get_weather"
+        assert isinstance(json.loads(c.message.tool_calls[0].function.arguments), dict)
+    with client.chat.completions.stream(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
+                                        tools=[WEATHER_TOOL], tool_choice=named, max_tokens=100) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert final.choices[0].message.tool_calls[0].function.name == "get_weather"
+    url, messages = server.url + "/v1/chat/completions", [{"role": "user", "content": "x"}]
+    bad = httpx.post(url, json={"model": MODEL, "messages": messages, "tools": [WEATHER_TOOL],
+                                "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
+    bad = httpx.post(url, json={"model": MODEL, "messages": messages, "tool_choice": "required"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"

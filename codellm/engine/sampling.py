@@ -26,6 +26,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the top k
     json_object: bool = False  # constrain the output to one JSON object (response_format json_object)
+    json_prefix: str = ""  # with json_object: the object's text already written before the output (a forced tool call)
 
     @property
     def greedy(self) -> bool:

@@ -81,6 +81,15 @@ class Sequence:
         return self.cached < len(self.prompt)
 
 
+def _json_state(params: SamplingParams) -> JsonPrefix | None:
+    if not params.json_object:
+        return None
+    state = JsonPrefix()
+    if params.json_prefix and not state.feed(params.json_prefix):
+        raise InvalidRequest("json_prefix is not the start of a JSON object")
+    return state
+
+
 class Handle:
     """What ``submit`` returns: cancel it when the client goes away."""
 
@@ -202,7 +211,7 @@ class Engine:
                 detok=IncrementalDetokenizer(tok, prompt), stops=StopMatcher(strings),
                 generator=torch.Generator().manual_seed(params.seed + i) if params.seed is not None else None,
                 want_prompt_logprobs=prompt_logprobs and i == 0,
-                json=JsonPrefix() if params.json_object else None, adapter=lm.adapter,
+                json=_json_state(params), adapter=lm.adapter,
             )
             for i in range(n)
         ]

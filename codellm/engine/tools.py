@@ -39,6 +39,16 @@ def tool_format(template: str | None, family: str | None) -> str:
     return {"llama": "llama3", "codestral": "mistral"}.get(family or "", "hermes")
 
 
+def forced_call(fmt: str, name: str | None) -> tuple[str, str, str]:
+    """(head, object start, tail) of a tool call the output is made to be (``tool_choice`` "required" or a named
+    function): head + object start go at the start of the assistant's turn, the model completes the JSON object
+    (constrained), and head + object start + output + tail parse as one call. Without a name the model picks it."""
+    key = "parameters" if fmt == "llama3" else "arguments"
+    head, tail = {"hermes": ("<tool_call>\n", "\n</tool_call>"), "llama3": ("", ""), "mistral": ("[TOOL_CALLS][", "]")}[fmt]
+    start = f'{{"name": {json.dumps(name, ensure_ascii=False)}, "{key}": {{' if name else '{"name": "'
+    return head, start, tail
+
+
 def template_renders_tools(template: str | None) -> bool:
     return bool(template) and "tools" in template
 

@@ -21,7 +21,7 @@ from codellm.engine.manager import ModelManager, Served
 from codellm.engine.sampling import TokenLogprob
 from codellm.engine.scheduler import Output
 from codellm.engine.streams import AsyncStream, closing
-from codellm.engine.tools import ToolCallParser, parse_all, tool_format
+from codellm.engine.tools import ToolCallParser, forced_call, parse_all, tool_format
 from codellm.errors import CodellmError, InvalidName, InvalidRequest, NotFound
 from codellm.server.errors import error_body
 from codellm.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields, dumps
@@ -179,21 +179,29 @@ async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -
     lm = served.lm
     messages = [msg_to_dict(m) for m in data.messages]
     tools = data.tools if data.tools and data.tool_choice != "none" else None
+    forced = _forced_tool(data.tool_choice, tools)
     prompt = await asyncio.to_thread(prompts.chat_prompt, lm, messages, tools=tools)
     fmt = tool_format(lm.tokenizer.chat_template, lm.config.family) if tools else None
+    lead = tail = ""
+    if forced is not None:  # the turn starts inside a call; the model completes its JSON, constrained
+        head, start, tail = forced_call(fmt, forced or None)
+        prompt = prompt + prompts.encode(lm, head + start, add_special_tokens=False)
+        lead = head + start
     single_call = data.parallel_tool_calls is False
     logprobs = (data.top_logprobs or 0) if data.logprobs else None
     max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
     params = served.sampling(sampling_overrides(data, max_tokens, logprobs))
     if data.response_format and data.response_format.type in ("json_object", "json_schema"):
         params.json_object = True
+    if forced is not None:
+        params.json_object, params.json_prefix = True, start
     stream = AsyncStream().add(served.generator(), prompt, params, n=data.n, lm=lm)
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     tok = lm.tokenizer
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         return Stream(_released(request, served, stream, coalesce(_chat_events(stream, data, rid, created, tok, len(prompt),
-                                                                        include_usage, fmt, single_call), stream)),
+                                                                        include_usage, fmt, single_call, lead, tail), stream)),
                       media_type="text/event-stream", headers=SSE_HEADERS)
     results = await collect(request, stream, data.n)
     release(request, served)
@@ -202,6 +210,8 @@ async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -
         completion += outs[-1].completion_tokens
         infos = [i for o in outs for i in o.logprobs]
         text, finish = "".join(o.text for o in outs), outs[-1].finish_reason
+        if lead:
+            text = lead + text + tail
         message: dict = {"role": "assistant", "content": text}
         if fmt:
             content, calls = parse_all(text, fmt)
@@ -222,6 +232,26 @@ async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -
     })
 
 
+def _forced_tool(choice, tools: list | None) -> str | None:
+    """``tool_choice`` as the call the output must be: a function name, "" for any of the tools (``required``;
+    the only one when there is one), or None (the model decides)."""
+    if choice in (None, "auto", "none"):
+        return None
+    if not tools:
+        raise InvalidRequest("tool_choice needs tools", param="tool_choice")
+    names = [(t.get("function") or {}).get("name") for t in tools]
+    if choice == "required":
+        return names[0] if len(names) == 1 else ""
+    name = ((choice.get("function") or {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function"
+            else None)
+    if not isinstance(name, str):
+        raise InvalidRequest('tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
+                             '{"name": ...}}', param="tool_choice")
+    if name not in names:
+        raise InvalidRequest(f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+    return name
+
+
 def msg_to_dict(m) -> dict:
     out: dict = {"role": "system" if m.role == "developer" else m.role, "content": m.content}
     for key in ("name", "tool_calls", "tool_call_id"):
@@ -232,7 +262,9 @@ def msg_to_dict(m) -> dict:
 
 async def _chat_events(stream: AsyncStream, data: ChatCompletionRequest, rid: str, created: int, tok,
                        n_prompt: int, include_usage: bool, fmt: str | None = None,
-                       single_call: bool = False) -> AsyncIterator[bytes]:
+                       single_call: bool = False, lead: str = "", tail: str = "") -> AsyncIterator[bytes]:
+    """SSE chunks of a chat completion; ``lead`` and ``tail`` wrap each choice's text for the tool-call parser
+    (a forced call: see ``forced_call``)."""
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": data.model,
             "system_fingerprint": FINGERPRINT}
     extra = {"usage": None} if include_usage else {}
@@ -247,6 +279,7 @@ async def _chat_events(stream: AsyncStream, data: ChatCompletionRequest, rid: st
             yield chunk(index, {"role": "assistant", "content": ""})
         parsers = [ToolCallParser(fmt) for _ in range(data.n)] if fmt else None
         calls_sent = [0] * data.n
+        started = [False] * data.n
 
         def tool_deltas(index: int, events: list) -> list[bytes]:
             """Text as content deltas; each call as a first delta (id, type, name) then its arguments."""
@@ -270,9 +303,15 @@ async def _chat_events(stream: AsyncStream, data: ChatCompletionRequest, rid: st
             completion[out.index] = out.completion_tokens
             lp = chat_logprobs(tok, out.logprobs) if want_lp and out.logprobs else None
             if parsers is not None:
-                events = parsers[out.index].feed(out.text) if out.text else []
+                parser = parsers[out.index]
+                text = out.text
+                if lead and not started[out.index]:
+                    started[out.index], text = True, lead + text
                 if out.finish_reason:
-                    events += parsers[out.index].finish()
+                    text += tail
+                events = parser.feed(text) if text else []
+                if out.finish_reason:
+                    events += parser.finish()
                 for event in tool_deltas(out.index, events):
                     yield event
                 if out.finish_reason:
