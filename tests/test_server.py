@@ -143,6 +143,15 @@ def test_completions_list_echo_logprobs(client):
     assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset)
     assert all(len(t) <= 3 for t in lp.top_logprobs[-6:])
+    streamed = client.completions.create(model="tiny-coder", prompt="def fib", max_tokens=8, logprobs=1, stream=True,
+                                         temperature=0, extra_body={"ignore_eos": True})
+    tokens, offsets = [], []
+    for ev in streamed:
+        if ev.choices and ev.choices[0].logprobs:
+            tokens += ev.choices[0].logprobs.tokens
+            offsets += ev.choices[0].logprobs.text_offset
+    assert len(tokens) == 8  # offsets run on across chunks, from the start of the text
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
     c = chat(client, logprobs=True, top_logprobs=2, max_tokens=5)
     content = c.choices[0].logprobs.content
     assert len(content) == c.usage.completion_tokens and len(content[0].top_logprobs) == 2

@@ -86,9 +86,11 @@ def chat_logprobs(tok, infos: list[TokenLogprob]) -> dict:
     return {"content": [{**entry(i.token_id, i.logprob), "top_logprobs": [entry(t, v) for t, v in i.top]} for i in infos]}
 
 
-def completion_logprobs(tok, infos: list[TokenLogprob], prompt: list[tuple[int, float | None]] = ()) -> dict:
+def completion_logprobs(tok, infos: list[TokenLogprob], prompt: list[tuple[int, float | None]] = (), start: int = 0) -> dict:
+    """Legacy-completions logprobs; ``text_offset`` counts characters from the start of the choice's text
+    (``start``: where these tokens begin, for stream chunks after the first)."""
     tokens, lps, tops, offsets = [], [], [], []
-    pos = 0
+    pos = start
     for tid, lp in prompt:
         text = _token_text(tok, tid)
         tokens.append(text), lps.append(lp), tops.append(None), offsets.append(pos)
@@ -395,6 +397,8 @@ async def _completion_events(stream, data: CompletionRequest, rid, created, tok,
             "system_fingerprint": FINGERPRINT}
     extra = {"usage": None} if include_usage else {}
     completion: dict[int, int] = {}
+    # where each choice's next token starts in its text (the echoed prompt comes first)
+    offset = {i: len(texts[i // data.n]) if data.echo else 0 for i in range(len(texts) * data.n)}
 
     def chunk(index: int, text: str, finish: str | None, lp: dict | None = None) -> bytes:
         return _sse({**base, "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}], **extra})
@@ -408,7 +412,10 @@ async def _completion_events(stream, data: CompletionRequest, rid, created, tok,
                 yield _error_event(out)
                 return
             completion[out.index] = out.completion_tokens
-            lp = completion_logprobs(tok, out.logprobs) if data.logprobs is not None and out.logprobs else None
+            lp = None
+            if data.logprobs is not None and out.logprobs:
+                lp = completion_logprobs(tok, out.logprobs, start=offset[out.index])
+                offset[out.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
             if out.finish_reason or out.text or lp:
                 yield chunk(out.index, out.text, out.finish_reason, lp)
         if include_usage:
