@@ -31,6 +31,29 @@ class World:
         dist.all_reduce(t)
         return float(t.item())
 
+    def gather(self, obj) -> list:
+        """``obj`` of every rank, in rank order (on every rank)."""
+        if self.size == 1:
+            return [obj]
+        out: list = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def rng_state(self) -> dict:
+        """This process's random state (CPU and its GPU): what dropout draws next."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+    def set_rng_state(self, saved) -> None:
+        """Restore this rank's state from a checkpoint's per-rank list (older checkpoints: one CPU state)."""
+        if isinstance(saved, torch.Tensor):
+            torch.set_rng_state(saved)
+            return
+        state = saved[self.rank] if len(saved) == self.size else saved[0]
+        torch.set_rng_state(state["cpu"])
+        if state.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()

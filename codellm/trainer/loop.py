@@ -267,7 +267,7 @@ def train(
         scheduler.load_state_dict(torch.load(last / "scheduler.pt", weights_only=True))
         state = json.loads((last / "state.json").read_text())
         step, position = state["step"], state["position"]
-        torch.set_rng_state(torch.load(last / "rng.pt", weights_only=True))
+        world.set_rng_state(torch.load(last / "rng.pt", weights_only=True))
         say(f"resuming at step {step} from {last.name}")
     elif world.main:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -345,8 +345,9 @@ def train(
         if epoch_done or step == total:
             last_eval = run_eval(position / batches_per_epoch) or last_eval
         if step % cfg.save_every == 0 or step == total or (stop_after and step >= stop_after):
+            rng = world.gather(world.rng_state())  # every rank's, so a resume restores each one's own
             if world.main:
-                _checkpoint(model, optimizer, scheduler, workdir / f"checkpoint-{step}", step, position)
+                _checkpoint(model, optimizer, scheduler, workdir / f"checkpoint-{step}", step, position, rng)
             world.barrier()
         if stop_after and step >= stop_after and step < total:
             say(f"stopped after step {step}; continue with --resume")
@@ -368,12 +369,12 @@ def train(
     return entry
 
 
-def _checkpoint(model, optimizer, scheduler, path: Path, step: int, position: int) -> None:
+def _checkpoint(model, optimizer, scheduler, path: Path, step: int, position: int, rng: list) -> None:
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(torch.get_rng_state(), tmp / "rng.pt")
+    torch.save(rng, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "position": position}))
     import shutil
 
