@@ -276,59 +276,56 @@ async def _chat_events(stream: AsyncStream, data: ChatCompletionRequest, rid: st
     def chunk(index: int, delta: dict, finish: str | None = None, lp: dict | None = None) -> bytes:
         return _sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}], **extra})
 
-    try:
-        for index in range(data.n):
-            yield chunk(index, {"role": "assistant", "content": ""})
-        parsers = [ToolCallParser(fmt) for _ in range(data.n)] if fmt else None
-        calls_sent = [0] * data.n
-        started = [False] * data.n
+    for index in range(data.n):
+        yield chunk(index, {"role": "assistant", "content": ""})
+    parsers = [ToolCallParser(fmt) for _ in range(data.n)] if fmt else None
+    calls_sent = [0] * data.n
+    started = [False] * data.n
 
-        def tool_deltas(index: int, events: list) -> list[bytes]:
-            """Text as content deltas; each call as a first delta (id, type, name) then its arguments."""
-            sent = []
-            for kind, value in events:
-                if kind == "text":
-                    if value:
-                        sent.append(chunk(index, {"content": value}))
-                elif not (single_call and calls_sent[index]):
-                    k = calls_sent[index]
-                    calls_sent[index] += 1
-                    sent.append(chunk(index, {"tool_calls": [{"index": k, "id": value.id, "type": "function",
-                                                              "function": {"name": value.name, "arguments": ""}}]}))
-                    sent.append(chunk(index, {"tool_calls": [{"index": k, "function": {"arguments": value.arguments_json}}]}))
-            return sent
+    def tool_deltas(index: int, events: list) -> list[bytes]:
+        """Text as content deltas; each call as a first delta (id, type, name) then its arguments."""
+        sent = []
+        for kind, value in events:
+            if kind == "text":
+                if value:
+                    sent.append(chunk(index, {"content": value}))
+            elif not (single_call and calls_sent[index]):
+                k = calls_sent[index]
+                calls_sent[index] += 1
+                sent.append(chunk(index, {"tool_calls": [{"index": k, "id": value.id, "type": "function",
+                                                          "function": {"name": value.name, "arguments": ""}}]}))
+                sent.append(chunk(index, {"tool_calls": [{"index": k, "function": {"arguments": value.arguments_json}}]}))
+        return sent
 
-        async for out in stream:
-            if out.finish_reason == "error":
-                yield _error_event(out)
-                return
-            completion[out.index] = out.completion_tokens
-            lp = chat_logprobs(tok, out.logprobs) if want_lp and out.logprobs else None
-            if parsers is not None:
-                parser = parsers[out.index]
-                text = out.text
-                if lead and not started[out.index]:
-                    started[out.index], text = True, lead + text
-                if out.finish_reason:
-                    text += tail
-                events = parser.feed(text) if text else []
-                if out.finish_reason:
-                    events += parser.finish()
-                for event in tool_deltas(out.index, events):
-                    yield event
-                if out.finish_reason:
-                    finish = "tool_calls" if calls_sent[out.index] else out.finish_reason
-                    yield chunk(out.index, {}, finish, lp)
-                continue
+    async for out in stream:
+        if out.finish_reason == "error":
+            yield _error_event(out)
+            return
+        completion[out.index] = out.completion_tokens
+        lp = chat_logprobs(tok, out.logprobs) if want_lp and out.logprobs else None
+        if parsers is not None:
+            parser = parsers[out.index]
+            text = out.text
+            if lead and not started[out.index]:
+                started[out.index], text = True, lead + text
             if out.finish_reason:
-                yield chunk(out.index, {"content": out.text} if out.text else {}, out.finish_reason, lp)
-            elif out.text or lp:
-                yield chunk(out.index, {"content": out.text}, None, lp)
-        if include_usage:
-            yield _sse({**base, "choices": [], "usage": usage(n_prompt, sum(completion))})
-        yield DONE
-    finally:
-        stream.cancel()
+                text += tail
+            events = parser.feed(text) if text else []
+            if out.finish_reason:
+                events += parser.finish()
+            for event in tool_deltas(out.index, events):
+                yield event
+            if out.finish_reason:
+                finish = "tool_calls" if calls_sent[out.index] else out.finish_reason
+                yield chunk(out.index, {}, finish, lp)
+            continue
+        if out.finish_reason:
+            yield chunk(out.index, {"content": out.text} if out.text else {}, out.finish_reason, lp)
+        elif out.text or lp:
+            yield chunk(out.index, {"content": out.text}, None, lp)
+    if include_usage:
+        yield _sse({**base, "choices": [], "usage": usage(n_prompt, sum(completion))})
+    yield DONE
 
 
 @post("/v1/completions", status_code=200, summary="Text completion and fill-in-the-middle (OpenAI)")
@@ -403,26 +400,23 @@ async def _completion_events(stream, data: CompletionRequest, rid, created, tok,
     def chunk(index: int, text: str, finish: str | None, lp: dict | None = None) -> bytes:
         return _sse({**base, "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}], **extra})
 
-    try:
-        if data.echo:
-            for index in range(len(texts) * data.n):
-                yield chunk(index, texts[index // data.n], None)
-        async for out in stream:
-            if out.finish_reason == "error":
-                yield _error_event(out)
-                return
-            completion[out.index] = out.completion_tokens
-            lp = None
-            if data.logprobs is not None and out.logprobs:
-                lp = completion_logprobs(tok, out.logprobs, start=offset[out.index])
-                offset[out.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-            if out.finish_reason or out.text or lp:
-                yield chunk(out.index, out.text, out.finish_reason, lp)
-        if include_usage:
-            yield _sse({**base, "choices": [], "usage": usage(n_prompt, sum(completion.values()))})
-        yield DONE
-    finally:
-        stream.cancel()
+    if data.echo:
+        for index in range(len(texts) * data.n):
+            yield chunk(index, texts[index // data.n], None)
+    async for out in stream:
+        if out.finish_reason == "error":
+            yield _error_event(out)
+            return
+        completion[out.index] = out.completion_tokens
+        lp = None
+        if data.logprobs is not None and out.logprobs:
+            lp = completion_logprobs(tok, out.logprobs, start=offset[out.index])
+            offset[out.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+        if out.finish_reason or out.text or lp:
+            yield chunk(out.index, out.text, out.finish_reason, lp)
+    if include_usage:
+        yield _sse({**base, "choices": [], "usage": usage(n_prompt, sum(completion.values()))})
+    yield DONE
 
 
 def model_card(entry, max_len: int | None = None) -> dict:
