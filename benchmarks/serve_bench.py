@@ -154,8 +154,8 @@ def run_level(url: str, model: str, prompts: list[list[int]], max_tokens: int, s
             "itl_ms_p99": round(percentile(itl, 99), 2)}
 
 
-def hf_generate(home: Path, model: str, prompts: list[list[int]], max_tokens: int, quantize: str | None) -> dict:
-    """Plain transformers generate (sdpa, cuDNN attention off as in the baseline) on the same prompts."""
+def _load_hf(home: Path, model: str, quantize: str | None):
+    """The registry model as a plain transformers model (sdpa, cuDNN attention off as in ../shared/perf)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -174,17 +174,50 @@ def hf_generate(home: Path, model: str, prompts: list[list[int]], max_tokens: in
     m = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     if not quantize:
         m.to(device)
-    ids = torch.tensor(prompts, device=device)
-    gen = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    m.generate(ids[:, :16], attention_mask=torch.ones_like(ids[:, :16]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    return m.eval(), device
+
+
+def _timed(device: str, fn, *args, **kwargs):
+    import torch
+
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    out = m.generate(ids, attention_mask=torch.ones_like(ids), **gen)
+    out = fn(*args, **kwargs)
     if device == "cuda":
         torch.cuda.synchronize()
-    wall = time.perf_counter() - start
+    return out, time.perf_counter() - start
+
+
+def hf_generate(home: Path, model: str, prompts: list[list[int]], max_tokens: int, quantize: str | None) -> dict:
+    """Plain transformers generate on the same prompts: one padded batch (all prompts have one length)."""
+    import torch
+
+    m, device = _load_hf(home, model, quantize)
+    ids = torch.tensor(prompts, device=device)
+    gen = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    m.generate(ids[:, :16], attention_mask=torch.ones_like(ids[:, :16]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out, wall = _timed(device, m.generate, ids, attention_mask=torch.ones_like(ids), **gen)
     tokens = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    del m
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"concurrency": len(prompts), "output_tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1)}
+
+
+def hf_continuous_batching(home: Path, model: str, prompts: list[list[int]], max_tokens: int,
+                           quantize: str | None) -> dict:
+    """transformers' own continuous batching (``generate_batch``) on the same prompts, as ../shared/perf runs it."""
+    import torch
+    from transformers import GenerationConfig
+
+    m, device = _load_hf(home, model, quantize)
+    cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    m.generate_batch(inputs=prompts[:min(8, len(prompts))], generation_config=cfg, max_new_tokens=8)  # warm-up
+    res, wall = _timed(device, m.generate_batch, inputs=prompts, generation_config=cfg,
+                       max_new_tokens=max_tokens)
+    tokens = sum(len(r.generated_tokens) for r in res.values())
     del m
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -237,6 +270,9 @@ def table(results: dict) -> str:
     for r in results.get("hf_generate", []):
         lines.append(f"| HF generate{' (padded batch)' if r['concurrency'] > 1 else ''} | {r['concurrency']} | "
                      f"{r['tokens_per_s']} | - | - | - | 1.00x |")
+    for r in results.get("hf_continuous_batching", []):
+        ratio = f"{r['tokens_per_s'] / hf[r['concurrency']]:.2f}x" if r["concurrency"] in hf else "-"
+        lines.append(f"| transformers continuous batching | {r['concurrency']} | {r['tokens_per_s']} | - | - | - | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -250,6 +286,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--hf-baseline", action="store_true", help="Also time HF generate on the same prompts.")
+    ap.add_argument("--cb-baseline", action="store_true",
+                    help="Also time transformers' continuous batching (generate_batch) on the same prompts.")
     ap.add_argument("--quantize", choices=["nf4"], help="Serve (and baseline) 4-bit.")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--tag", default="")
@@ -288,6 +326,15 @@ def main() -> None:
             r = hf_generate(home, args.model, prompts[:c], args.max_tokens, args.quantize)
             print("hf_generate", r, flush=True)
             results["hf_generate"].append(r)
+    if args.cb_baseline:
+        results["hf_continuous_batching"] = []
+        for c in levels:
+            try:
+                r = hf_continuous_batching(home, args.model, prompts[:c], args.max_tokens, args.quantize)
+            except Exception as exc:  # recorded, not fatal: the other paths' figures still count
+                r = {"concurrency": c, "error": repr(exc)[:300], "tokens_per_s": float("nan")}
+            print("hf_continuous_batching", r, flush=True)
+            results["hf_continuous_batching"].append(r)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"serve_{results['shape']}_{results['variant'].replace(' --', '_').replace(' ', '_')}{args.tag}"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
