@@ -107,17 +107,7 @@ def closing(events: AsyncIterator[bytes], cleanup: Callable[[], None]) -> AsyncI
     """``events`` as a response body whose ``cleanup`` (cancel the generation, mark the model idle) runs exactly
     once: when the body ends, when the client goes away mid-stream, and also when the server drops the body
     without ever starting it (the client was gone before the first byte), which no ``finally`` inside a
-    generator sees."""
-    lock = threading.Lock()
-    done = [False]
-
-    def once() -> None:
-        with lock:
-            if done[0]:
-                return
-            done[0] = True
-        cleanup()
-
+    generator sees. A ``weakref.finalize`` runs its callback at most once, whichever of the two calls it first."""
     async def body() -> AsyncIterator[bytes]:
         try:
             async for event in events:
@@ -126,7 +116,7 @@ def closing(events: AsyncIterator[bytes], cleanup: Callable[[], None]) -> AsyncI
             once()
 
     gen = body()
-    weakref.finalize(gen, once)
+    once = weakref.finalize(gen, cleanup)
     return gen
 
 

@@ -280,7 +280,6 @@ async def _chat_events(stream: AsyncStream, data: ChatCompletionRequest, rid: st
         yield chunk(index, {"role": "assistant", "content": ""})
     parsers = [ToolCallParser(fmt) for _ in range(data.n)] if fmt else None
     calls_sent = [0] * data.n
-    started = [False] * data.n
 
     def tool_deltas(index: int, events: list) -> list[bytes]:
         """Text as content deltas; each call as a first delta (id, type, name) then its arguments."""
@@ -297,6 +296,9 @@ async def _chat_events(stream: AsyncStream, data: ChatCompletionRequest, rid: st
                 sent.append(chunk(index, {"tool_calls": [{"index": k, "function": {"arguments": value.arguments_json}}]}))
         return sent
 
+    for index, parser in enumerate(parsers if lead else []):  # a forced call: its opening was in the prompt
+        for event in tool_deltas(index, parser.feed(lead)):
+            yield event
     async for out in stream:
         if out.finish_reason == "error":
             yield _error_event(out)
@@ -306,8 +308,6 @@ async def _chat_events(stream: AsyncStream, data: ChatCompletionRequest, rid: st
         if parsers is not None:
             parser = parsers[out.index]
             text = out.text
-            if lead and not started[out.index]:
-                started[out.index], text = True, lead + text
             if out.finish_reason:
                 text += tail
             events = parser.feed(text) if text else []
