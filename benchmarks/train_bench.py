@@ -24,27 +24,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+# name: (what it is, TrainConfig settings on top of the shared ones; None for the peft + bitsandbytes recipe)
 VARIANTS = {
-    "baseline": "peft prepare_model_for_kbit_training + HF loss (full fp32 logits) + autocast, grad checkpointing",
-    "codellm": "codellm trainer: no fp32 upcast, autocast (no LoRA input casts), chunked loss, fused AdamW, grad checkpointing",
-    "codellm-no-ckpt": "codellm trainer without gradient checkpointing",
-    "codellm-ckpt-12": "codellm trainer recomputing 12 of 16 layers (--checkpoint-layers 12)",
-    "codellm-compile": "codellm trainer, decoder layers through torch.compile (--compile), grad checkpointing",
-    "codellm-no-ckpt-compile": "codellm trainer, --compile, no gradient checkpointing",
-    "codellm-ckpt-8-compile": "codellm trainer, --compile, recomputing 8 of 16 layers",
-    "codellm-ckpt-11-compile": "codellm trainer, --compile, recomputing 11 of 16 layers",
-    "codellm-ckpt-12-compile": "codellm trainer, --compile, recomputing 12 of 16 layers",
-}
-# TrainConfig settings of each codellm variant on top of the shared ones
-SETTINGS = {
-    "codellm": {},
-    "codellm-no-ckpt": {"gradient_checkpointing": False},
-    "codellm-ckpt-12": {"checkpoint_layers": 12},
-    "codellm-compile": {"compile": True},
-    "codellm-no-ckpt-compile": {"compile": True, "gradient_checkpointing": False},
-    "codellm-ckpt-8-compile": {"compile": True, "checkpoint_layers": 8},
-    "codellm-ckpt-11-compile": {"compile": True, "checkpoint_layers": 11},
-    "codellm-ckpt-12-compile": {"compile": True, "checkpoint_layers": 12},
+    "baseline": ("peft prepare_model_for_kbit_training + HF loss (full fp32 logits) + autocast, grad checkpointing", None),
+    "codellm": ("codellm trainer: no fp32 upcast, autocast (no LoRA input casts), chunked loss, fused AdamW, grad "
+                "checkpointing", {}),
+    "codellm-no-ckpt": ("codellm trainer without gradient checkpointing", {"gradient_checkpointing": False}),
+    "codellm-ckpt-12": ("codellm trainer recomputing 12 of 16 layers (--checkpoint-layers 12)", {"checkpoint_layers": 12}),
+    "codellm-compile": ("codellm trainer, decoder layers through torch.compile (--compile), grad checkpointing",
+                        {"compile": True}),
+    "codellm-no-ckpt-compile": ("codellm trainer, --compile, no gradient checkpointing",
+                                {"compile": True, "gradient_checkpointing": False}),
+    "codellm-ckpt-8-compile": ("codellm trainer, --compile, recomputing 8 of 16 layers",
+                               {"compile": True, "checkpoint_layers": 8}),
+    "codellm-ckpt-11-compile": ("codellm trainer, --compile, recomputing 11 of 16 layers",
+                                {"compile": True, "checkpoint_layers": 11}),
+    "codellm-ckpt-12-compile": ("codellm trainer, --compile, recomputing 12 of 16 layers",
+                                {"compile": True, "checkpoint_layers": 12}),
 }
 
 
@@ -95,7 +91,7 @@ def run_variant(variant: str, model_dir: Path, steps: int, bsz: int, seq: int, q
         from codellm.trainer.loop import TrainConfig, load_for_training, make_optimizer
         from codellm.trainer.loss import CausalLMLoss
 
-        cfg = TrainConfig(r=16, alpha=32, dropout=0.05, lr=2e-4, **SETTINGS[variant])
+        cfg = TrainConfig(r=16, alpha=32, dropout=0.05, lr=2e-4, **VARIANTS[variant][1])
         quantize = "nf4" if quant else None
         model = load_for_training(model_dir, cfg, torch.device("cuda"), quantize)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -133,7 +129,7 @@ def run_variant(variant: str, model_dir: Path, steps: int, bsz: int, seq: int, q
     losses = [float(step(i)) for i in range(steps)]
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
-    out = {"variant": variant, "what": VARIANTS[variant], "tokens_per_s": round(steps * bsz * seq / dt, 1),
+    out = {"variant": variant, "what": VARIANTS[variant][0], "tokens_per_s": round(steps * bsz * seq / dt, 1),
            "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2),
            "step_ms": round(dt / steps * 1000, 1), "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4)}
