@@ -52,7 +52,9 @@ def main():
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--variants", default="graphs,graphs-sync,compile",
-                    help="graphs, graphs-sync (no overlap of host work), compile (torch.compile + graphs), eager")
+                    help="graphs, graphs-sync (no overlap of host work), compile (torch.compile + graphs), eager; "
+                         "'-unfused' after a name keeps q/k/v and gate/up as separate GEMMs (list those first: "
+                         "fusing changes the loaded model in place)")
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
@@ -61,8 +63,9 @@ def main():
     results = {}
     for variant in args.variants.split(","):
         t0 = time.perf_counter()
-        engine = Engine(lm, slots=args.slots, cuda_graphs=variant != "eager", compile=variant == "compile",
-                        overlap=variant != "graphs-sync")
+        kind = variant.removesuffix("-unfused")
+        engine = Engine(lm, slots=args.slots, cuda_graphs=kind != "eager", compile=kind == "compile",
+                        overlap=kind != "graphs-sync", fuse=not variant.endswith("-unfused"))
         run(engine, 1, 2)  # load-time work (capture, compile) happens before the first step
         results[f"{variant}/load_s"] = round(time.perf_counter() - t0, 1)
         print(f"{variant}: ready in {results[f'{variant}/load_s']} s", flush=True)

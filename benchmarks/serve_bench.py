@@ -129,6 +129,29 @@ def _client_process(args) -> list[dict]:
     return asyncio.run(_client(*args))
 
 
+def engine_ttft(url: str) -> dict[str, float]:
+    """The server's engine-side time-to-first-token histogram (cumulative buckets, sum, count), summed over models."""
+    found: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("codellm_time_to_first_token_seconds"):
+            key, value = line.rsplit(" ", 1)
+            name = key.split("{")[0].rsplit("_", 1)[-1]
+            le = key.split('le="')[1].split('"')[0] if 'le="' in key else ""
+            found[f"{name}{le}"] = found.get(f"{name}{le}", 0.0) + float(value)
+    return found
+
+
+def _engine_ttft_between(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Mean and p99 (the bucket bound it falls under) of the engine-side TTFT of one level's requests."""
+    count = after.get("count", 0) - before.get("count", 0)
+    if count <= 0:
+        return {}
+    buckets = sorted(((float(k[6:]), after[k] - before.get(k, 0)) for k in after if k.startswith("bucket")))
+    p99 = next(bound for bound, n in buckets if n >= 0.99 * count)
+    return {"engine_ttft_ms_mean": round(1000 * (after["sum"] - before.get("sum", 0)) / count, 1),
+            "engine_ttft_ms_p99_le": round(1000 * p99, 1)}
+
+
 def run_level(url: str, model: str, prompts: list[list[int]], max_tokens: int, streams_per_client: int = 32) -> dict:
     """All streams start together, spread over enough client processes that parsing SSE in Python is not
     what gets measured (one asyncio client tops out near 10k events/s)."""
@@ -137,6 +160,7 @@ def run_level(url: str, model: str, prompts: list[list[int]], max_tokens: int, s
     httpx.post(url + "/v1/completions", json={"model": model, "prompt": prompts[0][:16], "max_tokens": 4}, timeout=900)
     procs = max(1, -(-len(prompts) // streams_per_client))
     shares = [prompts[i::procs] for i in range(procs)]
+    before = engine_ttft(url)
     start = time.perf_counter() + 3.0 + 0.1 * procs  # CLOCK_MONOTONIC: the same clock in every process
     if procs == 1:
         results = _client_process((url, model, shares[0], max_tokens, start))
@@ -151,7 +175,7 @@ def run_level(url: str, model: str, prompts: list[list[int]], max_tokens: int, s
     return {"concurrency": len(prompts), "client_processes": procs, "output_tokens": tokens, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 1), "ttft_ms_p50": round(percentile(ttft, 50), 1),
             "ttft_ms_p99": round(percentile(ttft, 99), 1), "itl_ms_p50": round(percentile(itl, 50), 2),
-            "itl_ms_p99": round(percentile(itl, 99), 2)}
+            "itl_ms_p99": round(percentile(itl, 99), 2), **_engine_ttft_between(before, engine_ttft(url))}
 
 
 def _load_hf(home: Path, model: str, quantize: str | None):
@@ -260,19 +284,21 @@ def table(results: dict) -> str:
     lines = [f"Device: {results['env']['device']}; torch {results['env']['torch']}, transformers "
              f"{results['env']['transformers']}; shape {results['shape']}, prompt {results['prompt_len']} tokens, "
              f"{results['max_tokens']} new tokens, greedy, EOS ignored.", "",
-             "| path | concurrency | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | vs HF generate |",
-             "|---|---|---|---|---|---|---|"]
+             "| path | concurrency | tokens/s | TTFT p50 ms | TTFT p99 ms | engine TTFT mean / p99 ms | ITL p50 ms "
+             "| vs HF generate |",
+             "|---|---|---|---|---|---|---|---|"]
     hf = {r["concurrency"]: r["tokens_per_s"] for r in results.get("hf_generate", [])}
     for r in results["codellm"]:
         ratio = f"{r['tokens_per_s'] / hf[r['concurrency']]:.2f}x" if r["concurrency"] in hf else "-"
+        engine = f"{r['engine_ttft_ms_mean']} / <={r['engine_ttft_ms_p99_le']}" if "engine_ttft_ms_mean" in r else "-"
         lines.append(f"| codellm serve ({results['variant']}) | {r['concurrency']} | {r['tokens_per_s']} | {r['ttft_ms_p50']} | "
-                     f"{r['ttft_ms_p99']} | {r['itl_ms_p50']} | {ratio} |")
+                     f"{r['ttft_ms_p99']} | {engine} | {r['itl_ms_p50']} | {ratio} |")
     for r in results.get("hf_generate", []):
         lines.append(f"| HF generate{' (padded batch)' if r['concurrency'] > 1 else ''} | {r['concurrency']} | "
-                     f"{r['tokens_per_s']} | - | - | - | 1.00x |")
+                     f"{r['tokens_per_s']} | - | - | - | - | 1.00x |")
     for r in results.get("hf_continuous_batching", []):
         ratio = f"{r['tokens_per_s'] / hf[r['concurrency']]:.2f}x" if r["concurrency"] in hf else "-"
-        lines.append(f"| transformers continuous batching | {r['concurrency']} | {r['tokens_per_s']} | - | - | - | {ratio} |")
+        lines.append(f"| transformers continuous batching | {r['concurrency']} | {r['tokens_per_s']} | - | - | - | - | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -296,9 +322,11 @@ def main() -> None:
 
     levels = [int(c) for c in args.concurrency.split(",")]
     home = args.home or Path(tempfile.mkdtemp(prefix="codellm-bench-"))
+    t0 = time.perf_counter()
     if args.build:
         print(f"building {args.build} random-weight model in {home}", flush=True)
         build_model(args.build, home, args.model)
+        print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
     rng = random.Random(0)
     vocab = SHAPES.get(args.build or "", {}).get("vocab_size", 400)
     prompts = [[rng.randrange(300, vocab) for _ in range(args.prompt_len)] for _ in range(max(levels))]
@@ -309,8 +337,11 @@ def main() -> None:
     if not url:
         port = 11500 + rng.randrange(400)
         extra = (["--quantize", args.quantize] if args.quantize else []) + args.server_args.split()
+        t0 = time.perf_counter()
         proc = start_server(home, args.model, port, max(levels), args.prompt_len + args.max_tokens + 16, extra)
         url = f"http://127.0.0.1:{port}"
+        results["server_ready_s"] = round(time.perf_counter() - t0, 1)
+        print(f"server ready in {results['server_ready_s']} s", flush=True)
     try:
         for c in levels:
             r = run_level(url, args.model, prompts[:c], args.max_tokens)

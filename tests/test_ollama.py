@@ -15,8 +15,15 @@ import pytest
 from conftest import Server, run_cli
 
 
+@pytest.fixture(scope="module", params=["--engine-thread", "--engine-process"])
+def placement(request) -> str:
+    """Every test runs against both engine placements (a thread of the server; a child process, the GPU
+    default), each on a registry of its own."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, tiny_dir, adapter_dir, other_dirs):
+def home(tmp_path_factory, tiny_dir, adapter_dir, other_dirs, placement):
     from codellm.registry import Registry
     from codellm.registry.create import create
     from codellm.registry.modelfile import Modelfile
@@ -32,14 +39,14 @@ def home(tmp_path_factory, tiny_dir, adapter_dir, other_dirs):
 
 
 @pytest.fixture(scope="module")
-def server(home, tiny_dir):
+def server(home, tiny_dir, placement):
     import sys
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from hubmirror import HubMirror
 
     with HubMirror() as hub:
         hub.add("acme/tiny-coder", tiny_dir)
-        srv = Server(home, "--num-ctx", "256", "--max-loaded", "2", env={"HF_ENDPOINT": hub.url})
+        srv = Server(home, "--num-ctx", "256", "--max-loaded", "2", placement, env={"HF_ENDPOINT": hub.url})
         yield srv
         srv.stop()
 

@@ -14,9 +14,11 @@ from conftest import Server
 KEY = "sk-test-key"
 
 
-@pytest.fixture(scope="module")
-def server(served_home):
-    srv = Server(served_home, "--slots", "16", "--num-ctx", "256", "--model", "tiny-coder", api_key=KEY)
+@pytest.fixture(scope="module", params=["--engine-thread", "--engine-process"])
+def server(served_home, request):
+    """Every test runs against both engine placements: a thread of the server, and a child process (the
+    default on GPUs), whose outputs cross a pipe."""
+    srv = Server(served_home, "--slots", "16", "--num-ctx", "256", "--model", "tiny-coder", request.param, api_key=KEY)
     yield srv
     srv.stop()
 
@@ -326,3 +328,20 @@ def test_disconnect_before_the_response_starts_frees_slot(server, client):
     info = wait_idle(server, timeout=10)
     assert info["active"] == 0 and info["queued"] == 0
     assert chat(client, max_tokens=4).choices[0].finish_reason in ("stop", "length")
+
+
+def test_metrics(client, server):
+    """Prometheus text, public (no key): counters, gauges and the engine-side time-to-first-token histogram."""
+    chat(client, max_tokens=4)
+    body = httpx.get(server.url + "/metrics", timeout=10).text
+    values = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            values[key] = float(value)
+    label = 'model_name="tiny-coder:latest"'
+    assert values[f"codellm_generation_tokens_total{{{label}}}"] >= 3
+    count = values[f"codellm_time_to_first_token_seconds_count{{{label}}}"]
+    assert count >= 1 and values[f'codellm_time_to_first_token_seconds_bucket{{{label},le="+Inf"}}'] == count
+    assert 0 < values[f"codellm_time_to_first_token_seconds_sum{{{label}}}"] < 60 * count
+    assert "# TYPE codellm_time_to_first_token_seconds histogram" in body

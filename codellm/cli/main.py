@@ -185,14 +185,15 @@ def create(name, path):
 
 
 def _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code, keep_alive="-1", max_loaded=3,
-                  memory_limit=None, cuda_graphs=True, compile=True):
+                  memory_limit=None, cuda_graphs=True, compile=True, engine_process=None):
     from codellm.engine.manager import LoadOptions, parse_keep_alive
     from codellm.engine.memory import parse_size
 
     return LoadOptions(device=device, dtype=dtype, quantize=quantize, num_ctx=num_ctx, slots=slots,
                        max_queue=max_queue, trust_remote_code=trust_remote_code,
                        keep_alive=parse_keep_alive(keep_alive, 300.0), max_loaded=max_loaded,
-                       memory_limit=parse_size(memory_limit), cuda_graphs=cuda_graphs, compile=compile)
+                       memory_limit=parse_size(memory_limit), cuda_graphs=cuda_graphs, compile=compile,
+                       engine_process=engine_process)
 
 
 def engine_options(f):
@@ -209,6 +210,9 @@ def engine_options(f):
         click.option("--compile/--no-compile", default=True, show_default=True,
                      help="torch.compile the GPU decode step before capturing it (fused kernels, ~1.3x decode "
                      "throughput; about 30 s more at load)."),
+        click.option("--engine-process/--engine-thread", default=None,
+                     help="Run each model's engine in a child process, apart from the HTTP server's GIL (default on "
+                     "GPUs), or as a thread of this process (default on CPU)."),
     ]):
         f = option(f)
     return f
@@ -231,7 +235,7 @@ def engine_options(f):
 @click.option("--memory-limit", help="Memory codellm may use for weights and KV caches, e.g. 20GB (default: what is free).")
 @engine_options
 def serve(host, port, api_key, models, cors, log_level, keep_alive, max_loaded, memory_limit, device, dtype, quantize,
-          num_ctx, slots, max_queue, trust_remote_code, cuda_graphs, compile):
+          num_ctx, slots, max_queue, trust_remote_code, cuda_graphs, compile, engine_process):
     """Serve registry models over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/embeddings,
     /v1/models) and Ollama's (/api/chat, /api/generate, /api/tags, /api/show, /api/pull, /api/ps, ...),
     with /health, /metrics and the OpenAPI schema at /schema."""
@@ -246,7 +250,8 @@ def serve(host, port, api_key, models, cors, log_level, keep_alive, max_loaded, 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     reg = _registry()
     manager = ModelManager(reg, _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code,
-                                              keep_alive, max_loaded, memory_limit, cuda_graphs, compile))
+                                              keep_alive, max_loaded, memory_limit, cuda_graphs, compile,
+                                              engine_process))
     names = []
     for name in models or (["default"] if not reg.list() else []):
         names.append(ensure_default(reg, status=lambda s: click.echo(s, err=True)) if name == "default" else name)
@@ -269,7 +274,7 @@ def serve(host, port, api_key, models, cors, log_level, keep_alive, max_loaded, 
 @click.option("--local", is_flag=True, help="Always run the engine in this process.")
 @engine_options
 def run(model, prompt, url, api_key, system, local, device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code,
-        cuda_graphs, compile):
+        cuda_graphs, compile, engine_process):
     """Chat with MODEL: answer PROMPT and exit, or start an interactive chat.
 
     In the chat: /set system TEXT, /set parameter NAME VALUE, /clear, /bye, and \"\"\" to begin and end a
@@ -293,7 +298,8 @@ def run(model, prompt, url, api_key, system, local, device, dtype, quantize, num
         from codellm.engine.manager import ModelManager
 
         manager = ModelManager(_registry(), _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code,
-                                                          cuda_graphs=cuda_graphs, compile=compile))
+                                                          cuda_graphs=cuda_graphs, compile=compile,
+                                                          engine_process=engine_process))
         manager.get(model, pin=True)
         ask = lambda text: client.stream_local(manager, session, text)  # noqa: E731
     try:

@@ -47,4 +47,4 @@ def embed_served(served, texts: list[str], *, truncate: bool = True) -> tuple[li
 
             raise InvalidRequest("input must not be empty", param="input")
         return served.encoder.embed(texts, truncate=truncate)
-    return embed(served.lm, texts, truncate=truncate)
+    return served.engine.embed(served.lm, texts, truncate=truncate)  # where the weights are: here or a child process

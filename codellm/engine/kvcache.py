@@ -82,6 +82,11 @@ def use(ctx: StepContext):
         _CTX.reset(token)
 
 
+def current() -> StepContext | None:
+    """The engine step being run on this thread (eager path), if any."""
+    return _CTX.get()
+
+
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     ctx = kwargs.pop("codellm_step", None) or _CTX.get()
     if ctx is None:  # not inside an engine step: behave like transformers' sdpa

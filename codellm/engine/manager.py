@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from codellm.engine import memory
 from codellm.engine.loader import LoadedModel
 from codellm.engine.sampling import SamplingParams
+from codellm.engine.remote import EngineProcess
 from codellm.engine.scheduler import Engine
 from codellm.registry import ModelName, Registry
 
@@ -36,12 +37,13 @@ class LoadOptions:
     trust_remote_code: bool = False
     cuda_graphs: bool = True  # decode through captured CUDA graphs on GPUs (eager when off, or for adapters)
     compile: bool = True  # torch.compile the graph-captured decode step (GPU only; falls back to plain graphs)
+    engine_process: bool | None = None  # each engine in a child process (default: on GPUs), see engine.remote
 
 
 @dataclass
 class Served:
     lm: LoadedModel
-    engine: Engine | None  # None for encoders (embedding and rerank models)
+    engine: Engine | EngineProcess | None  # None for encoders (embedding and rerank models)
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
 
@@ -132,6 +134,13 @@ class ModelManager:
     def loaded(self) -> dict[str, Served]:
         return dict(self._served)
 
+    def ready(self, name: str) -> Served | None:
+        """``name`` if it is loaded (marked used now), else None: the per-request fast path."""
+        served = self._served.get(self.canonical(name))
+        if served is not None:
+            served.last_used = time.time()
+        return served
+
     def get(self, name: str, *, pin: bool = False) -> Served:
         """The loaded model ``name``, loading it (and evicting idle ones beyond the caps) if needed."""
         key = self.canonical(name)
@@ -157,22 +166,14 @@ class ModelManager:
         if group is None:
             need = memory.estimate(self.registry, weights, o)
             self._make_room(need)
-            model, dev, dtype = loader.load_weights(self.registry, entry, weights, device=o.device, dtype=o.dtype,
-                                                    quantize=o.quantize, trust_remote_code=o.trust_remote_code)
-            base = loader.view(self.registry, entry, weights, model, dev, dtype, num_ctx=o.num_ctx, quantize=o.quantize,
-                               trust_remote_code=o.trust_remote_code)
-            engine = Engine(base, slots=o.slots, max_queue=o.max_queue, prefill_chunk=o.prefill_chunk,
-                            cuda_graphs=o.cuda_graphs, compile=o.compile)
-            group = self._groups[gkey] = Group(gkey, engine, need)
+            group = self._groups[gkey] = Group(gkey, self._start_engine(entry, weights), need)
         engine = group.engine
         adapter = None
-        if entry.manifest.layers_of(mt.ADAPTER):
-            with engine.step_lock:  # no step runs while the adapter goes in
-                model, adapter = loader.attach_adapter(self.registry, engine.lm.model, entry)
-                engine.lm.model = model
-                for other in self._served.values():
-                    if other.group == gkey:
-                        other.lm.model = model
+        if entry.manifest.layers_of(mt.ADAPTER):  # goes in between two steps
+            model, adapter = engine.attach_adapter(self.registry, entry)
+            for other in self._served.values():
+                if other.group == gkey:
+                    other.lm.model = model
         lm = loader.view(self.registry, entry, weights, engine.lm.model, engine.lm.device, engine.lm.dtype,
                          num_ctx=o.num_ctx, quantize=o.quantize, adapter=adapter, trust_remote_code=o.trust_remote_code,
                          max_len_cap=engine.lm.max_len)
@@ -180,6 +181,23 @@ class ModelManager:
         served.expires_at = None if pin or o.keep_alive is None else time.time() + o.keep_alive
         self._served[key] = served
         return served
+
+    def _start_engine(self, entry, weights) -> Engine | EngineProcess:
+        from codellm.engine import loader
+
+        o = self.options
+        load = dict(device=o.device, dtype=o.dtype, quantize=o.quantize, trust_remote_code=o.trust_remote_code)
+        view = dict(num_ctx=o.num_ctx, quantize=o.quantize, trust_remote_code=o.trust_remote_code)
+        engine = dict(slots=o.slots, max_queue=o.max_queue, prefill_chunk=o.prefill_chunk, cuda_graphs=o.cuda_graphs,
+                      compile=o.compile)
+        separate = o.engine_process
+        if separate is None:
+            separate = loader.pick_device(o.device, o.dtype)[0].type == "cuda"
+        if separate:
+            return EngineProcess(self.registry, entry, weights, load=load, engine=engine, view=view,
+                                 max_queue=o.max_queue)
+        model, dev, dtype = loader.load_weights(self.registry, entry, weights, **load)
+        return Engine(loader.view(self.registry, entry, weights, model, dev, dtype, **view), **engine)
 
     def _load_encoder(self, key: str, entry, pin: bool) -> Served:
         from codellm.engine import loader

@@ -13,6 +13,8 @@ import itertools
 import logging
 import queue
 import threading
+import time
+from bisect import bisect_left
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,7 +22,7 @@ from typing import Callable
 import torch
 
 from codellm.errors import ContextLengthExceeded, InvalidRequest, QueueFull
-from codellm.engine import kvcache
+from codellm.engine import fusion, kvcache
 from codellm.engine.detok import IncrementalDetokenizer, StopMatcher
 from codellm.engine.jsonmode import JsonPrefix
 from codellm.engine.loader import LoadedModel
@@ -111,10 +113,80 @@ class Stats:
     cancelled: int = 0
 
 
-class Engine:
+class Histogram:
+    """A Prometheus histogram: counts per upper bound (seconds), their sum and count."""
+
+    BOUNDS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, float("inf"))
+
+    def __init__(self):
+        self.counts = [0] * len(self.BOUNDS)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.BOUNDS, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+
+class Admission:
+    """What every engine front does before a prompt goes in, the same in this process or another: the prompt
+    fits the context, the queue has room; ``_queued`` counts sequences submitted and not yet finished. It also
+    times each sequence from submission to its first output (``ttft``, engine side: the client's time to first
+    token minus this is the HTTP server's share)."""
+
+    lm: LoadedModel
+    max_queue: int
+
+    def _init_admission(self, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self._queued = 0
+        self._lock = threading.Lock()
+        self.ttft = Histogram()
+
+    def _timed(self, sink: Sink) -> Sink:
+        start, seen = time.perf_counter(), set()
+
+        def timed(out: Output) -> None:
+            if out.index not in seen:
+                seen.add(out.index)
+                self.ttft.observe(time.perf_counter() - start)
+            sink(out)
+        return timed
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._queued
+
+    def check_prompt(self, n_prompt: int, lm: LoadedModel | None = None) -> None:
+        max_len = min((lm or self.lm).max_len, self.lm.max_len)
+        if n_prompt >= max_len:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{n_prompt} tokens in the prompt, which leaves no room for the completion. "
+                "Please reduce the length of the prompt.", param="messages",
+            )
+
+    def _reserve(self, prompt: list[int], n: int, lm: LoadedModel) -> None:
+        if not prompt:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        self.check_prompt(len(prompt), lm)
+        with self._lock:
+            if self._queued + n > self.max_queue:
+                raise QueueFull(f"the server is busy: {self._queued} requests are queued for {self.lm.name}")
+            self._queued += n
+
+    def _released(self, n: int = 1) -> None:
+        with self._lock:
+            self._queued -= n
+
+
+class Engine(Admission):
     def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int | None = None,
-                 cuda_graphs: bool = True, compile: bool = False, overlap: bool = True):
+                 cuda_graphs: bool = True, compile: bool = False, overlap: bool = True, fuse: bool = True):
         self.lm = lm
+        if fuse:  # q/k/v and gate/up as one GEMM each in engine steps (no extra memory)
+            fusion.fuse(lm.model)
         cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
         slots = slots or (64 if lm.device.type == "cuda" else 8)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -136,7 +208,7 @@ class Engine:
 
             self.graphs = GraphRunner(lm.model, self.cache, lm.device, self.last_tokens, compile=compile)
         self.overlap = overlap  # read greedy tokens a step late, while the device runs the next step (see _decode)
-        self.max_queue = max_queue
+        self._init_admission(max_queue)
         # prompt tokens per step: a burst of 64 128-token prompts prefills in one forward on a GPU (time to first
         # token), at the cost of one longer step for streams already decoding
         self.prefill_chunk = prefill_chunk or (8192 if lm.device.type == "cuda" else 512)
@@ -145,8 +217,6 @@ class Engine:
         self.running: list[Sequence] = []
         self.stats = Stats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._queued = 0
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self.step_lock = threading.Lock()  # held while a step runs: hold it to change the model safely
         self._ready = threading.Event()  # set once decode graphs are captured (compiled): loading ends there
@@ -165,36 +235,31 @@ class Engine:
         asked each step, since adapters can be attached to a loaded model at any time."""
         return self.graphs is not None and not getattr(self.lm.model, "peft_config", None)
 
+    @property
+    def kv_bytes(self) -> int:
+        return self.cache.nbytes
+
     def active(self) -> int:
         return self.slots - len(self.free_slots)
-
-    def pending(self) -> int:
-        with self._lock:
-            return self._queued
-
-    def check_prompt(self, n_prompt: int, lm: LoadedModel | None = None) -> None:
-        max_len = min((lm or self.lm).max_len, self.lm.max_len)
-        if n_prompt >= max_len:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {max_len} tokens. However, you requested "
-                f"{n_prompt} tokens in the prompt, which leaves no room for the completion. "
-                "Please reduce the length of the prompt.", param="messages",
-            )
 
     def submit(self, prompt: list[int], params: SamplingParams, sink: Sink, *, n: int = 1,
                prompt_logprobs: bool = False, lm: LoadedModel | None = None) -> Handle:
         """Queue ``n`` sequences for ``prompt``. ``lm`` is the model view asked for (its tokenizer, EOS ids and
         adapter) when several models share this engine's weights; default: the engine's own."""
         lm = lm or self.lm
-        if not prompt:
-            raise InvalidRequest("the prompt is empty", param="prompt")
-        self.check_prompt(len(prompt), lm)
+        self._reserve(prompt, n, lm)
         room = min(lm.max_len, self.lm.max_len) - len(prompt)
         max_new = min(params.max_tokens, room) if params.max_tokens is not None else room
-        with self._lock:
-            if self._queued + n > self.max_queue:
-                raise QueueFull(f"the server is busy: {self._queued} requests are queued for {self.lm.name}")
-            self._queued += n
+        try:
+            seqs = self._sequences(prompt, params, self._timed(sink), n, prompt_logprobs, lm, max_new)
+        except BaseException:
+            self._released(n)
+            raise
+        handle = Handle(self, seqs)
+        self._inbox.put(("add", seqs))
+        return handle
+
+    def _sequences(self, prompt, params, sink, n, prompt_logprobs, lm, max_new) -> list[Sequence]:
         tok = lm.tokenizer
         stop_ids = set() if params.ignore_eos else set(lm.eos_ids)
         stop_ids |= set(params.stop_token_ids)
@@ -205,7 +270,7 @@ class Engine:
                 stop_ids.add(tok.convert_tokens_to_ids(s))
             else:
                 strings.append(s)
-        seqs = [
+        return [
             Sequence(
                 index=i, prompt=list(prompt), params=params, sink=sink, max_new=max(0, max_new), stop_ids=stop_ids,
                 detok=IncrementalDetokenizer(tok, prompt), stops=StopMatcher(strings),
@@ -215,12 +280,24 @@ class Engine:
             )
             for i in range(n)
         ]
-        handle = Handle(self, seqs)
-        self._inbox.put(("add", seqs))
-        return handle
 
     def cancel(self, handle: Handle) -> None:
         self._inbox.put(("cancel", handle.seqs))
+
+    def embed(self, lm: LoadedModel, texts: list[str], *, truncate: bool = True) -> tuple[list[list[float]], int]:
+        """Mean-pooled embeddings from these weights (``embeddings.embed``), beside the step loop."""
+        from codellm.engine.embeddings import embed
+
+        return embed(lm, texts, truncate=truncate)
+
+    def attach_adapter(self, registry, entry) -> tuple[object, str]:
+        """Put ``entry``'s LoRA adapter on the weights between two steps; (the model now, the adapter's name)."""
+        from codellm.engine import loader
+
+        with self.step_lock:
+            model, adapter = loader.attach_adapter(registry, self.lm.model, entry)
+            self.lm.model = model
+        return model, adapter
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -523,8 +600,7 @@ class Engine:
             self.free_slots.append(seq.slot)
             self.free_slots.sort()
             seq.slot = None
-        with self._lock:
-            self._queued -= 1
+        self._released()
         if reason == "cancelled":
             self.stats.cancelled += 1
         else:

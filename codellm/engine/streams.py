@@ -54,15 +54,49 @@ class _Dispatcher:
             target.put_nowait(item)
 
 
+class _Mailbox:
+    """What the dispatcher fills for one stream: a deque the reader can look into, so outputs that piled up
+    can be merged (``asyncio.Queue`` keeps its items private)."""
+
+    def __init__(self):
+        self.items: collections.deque[Output] = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item: Output) -> None:
+        self.items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> Output:
+        while not self.items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self.items.popleft()
+
+
+def _absorb(out: Output, later: Output) -> Output:
+    """``later`` (the same choice's next output) folded into ``out``: one delta carrying both."""
+    out.text += later.text
+    out.token_ids += later.token_ids
+    out.logprobs += later.logprobs
+    out.prompt_logprobs = out.prompt_logprobs or later.prompt_logprobs
+    out.prompt_tokens, out.completion_tokens = later.prompt_tokens, later.completion_tokens
+    out.finish_reason, out.error = later.finish_reason, later.error
+    return out
+
+
 class AsyncStream:
     """Outputs of one or more submissions (several prompts, n choices each) merged in arrival order.
 
-    Choice indexes are offset so that prompt ``p`` with ``n`` choices owns ``p*n .. p*n+n-1``.
+    Choice indexes are offset so that prompt ``p`` with ``n`` choices owns ``p*n .. p*n+n-1``. When the reader
+    falls behind the engine (hundreds of streams on one event loop), a choice's outputs that piled up are
+    handed over as one: each chunk then carries several tokens, and the server's work per token shrinks
+    exactly when it is the bottleneck (vLLM merges deltas the same way).
     """
 
     def __init__(self):
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Output] = asyncio.Queue()
+        self._queue = _Mailbox()
         self._open = 0
         self.handles: list[Handle] = []
 
@@ -89,13 +123,16 @@ class AsyncStream:
         if self._open == 0:
             raise StopAsyncIteration
         out = await self._queue.get()
+        waiting = self._queue.items
+        while out.finish_reason is None and waiting and waiting[0].index == out.index:
+            out = _absorb(out, waiting.popleft())
         if out.finish_reason is not None:
             self._open -= 1
         return out
 
     def has_pending(self) -> bool:
         """Outputs already here: a writer can send them together with what it holds."""
-        return not self._queue.empty()
+        return bool(self._queue.items)
 
     def cancel(self) -> None:
         if self._open:

@@ -61,6 +61,16 @@ async def metrics(request: Request) -> Response:
             if served.engine is None:
                 continue
             lines.append(f'{metric}{{model_name="{name}"}} {value(served)}')
+    metric = "codellm_time_to_first_token_seconds"  # engine side: from submission to the first output
+    lines.append(f"# TYPE {metric} histogram")
+    for name, served in manager.loaded().items():
+        if served.engine is None:
+            continue
+        h, label, cumulative = served.engine.ttft, f'model_name="{name}"', 0
+        for bound, count in zip(h.BOUNDS, h.counts):
+            cumulative += count
+            lines.append(f'{metric}_bucket{{{label},le="{"+Inf" if bound == float("inf") else bound}"}} {cumulative}')
+        lines += [f"{metric}_sum{{{label}}} {h.sum}", f"{metric}_count{{{label}}} {h.count}"]
     return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 

@@ -471,7 +471,7 @@ async def ps(request: Request) -> dict:
     for key, served in manager.loaded().items():
         entry = manager.registry.get(key)
         expires = served.expires_at if served.expires_at is not None else time.time() + 10 * 365 * 86400
-        vram = ((served.engine.cache.nbytes if served.engine else 0) + entry.manifest.size) if served.lm.device.type == "cuda" else 0
+        vram = ((served.engine.kv_bytes if served.engine else 0) + entry.manifest.size) if served.lm.device.type == "cuda" else 0
         models.append({**_tag_entry(entry), "expires_at": _iso(expires), "size_vram": vram,
                        "context_length": served.lm.max_len})
     return {"models": models}

@@ -38,10 +38,12 @@ async def served_model(request: Request, name: str) -> Served:
     """The loaded model, counted as busy until ``release``: keep-alive never unloads it mid-request."""
     manager = manager_of(request)
     try:
-        manager.registry.get(name)
+        served = manager.ready(name)  # loaded already: no disk, no thread hop
+        if served is None:
+            manager.registry.get(name)
+            served = await asyncio.to_thread(manager.get, name)
     except (InvalidName, NotFound):
         raise NotFound(f"The model `{name}` does not exist.", param="model") from None
-    served = await asyncio.to_thread(manager.get, name)
     served.active += 1
     return served
 
