@@ -345,3 +345,42 @@ def test_metrics(client, server):
     assert count >= 1 and values[f'codellm_time_to_first_token_seconds_bucket{{{label},le="+Inf"}}'] == count
     assert 0 < values[f"codellm_time_to_first_token_seconds_sum{{{label}}}"] < 60 * count
     assert "# TYPE codellm_time_to_first_token_seconds histogram" in body
+
+
+def _engine_children(pid: int) -> list[int]:
+    """The server's engine processes (spawned children, not multiprocessing's resource tracker)."""
+    from pathlib import Path
+
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"multiprocessing" in cmdline and b"resource_tracker" not in cmdline:
+                found.append(int(child))
+    return found
+
+
+def test_killed_engine_process_is_loaded_again(client, server):
+    """The engine process dies (OOM killer, a crash): the server stays up, and the next request loads it again."""
+    import os
+    import signal
+
+    if "--engine-process" not in server.proc.args:
+        pytest.skip("the engine runs as a thread here")
+    chat(client, max_tokens=2)
+    before = _engine_children(server.proc.pid)
+    assert before
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 120
+    while True:  # the first request may still meet the dying engine: it fails cleanly, then the model reloads
+        try:
+            r = chat(client, max_tokens=4)
+            break
+        except openai.APIError:
+            assert time.time() < deadline
+            time.sleep(0.2)
+    assert r.choices[0].message.content is not None and r.usage.completion_tokens > 0
+    after = _engine_children(server.proc.pid)
+    assert after and not set(after) & set(before)
+    wait_idle(server)

@@ -26,6 +26,7 @@ from codellm.engine import kvcache
 # attention classes whose forward is q/k/v projections, rotary embedding, attention, o_proj (nothing else)
 _ATTENTION = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
 _MLP = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
+_ATTENTION_ARGS = {"position_embeddings", "attention_mask", "cache", "past_key_values", "scaling", "dropout"}
 
 
 def _plain(*layers) -> bool:
@@ -60,16 +61,22 @@ def _fuse_attention(module: nn.Module) -> bool:
     rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb
     original = module.forward
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        step = kwargs.get("codellm_step") or kvcache.current()
-        if step is None or past_key_values is not None or self.training or not _plain(self.q_proj, self.k_proj, self.v_proj):
-            return original(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+    def forward(self, hidden_states, *args, **kwargs):
+        # (position_embeddings, attention_mask, cache) by position or name; the cache argument's name changed
+        # across transformers releases (past_key_values -> cache), so it is looked up under both
+        named = dict(zip(("position_embeddings", "attention_mask", "cache"), args))
+        named.update(kwargs)
+        step = named.get("codellm_step") or kvcache.current()
+        cached = named.get("cache") is not None or named.get("past_key_values") is not None
+        if step is None or cached or self.training or not _plain(self.q_proj, self.k_proj, self.v_proj):
+            return original(hidden_states, *args, **kwargs)
+        rest = {k: v for k, v in named.items() if k not in _ATTENTION_ARGS}
         input_shape = hidden_states.shape[:-1]
         shape = (*input_shape, -1, self.head_dim)
         q, k, v = (t.view(shape).transpose(1, 2) for t in F.linear(hidden_states, weight, bias).split(sizes, dim=-1))
-        cos, sin = position_embeddings
+        cos, sin = named["position_embeddings"]
         q, k = rotary(q, k, cos, sin)
-        out, _ = kvcache.slot_attention(self, q, k, v, attention_mask, scaling=self.scaling, **kwargs)
+        out, _ = kvcache.slot_attention(self, q, k, v, named.get("attention_mask"), scaling=self.scaling, **rest)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
 
     module.forward = types.MethodType(forward, module)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -12,6 +13,8 @@ from codellm.engine.sampling import SamplingParams
 from codellm.engine.remote import EngineProcess
 from codellm.engine.scheduler import Engine
 from codellm.registry import ModelName, Registry
+
+log = logging.getLogger("codellm.engine")
 
 # Modelfile PARAMETER name -> SamplingParams field
 _PARAM_MAP = {
@@ -135,16 +138,24 @@ class ModelManager:
         return dict(self._served)
 
     def ready(self, name: str) -> Served | None:
-        """``name`` if it is loaded (marked used now), else None: the per-request fast path."""
+        """``name`` if it is loaded and its engine runs (marked used now), else None: the per-request fast path."""
         served = self._served.get(self.canonical(name))
-        if served is not None:
-            served.last_used = time.time()
+        if served is None or (served.engine is not None and not served.engine.alive):
+            return None
+        served.last_used = time.time()
         return served
 
     def get(self, name: str, *, pin: bool = False) -> Served:
-        """The loaded model ``name``, loading it (and evicting idle ones beyond the caps) if needed."""
+        """The loaded model ``name``, loading it (and evicting idle ones beyond the caps) if needed. A model whose
+        engine died (its process was killed, say) is loaded afresh."""
         key = self.canonical(name)
         served = self._served.get(key)
+        if served is not None and served.engine is not None and not served.engine.alive:
+            with self._load_lock:
+                if self._served.get(key) is served:
+                    log.warning("the engine of %s is gone; loading it again", key)
+                    self._unload_group(served.group)
+            served = None
         if served is None:
             self.registry.get(key)  # NotFound before taking any lock
             with self._load_lock:

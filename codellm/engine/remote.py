@@ -87,6 +87,10 @@ class EngineProcess(Admission):
         return payload
 
     # -- the Engine API ------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and self.process.is_alive()
+
     def active(self) -> int:
         return self._active
 

@@ -239,6 +239,10 @@ class Engine(Admission):
     def kv_bytes(self) -> int:
         return self.cache.nbytes
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def active(self) -> int:
         return self.slots - len(self.free_slots)
 
