@@ -55,6 +55,11 @@ class Served:
     encoder: object = None  # codellm.engine.encoders.Encoder for embedding / rerank models
     active: int = 0  # requests in flight (a model is never unloaded under them)
 
+    @property
+    def engine_gone(self) -> bool:
+        """Its engine stopped (the engine process was killed, say): it must be loaded again."""
+        return self.engine is not None and not self.engine.alive
+
     def generator(self) -> Engine:
         """The engine, or a clear 400 when this model cannot generate text."""
         if self.engine is None:
@@ -140,7 +145,7 @@ class ModelManager:
     def ready(self, name: str) -> Served | None:
         """``name`` if it is loaded and its engine runs (marked used now), else None: the per-request fast path."""
         served = self._served.get(self.canonical(name))
-        if served is None or (served.engine is not None and not served.engine.alive):
+        if served is None or served.engine_gone:
             return None
         served.last_used = time.time()
         return served
@@ -150,7 +155,7 @@ class ModelManager:
         engine died (its process was killed, say) is loaded afresh."""
         key = self.canonical(name)
         served = self._served.get(key)
-        if served is not None and served.engine is not None and not served.engine.alive:
+        if served is not None and served.engine_gone:
             with self._load_lock:
                 if self._served.get(key) is served:
                     log.warning("the engine of %s is gone; loading it again", key)
