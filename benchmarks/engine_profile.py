@@ -23,12 +23,15 @@ from codellm.engine.sampling import SamplingParams  # noqa: E402
 from codellm.engine.scheduler import Engine  # noqa: E402
 from codellm.registry import Registry  # noqa: E402
 
-def run(engine: Engine, batch: int, steps: int) -> float:
+def run(engine: Engine, batch: int, steps: int) -> tuple[float, float]:
+    """(wall seconds per decode step, seconds to the last sequence's first token) for ``batch`` 128-token prompts."""
     done = threading.Event()
     left = [batch]
     lock = threading.Lock()
+    first: dict[int, float] = {}
 
-    def sink(out):
+    def sink(out, i):
+        first.setdefault(i, time.perf_counter())
         if out.finish_reason:
             with lock:
                 left[0] -= 1
@@ -38,10 +41,11 @@ def run(engine: Engine, batch: int, steps: int) -> float:
     before = engine.stats.steps
     start = time.perf_counter()
     for i in range(batch):
-        engine.submit([300 + i] * 128, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True), sink)
+        engine.submit([300 + i] * 128, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True),
+                      lambda out, i=i: sink(out, i))
     done.wait(600)
     wall = time.perf_counter() - start
-    return wall / max(1, engine.stats.steps - before)
+    return wall / max(1, engine.stats.steps - before), max(first.values()) - start
 
 
 def main():
@@ -53,6 +57,7 @@ def main():
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--variants", default="graphs,graphs-sync,compile",
                     help="graphs, graphs-sync (no overlap of host work), compile (torch.compile + graphs), eager; "
+                         "'-sdpa' after a name decodes with SDPA instead of the split-KV kernel; "
                          "'-unfused' after a name keeps q/k/v and gate/up as separate GEMMs (list those first: "
                          "fusing changes the loaded model in place)")
     args = ap.parse_args()
@@ -63,7 +68,8 @@ def main():
     results = {}
     for variant in args.variants.split(","):
         t0 = time.perf_counter()
-        kind = variant.removesuffix("-unfused")
+        kind = variant.removesuffix("-unfused").removesuffix("-sdpa")
+        os.environ["CODELLM_ATTENTION"] = "sdpa" if "-sdpa" in variant else "triton"  # decode_attention's switch
         engine = Engine(lm, slots=args.slots, cuda_graphs=kind != "eager", compile=kind == "compile",
                         overlap=kind != "graphs-sync", fuse=not variant.endswith("-unfused"))
         run(engine, 1, 2)  # load-time work (capture, compile) happens before the first step
@@ -71,9 +77,12 @@ def main():
         print(f"{variant}: ready in {results[f'{variant}/load_s']} s", flush=True)
         for b in batches:
             run(engine, b, 8)
-            ms = run(engine, b, args.steps) * 1000
+            step, ttft = run(engine, b, args.steps)
+            ms = step * 1000
             results[f"{variant}/b{b}"] = round(ms, 3)
-            print(f"{variant} batch {b}: {ms:.2f} ms/step, {b / ms * 1000:.0f} tok/s", flush=True)
+            results[f"{variant}/b{b}/ttft_ms"] = round(ttft * 1000, 1)
+            print(f"{variant} batch {b}: {ms:.2f} ms/step, {b / ms * 1000:.0f} tok/s, last first token after "
+                  f"{ttft * 1000:.1f} ms", flush=True)
         for b in (batches[0], batches[-1]):
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 run(engine, b, 16)

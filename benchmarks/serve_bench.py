@@ -308,7 +308,10 @@ def main() -> None:
     ap.add_argument("--model", default="bench")
     ap.add_argument("--build", choices=sorted(SHAPES), help="Build a random-weight model of this shape first.")
     ap.add_argument("--home", type=Path, help="Registry to use (default: a temporary one).")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="The shape of a model already built (--build sets it).")
     ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--streams-per-client", type=int, default=32,
+                    help="Streams each client process drives (one asyncio loop parses ~10k SSE events/s).")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--hf-baseline", action="store_true", help="Also time HF generate on the same prompts.")
@@ -328,9 +331,9 @@ def main() -> None:
         build_model(args.build, home, args.model)
         print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
     rng = random.Random(0)
-    vocab = SHAPES.get(args.build or "", {}).get("vocab_size", 400)
+    vocab = SHAPES.get(args.build or args.shape or "", {}).get("vocab_size", 400)
     prompts = [[rng.randrange(300, vocab) for _ in range(args.prompt_len)] for _ in range(max(levels))]
-    results = {"env": environment(), "shape": args.build or args.model, "prompt_len": args.prompt_len,
+    results = {"env": environment(), "shape": args.build or args.shape or args.model, "prompt_len": args.prompt_len,
                "max_tokens": args.max_tokens, "variant": " ".join([args.quantize or "bf16", *args.server_args.split()]), "codellm": [], "hf_generate": []}
     proc = None
     url = args.url
@@ -344,7 +347,7 @@ def main() -> None:
         print(f"server ready in {results['server_ready_s']} s", flush=True)
     try:
         for c in levels:
-            r = run_level(url, args.model, prompts[:c], args.max_tokens)
+            r = run_level(url, args.model, prompts[:c], args.max_tokens, args.streams_per_client)
             print("codellm", r, flush=True)
             results["codellm"].append(r)
         results["server_health"] = httpx.get(url + "/health").json()

@@ -76,6 +76,65 @@ def test_fused_projections_share_memory_and_match(tiny_dir):
     torch.testing.assert_close(step, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_prefill_matches_each_prompt_alone(tiny_dir, dtype):
+    """Prompts of different lengths packed end to end in one row, with padding and unused rows as a captured
+    graph lays them out, give each prompt's own next-token logits and fill each slot's keys. On a GPU in bf16
+    this is FlashAttention's variable-length kernel; elsewhere the block-diagonal mask."""
+    from transformers import AutoModelForCausalLM
+
+    from codellm.engine import fusion, kvcache
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("bf16 packed prefill is the GPU's FlashAttention path")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation=kvcache.register(), dtype=dtype).to(device).eval()
+    fusion.fuse(model)
+    cfg = model.config
+    prompts = [[5, 17, 99, 3, 42, 7], [8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [30, 31]]
+    slots = [2, 0, 3, 1]
+    cache = kvcache.SlotCache(layers=cfg.num_hidden_layers, slots=4, kv_heads=cfg.num_key_value_heads,
+                              head_dim=cfg.hidden_size // cfg.num_attention_heads, max_len=32, dtype=dtype, device=device)
+    ids, positions, token_slots, cu, last = kvcache.pack_prompts(prompts, slots, width=32, rows=6)
+    assert positions[20:].eq(-1).all() and cu.tolist() == [0, 6, 7, 18, 20, 32, 32, 32] and last[:4].tolist() == [5, 6, 17, 19]
+    ctx = kvcache.packed_context(cache, token_slots.to(device), positions.to(device), cu.to(device, torch.int32), 32)
+    with torch.inference_mode():
+        with kvcache.use(ctx):
+            packed = model(input_ids=ids.view(1, -1).to(device), position_ids=positions.clamp(min=0).view(1, -1).to(device),
+                           use_cache=False, logits_to_keep=last.to(device)).logits[0]
+        alone = [model(input_ids=torch.tensor([p], device=device)).logits[0, -1] for p in prompts]
+        one = kvcache.SlotCache(layers=cfg.num_hidden_layers, slots=1, kv_heads=cfg.num_key_value_heads,
+                                head_dim=cfg.hidden_size // cfg.num_attention_heads, max_len=32, dtype=dtype, device=device)
+        with kvcache.use(kvcache.step_context(one, [0], torch.arange(len(prompts[2])).unsqueeze(0))):
+            model(input_ids=torch.tensor([prompts[2]], device=device), use_cache=False)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    torch.testing.assert_close(packed[:4], torch.stack(alone), **tol)
+    for layer in range(cfg.num_hidden_layers):  # the third prompt's keys landed in its slot (3), at its positions
+        torch.testing.assert_close(cache.k[layer][3, :, :11], one.k[layer][0, :, :11], **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on GPUs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_split_kv_decode_kernel_matches_sdpa(dtype):
+    """Each row attends over its own length only; GQA groups share one program; lengths 1 to a few hundred."""
+    from codellm.engine import decode_attention
+
+    torch.manual_seed(0)
+    rows, hq, hkv, d, keys = 6, 32, 8, 64, 600
+    k = torch.randn(rows + 1, hkv, keys, d, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    q = torch.randn(rows, 1, hq, d, device="cuda", dtype=dtype).transpose(1, 2)[:, :, 0]  # the layout attention hands over
+    lens = torch.tensor([1, 17, 64, 65, 300, 599], device="cuda", dtype=torch.int32)
+    out = decode_attention.decode_attention(q, k, v, lens, d ** -0.5)
+    for b in range(rows):
+        n = int(lens[b])
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[b, :, None].float(), k[b, :, :n].repeat_interleave(hq // hkv, 0).float(),
+            v[b, :, :n].repeat_interleave(hq // hkv, 0).float())[:, 0]
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(out[b].float(), ref, **tol)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile + CUDA graphs: the GPU fast path")
 def test_compiled_fast_path_matches_hf_generate(loaded):
     """On a GPU, in fp32: the compiled decode step captured in graphs, with fused projections and overlap."""
@@ -115,7 +174,7 @@ def test_greedy_matches_hf_generate_with_concurrent_batching(loaded, prefill_chu
         out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
                                     pad_token_id=0)
         refs.append(out[0, len(ids):].tolist())
-    # 4: prompts are chunked and interleave with decodes; 512: prompts of different lengths prefill in one padded pass
+    # 4: prompts are chunked and interleave with decodes; 512: prompts of different lengths prefill packed in one row
     engine = Engine(loaded, slots=4, prefill_chunk=prefill_chunk)
     try:
         sinks = [TokenSink() for _ in prompts]
@@ -388,3 +447,39 @@ def test_tool_call_formats(fmt, text, calls, content):
     assert "".join(e[1] for e in events if e[0] == "text") == content
     assert tool_format("... <tool_call> ...", None) == "hermes" and tool_format("<|python_tag|>", None) == "llama3"
     assert tool_format(None, "llama") == "llama3" and tool_format("[TOOL_CALLS]", None) == "mistral"
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_pipe_read_on_the_event_loop_takes_messages_larger_than_the_socket_buffer(loop_kind):
+    """An engine process's outputs are read on the server's loop; uvloop makes a watched descriptor non-blocking,
+    which would break ``Connection.recv`` halfway through a large message (a step's outputs at 256 streams)."""
+    import asyncio
+    import multiprocessing
+
+    from codellm.engine.remote import read_on
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    ours, theirs = multiprocessing.Pipe()
+    messages = [("out", list(range(n)), "x" * n) for n in (10, 300_000, 5)]
+    got: list = []
+    done = loop.create_future()
+
+    def pump():
+        while ours.poll():
+            got.append(ours.recv())
+        if len(got) == len(messages) and not done.done():
+            done.set_result(None)
+
+    read_on(loop, ours, pump)
+    sender = threading.Thread(target=lambda: [theirs.send(m) for m in messages])
+    loop.call_later(0.05, sender.start)
+    try:
+        loop.run_until_complete(asyncio.wait_for(done, 30))
+    finally:
+        loop.close()
+        sender.join()
+    assert got == messages

@@ -1,17 +1,23 @@
-"""The GPU fast path for decode: each step replays a captured CUDA graph instead of launching the
-model's ~600 kernels one by one from Python (the eager step is launch-bound: see benchmarks/NOTES.md).
+"""The GPU fast path: each step replays a captured CUDA graph instead of launching the model's
+~600 kernels one by one from Python (an eager step is launch-bound: see benchmarks/NOTES.md).
 
-Graphs are captured at load, one per (batch bucket, key-length bucket), over the same slot KV cache
-and attention function as the eager path. Row i of a step is slot i, so attention reads keys in place
-(no per-row gather); everything a step changes (token ids, positions) lives in one static device
-buffer filled by a single host-to-device copy. Rows without a sequence write to the cache's scratch
-position. The mask is computed inside the graph from the positions.
+Decode graphs are captured at load, one per batch bucket (and per key-length bucket when attention is
+SDPA; the split-KV kernel of ``decode_attention`` reads each row's length on the device, so one graph
+serves every length), over the same slot KV cache and attention function as the eager path. Row i of a
+step is slot i, so attention reads keys in place (no per-row gather); everything a step changes (token
+ids, positions) lives in one static device buffer filled by a single host-to-device copy. Rows without a
+sequence write to the cache's scratch position.
 
-With ``compile=True`` the step is first compiled by ``torch.compile`` (inductor fuses the norms,
+Prefill graphs, one per token-count bucket, run packed prefills of fresh prompts (``kvcache.Packed``):
+up to ``PREFILL_ROWS`` prompts end to end in one row, so a lone 128-token prompt costs one replay
+instead of an eager forward launched from Python (tens of ms, most of a c=1 time to first token).
+
+With ``compile=True`` the decode step is first compiled by ``torch.compile`` (inductor fuses the norms,
 rotary embedding and activations of every layer into a few kernels) and the compiled step is what the
 graphs capture: at batch 1 the step is made of hundreds of tiny kernels, so fewer of them is the win.
+Prefill graphs are not compiled: compiling prompt shapes made loading minutes slower (NOTES run 19).
 
-The step ends with the argmax of every row, written to a per-slot buffer on the device: a greedy
+The decode step ends with the argmax of every row, written to a per-slot buffer on the device: a greedy
 sequence's next step takes its input from there (``take``), so consecutive steps need no host round trip.
 """
 
@@ -21,9 +27,12 @@ import logging
 
 import torch
 
-from codellm.engine import kvcache
+from codellm.engine import decode_attention, kvcache
 
 log = logging.getLogger("codellm.engine")
+
+PREFILL_ROWS = 64  # prompts one prefill replay takes
+PREFILL_BUCKETS = (64, 128, 256, 512, 1024, 2048)  # its token counts; larger prefills run eagerly (GPU-bound there)
 
 
 def _buckets(limit: int, start: int) -> list[int]:
@@ -40,7 +49,15 @@ class GraphRunner:
         self.model, self.cache, self.device = model, cache, device
         self.tokens = tokens  # [slots] each slot's last argmax, on the device: the next step can read its input there
         self.batch_buckets = _buckets(cache.slots, 1)
-        self.kv_buckets = _buckets(cache.max_len + 1, min(min_kv, cache.max_len + 1))
+        self.kernel = decode_attention.probe(device, cache.k[0].shape[-1])
+        kv_all = cache.max_len + 1
+        self.kv_buckets = [kv_all] if self.kernel else _buckets(kv_all, min(min_kv, kv_all))
+        self.prefill_buckets = [n for n in PREFILL_BUCKETS if n <= cache.max_len]
+        width = self.prefill_buckets[-1] if self.prefill_buckets else 0
+        # one device buffer for a packed prefill: ids, positions, slots (``width`` each), cu (rows + 2), last (rows)
+        self.pf_width = width
+        self.pf = torch.zeros(3 * width + 2 * PREFILL_ROWS + 2, dtype=torch.long, device=device)
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         bmax = self.batch_buckets[-1]
         # ids, positions, take (1: this row's input is ``tokens[row]``); two host buffers, so a step's inputs are
         # written while the previous step's copy may still be pending
@@ -67,23 +84,32 @@ class GraphRunner:
 
     def _step(self, b: int, kv: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, pos, take = (self.packed[i, :b].view(b, 1) for i in range(3))
-        keys = self.keys[:kv]
-        mask = keys.view(1, 1, 1, -1) <= pos[:, None, :, None]
+        mask = None if self.kernel else self.keys[:kv].view(1, 1, 1, -1) <= pos[:, None, :, None]
         ctx = kvcache.StepContext(self.cache, self.rows[:b], pos, kv, mask, None, {}, True)
         with kvcache.attention_backends(self.device):  # chosen at capture: never cuDNN (see attention_backends)
             return self.forward(ids, pos, take, ctx)
 
-    def _capture(self, b: int, kv: int):
+    def _prefill_step(self, n: int) -> torch.Tensor:
+        w, r = self.pf_width, PREFILL_ROWS
+        ids, pos, slots = self.pf[:n], self.pf[w:w + n], self.pf[2 * w:2 * w + n]
+        cu, last = self.pf[3 * w:3 * w + r + 2].to(torch.int32), self.pf[3 * w + r + 2:]
+        ctx = kvcache.packed_context(self.cache, slots, pos, cu, n)
+        with kvcache.attention_backends(self.device):
+            out = self.model(input_ids=ids.view(1, n), position_ids=pos.clamp(min=0).view(1, n), use_cache=False,
+                             logits_to_keep=last, codellm_step=ctx)
+        return out.logits[0]
+
+    def _capture(self, step, *args):
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):  # warm up kernels and allocator outside the graph
-                self._step(b, kv)
+                step(*args)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
-            out = self._step(b, kv)
-        log.info("captured decode graph for batch %d, keys %d", b, kv)
+            out = step(*args)
+        log.info("captured %s graph for %s", step.__name__.strip("_"), args)
         return graph, out
 
     def warmup(self) -> None:
@@ -95,7 +121,7 @@ class GraphRunner:
             for kv in self.kv_buckets:
                 while (b, kv) not in self.graphs and not self.disabled:
                     try:
-                        self.graphs[(b, kv)] = self._capture(b, kv)
+                        self.graphs[(b, kv)] = self._capture(self._step, b, kv)
                     except Exception:
                         if self.forward is self._forward:
                             log.exception("CUDA graph capture failed; decoding eagerly")
@@ -104,6 +130,20 @@ class GraphRunner:
                             log.exception("capturing the compiled decode step failed; capturing it uncompiled")
                             self.forward = self._forward
                             self.graphs.clear()
+        w = self.pf_width  # prefill graphs: capture-time writes go to the scratch slot (position -1)
+        self.pf[w:2 * w].fill_(-1)
+        for n in self.prefill_buckets:
+            if self.disabled:
+                break
+            # one sequence of n padding tokens: lengths past this bucket's n would send attention out of bounds
+            self.pf[3 * w:3 * w + PREFILL_ROWS + 2].fill_(n)
+            self.pf[3 * w] = 0
+            try:
+                self.prefill_graphs[n] = self._capture(self._prefill_step, n)
+            except Exception:
+                log.exception("capturing the prefill graph failed; prompts prefill eagerly")
+                self.prefill_graphs.clear()
+                break
 
     def run(self, ids: list[int], positions: list[int], take: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(logits [n, V], argmax [n]) on the device for one decode step whose row i is slot i (position -1: no
@@ -126,7 +166,7 @@ class GraphRunner:
         key = (b, kv)
         if key not in self.graphs:
             try:
-                self.graphs[key] = self._capture(b, kv)
+                self.graphs[key] = self._capture(self._step, b, kv)
             except Exception:  # a model or kernel that cannot be captured: stay eager
                 log.exception("CUDA graph capture failed; decoding eagerly from now on")
                 self.disabled = True
@@ -134,3 +174,20 @@ class GraphRunner:
         graph, (logits, tokens) = self.graphs[key]
         graph.replay()
         return logits[:n], tokens[:n]
+
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor | None:
+        """Next-token logits ([len(prompts), V], on the device) of a packed prefill of fresh ``prompts`` into
+        ``slots`` by one graph replay, or None when no captured graph fits (too many tokens or prompts)."""
+        total = sum(len(p) for p in prompts)
+        n = next((b for b in self.prefill_buckets if b >= total), None)
+        if n is None or n not in self.prefill_graphs or len(prompts) > PREFILL_ROWS or self.disabled:
+            return None
+        w, r = self.pf_width, PREFILL_ROWS
+        ids, pos, token_slots, cu, last = kvcache.pack_prompts(prompts, slots, width=n, rows=r)
+        host = torch.empty(self.pf.shape[0], dtype=torch.long, pin_memory=True)  # cached pinned block, freed once copied
+        host[:n], host[w:w + n], host[2 * w:2 * w + n] = ids, pos, token_slots
+        host[3 * w:3 * w + r + 2], host[3 * w + r + 2:] = cu, last
+        self.pf.copy_(host, non_blocking=True)
+        graph, logits = self.prefill_graphs[n]
+        graph.replay()
+        return logits[:len(prompts)]

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from codellm.engine import decode_attention
+
 ATTN_IMPLEMENTATION = "codellm"
 _CTX: contextvars.ContextVar["StepContext | None"] = contextvars.ContextVar("codellm_step", default=None)
 
@@ -43,17 +45,29 @@ class SlotCache:
 
 
 @dataclass
+class Packed:
+    """Fresh prompts laid end to end in one row (a packed prefill): ``cu`` holds the cumulative lengths
+    ``[0, l1, l1+l2, ..., N]`` (int32, on the device; padding is a last sequence of its own, and repeated
+    ``N``s are empty sequences), ``longest`` bounds every sequence's length. Each prompt attends only to
+    itself, causally, over its own fresh keys: there is nothing cached before position 0."""
+
+    cu: torch.Tensor
+    longest: int
+
+
+@dataclass
 class StepContext:
     """What every attention layer of one forward pass needs: which slots, at which positions."""
 
     cache: SlotCache
-    slots: torch.Tensor  # [B] long, on the cache's device
-    positions: torch.Tensor  # [B, T] long: absolute position of each query token
+    slots: torch.Tensor  # [B] long, on the cache's device ([1, N]: each token's slot, when packed)
+    positions: torch.Tensor  # [B, T] long: absolute position of each query token (the write position)
     kv_len: int  # keys to attend over: max(position) + 1
-    mask: torch.Tensor  # [B, 1, T, kv_len] bool, True = may attend
+    mask: torch.Tensor | None  # [B, 1, T, kv_len] bool, True = may attend (None: the attention needs none)
     single: tuple[int, int] | None  # (slot, first position) when one sequence's tokens are contiguous
-    grouped_masks: dict = field(default_factory=dict)  # mask repeated per query group, built once a step for all layers
+    memo: dict = field(default_factory=dict)  # built once a step for all layers: grouped masks, decode lengths
     identity: bool = False  # row i is slot i: read keys as a view of the cache, no per-row gather
+    packed: Packed | None = None
 
 
 def step_context(cache: SlotCache, slots: list[int], positions: torch.Tensor) -> StepContext:
@@ -71,6 +85,61 @@ def step_context(cache: SlotCache, slots: list[int], positions: torch.Tensor) ->
     keys = torch.arange(kv_len, device=device)
     mask = keys.view(1, 1, 1, -1) <= attend[:, None, :, None]
     return StepContext(cache, torch.tensor(slots, device=device), pos, kv_len, mask, single, {}, identity)
+
+
+def packed_context(cache: SlotCache, slots: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor,
+                   longest: int) -> StepContext:
+    """A packed prefill over device tensors ``slots`` and ``positions`` ([N]; -1 marks padding, which writes
+    to the scratch slot's scratch position). Only tensor ops on the device: a CUDA graph can capture it."""
+    pad = positions < 0
+    write = torch.where(pad, cache.max_len, positions).view(1, -1)
+    rows = torch.where(pad, cache.scratch_slot, slots).view(1, -1)
+    return StepContext(cache, rows, write, longest, None, None, packed=Packed(cu, longest))
+
+
+def pack_prompts(prompts: list[list[int]], slots: list[int], width: int | None = None, rows: int | None = None):
+    """CPU tensors for a packed prefill of fresh ``prompts`` (each from position 0) into ``slots``:
+    ids, positions and slot per token (``width`` of them; padding has position -1), cumulative lengths
+    (``rows + 2``: padding and unused rows are empty sequences at the end) and each prompt's last index
+    (``rows`` of them), which is where its next-token logits are read."""
+    lengths = torch.tensor([len(p) for p in prompts])
+    total = int(lengths.sum())
+    width, rows = width or total, rows or len(prompts)
+    ids = torch.zeros(width, dtype=torch.long)
+    ids[:total] = torch.tensor([t for p in prompts for t in p])
+    positions = torch.full((width,), -1, dtype=torch.long)
+    positions[:total] = torch.cat([torch.arange(n) for n in lengths.tolist()])
+    token_slots = torch.zeros(width, dtype=torch.long)
+    token_slots[:total] = torch.repeat_interleave(torch.tensor(slots), lengths)
+    ends = lengths.cumsum(0)
+    cu = torch.full((rows + 2,), width, dtype=torch.long)
+    cu[0] = 0
+    cu[1:len(prompts) + 1] = ends
+    last = torch.zeros(rows, dtype=torch.long)
+    last[:len(prompts)] = ends - 1
+    return ids, positions, token_slots, cu, last
+
+
+def _packed_attention(ctx: StepContext, query, key, value, scale) -> torch.Tensor:
+    """[1, N, Hq, D]: every packed prompt attends causally to itself. On GPUs in half precision this is
+    FlashAttention's variable-length kernel (GQA native, no mask); elsewhere one SDPA with a block-diagonal
+    causal mask, built once a step."""
+    packed = ctx.packed
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, heads, D]
+        out = torch.ops.aten._flash_attention_forward(
+            q, k, v, packed.cu, packed.cu, packed.longest, packed.longest, 0.0, True, False, scale=scale)[0]
+        return out.unsqueeze(0)
+    mask = ctx.memo.get("packed")
+    if mask is None:
+        n = query.shape[2]
+        tokens = torch.arange(n, device=query.device)
+        seg = torch.searchsorted(packed.cu, tokens, right=True)  # a prompt's tokens lie in position order
+        mask = ctx.memo["packed"] = ((seg[:, None] == seg[None, :]) & (tokens[None, :] <= tokens[:, None]))[None, None]
+    group = query.shape[1] // key.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (key, value))
+    out = F.scaled_dot_product_attention(query, k.to(query.dtype), v.to(query.dtype), attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).contiguous()
 
 
 @contextmanager
@@ -103,9 +172,11 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         k = kc[slot:slot + 1, :, :ctx.kv_len]
         v = vc[slot:slot + 1, :, :ctx.kv_len]
     else:
-        rows = ctx.slots[:, None].expand_as(ctx.positions)
+        rows = ctx.slots if ctx.packed is not None else ctx.slots[:, None].expand_as(ctx.positions)
         kc[rows, :, ctx.positions] = key.transpose(1, 2).to(kc.dtype)
         vc[rows, :, ctx.positions] = value.transpose(1, 2).to(vc.dtype)
+        if ctx.packed is not None:
+            return _packed_attention(ctx, query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5), None
         if ctx.identity:  # a strided view: attention reads each row's keys where they are
             b = query.shape[0]
             k, v = kc[:b, :, :ctx.kv_len], vc[:b, :, :ctx.kv_len]
@@ -113,14 +184,22 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
             k = kc[ctx.slots, :, :ctx.kv_len]
             v = vc[ctx.slots, :, :ctx.kv_len]
     b, hq, t, d = query.shape
+    if ctx.identity and decode_attention.usable(query):  # a decode step: split-KV kernel over each row's own length
+        lens = ctx.memo.get("lens")
+        if lens is None:
+            pos = ctx.positions[:, 0]
+            lens = ctx.memo["lens"] = torch.where(pos >= ctx.cache.max_len, 1, pos + 1).to(torch.int32)
+        scale = scaling if scaling is not None else d ** -0.5
+        out = decode_attention.decode_attention(query[:, :, 0], kc, vc, lens, scale)
+        return out.reshape(b, 1, hq, d), None
     hkv = k.shape[1]
     group = hq // hkv
     if group > 1:
         # GQA without copying keys: fold each KV head's query group into the query-length axis
         q = query.reshape(b, hkv, group * t, d)
-        mask = ctx.grouped_masks.get(group)
+        mask = ctx.memo.get(group)
         if mask is None:
-            mask = ctx.grouped_masks[group] = ctx.mask.repeat(1, 1, group, 1)
+            mask = ctx.memo[group] = ctx.mask.repeat(1, 1, group, 1)
     else:
         q, mask = query, ctx.mask
     out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scaling)

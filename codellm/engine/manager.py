@@ -135,6 +135,14 @@ class ModelManager:
         self._served: dict[str, Served] = {}
         self._groups: dict[str, Group] = {}
         self._load_lock = threading.RLock()
+        self._loop = None  # the server's event loop, where engine processes' messages are read (serve_on)
+
+    def serve_on(self, loop) -> None:
+        """Read engine processes' outputs on ``loop``, for the models loaded now and those loaded later."""
+        self._loop = loop
+        for served in list(self._served.values()):
+            if isinstance(served.engine, EngineProcess):
+                served.engine.serve_on(loop)
 
     def canonical(self, name: str) -> str:
         return str(ModelName.parse(name))
@@ -210,8 +218,11 @@ class ModelManager:
         if separate is None:
             separate = loader.pick_device(o.device, o.dtype)[0].type == "cuda"
         if separate:
-            return EngineProcess(self.registry, entry, weights, load=load, engine=engine, view=view,
-                                 max_queue=o.max_queue)
+            process = EngineProcess(self.registry, entry, weights, load=load, engine=engine, view=view,
+                                    max_queue=o.max_queue)
+            if self._loop is not None:
+                process.serve_on(self._loop)
+            return process
         model, dev, dtype = loader.load_weights(self.registry, entry, weights, **load)
         return Engine(loader.view(self.registry, entry, weights, model, dev, dtype, **view), **engine)
 

@@ -5,7 +5,8 @@ loop's host work (building each step, reading tokens, detokenizing, stop strings
 work per chunk (SSE encoding, socket writes) take turns, and the GPU waits for both (NOTES.md run 19).
 Here the engine runs in a child process (vLLM's EngineCore split): the model, the scheduler and the
 detokenizer live there; this process keeps the tokenizer and templates to build prompts, and
-receives each step's outputs as one message, which a receiver thread hands to the per-request sinks.
+receives each step's outputs as one message, which the server's event loop (``serve_on``; elsewhere a
+receiver thread) hands to the per-request sinks.
 
 Messages are plain tuples over a ``multiprocessing`` pipe between two processes of ours (token ids,
 sampling parameters, output text), never weights.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from typing import Any
@@ -43,6 +45,17 @@ def _unpack(item: tuple) -> tuple[int, Output]:
     if lps:
         out.logprobs = [TokenLogprob(t, lp, top) for t, lp, top in lps]
     return rid, out
+
+
+def read_on(loop, conn, callback) -> None:
+    """Have ``loop`` call ``callback()`` whenever ``conn`` (a multiprocessing pipe end) has data. uvloop (libuv)
+    makes a watched descriptor non-blocking, and ``Connection.recv`` then fails mid-message with
+    BlockingIOError on a message larger than the socket buffer: the descriptor is made blocking again."""
+    def register() -> None:
+        loop.add_reader(conn.fileno(), callback)
+        os.set_blocking(conn.fileno(), True)
+
+    loop.call_soon_threadsafe(register)
 
 
 class EngineProcess(Admission):
@@ -73,8 +86,9 @@ class EngineProcess(Admission):
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._dead: str | None = None
-        self._receiver = threading.Thread(target=self._receive, name=f"engine-io:{entry.name.short}", daemon=True)
-        self._receiver.start()
+        self._reader: Any = None  # what reads the child's messages: an event loop (serve_on) or a thread, from first use
+        self._reader_lock = threading.Lock()
+        self._name = entry.name.short
 
     def _wait_ready(self) -> dict:
         while not self._conn.poll(0.5):
@@ -85,6 +99,24 @@ class EngineProcess(Admission):
             self.process.join(10)
             raise payload
         return payload
+
+    def serve_on(self, loop) -> None:
+        """Read the child's messages on ``loop`` (the server's asyncio loop) rather than in a thread of their own.
+        A receiver thread has to win the GIL from the busy event loop for every message (up to the 5 ms switch
+        interval each time), and so does every output it hands over; on the loop, outputs go straight into the
+        request streams. Only before first use: a reader, once chosen, stays."""
+        with self._reader_lock:
+            if self._reader is not None:
+                return
+            self._reader = loop
+        read_on(loop, self._conn, self._pump)
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None:
+            with self._reader_lock:
+                if self._reader is None:
+                    self._reader = threading.Thread(target=self._receive, name=f"engine-io:{self._name}", daemon=True)
+                    self._reader.start()
 
     # -- the Engine API ------------------------------------------------------------------
     @property
@@ -100,6 +132,7 @@ class EngineProcess(Admission):
         if self._dead:
             raise CodellmError(self._dead)
         _json_state(params)  # a bad JSON prefix is the caller's error, raised here rather than in the child
+        self._ensure_reader()
         self._reserve(prompt, n, lm)
         rid = next(self._ids)
         self._sinks[rid] = [self._timed(sink), n]
@@ -142,6 +175,7 @@ class EngineProcess(Admission):
 
     def _call(self, kind: str, *args, timeout: float = 600.0):
         """A request the child answers (attaching an adapter): wait for its reply."""
+        self._ensure_reader()
         call = next(self._ids)
         self._send((kind, call, *args))
         deadline = time.monotonic() + timeout
@@ -157,19 +191,34 @@ class EngineProcess(Admission):
     def _receive(self) -> None:
         try:
             while True:
-                kind, *payload = self._conn.recv()
-                if kind == "out":
-                    items, stats, self._active = payload
-                    for name, value in zip(_STATS, stats):
-                        setattr(self.stats, name, value)
-                    for item in items:
-                        self._deliver(*_unpack(item))
-                elif kind == "reply":
-                    with self._replied:
-                        self._replies[payload[0]] = (payload[1], payload[2])
-                        self._replied.notify_all()
+                self._handle(self._conn.recv())
         except (EOFError, OSError):
             pass
+        self._gone()
+
+    def _pump(self) -> None:
+        """The loop's reader callback: every message already here, then back to the loop."""
+        try:
+            while self._conn.poll():
+                self._handle(self._conn.recv())
+        except (EOFError, OSError):
+            self._reader.remove_reader(self._conn.fileno())
+            self._gone()
+
+    def _handle(self, message: tuple) -> None:
+        kind, *payload = message
+        if kind == "out":
+            items, stats, self._active = payload
+            for name, value in zip(_STATS, stats):
+                setattr(self.stats, name, value)
+            for item in items:
+                self._deliver(*_unpack(item))
+        elif kind == "reply":
+            with self._replied:
+                self._replies[payload[0]] = (payload[1], payload[2])
+                self._replied.notify_all()
+
+    def _gone(self) -> None:
         self._dead = f"the engine process exited (exit code {self.process.exitcode})"
         with self._replied:
             self._replied.notify_all()
@@ -248,12 +297,63 @@ def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_
     from codellm.registry import Registry
 
     torch.set_grad_enabled(False)
+    handles: dict[int, Handle] = {}
+    stopped = threading.Event()
+
+    def handle(kind: str, *args) -> None:
+        nonlocal handles
+        if kind == "add":
+            rid, prompt, params, n, prompt_logprobs, model = args
+            sink = outbox.sink(rid)
+            try:
+                handles[rid] = engine.submit(prompt, params, sink, n=n, prompt_logprobs=prompt_logprobs,
+                                             lm=views.get(model, base))
+            except Exception as exc:  # checked in the parent already; should it still fail, say so
+                for index in range(n):
+                    sink(Output(index=index, finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+        elif kind == "cancel":
+            handle = handles.pop(args[0], None)
+            if handle is not None:
+                handle.cancel()
+        elif kind == "attach":
+            call, model = args
+
+            def attach(model=model):
+                entry = registry.get(model)
+                weights_model, adapter = engine.attach_adapter(registry, entry)
+                for v in views.values():
+                    v.model = weights_model
+                views[model] = loader.view(registry, entry, weights, weights_model, dev, dtype, adapter=adapter,
+                                           max_len_cap=base.max_len, **view_opts)
+                return adapter
+
+            _reply(outbox, call, attach)
+        elif kind == "embed":  # beside the step loop, as in one process
+            threading.Thread(target=_reply, args=(outbox, args[0], engine.embed, views.get(args[1], base), args[2]),
+                             kwargs={"truncate": args[3]}, daemon=True).start()
+        elif kind == "stop":
+            stopped.set()
+        if len(handles) > 4 * engine.max_queue:  # forget finished requests' handles now and then
+            handles = {rid: h for rid, h in handles.items() if not all(s.finished for s in h.seqs)}
+
+    def source(timeout: float) -> None:
+        """The engine thread takes in what the parent sent, between its steps: a reader thread of its own would
+        wait for the GIL (up to the 5 ms switch interval) for every message while the step loop runs."""
+        if stopped.is_set():
+            return
+        try:
+            while conn.poll(timeout):
+                handle(*conn.recv())
+                timeout = 0.0
+        except (EOFError, OSError):  # the parent is gone
+            stopped.set()
+
     try:
         registry = Registry(home)
         entry, weights = loader.resolve(registry, name)
         model, dev, dtype = loader.load_weights(registry, entry, weights, **load)
         base = loader.view(registry, entry, weights, model, dev, dtype, **view_opts)
-        engine = Engine(base, **engine_opts)
+        engine = Engine(base, **engine_opts, source=source)  # nothing arrives before "ready" below
     except BaseException as exc:
         conn.send(("error", exc if isinstance(exc, CodellmError) else CodellmError(f"{type(exc).__name__}: {exc}")))
         return
@@ -261,45 +361,7 @@ def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_
     outbox = _Outbox(conn, engine)
     outbox.send(("ready", {"device": dev, "dtype": dtype, "max_len": base.max_len, "slots": engine.slots,
                          "kv_bytes": engine.kv_bytes}))
-    handles: dict[int, Handle] = {}
     try:
-        while True:
-            kind, *args = conn.recv()
-            if kind == "add":
-                rid, prompt, params, n, prompt_logprobs, model = args
-                sink = outbox.sink(rid)
-                try:
-                    handles[rid] = engine.submit(prompt, params, sink, n=n, prompt_logprobs=prompt_logprobs,
-                                                 lm=views.get(model, base))
-                except Exception as exc:  # checked in the parent already; should it still fail, say so
-                    for index in range(n):
-                        sink(Output(index=index, finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
-            elif kind == "cancel":
-                handle = handles.pop(args[0], None)
-                if handle is not None:
-                    handle.cancel()
-            elif kind == "attach":
-                call, model = args
-
-                def attach(model=model):
-                    entry = registry.get(model)
-                    weights_model, adapter = engine.attach_adapter(registry, entry)
-                    for v in views.values():
-                        v.model = weights_model
-                    views[model] = loader.view(registry, entry, weights, weights_model, dev, dtype, adapter=adapter,
-                                               max_len_cap=base.max_len, **view_opts)
-                    return adapter
-
-                _reply(outbox, call, attach)
-            elif kind == "embed":  # beside the step loop, as in one process
-                threading.Thread(target=_reply, args=(outbox, args[0], engine.embed, views.get(args[1], base), args[2]),
-                                 kwargs={"truncate": args[3]}, daemon=True).start()
-            elif kind == "stop":
-                break
-            if len(handles) > 4 * engine.max_queue:  # forget finished requests' handles now and then
-                handles = {rid: h for rid, h in handles.items() if not all(s.finished for s in h.seqs)}
-    except (EOFError, OSError):  # the parent is gone
-        pass
+        stopped.wait()
     finally:
         engine.shutdown()
-

@@ -183,8 +183,12 @@ class Admission:
 
 class Engine(Admission):
     def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int | None = None,
-                 cuda_graphs: bool = True, compile: bool = False, overlap: bool = True, fuse: bool = True):
+                 cuda_graphs: bool = True, compile: bool = False, overlap: bool = True, fuse: bool = True,
+                 source: Callable[[float], None] | None = None):
         self.lm = lm
+        # where new work comes from besides ``submit`` from other threads: called on the engine thread with how long
+        # it may wait (an engine process reads its pipe there, so no reader thread has to win the GIL from this loop)
+        self._source = source
         if fuse:  # q/k/v and gate/up as one GEMM each in engine steps (no extra memory)
             fusion.fuse(lm.model)
         cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
@@ -336,6 +340,9 @@ class Engine(Admission):
             self._finish(seq, "cancelled")
 
     def _drain(self, block: bool) -> None:
+        if self._source is not None:
+            self._source(0.5 if block and self._inbox.empty() else 0.0)
+            block = False
         try:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
@@ -392,6 +399,11 @@ class Engine(Admission):
             else:
                 plan.append((seq, start, end))
             budget -= end - start
+        if not getattr(self.lm.model, "peft_config", None):  # fresh prompts go packed (one row, no padding)
+            fresh = [p for p in plan if p[1] == 0]
+            plan = [p for p in plan if p[1] > 0]
+            for group in self._packed_groups(fresh):
+                self._prefill_packed(group)
         if len(plan) == 1:
             self._prefill_one(*plan[0])
         elif plan:
@@ -410,6 +422,45 @@ class Engine(Admission):
                 if not seq.prefilling:
                     done.append(row)
             self._after_prefill([plan[r][0] for r in done], logits[done, -1] if done else None)
+
+    def _packed_groups(self, plan: list[tuple[Sequence, int, int]]) -> list[list[tuple[Sequence, int, int]]]:
+        """Fresh prompts cut into groups that each fit one captured prefill graph (an oversized prompt alone)."""
+        if not self._graphs_usable or not self.graphs.prefill_graphs:
+            return [plan] if plan else []
+        from codellm.engine.cudagraph import PREFILL_ROWS
+
+        groups: list[list[tuple[Sequence, int, int]]] = []
+        size = self.graphs.pf_width + 1
+        for entry in plan:
+            n = entry[2]
+            if not groups or size + n > self.graphs.pf_width or len(groups[-1]) == PREFILL_ROWS:
+                groups.append([])
+                size = 0
+            groups[-1].append(entry)
+            size += n
+        return groups
+
+    def _prefill_packed(self, plan: list[tuple[Sequence, int, int]]) -> None:
+        """Prefill fresh prompts (each from position 0) packed end to end: a captured graph when one fits,
+        else one eager forward."""
+        prompts = [seq.prompt[:end] for seq, _, end in plan]
+        slots = [seq.slot for seq, _, _ in plan]
+        logits = self.graphs.prefill(prompts, slots) if self._graphs_usable else None
+        if logits is None:
+            dev = self.lm.device
+            ids, positions, token_slots, cu, last = kvcache.pack_prompts(prompts, slots)
+            ctx = kvcache.packed_context(self.cache, token_slots.to(dev), positions.to(dev), cu.to(dev, torch.int32),
+                                         max(len(p) for p in prompts))
+            with kvcache.use(ctx), kvcache.attention_backends(dev), torch.inference_mode():
+                logits = self.lm.model(input_ids=ids.view(1, -1).to(dev), position_ids=positions.view(1, -1).to(dev),
+                                       use_cache=False, logits_to_keep=last.to(dev)).logits[0]
+        self.stats.prefill_tokens += sum(len(p) for p in prompts)
+        for seq, _, end in plan:
+            seq.cached = end
+        done = [row for row, (seq, _, _) in enumerate(plan) if not seq.prefilling]
+        if done:  # (a row list indexes through a host-to-device copy: skip it when every prompt is done)
+            logits = logits[:len(done)] if len(done) == len(plan) else logits[done]
+        self._after_prefill([plan[r][0] for r in done], logits if done else None)
 
     def _prefill_one(self, seq: Sequence, start: int, end: int) -> None:
         ids = torch.tensor([seq.prompt[start:end]])
@@ -570,7 +621,11 @@ class Engine(Admission):
         for rows in groups.values():
             tok = batch[rows[0]].detok.tokenizer
             flat = [w for row in rows for w in windows[row]]
-            texts = tok.batch_decode(flat, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            backend = getattr(tok, "backend_tokenizer", None)
+            if backend is not None:  # a fast tokenizer: its Rust batch decode, without transformers' per-item Python
+                texts = backend.decode_batch(flat, skip_special_tokens=True)  # (3x less host time at 256 rows)
+            else:
+                texts = tok.batch_decode(flat, skip_special_tokens=True, clean_up_tokenization_spaces=False)
             for i, row in enumerate(rows):
                 pieces[row] = batch[row].detok.commit(texts[2 * i], texts[2 * i + 1])
         return pieces

@@ -24,6 +24,7 @@ class _Dispatcher:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
+        self.thread = threading.get_ident()  # made on the loop's own thread (by a stream opened there)
         self.pending: collections.deque = collections.deque()
         self.lock = threading.Lock()
         self.scheduled = False
@@ -36,6 +37,9 @@ class _Dispatcher:
         return found
 
     def post(self, target: asyncio.Queue, item) -> None:
+        if threading.get_ident() == self.thread and not self.scheduled:  # posted on the loop itself: no wake-up
+            target.put_nowait(item)
+            return
         with self.lock:
             self.pending.append((target, item))
             if self.scheduled:

@@ -91,6 +91,7 @@ async def _reaper(app: Litestar) -> None:
 async def _start_reaper(app: Litestar) -> None:
     import asyncio
 
+    app.state.manager.serve_on(asyncio.get_running_loop())  # engine processes' outputs are read on this loop
     app.state.reaper = asyncio.create_task(_reaper(app))
 
 

@@ -1,0 +1,175 @@
+"""Split-KV attention for decode steps (one query token per row), as a Triton kernel.
+
+torch's SDPA kernels are built for long query blocks: for a decode step they launch one program per
+(row, head) that walks the whole key range, and they need a mask for per-row lengths, so every row reads
+as many keys as the longest one (or the graph's key bucket). At batch 1 that is 8 programs on a GPU of
+132 SMs, ~16 us a layer for a few hundred keys. Here every (row, KV head) is cut into ``splits`` pieces
+of its *own* length (flash-decoding), each program reads only real keys, the query heads that share a KV
+head are handled together (GQA without copying keys), and a second small kernel merges the pieces.
+
+Because lengths are read on the device, one captured graph per batch size serves every context length:
+no key-length buckets. Runs on CUDA with Triton; elsewhere (CPU, tests) the caller keeps SDPA.
+``CODELLM_ATTENTION=sdpa`` turns it off (a benchmarking switch).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: the kernel is GPU-only
+    triton = None
+
+log = logging.getLogger("codellm.engine")
+BLOCK_N = 64
+
+
+_BROKEN: set[str] = set()  # device types where a trial launch failed (see ``probe``)
+
+
+def available(device: torch.device, head_dim: int) -> bool:
+    """Whether decode steps on ``device`` with this head size run the kernel. Plain checks only: this runs
+    inside the compiled decode step too."""
+    return (triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+            and os.environ.get("CODELLM_ATTENTION", "triton") != "sdpa" and device.type not in _BROKEN
+            and head_dim >= 16 and head_dim & (head_dim - 1) == 0)
+
+
+def probe(device: torch.device, head_dim: int) -> bool:
+    """``available``, after one trial launch (at load, before any graph is captured): a Triton that cannot build
+    the kernel on this device leaves decoding on SDPA instead of failing every step."""
+    if not available(device, head_dim):
+        return False
+    try:
+        k = torch.zeros(2, 1, 16, head_dim, device=device)
+        decode_attention(torch.zeros(1, 2, head_dim, device=device), k, k, torch.ones(1, dtype=torch.int32, device=device), 1.0)
+        return True
+    except Exception:
+        log.warning("the split-KV decode kernel does not run on %s; decoding with SDPA", device, exc_info=True)
+        _BROKEN.add(device.type)
+        return False
+
+
+def usable(query: torch.Tensor) -> bool:
+    """Whether attention for this query ([B, Hq, T, D]) can use the kernel: one token per row."""
+    return query.shape[2] == 1 and available(query.device, query.shape[-1])
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count if torch.cuda.is_available() else 8
+
+
+PROGRAMS_PER_SM = 2  # measured on an H100 (NOTES run 20): more pieces per row cost more in merging than they win
+
+
+def splits_for(rows: int, kv_heads: int, device: torch.device) -> int:
+    """Enough pieces per (row, KV head) to give every SM ``PROGRAMS_PER_SM`` programs; at large batches, one."""
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 8
+    want = -(-PROGRAMS_PER_SM * sms // max(1, rows * kv_heads))
+    return max(1, min(32, want))
+
+
+if triton is not None:
+    @triton.jit
+    def _partial(Q, K, V, Lens, Acc, ML,
+                 sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sa_b, sa_h, sa_s, sm_b, sm_h, sm_s,
+                 scale, splits,
+                 GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                 IEEE: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.program_id(2)
+        n = tl.load(Lens + b)
+        chunk = tl.cdiv(tl.cdiv(n, splits), 16) * 16  # this row's keys, cut evenly
+        start = s * chunk
+        end = tl.minimum(start + chunk, n)
+        g = tl.arange(0, GROUP_P)
+        d = tl.arange(0, D)
+        heads = h * GROUP + g
+        live = g < GROUP
+        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=live[:, None], other=0.0)
+        m = tl.full([GROUP_P], float("-inf"), tl.float32)
+        lsum = tl.zeros([GROUP_P], tl.float32)
+        acc = tl.zeros([GROUP_P, D], tl.float32)
+        kbase = K + b * sk_b + h * sk_h
+        vbase = V + b * sv_b + h * sv_h
+        for off in range(start, end, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            valid = cols < end
+            k = tl.load(kbase + cols[:, None] * sk_n + d[None, :], mask=valid[:, None], other=0.0)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            lsum = lsum * alpha + tl.sum(p, 1)
+            v = tl.load(vbase + cols[:, None] * sv_n + d[None, :], mask=valid[:, None], other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        tl.store(Acc + b * sa_b + heads[:, None] * sa_h + s * sa_s + d[None, :], acc, mask=live[:, None])
+        tl.store(ML + b * sm_b + heads * sm_h + s * sm_s, m, mask=live)
+        tl.store(ML + b * sm_b + heads * sm_h + s * sm_s + 1, lsum, mask=live)
+
+    @triton.jit
+    def _merge(Acc, ML, Out, sa_b, sa_h, sa_s, sm_b, sm_h, sm_s, so_b, so_h, splits,
+               S_P: tl.constexpr, D: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.arange(0, S_P)
+        d = tl.arange(0, D)
+        live = s < splits
+        m = tl.load(ML + b * sm_b + h * sm_h + s * sm_s, mask=live, other=float("-inf"))
+        lsum = tl.load(ML + b * sm_b + h * sm_h + s * sm_s + 1, mask=live, other=0.0)
+        top = tl.max(m, 0)
+        w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
+        acc = tl.load(Acc + b * sa_b + h * sa_h + s[:, None] * sa_s + d[None, :], mask=live[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(lsum * w, 0)
+        tl.store(Out + b * so_b + h * so_h + d, out.to(Out.dtype.element_ty))
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+    rows, hq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    splits = splits_for(rows, hkv, q.device)
+    acc = torch.empty((rows, hq, splits, d), dtype=torch.float32, device=q.device)
+    ml = torch.empty((rows, hq, splits, 2), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    _partial[(rows, hkv, splits)](
+        q, k, v, lens, acc, ml,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1), ml.stride(2),
+        scale, splits,
+        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, BLOCK=BLOCK_N,
+        IEEE=q.dtype == torch.float32,
+    )
+    _merge[(rows, hq)](acc, ml, out, acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
+                       ml.stride(2), out.stride(0), out.stride(1), splits,
+                       S_P=max(2, triton.next_power_of_2(splits)), D=d)
+    return out
+
+
+@torch.library.custom_op("codellm::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of ``q`` ([B, Hq, D], one token per row) over row b's first ``lens[b]`` keys of ``k``/``v``
+    ([>=B, Hkv, L, D]: row b reads cache slot b). An opaque op to ``torch.compile``, so the compiled and
+    graph-captured step launches it as is."""
+    return _launch(q, k, v, lens, scale)
+
+
+@decode_attention.register_fake
+def _(q, k, v, lens, scale):
+    return torch.empty_like(q)
