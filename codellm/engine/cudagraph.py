@@ -8,7 +8,7 @@ step is slot i, so attention reads keys in place (no per-row gather); everything
 ids, positions) lives in one static device buffer filled by a single host-to-device copy. Rows without a
 sequence write to the cache's scratch position.
 
-Prefill graphs, one per token-count bucket, run packed prefills of fresh prompts (``kvcache.Packed``):
+Prefill graphs, one per token-count bucket, run packed prefills of fresh prompts (``kvcache.packed_context``):
 up to ``PREFILL_ROWS`` prompts end to end in one row, so a lone 128-token prompt costs one replay
 instead of an eager forward launched from Python (tens of ms, most of a c=1 time to first token).
 
@@ -174,6 +174,21 @@ class GraphRunner:
         graph, (logits, tokens) = self.graphs[key]
         graph.replay()
         return logits[:n], tokens[:n]
+
+    def prefill_groups(self, lengths: list[int]) -> list[list[int]]:
+        """Prompts of these lengths (in order) cut into groups that each fit one captured prefill graph, as index
+        lists; a prompt longer than every graph goes alone (and prefills eagerly)."""
+        if not self.prefill_graphs:
+            return [list(range(len(lengths)))]
+        groups: list[list[int]] = []
+        size = 0
+        for i, n in enumerate(lengths):
+            if not groups or size + n > self.pf_width or len(groups[-1]) == PREFILL_ROWS:
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += n
+        return groups
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor | None:
         """Next-token logits ([len(prompts), V], on the device) of a packed prefill of fresh ``prompts`` into

@@ -63,7 +63,7 @@ def usable(query: torch.Tensor) -> bool:
 
 @functools.cache
 def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count if torch.cuda.is_available() else 8
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 PROGRAMS_PER_SM = 2  # measured on an H100 (NOTES run 20): more pieces per row cost more in merging than they win

@@ -45,17 +45,6 @@ class SlotCache:
 
 
 @dataclass
-class Packed:
-    """Fresh prompts laid end to end in one row (a packed prefill): ``cu`` holds the cumulative lengths
-    ``[0, l1, l1+l2, ..., N]`` (int32, on the device; padding is a last sequence of its own, and repeated
-    ``N``s are empty sequences), ``longest`` bounds every sequence's length. Each prompt attends only to
-    itself, causally, over its own fresh keys: there is nothing cached before position 0."""
-
-    cu: torch.Tensor
-    longest: int
-
-
-@dataclass
 class StepContext:
     """What every attention layer of one forward pass needs: which slots, at which positions."""
 
@@ -67,7 +56,10 @@ class StepContext:
     single: tuple[int, int] | None  # (slot, first position) when one sequence's tokens are contiguous
     memo: dict = field(default_factory=dict)  # built once a step for all layers: grouped masks, decode lengths
     identity: bool = False  # row i is slot i: read keys as a view of the cache, no per-row gather
-    packed: Packed | None = None
+    # a packed prefill (fresh prompts end to end in one row, each attending only to itself, causally): cumulative
+    # lengths [0, l1, l1+l2, ..., N], int32 on the device; padding is a last sequence of its own and repeated Ns are
+    # empty ones; kv_len then bounds every prompt's length
+    cu: torch.Tensor | None = None
 
 
 def step_context(cache: SlotCache, slots: list[int], positions: torch.Tensor) -> StepContext:
@@ -94,7 +86,7 @@ def packed_context(cache: SlotCache, slots: torch.Tensor, positions: torch.Tenso
     pad = positions < 0
     write = torch.where(pad, cache.max_len, positions).view(1, -1)
     rows = torch.where(pad, cache.scratch_slot, slots).view(1, -1)
-    return StepContext(cache, rows, write, longest, None, None, packed=Packed(cu, longest))
+    return StepContext(cache, rows, write, longest, None, None, cu=cu)
 
 
 def pack_prompts(prompts: list[list[int]], slots: list[int], width: int | None = None, rows: int | None = None):
@@ -124,17 +116,16 @@ def _packed_attention(ctx: StepContext, query, key, value, scale) -> torch.Tenso
     """[1, N, Hq, D]: every packed prompt attends causally to itself. On GPUs in half precision this is
     FlashAttention's variable-length kernel (GQA native, no mask); elsewhere one SDPA with a block-diagonal
     causal mask, built once a step."""
-    packed = ctx.packed
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, heads, D]
         out = torch.ops.aten._flash_attention_forward(
-            q, k, v, packed.cu, packed.cu, packed.longest, packed.longest, 0.0, True, False, scale=scale)[0]
+            q, k, v, ctx.cu, ctx.cu, ctx.kv_len, ctx.kv_len, 0.0, True, False, scale=scale)[0]
         return out.unsqueeze(0)
     mask = ctx.memo.get("packed")
     if mask is None:
         n = query.shape[2]
         tokens = torch.arange(n, device=query.device)
-        seg = torch.searchsorted(packed.cu, tokens, right=True)  # a prompt's tokens lie in position order
+        seg = torch.searchsorted(ctx.cu, tokens, right=True)  # a prompt's tokens lie in position order
         mask = ctx.memo["packed"] = ((seg[:, None] == seg[None, :]) & (tokens[None, :] <= tokens[:, None]))[None, None]
     group = query.shape[1] // key.shape[1]
     k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (key, value))
@@ -164,6 +155,7 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer = module.layer_idx
     kc, vc = ctx.cache.k[layer], ctx.cache.v[layer]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if ctx.single is not None:
         slot, start = ctx.single
         t = key.shape[2]
@@ -172,11 +164,11 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         k = kc[slot:slot + 1, :, :ctx.kv_len]
         v = vc[slot:slot + 1, :, :ctx.kv_len]
     else:
-        rows = ctx.slots if ctx.packed is not None else ctx.slots[:, None].expand_as(ctx.positions)
+        rows = ctx.slots if ctx.cu is not None else ctx.slots[:, None].expand_as(ctx.positions)
         kc[rows, :, ctx.positions] = key.transpose(1, 2).to(kc.dtype)
         vc[rows, :, ctx.positions] = value.transpose(1, 2).to(vc.dtype)
-        if ctx.packed is not None:
-            return _packed_attention(ctx, query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+        if ctx.cu is not None:
+            return _packed_attention(ctx, query, key, value, scale), None
         if ctx.identity:  # a strided view: attention reads each row's keys where they are
             b = query.shape[0]
             k, v = kc[:b, :, :ctx.kv_len], vc[:b, :, :ctx.kv_len]
@@ -189,7 +181,6 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         if lens is None:
             pos = ctx.positions[:, 0]
             lens = ctx.memo["lens"] = torch.where(pos >= ctx.cache.max_len, 1, pos + 1).to(torch.int32)
-        scale = scaling if scaling is not None else d ** -0.5
         out = decode_attention.decode_attention(query[:, :, 0], kc, vc, lens, scale)
         return out.reshape(b, 1, hq, d), None
     hkv = k.shape[1]
@@ -202,7 +193,7 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
             mask = ctx.memo[group] = ctx.mask.repeat(1, 1, group, 1)
     else:
         q, mask = query, ctx.mask
-    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scaling)
+    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
     return out.reshape(b, hq, t, d).transpose(1, 2).contiguous(), None
 
 

@@ -373,17 +373,20 @@ class Engine(Admission):
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: list[int], adapters: list[str | None],
                  all_logits: bool = False) -> torch.Tensor:
         """One eager forward: row i goes to cache slot ``slots[i]`` with adapter ``adapters[i]`` (None: base)."""
-        ctx = kvcache.step_context(self.cache, slots, positions)
-        dev = self.lm.device
         extra = {}
         if getattr(self.lm.model, "peft_config", None):  # rows pick their adapter (PEFT mixed-batch LoRA)
             extra["adapter_names"] = [a or "__base__" for a in adapters]
+        return self._logits(kvcache.step_context(self.cache, slots, positions), ids, positions.clamp(min=0),
+                         0 if all_logits else 1, **extra)
+
+    def _logits(self, ctx: kvcache.StepContext, ids: torch.Tensor, positions: torch.Tensor, logits_to_keep, **extra) -> torch.Tensor:
+        """The model's logits for ``ids`` at ``positions`` (CPU tensors) inside step ``ctx``, launched eagerly."""
+        dev = self.lm.device
+        if isinstance(logits_to_keep, torch.Tensor):
+            logits_to_keep = logits_to_keep.to(dev)
         with kvcache.use(ctx), kvcache.attention_backends(dev), torch.inference_mode():
-            out = self.lm.model(
-                input_ids=ids.to(dev), position_ids=positions.clamp(min=0).to(dev), use_cache=False,
-                logits_to_keep=0 if all_logits else 1, **extra,
-            )
-        return out.logits
+            return self.lm.model(input_ids=ids.to(dev), position_ids=positions.to(dev), use_cache=False,
+                                 logits_to_keep=logits_to_keep, **extra).logits
 
     def _prefill(self) -> None:
         """Spend up to ``prefill_chunk`` prompt tokens: one padded forward for many prompts, chunking long ones."""
@@ -402,8 +405,10 @@ class Engine(Admission):
         if not getattr(self.lm.model, "peft_config", None):  # fresh prompts go packed (one row, no padding)
             fresh = [p for p in plan if p[1] == 0]
             plan = [p for p in plan if p[1] > 0]
-            for group in self._packed_groups(fresh):
-                self._prefill_packed(group)
+            if fresh:
+                lengths = [end for _, _, end in fresh]
+                for group in self.graphs.prefill_groups(lengths) if self._graphs_usable else [range(len(fresh))]:
+                    self._prefill_packed([fresh[i] for i in group])
         if len(plan) == 1:
             self._prefill_one(*plan[0])
         elif plan:
@@ -423,23 +428,6 @@ class Engine(Admission):
                     done.append(row)
             self._after_prefill([plan[r][0] for r in done], logits[done, -1] if done else None)
 
-    def _packed_groups(self, plan: list[tuple[Sequence, int, int]]) -> list[list[tuple[Sequence, int, int]]]:
-        """Fresh prompts cut into groups that each fit one captured prefill graph (an oversized prompt alone)."""
-        if not self._graphs_usable or not self.graphs.prefill_graphs:
-            return [plan] if plan else []
-        from codellm.engine.cudagraph import PREFILL_ROWS
-
-        groups: list[list[tuple[Sequence, int, int]]] = []
-        size = self.graphs.pf_width + 1
-        for entry in plan:
-            n = entry[2]
-            if not groups or size + n > self.graphs.pf_width or len(groups[-1]) == PREFILL_ROWS:
-                groups.append([])
-                size = 0
-            groups[-1].append(entry)
-            size += n
-        return groups
-
     def _prefill_packed(self, plan: list[tuple[Sequence, int, int]]) -> None:
         """Prefill fresh prompts (each from position 0) packed end to end: a captured graph when one fits,
         else one eager forward."""
@@ -451,9 +439,7 @@ class Engine(Admission):
             ids, positions, token_slots, cu, last = kvcache.pack_prompts(prompts, slots)
             ctx = kvcache.packed_context(self.cache, token_slots.to(dev), positions.to(dev), cu.to(dev, torch.int32),
                                          max(len(p) for p in prompts))
-            with kvcache.use(ctx), kvcache.attention_backends(dev), torch.inference_mode():
-                logits = self.lm.model(input_ids=ids.view(1, -1).to(dev), position_ids=positions.view(1, -1).to(dev),
-                                       use_cache=False, logits_to_keep=last.to(dev)).logits[0]
+            logits = self._logits(ctx, ids.view(1, -1), positions.view(1, -1), last)[0]
         self.stats.prefill_tokens += sum(len(p) for p in prompts)
         for seq, _, end in plan:
             seq.cached = end

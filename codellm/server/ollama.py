@@ -158,14 +158,22 @@ async def show(request: Request) -> dict:
 
 async def _serve(request: Request, name: str, keep_alive) -> tuple[Served, float | None]:
     manager = _manager(request)
-    _entry(request, name)
+    try:
+        served = manager.ready(name)  # loaded already: no manifest read, no thread hop (as openai.served_model)
+    except InvalidName:
+        served = None
+    if served is None:
+        _entry(request, name)  # unknown or invalid names: Ollama's 404
     try:  # no keep_alive in the request: the server's default, and a model pinned at start stays pinned
         keep = "default" if keep_alive is None else parse_keep_alive(keep_alive, manager.options.keep_alive)
     except CodellmError as exc:
         raise OllamaError(400, exc.message) from None
-    started = time.perf_counter()
-    served = await asyncio.to_thread(manager.get, name)
-    served.load_ns = int((time.perf_counter() - started) * 1e9)
+    if served is None:
+        started = time.perf_counter()
+        served = await asyncio.to_thread(manager.get, name)
+        served.load_ns = int((time.perf_counter() - started) * 1e9)
+    else:
+        served.load_ns = 0
     return served, keep
 
 
