@@ -88,6 +88,31 @@ def build_model(shape: str, home: Path, name: str = "bench") -> str:
     return name
 
 
+def build_adapter(home: Path, base: str, name: str = "bench-lora", rank: int = 16) -> str:
+    """A random LoRA adapter (every projection, non-zero B) over the model built by ``build_model``, registered as
+    ``name``: served unmerged on top of ``base``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from codellm.registry import Registry
+    from codellm.registry.create import create
+    from codellm.registry.modelfile import Modelfile
+
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(home / "src", torch_dtype=torch.bfloat16), LoraConfig(
+        r=rank, lora_alpha=2 * rank, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "lora_B" in key:
+                p.normal_(0, 0.01)
+    model.save_pretrained(home / "adapter")
+    del model
+    create(Registry(home), name, Modelfile(from_=base, adapters=[str(home / "adapter")]))
+    return name
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -318,6 +343,8 @@ def main() -> None:
     ap.add_argument("--cb-baseline", action="store_true",
                     help="Also time transformers' continuous batching (generate_batch) on the same prompts.")
     ap.add_argument("--quantize", choices=["nf4"], help="Serve (and baseline) 4-bit.")
+    ap.add_argument("--adapter", action="store_true",
+                    help="With --build: also build a random rank-16 LoRA adapter and serve it unmerged (no baselines).")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--tag", default="")
     ap.add_argument("--server-args", default="", help="Extra `codellm serve` options, e.g. '--no-compile'.")
@@ -329,12 +356,14 @@ def main() -> None:
     if args.build:
         print(f"building {args.build} random-weight model in {home}", flush=True)
         build_model(args.build, home, args.model)
+        if args.adapter:
+            args.model = build_adapter(home, args.model)
         print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
     rng = random.Random(0)
     vocab = SHAPES.get(args.build or args.shape or "", {}).get("vocab_size", 400)
     prompts = [[rng.randrange(300, vocab) for _ in range(args.prompt_len)] for _ in range(max(levels))]
     results = {"env": environment(), "shape": args.build or args.shape or args.model, "prompt_len": args.prompt_len,
-               "max_tokens": args.max_tokens, "variant": " ".join([args.quantize or "bf16", *args.server_args.split()]), "codellm": [], "hf_generate": []}
+               "max_tokens": args.max_tokens, "variant": " ".join([args.quantize or "bf16", *(["lora"] if args.adapter else []), *args.server_args.split()]), "codellm": [], "hf_generate": []}
     proc = None
     url = args.url
     if not url:
@@ -355,12 +384,12 @@ def main() -> None:
         if proc:
             proc.terminate()
             proc.wait(30)
-    if args.hf_baseline:
+    if args.hf_baseline and not args.adapter:
         for c in levels:
             r = hf_generate(home, args.model, prompts[:c], args.max_tokens, args.quantize)
             print("hf_generate", r, flush=True)
             results["hf_generate"].append(r)
-    if args.cb_baseline:
+    if args.cb_baseline and not args.adapter:
         results["hf_continuous_batching"] = []
         for c in levels:
             try:

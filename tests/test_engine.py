@@ -390,8 +390,45 @@ def test_adapters_of_one_base_share_weights_and_batches(served_home, adapter_dir
         assert all(sink.done.wait(60) for sink in sinks.values())
         assert {name: sink.tokens for name, sink in sinks.items()} == refs
         assert engine.stats.max_batch >= 2 and engine.stats.max_batch >= before
+        if engine.graphs is not None:  # on a GPU the adapters ran inside the captured graphs (multilora)
+            assert engine._graphs_usable and engine.graphs.lora is not None and engine.graphs.graphs
+            assert set(engine.graphs.lora.index) == {served["tiny-lora"].lm.adapter, served["tiny-lora2"].lm.adapter}
     finally:
         manager.close()
+
+
+def test_stacked_lora_matches_peft_mixed_batch(tiny_dir, adapter_dir, adapter2_dir):
+    """The graph path's LoRA (adapters stacked per layer, a rank mask per row or token) gives PEFT's own mixed-batch
+    logits: rows of the base model and of two adapters in one batch, and tokens of different adapters in one row
+    (a packed prefill)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from codellm.engine import multilora
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), adapter_dir, adapter_name="a").eval()
+    model.load_adapter(adapter2_dir, adapter_name="b")
+    rows = multilora.install(model, list(model.peft_config), torch.float32)
+    assert rows is not None and rows.index == {"a": 1, "b": 2}
+    inner = model.base_model.model  # what the graphs call: no adapter_names, PEFT's layers in place
+    ids = torch.randint(300, 400, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids, adapter_names=["__base__", "a", "b"]).logits
+        with rows.active(torch.tensor([[0], [1], [2]])):
+            got = inner(input_ids=ids).logits
+        assert (ref[0] - ref[1]).abs().max() > 1e-2 and (ref[1] - ref[2]).abs().max() > 1e-2  # the adapters matter
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        # per token: each position of one LoRA layer's input takes its own adapter
+        layer = next(m for m in inner.modules() if hasattr(m, "_codellm_stack"))
+        x = torch.randn(1, 6, layer.in_features)
+        owners = [0, 1, 2, 2, 1, 0]
+        with rows.active(torch.tensor([owners])):
+            mixed = layer(x)
+        for t, owner in enumerate(owners):
+            alone = layer(x[:, t:t + 1], adapter_names=[["__base__", "a", "b"][owner]])
+            torch.testing.assert_close(mixed[:, t:t + 1], alone, atol=1e-5, rtol=1e-5)
+    assert rows.masks is None  # outside ``active``: PEFT's path again
+    assert torch.equal(inner(input_ids=ids[:1]).logits, model(input_ids=ids[:1]).logits)
 
 
 def test_memory_check_evicts_then_refuses(served_home, other_dirs):

@@ -276,6 +276,31 @@ def test_queue_full_is_429_with_retry_after(served_home):
         srv.stop()
 
 
+def test_stream_interval_groups_tokens_and_keeps_the_text(served_home):
+    """``--stream-interval``: a stream's tokens that come within the interval go out as one chunk; the text and the
+    usage are those of the unpaced answer. 'auto' grows with the open streams; a bad value is a usage error."""
+    from conftest import run_cli
+
+    from codellm.engine.streams import MAX_INTERVAL, auto_interval
+
+    assert auto_interval(0) == 0 and auto_interval(8) < 0.002 and auto_interval(256) == 256 / 8000
+    assert auto_interval(10_000) == MAX_INTERVAL
+    bad = run_cli("serve", "--stream-interval", "fast", env={"CODELLM_HOME": str(served_home)})
+    assert bad.returncode == 2 and "--stream-interval" in bad.stderr
+    srv = Server(served_home, "--slots", "4", "--num-ctx", "256", "--model", "tiny-coder", "--stream-interval", "200")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        kw = dict(model="tiny-coder", prompt="def parse(", max_tokens=48, temperature=0, extra_body={"ignore_eos": True})
+        whole = client.completions.create(**kw)
+        chunks = [c for c in client.completions.create(**kw, stream=True, stream_options={"include_usage": True})]
+        texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+        assert "".join(texts) == whole.choices[0].text
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 48
+        assert 1 <= len(texts) < 24  # 48 tokens in a few chunks, not one each
+    finally:
+        srv.stop()
+
+
 def test_cli_run_one_shot_and_interactive(served_home, server):
     from conftest import run_cli
 

@@ -23,11 +23,12 @@ sequence's next step takes its input from there (``take``), so consecutive steps
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 
-from codellm.engine import decode_attention, kvcache
+from codellm.engine import decode_attention, kvcache, multilora
 
 log = logging.getLogger("codellm.engine")
 
@@ -54,24 +55,41 @@ class GraphRunner:
         self.kv_buckets = [kv_all] if self.kernel else _buckets(kv_all, min(min_kv, kv_all))
         self.prefill_buckets = [n for n in PREFILL_BUCKETS if n <= cache.max_len]
         width = self.prefill_buckets[-1] if self.prefill_buckets else 0
-        # one device buffer for a packed prefill: ids, positions, slots (``width`` each), cu (rows + 2), last (rows)
+        # one device buffer for a packed prefill: ids, positions, slots (``width`` each), cu (rows + 2), last (rows),
+        # then each token's adapter number (``width``)
         self.pf_width = width
-        self.pf = torch.zeros(3 * width + 2 * PREFILL_ROWS + 2, dtype=torch.long, device=device)
+        self.pf = torch.zeros(4 * width + 2 * PREFILL_ROWS + 2, dtype=torch.long, device=device)
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         bmax = self.batch_buckets[-1]
-        # ids, positions, take (1: this row's input is ``tokens[row]``); two host buffers, so a step's inputs are
-        # written while the previous step's copy may still be pending
-        self.staging = torch.zeros((2, 3, bmax), dtype=torch.long, pin_memory=True)
+        # ids, positions, take (1: this row's input is ``tokens[row]``), adapter number; two host buffers, so a
+        # step's inputs are written while the previous step's copy may still be pending
+        self.staging = torch.zeros((2, 4, bmax), dtype=torch.long, pin_memory=True)
         self._flip = 0
-        self.packed = torch.zeros((3, bmax), dtype=torch.long, device=device)
+        self.packed = torch.zeros((4, bmax), dtype=torch.long, device=device)
         self.rows = torch.arange(bmax, device=device)
         self.keys = torch.arange(cache.max_len + 1, device=device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.disabled = False
-        self.forward = self._forward
-        if compile:
-            self.forward = torch.compile(self._forward, dynamic=True)
+        self.lora: multilora.Rows | None = None  # unmerged adapters in the graphs (``use_adapters``)
+        self.compiled = compile
+        self.forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
+
+    def use_adapters(self, rows: multilora.Rows) -> None:
+        """Adapters were attached (and stacked into ``rows``): capture every graph again with them in. The step
+        is no longer compiled: a model with new modules would recompile for tens of seconds, and plain captured
+        graphs already take away the launch overhead that eager decoding pays."""
+        self.lora = rows
+        self._uncompiled()
+        self.warmup()
+
+    def _uncompiled(self) -> None:
+        """Drop every graph; later captures are of the plain step, into a new memory pool (the old graphs' pool
+        goes with them, and capturing into it again fails an allocator assertion)."""
+        self.forward, self.compiled = self._forward, False
+        self.graphs.clear()
+        self.prefill_graphs.clear()
+        self.pool = torch.cuda.graph_pool_handle()
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, take: torch.Tensor,
                  ctx: kvcache.StepContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,18 +101,23 @@ class GraphRunner:
         return logits, nxt
 
     def _step(self, b: int, kv: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, pos, take = (self.packed[i, :b].view(b, 1) for i in range(3))
+        ids, pos, take, adapters = (self.packed[i, :b].view(b, 1) for i in range(4))
         mask = None if self.kernel else self.keys[:kv].view(1, 1, 1, -1) <= pos[:, None, :, None]
         ctx = kvcache.StepContext(self.cache, self.rows[:b], pos, kv, mask, None, {}, True)
-        with kvcache.attention_backends(self.device):  # chosen at capture: never cuDNN (see attention_backends)
+        with kvcache.attention_backends(self.device), self._adapters(adapters):  # never cuDNN (see attention_backends)
             return self.forward(ids, pos, take, ctx)
+
+    def _adapters(self, ids: torch.Tensor):
+        """LoRA layers read each row's (token's) adapter number from ``ids`` while a step is captured."""
+        return self.lora.active(ids) if self.lora is not None else contextlib.nullcontext()
 
     def _prefill_step(self, n: int) -> torch.Tensor:
         w, r = self.pf_width, PREFILL_ROWS
         ids, pos, slots = self.pf[:n], self.pf[w:w + n], self.pf[2 * w:2 * w + n]
-        cu, last = self.pf[3 * w:3 * w + r + 2].to(torch.int32), self.pf[3 * w + r + 2:]
+        cu, last = self.pf[3 * w:3 * w + r + 2].to(torch.int32), self.pf[3 * w + r + 2:3 * w + 2 * r + 2]
+        adapters = self.pf[3 * w + 2 * r + 2:3 * w + 2 * r + 2 + n]
         ctx = kvcache.packed_context(self.cache, slots, pos, cu, n)
-        with kvcache.attention_backends(self.device):
+        with kvcache.attention_backends(self.device), self._adapters(adapters.view(1, n)):
             out = self.model(input_ids=ids.view(1, n), position_ids=pos.clamp(min=0).view(1, n), use_cache=False,
                              logits_to_keep=last, codellm_step=ctx)
         return out.logits[0]
@@ -123,13 +146,12 @@ class GraphRunner:
                     try:
                         self.graphs[(b, kv)] = self._capture(self._step, b, kv)
                     except Exception:
-                        if self.forward is self._forward:
+                        if not self.compiled:
                             log.exception("CUDA graph capture failed; decoding eagerly")
                             self.disabled = True
                         else:
                             log.exception("capturing the compiled decode step failed; capturing it uncompiled")
-                            self.forward = self._forward
-                            self.graphs.clear()
+                            self._uncompiled()
         w = self.pf_width  # prefill graphs: capture-time writes go to the scratch slot (position -1)
         self.pf[w:2 * w].fill_(-1)
         for n in self.prefill_buckets:
@@ -145,10 +167,12 @@ class GraphRunner:
                 self.prefill_graphs.clear()
                 break
 
-    def run(self, ids: list[int], positions: list[int], take: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def run(self, ids: list[int], positions: list[int], take: list[int],
+            adapters: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(logits [n, V], argmax [n]) on the device for one decode step whose row i is slot i (position -1: no
-        sequence there; take 1: the input is the slot's last argmax, still on the device), or None when the graph
-        path cannot run it. Nothing here waits for the device."""
+        sequence there; take 1: the input is the slot's last argmax, still on the device; ``adapters``: each
+        row's adapter number, see ``use_adapters``), or None when the graph path cannot run it. Nothing here
+        waits for the device."""
         if self.disabled:
             return None
         n = len(ids)
@@ -161,7 +185,7 @@ class GraphRunner:
         self._flip ^= 1
         pad = [0] * (b - n)
         staging[:, :b] = torch.tensor([ids + pad, [p if p >= 0 else scratch for p in positions] + [scratch] * (b - n),
-                                       take + pad])
+                                       take + pad, (adapters or [0] * n) + pad])
         self.packed[:, :b].copy_(staging[:, :b], non_blocking=True)
         key = (b, kv)
         if key not in self.graphs:
@@ -190,9 +214,10 @@ class GraphRunner:
             size += n
         return groups
 
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor | None:
+    def prefill(self, prompts: list[list[int]], slots: list[int], adapters: list[int] | None = None) -> torch.Tensor | None:
         """Next-token logits ([len(prompts), V], on the device) of a packed prefill of fresh ``prompts`` into
-        ``slots`` by one graph replay, or None when no captured graph fits (too many tokens or prompts)."""
+        ``slots`` (with each prompt's adapter number) by one graph replay, or None when no captured graph fits
+        (too many tokens or prompts)."""
         total = sum(len(p) for p in prompts)
         n = next((b for b in self.prefill_buckets if b >= total), None)
         if n is None or n not in self.prefill_graphs or len(prompts) > PREFILL_ROWS or self.disabled:
@@ -201,7 +226,9 @@ class GraphRunner:
         ids, pos, token_slots, cu, last = kvcache.pack_prompts(prompts, slots, width=n, rows=r)
         host = torch.empty(self.pf.shape[0], dtype=torch.long, pin_memory=True)  # cached pinned block, freed once copied
         host[:n], host[w:w + n], host[2 * w:2 * w + n] = ids, pos, token_slots
-        host[3 * w:3 * w + r + 2], host[3 * w + r + 2:] = cu, last
+        host[3 * w:3 * w + r + 2], host[3 * w + r + 2:3 * w + 2 * r + 2] = cu, last
+        if self.lora is not None:
+            host[3 * w + 2 * r + 2:3 * w + 2 * r + 2 + n] = multilora.token_adapters(prompts, adapters, n)
         self.pf.copy_(host, non_blocking=True)
         graph, logits = self.prefill_graphs[n]
         graph.replay()

@@ -14,6 +14,7 @@ still trains or runs ``generate``.
 from __future__ import annotations
 
 import contextvars
+import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -94,21 +95,16 @@ def pack_prompts(prompts: list[list[int]], slots: list[int], width: int | None =
     ids, positions and slot per token (``width`` of them; padding has position -1), cumulative lengths
     (``rows + 2``: padding and unused rows are empty sequences at the end) and each prompt's last index
     (``rows`` of them), which is where its next-token logits are read."""
-    lengths = torch.tensor([len(p) for p in prompts])
-    total = int(lengths.sum())
+    lengths = [len(p) for p in prompts]
+    total = sum(lengths)
     width, rows = width or total, rows or len(prompts)
-    ids = torch.zeros(width, dtype=torch.long)
-    ids[:total] = torch.tensor([t for p in prompts for t in p])
-    positions = torch.full((width,), -1, dtype=torch.long)
-    positions[:total] = torch.cat([torch.arange(n) for n in lengths.tolist()])
-    token_slots = torch.zeros(width, dtype=torch.long)
-    token_slots[:total] = torch.repeat_interleave(torch.tensor(slots), lengths)
-    ends = lengths.cumsum(0)
-    cu = torch.full((rows + 2,), width, dtype=torch.long)
-    cu[0] = 0
-    cu[1:len(prompts) + 1] = ends
-    last = torch.zeros(rows, dtype=torch.long)
-    last[:len(prompts)] = ends - 1
+    pad = width - total  # built as lists: torch's small CPU ops (repeat_interleave) start a thread pool per call
+    ids = torch.tensor([t for p in prompts for t in p] + [0] * pad, dtype=torch.long)
+    positions = torch.tensor([i for n in lengths for i in range(n)] + [-1] * pad, dtype=torch.long)
+    token_slots = torch.tensor([s for s, n in zip(slots, lengths) for _ in range(n)] + [0] * pad, dtype=torch.long)
+    ends = list(itertools.accumulate(lengths))
+    cu = torch.tensor([0, *ends] + [width] * (rows + 1 - len(ends)), dtype=torch.long)
+    last = torch.tensor([e - 1 for e in ends] + [0] * (rows - len(ends)), dtype=torch.long)
     return ids, positions, token_slots, cu, last
 
 

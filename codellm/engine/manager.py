@@ -204,6 +204,7 @@ class ModelManager:
         served = Served(lm, engine, group=gkey)
         served.expires_at = None if pin or o.keep_alive is None else time.time() + o.keep_alive
         self._served[key] = served
+        memory.freeze_heap()
         return served
 
     def _start_engine(self, entry, weights) -> Engine | EngineProcess:

@@ -18,6 +18,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import select
 import threading
 import time
 from typing import Any
@@ -88,6 +89,7 @@ class EngineProcess(Admission):
         self._dead: str | None = None
         self._reader: Any = None  # what reads the child's messages: an event loop (serve_on) or a thread, from first use
         self._reader_lock = threading.Lock()
+        self._poller: Any = None  # the loop reader's readiness check, made on first use
         self._name = entry.name.short
 
     def _wait_ready(self) -> dict:
@@ -197,9 +199,13 @@ class EngineProcess(Admission):
         self._gone()
 
     def _pump(self) -> None:
-        """The loop's reader callback: every message already here, then back to the loop."""
+        """The loop's reader callback: every message already here, then back to the loop. ``Connection.poll``
+        builds a selector per call; one ``select.poll`` object made once answers the same question for less."""
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self._conn.fileno(), select.POLLIN)
         try:
-            while self._conn.poll():
+            while self._poller.poll(0):
                 self._handle(self._conn.recv())
         except (EOFError, OSError):
             self._reader.remove_reader(self._conn.fileno())
@@ -292,7 +298,7 @@ def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
-    from codellm.engine import loader
+    from codellm.engine import loader, memory
     from codellm.engine.scheduler import Engine
     from codellm.registry import Registry
 
@@ -354,6 +360,9 @@ def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_
         model, dev, dtype = loader.load_weights(registry, entry, weights, **load)
         base = loader.view(registry, entry, weights, model, dev, dtype, **view_opts)
         engine = Engine(base, **engine_opts, source=source)  # nothing arrives before "ready" below
+        if dev.type == "cuda":  # host tensors here are a few thousand elements: threads only wait on each other
+            torch.set_num_threads(1)
+        memory.freeze_heap()
     except BaseException as exc:
         conn.send(("error", exc if isinstance(exc, CodellmError) else CodellmError(f"{type(exc).__name__}: {exc}")))
         return

@@ -9,6 +9,7 @@ callable from the engine thread; the server turns those into SSE/NDJSON on its e
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -22,7 +23,7 @@ from typing import Callable
 import torch
 
 from codellm.errors import ContextLengthExceeded, InvalidRequest, QueueFull
-from codellm.engine import fusion, kvcache
+from codellm.engine import fusion, kvcache, multilora
 from codellm.engine.detok import IncrementalDetokenizer, StopMatcher
 from codellm.engine.jsonmode import JsonPrefix
 from codellm.engine.loader import LoadedModel
@@ -235,9 +236,13 @@ class Engine(Admission):
 
     @property
     def _graphs_usable(self) -> bool:
-        """Captured graphs decode unless adapters are attached (PEFT's mixed-batch path is not capturable);
-        asked each step, since adapters can be attached to a loaded model at any time."""
-        return self.graphs is not None and not getattr(self.lm.model, "peft_config", None)
+        """Captured graphs run the steps, attached adapters included once they are stacked into the graphs
+        (``multilora``); only a kind of LoRA the stacks do not cover leaves the model to PEFT's eager path."""
+        return self.graphs is not None and (self.graphs.lora is not None or not self._peft)
+
+    @property
+    def _peft(self) -> bool:
+        return bool(getattr(self.lm.model, "peft_config", None))
 
     @property
     def kv_bytes(self) -> int:
@@ -305,6 +310,14 @@ class Engine(Admission):
         with self.step_lock:
             model, adapter = loader.attach_adapter(registry, self.lm.model, entry)
             self.lm.model = model
+            if self.graphs is not None and not self.graphs.disabled:
+                self._complete()  # recapturing overwrites each slot's last token on the device: read it first
+                rows = multilora.install(model, list(model.peft_config), self.lm.dtype)
+                if rows is None:
+                    log.warning("adapter %s: this kind of LoRA decodes eagerly (no CUDA graphs)", adapter)
+                    self.graphs.lora = None
+                else:
+                    self.graphs.use_adapters(rows)
         return model, adapter
 
     def shutdown(self) -> None:
@@ -402,13 +415,16 @@ class Engine(Admission):
             else:
                 plan.append((seq, start, end))
             budget -= end - start
-        if not getattr(self.lm.model, "peft_config", None):  # fresh prompts go packed (one row, no padding)
+        if self._graphs_usable or not self._peft:  # fresh prompts go packed (one row, no padding)
             fresh = [p for p in plan if p[1] == 0]
             plan = [p for p in plan if p[1] > 0]
-            if fresh:
+            if fresh:  # every group launched before the first tokens are read: one wait on the device, not one a group
                 lengths = [end for _, _, end in fresh]
-                for group in self.graphs.prefill_groups(lengths) if self._graphs_usable else [range(len(fresh))]:
-                    self._prefill_packed([fresh[i] for i in group])
+                groups = self.graphs.prefill_groups(lengths) if self._graphs_usable else [range(len(fresh))]
+                done = [self._prefill_packed([fresh[i] for i in group], keep=len(groups) > 1) for group in groups]
+                seqs = [seq for d in done for seq in d[0]]
+                if seqs:
+                    self._after_prefill(seqs, torch.cat([d[1] for d in done if d[0]]))
         if len(plan) == 1:
             self._prefill_one(*plan[0])
         elif plan:
@@ -428,25 +444,34 @@ class Engine(Admission):
                     done.append(row)
             self._after_prefill([plan[r][0] for r in done], logits[done, -1] if done else None)
 
-    def _prefill_packed(self, plan: list[tuple[Sequence, int, int]]) -> None:
+    def _prefill_packed(self, plan: list[tuple[Sequence, int, int]], keep: bool = False) -> tuple[list[Sequence], torch.Tensor | None]:
         """Prefill fresh prompts (each from position 0) packed end to end: a captured graph when one fits,
-        else one eager forward."""
+        else one eager forward. Returns the sequences whose prompts are now complete and their next-token logits,
+        still on the device, copied out of the graph's buffer when ``keep`` (another replay follows)."""
         prompts = [seq.prompt[:end] for seq, _, end in plan]
         slots = [seq.slot for seq, _, _ in plan]
-        logits = self.graphs.prefill(prompts, slots) if self._graphs_usable else None
+        lora = self.graphs.lora if self._graphs_usable else None
+        adapters = [lora.of(seq.adapter) for seq, _, _ in plan] if lora else None
+        logits = self.graphs.prefill(prompts, slots, adapters) if self._graphs_usable else None
         if logits is None:
             dev = self.lm.device
             ids, positions, token_slots, cu, last = kvcache.pack_prompts(prompts, slots)
             ctx = kvcache.packed_context(self.cache, token_slots.to(dev), positions.to(dev), cu.to(dev, torch.int32),
                                          max(len(p) for p in prompts))
-            logits = self._logits(ctx, ids.view(1, -1), positions.view(1, -1), last)[0]
+            with lora.active(multilora.token_adapters(prompts, adapters, len(ids)).to(dev).view(1, -1)) if lora \
+                    else contextlib.nullcontext():
+                logits = self._logits(ctx, ids.view(1, -1), positions.view(1, -1), last)[0]
         self.stats.prefill_tokens += sum(len(p) for p in prompts)
         for seq, _, end in plan:
             seq.cached = end
         done = [row for row, (seq, _, _) in enumerate(plan) if not seq.prefilling]
-        if done:  # (a row list indexes through a host-to-device copy: skip it when every prompt is done)
-            logits = logits[:len(done)] if len(done) == len(plan) else logits[done]
-        self._after_prefill([plan[r][0] for r in done], logits if done else None)
+        if not done:
+            return [], None
+        if len(done) == len(plan):  # (a row list indexes through a host-to-device copy: skip it when it can)
+            logits = logits[:len(done)].clone() if keep else logits[:len(done)]
+        else:
+            logits = logits[done]
+        return [plan[r][0] for r in done], logits
 
     def _prefill_one(self, seq: Sequence, start: int, end: int) -> None:
         ids = torch.tensor([seq.prompt[start:end]])
@@ -471,7 +496,7 @@ class Engine(Admission):
             if seq.max_new == 0:
                 self._finish(seq, "length")
         if keep:
-            self._sample([seqs[i] for i in keep], logits[keep])
+            self._sample([seqs[i] for i in keep], logits if len(keep) == len(seqs) else logits[keep])
 
     def _decode(self) -> None:
         """One decode step for every running sequence. When all of them want the plain argmax, the step's tokens
@@ -535,8 +560,9 @@ class Engine(Admission):
             adapters[s.slot] = s.adapter
         out = None
         if self._graphs_usable:
+            lora = self.graphs.lora
             with torch.inference_mode():  # the fast path: one captured graph replay per step
-                out = self.graphs.run(ids, positions, take)
+                out = self.graphs.run(ids, positions, take, [lora.of(a) for a in adapters] if lora else None)
         if out is None:
             dev = self.lm.device
             with torch.inference_mode():

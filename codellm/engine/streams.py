@@ -15,10 +15,23 @@ from typing import AsyncIterator, Callable
 from codellm.engine.scheduler import Engine, Handle, Output
 from codellm.engine.sampling import SamplingParams
 
+CHUNKS_PER_S = 8000  # what one event loop writes to its clients and still takes in new requests (NOTES run 21)
+MAX_INTERVAL = 0.05  # never hold a stream's text longer than this
+
+
+def auto_interval(streams: int) -> float:
+    """Least seconds between two chunks of one stream when ``streams`` are open on the loop: each chunk costs the
+    loop a socket write and a pass through the ASGI stack whether it carries one token or five, so with hundreds of
+    streams the loop spends itself writing single tokens while new requests wait to be read (vLLM and SGLang offer
+    the same trade as ``--stream-interval``, in tokens). Up to a few dozen streams this is below a decode step and
+    changes nothing."""
+    return min(MAX_INTERVAL, max(0, streams) / CHUNKS_PER_S)
+
 
 class _Dispatcher:
     """Hands outputs from the engine thread to one event loop with one wake-up per batch of outputs,
-    not one per token per stream (at 256 streams that is 256 self-pipe writes a step)."""
+    not one per token per stream (at 256 streams that is 256 self-pipe writes a step). It also knows how many
+    choices stream on its loop, which sets how often each of them may send (``interval``)."""
 
     _by_loop: dict[int, "_Dispatcher"] = {}
 
@@ -28,6 +41,11 @@ class _Dispatcher:
         self.pending: collections.deque = collections.deque()
         self.lock = threading.Lock()
         self.scheduled = False
+        self.streams = 0  # choices open on this loop
+        self.fixed: float | None = None  # seconds between a stream's chunks; None: ``auto_interval``
+
+    def interval(self) -> float:
+        return auto_interval(self.streams) if self.fixed is None else self.fixed
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> "_Dispatcher":
@@ -56,6 +74,12 @@ class _Dispatcher:
             self.scheduled = False
         for target, item in items:
             target.put_nowait(item)
+
+
+def pace_streams(loop: asyncio.AbstractEventLoop, seconds: float | None) -> None:
+    """Streams on ``loop`` send at most one chunk per ``seconds`` (0: every output as it comes; None: automatic,
+    see ``auto_interval``). The first chunk and the last are never held."""
+    _Dispatcher.of(loop).fixed = seconds
 
 
 class _Mailbox:
@@ -92,21 +116,24 @@ def _absorb(out: Output, later: Output) -> Output:
 class AsyncStream:
     """Outputs of one or more submissions (several prompts, n choices each) merged in arrival order.
 
-    Choice indexes are offset so that prompt ``p`` with ``n`` choices owns ``p*n .. p*n+n-1``. When the reader
-    falls behind the engine (hundreds of streams on one event loop), a choice's outputs that piled up are
-    handed over as one: each chunk then carries several tokens, and the server's work per token shrinks
-    exactly when it is the bottleneck (vLLM merges deltas the same way).
+    Choice indexes are offset so that prompt ``p`` with ``n`` choices owns ``p*n .. p*n+n-1``. A choice's outputs
+    that piled up are handed over as one: each chunk then carries several tokens (vLLM merges deltas the same
+    way). They pile up when the reader falls behind the engine, and on purpose: after handing over an output the
+    stream waits out the loop's interval (``pace_streams``) before the next, unless that one ends a choice.
     """
 
     def __init__(self):
         self._loop = asyncio.get_running_loop()
+        self._dispatcher = _Dispatcher.of(self._loop)
         self._queue = _Mailbox()
         self._open = 0
+        self._counted = 0  # choices counted open in the dispatcher
+        self._due = 0.0  # loop time before which the next output is held back
         self.handles: list[Handle] = []
 
     def add(self, engine: Engine, prompt: list[int], params: SamplingParams, *, n: int = 1, offset: int = 0,
             prompt_logprobs: bool = False, lm=None) -> "AsyncStream":
-        dispatcher = _Dispatcher.of(self._loop)
+        dispatcher = self._dispatcher
 
         def sink(out: Output) -> None:
             out.index += offset
@@ -118,6 +145,8 @@ class AsyncStream:
             self.cancel()
             raise
         self._open += n
+        self._counted += n
+        dispatcher.streams += n
         return self
 
     def __aiter__(self):
@@ -127,18 +156,29 @@ class AsyncStream:
         if self._open == 0:
             raise StopAsyncIteration
         out = await self._queue.get()
+        held = self._due - self._loop.time()
+        if held > 0 and out.finish_reason is None:
+            await asyncio.sleep(held)  # let this choice's next tokens join it
         waiting = self._queue.items
         while out.finish_reason is None and waiting and waiting[0].index == out.index:
             out = _absorb(out, waiting.popleft())
         if out.finish_reason is not None:
             self._open -= 1
+            self._uncount(1)
+        self._due = self._loop.time() + self._dispatcher.interval()
         return out
+
+    def _uncount(self, n: int) -> None:
+        n = min(n, self._counted)
+        self._counted -= n
+        self._dispatcher.streams -= n
 
     def has_pending(self) -> bool:
         """Outputs already here: a writer can send them together with what it holds."""
         return bool(self._queue.items)
 
     def cancel(self) -> None:
+        self._uncount(self._counted)  # its reader is gone or done: it no longer streams
         if self._open:
             for handle in self.handles:
                 handle.cancel()

@@ -14,13 +14,16 @@ from litestar.response import Response
 
 from codellm import __version__
 from codellm.engine.manager import LoadOptions, ModelManager
+from codellm.engine.streams import pace_streams
 from codellm.errors import Unauthorized
 from codellm.registry import Registry
 from codellm.server import editors, ollama, openai
 from codellm.server.errors import HANDLERS
 
 
-def api_key_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+async def api_key_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """Async on purpose: Litestar runs a sync guard in a worker thread, a GIL hand-over per request that under
+    load held each new request up to the 5 ms switch interval (NOTES run 21)."""
     key = connection.app.state.api_key
     if not key or handler.opt.get("public") or connection.scope.get("method") == "OPTIONS":
         return
@@ -91,7 +94,9 @@ async def _reaper(app: Litestar) -> None:
 async def _start_reaper(app: Litestar) -> None:
     import asyncio
 
-    app.state.manager.serve_on(asyncio.get_running_loop())  # engine processes' outputs are read on this loop
+    loop = asyncio.get_running_loop()
+    app.state.manager.serve_on(loop)  # engine processes' outputs are read on this loop
+    pace_streams(loop, app.state.stream_interval)
     app.state.reaper = asyncio.create_task(_reaper(app))
 
 
@@ -106,7 +111,10 @@ def create_app(
     *,
     api_key: str | None = None,
     cors_origins: list[str] | None = None,
+    stream_interval: float | None = None,
 ) -> Litestar:
+    """``stream_interval``: least seconds between two chunks of a stream (0: every token as it comes; None:
+    automatic, growing with the number of open streams: see ``streams.auto_interval``)."""
     manager = manager or ModelManager(Registry(), LoadOptions())
     app = Litestar(
         route_handlers=[health, metrics, *openai.ROUTES, *editors.ROUTES, *ollama.ROUTES],
@@ -119,5 +127,6 @@ def create_app(
         debug=False,
     )
     app.state.manager = manager
+    app.state.stream_interval = stream_interval
     app.state.api_key = api_key if api_key is not None else os.environ.get("CODELLM_API_KEY") or None
     return app
