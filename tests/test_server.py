@@ -297,6 +297,12 @@ def test_stream_interval_groups_tokens_and_keeps_the_text(served_home):
         assert "".join(texts) == whole.choices[0].text
         assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 48
         assert 1 <= len(texts) < 24  # 48 tokens in a few chunks, not one each
+        # two choices interleave in one stream: each is still grouped (and nothing falls behind)
+        two = client.completions.create(**kw, n=2)
+        chunks = [c for c in client.completions.create(**kw, n=2, stream=True)]
+        for index in (0, 1):
+            mine = [c.choices[0].text for c in chunks if c.choices and c.choices[0].index == index]
+            assert "".join(mine) == two.choices[index].text and len(mine) < 24
     finally:
         srv.stop()
 

@@ -318,6 +318,7 @@ class Engine(Admission):
                     self.graphs.lora = None
                 else:
                     self.graphs.use_adapters(rows)
+                    log.info("adapters %s decode in CUDA graphs (captured again)", ", ".join(rows.index))
         return model, adapter
 
     def shutdown(self) -> None:
@@ -421,10 +422,10 @@ class Engine(Admission):
             if fresh:  # every group launched before the first tokens are read: one wait on the device, not one a group
                 lengths = [end for _, _, end in fresh]
                 groups = self.graphs.prefill_groups(lengths) if self._graphs_usable else [range(len(fresh))]
-                done = [self._prefill_packed([fresh[i] for i in group], keep=len(groups) > 1) for group in groups]
-                seqs = [seq for d in done for seq in d[0]]
+                packed = [self._prefill_packed([fresh[i] for i in group], keep=len(groups) > 1) for group in groups]
+                seqs = [seq for group_seqs, _ in packed for seq in group_seqs]
                 if seqs:
-                    self._after_prefill(seqs, torch.cat([d[1] for d in done if d[0]]))
+                    self._after_prefill(seqs, torch.cat([logits for group_seqs, logits in packed if group_seqs]))
         if len(plan) == 1:
             self._prefill_one(*plan[0])
         elif plan:

@@ -78,7 +78,7 @@ class _Dispatcher:
 
 def pace_streams(loop: asyncio.AbstractEventLoop, seconds: float | None) -> None:
     """Streams on ``loop`` send at most one chunk per ``seconds`` (0: every output as it comes; None: automatic,
-    see ``auto_interval``). The first chunk and the last are never held."""
+    see ``auto_interval``). A stream's first chunk goes at once."""
     _Dispatcher.of(loop).fixed = seconds
 
 
@@ -118,8 +118,8 @@ class AsyncStream:
 
     Choice indexes are offset so that prompt ``p`` with ``n`` choices owns ``p*n .. p*n+n-1``. A choice's outputs
     that piled up are handed over as one: each chunk then carries several tokens (vLLM merges deltas the same
-    way). They pile up when the reader falls behind the engine, and on purpose: after handing over an output the
-    stream waits out the loop's interval (``pace_streams``) before the next, unless that one ends a choice.
+    way). They pile up when the reader falls behind the engine, and on purpose: once the reader has caught up,
+    the next output waits out the loop's interval (``pace_streams``), unless it ends a choice.
     """
 
     def __init__(self):
@@ -159,13 +159,19 @@ class AsyncStream:
         held = self._due - self._loop.time()
         if held > 0 and out.finish_reason is None:
             await asyncio.sleep(held)  # let this choice's next tokens join it
-        waiting = self._queue.items
-        while out.finish_reason is None and waiting and waiting[0].index == out.index:
-            out = _absorb(out, waiting.popleft())
+        if out.finish_reason is None and self._queue.items:  # this choice's outputs already here, in order;
+            others: collections.deque[Output] = collections.deque()  # other choices' keep theirs
+            for later in self._queue.items:
+                if later.index == out.index and out.finish_reason is None:
+                    out = _absorb(out, later)
+                else:
+                    others.append(later)
+            self._queue.items = others
         if out.finish_reason is not None:
             self._open -= 1
             self._uncount(1)
-        self._due = self._loop.time() + self._dispatcher.interval()
+        if not self._queue.items:  # caught up: the next chunk waits out the interval (until then none does)
+            self._due = self._loop.time() + self._dispatcher.interval()
         return out
 
     def _uncount(self, n: int) -> None:

@@ -91,7 +91,7 @@ async def _reaper(app: Litestar) -> None:
             logging.getLogger("codellm.server").exception("reaper")
 
 
-async def _start_reaper(app: Litestar) -> None:
+async def _on_startup(app: Litestar) -> None:
     import asyncio
 
     loop = asyncio.get_running_loop()
@@ -122,7 +122,7 @@ def create_app(
         guards=[api_key_guard],
         cors_config=CORSConfig(allow_origins=cors_origins, allow_headers=["*"], allow_methods=["*"]) if cors_origins else None,
         openapi_config=OpenAPIConfig(title="codellm", version=__version__, path="/schema"),
-        on_startup=[_start_reaper],
+        on_startup=[_on_startup],
         on_shutdown=[_stop_reaper, lambda: manager.close()],
         debug=False,
     )
