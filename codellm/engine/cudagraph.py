@@ -55,8 +55,7 @@ class GraphRunner:
         self.kv_buckets = [kv_all] if self.kernel else _buckets(kv_all, min(min_kv, kv_all))
         self.prefill_buckets = [n for n in PREFILL_BUCKETS if n <= cache.max_len]
         width = self.prefill_buckets[-1] if self.prefill_buckets else 0
-        # one device buffer for a packed prefill: ids, positions, slots (``width`` each), cu (rows + 2), last (rows),
-        # then each token's adapter number (``width``)
+        # one device buffer for a packed prefill, filled by one copy (its parts: ``_pf_parts``)
         self.pf_width = width
         self.pf = torch.zeros(4 * width + 2 * PREFILL_ROWS + 2, dtype=torch.long, device=device)
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -111,11 +110,16 @@ class GraphRunner:
         """LoRA layers read each row's (token's) adapter number from ``ids`` while a step is captured."""
         return self.lora.active(ids) if self.lora is not None else contextlib.nullcontext()
 
-    def _prefill_step(self, n: int) -> torch.Tensor:
+    def _pf_parts(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Views of a packed-prefill buffer (the device one, or the pinned host block copied into it): ids,
+        positions, slots (``pf_width`` each), cu (rows + 2), last (rows), each token's adapter number (``pf_width``)."""
         w, r = self.pf_width, PREFILL_ROWS
-        ids, pos, slots = self.pf[:n], self.pf[w:w + n], self.pf[2 * w:2 * w + n]
-        cu, last = self.pf[3 * w:3 * w + r + 2].to(torch.int32), self.pf[3 * w + r + 2:3 * w + 2 * r + 2]
-        adapters = self.pf[3 * w + 2 * r + 2:3 * w + 2 * r + 2 + n]
+        return buf[:w], buf[w:2 * w], buf[2 * w:3 * w], buf[3 * w:3 * w + r + 2], buf[3 * w + r + 2:3 * w + 2 * r + 2], \
+            buf[3 * w + 2 * r + 2:]
+
+    def _prefill_step(self, n: int) -> torch.Tensor:
+        ids, pos, slots, cu, last, adapters = self._pf_parts(self.pf)
+        ids, pos, slots, cu, adapters = ids[:n], pos[:n], slots[:n], cu.to(torch.int32), adapters[:n]
         ctx = kvcache.packed_context(self.cache, slots, pos, cu, n)
         with kvcache.attention_backends(self.device), self._adapters(adapters.view(1, n)):
             out = self.model(input_ids=ids.view(1, n), position_ids=pos.clamp(min=0).view(1, n), use_cache=False,
@@ -152,14 +156,14 @@ class GraphRunner:
                         else:
                             log.exception("capturing the compiled decode step failed; capturing it uncompiled")
                             self._uncompiled()
-        w = self.pf_width  # prefill graphs: capture-time writes go to the scratch slot (position -1)
-        self.pf[w:2 * w].fill_(-1)
+        _, pos, _, cu, _, _ = self._pf_parts(self.pf)
+        pos.fill_(-1)  # prefill graphs: capture-time writes go to the scratch slot
         for n in self.prefill_buckets:
             if self.disabled:
                 break
             # one sequence of n padding tokens: lengths past this bucket's n would send attention out of bounds
-            self.pf[3 * w:3 * w + PREFILL_ROWS + 2].fill_(n)
-            self.pf[3 * w] = 0
+            cu.fill_(n)
+            cu[0] = 0
             try:
                 self.prefill_graphs[n] = self._capture(self._prefill_step, n)
             except Exception:
@@ -222,13 +226,11 @@ class GraphRunner:
         n = next((b for b in self.prefill_buckets if b >= total), None)
         if n is None or n not in self.prefill_graphs or len(prompts) > PREFILL_ROWS or self.disabled:
             return None
-        w, r = self.pf_width, PREFILL_ROWS
-        ids, pos, token_slots, cu, last = kvcache.pack_prompts(prompts, slots, width=n, rows=r)
         host = torch.empty(self.pf.shape[0], dtype=torch.long, pin_memory=True)  # cached pinned block, freed once copied
-        host[:n], host[w:w + n], host[2 * w:2 * w + n] = ids, pos, token_slots
-        host[3 * w:3 * w + r + 2], host[3 * w + r + 2:3 * w + 2 * r + 2] = cu, last
+        h_ids, h_pos, h_slots, h_cu, h_last, h_adapters = self._pf_parts(host)
+        h_ids[:n], h_pos[:n], h_slots[:n], h_cu[:], h_last[:] = kvcache.pack_prompts(prompts, slots, width=n, rows=PREFILL_ROWS)
         if self.lora is not None:
-            host[3 * w + 2 * r + 2:3 * w + 2 * r + 2 + n] = multilora.token_adapters(prompts, adapters, n)
+            h_adapters[:n] = multilora.token_adapters(prompts, adapters, n)
         self.pf.copy_(host, non_blocking=True)
         graph, logits = self.prefill_graphs[n]
         graph.replay()

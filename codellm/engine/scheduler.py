@@ -388,7 +388,7 @@ class Engine(Admission):
                  all_logits: bool = False) -> torch.Tensor:
         """One eager forward: row i goes to cache slot ``slots[i]`` with adapter ``adapters[i]`` (None: base)."""
         extra = {}
-        if getattr(self.lm.model, "peft_config", None):  # rows pick their adapter (PEFT mixed-batch LoRA)
+        if self._peft:  # rows pick their adapter (PEFT mixed-batch LoRA)
             extra["adapter_names"] = [a or "__base__" for a in adapters]
         return self._logits(kvcache.step_context(self.cache, slots, positions), ids, positions.clamp(min=0),
                          0 if all_logits else 1, **extra)
