@@ -83,3 +83,15 @@ class DownloadError(CodellmError):
 
 class Corrupt(CodellmError):
     code = "corrupt_blob"
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """One line for a write that found no room (disk or quota full), naming the file; None for other errors.
+    Whatever was stored before it stays intact: blobs and manifests are only ever replaced whole."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return (f"no space left on the device{where}: free some space (codellm prune, codellm rm, or elsewhere on "
+                "that disk) and run it again; what was stored before is intact")
+    return None

@@ -49,6 +49,10 @@ class HubMirror:
         self.throttle: dict[str, tuple[int, float]] = {}  # path -> (after this many bytes, sleep per 64 KiB chunk)
         self.ranges: list[tuple[str, str]] = []  # (path, Range header) of every ranged GET
         self.requests: list[str] = []
+        self.broken: set[str] = set()  # files answered with a 500
+        # a hostile hub: {"sha": reported commit id} | {"path": an extra tree entry} | {"lfs": sha256 of the weights}
+        # | {"oid": blob id of config.json} | {"size": size of config.json}
+        self.hostile: dict = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -134,10 +138,20 @@ class HubMirror:
                         if rest and rest[1] not in ("main", repo.sha):
                             return self._error(404, "Invalid rev id", "RevisionNotFound")
                         siblings = [{"rfilename": p} for p in repo.files]
-                        return self._json({"id": repo.id, "modelId": repo.id, "sha": repo.sha, "siblings": siblings, "private": False})
+                        sha = mirror.hostile.get("sha", repo.sha)
+                        return self._json({"id": repo.id, "modelId": repo.id, "sha": sha, "siblings": siblings, "private": False})
                     if rest[0] == "tree":
                         prefix = "/".join(rest[2:])
                         items = [repo.entry(p) for p in repo.files if p.startswith(prefix)]
+                        hostile = mirror.hostile
+                        if "path" in hostile:
+                            items.append({**repo.entry("config.json"), "path": hostile["path"]})
+                        for item in items:
+                            if item["path"] == "config.json":
+                                item["oid"] = hostile.get("oid", item["oid"])
+                                item["size"] = hostile.get("size", item["size"])
+                            if "lfs" in item and "lfs" in hostile:
+                                item["lfs"] = {**item["lfs"], "oid": hostile["lfs"]}
                         dirs = sorted({p.rsplit("/", 1)[0] for p in repo.files if "/" in p})
                         items += [{"type": "directory", "path": d, "oid": "0" * 40, "size": 0} for d in dirs]
                         return self._json(items)
@@ -151,6 +165,8 @@ class HubMirror:
                         return self._error(404, "Invalid rev id", "RevisionNotFound")
                     if fname not in repo.files:
                         return self._error(404, "Entry not found", "EntryNotFound")
+                    if fname in mirror.broken:
+                        return self._error(500, "Internal error")
                     data = repo.files[fname]
                     entry = repo.entry(fname)
                     etag = entry["lfs"]["oid"] if "lfs" in entry else entry["oid"]

@@ -93,6 +93,22 @@ def test_resume_matches_an_uninterrupted_run(base_home, alpaca_file):
     assert la == pytest.approx(lb, rel=1e-4, abs=1e-6)
 
 
+def test_resume_after_a_kill_logs_each_step_once(base_home, alpaca_file):
+    """A run killed after logging steps past its last checkpoint: the resumed log reads as one run's."""
+    import shutil
+
+    from codellm.trainer.loop import TrainConfig, train
+
+    reg = Registry(base_home)
+    cfg = TrainConfig(max_steps=6, batch_size=2, grad_accum=1, lr=3e-3, r=4, alpha=8, save_every=2, max_len=256)
+    assert train(reg, "qwen2.5-coder:tiny", alpaca_file, "killed", cfg, stop_after=3) is None
+    work = reg.home / "train" / "library--killed--latest"
+    shutil.rmtree(work / "checkpoint-3")  # as if killed after step 3 was logged, before its checkpoint
+    train(reg, "qwen2.5-coder:tiny", alpaca_file, "killed", cfg, resume=True)
+    steps = [json.loads(x)["step"] for x in (work / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
 def test_train_learns_serves_and_merges(base_home, alpaca_file):
     env = {"CODELLM_HOME": str(base_home)}
     r = run_cli("train", "qwen2.5-coder:tiny", "--data", str(alpaca_file), "--name", "facts", "--max-steps", "100",

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from codellm import __version__
-from codellm.errors import CodellmError
+from codellm.errors import CodellmError, disk_full
 
 
 class Group(click.Group):
@@ -19,6 +19,12 @@ class Group(click.Group):
             return super().invoke(ctx)
         except CodellmError as exc:
             click.echo(f"Error: {exc.message}", err=True)
+            sys.exit(1)
+        except OSError as exc:
+            message = disk_full(exc)
+            if message is None:
+                raise
+            click.echo(f"Error: {message}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -97,12 +103,21 @@ cli.add_command(list_cmd, "ls")
 @click.option("--template", is_flag=True, help="Print the chat template.")
 @click.option("--system", is_flag=True, help="Print the system prompt.")
 @click.option("--parameters", is_flag=True, help="Print the default parameters.")
-def show(model, modelfile, license_, template, system, parameters):
+@click.option("--verify", is_flag=True, help="Hash every file of MODEL (and of its base) again against its digest.")
+def show(model, modelfile, license_, template, system, parameters, verify):
     """Show what MODEL is: architecture, parameters, context, quantization, template, license."""
     from codellm.registry.create import show_modelfile
     from codellm.registry.info import describe_model, parameter_size
 
     reg = _registry()
+    if verify:
+        entry = reg.get(model)
+        manifests = [entry.manifest] + ([reg.get(entry.manifest.config.base).manifest]
+                                        if entry.manifest.is_adapter and entry.manifest.config.base else [])
+        for manifest in manifests:
+            reg.check(manifest, name=entry.name.short, force=True)
+        click.echo(f"{entry.name.short}: {sum(len(m.layers) for m in manifests)} files verified")
+        return
     if modelfile:
         click.echo(show_modelfile(reg, model), nl=False)
         return
@@ -157,6 +172,16 @@ def rm(models):
     for name in models:
         freed = reg.remove(name)
         click.echo(f"deleted '{name}' ({len(freed)} blobs freed)")
+
+
+@cli.command()
+@click.option("--partial", is_flag=True, help="Also delete the partial downloads that stopped pulls keep to resume from.")
+def prune(partial):
+    """Delete blobs that no model uses (left by a pull or create that was stopped before it finished)."""
+    from codellm.registry.store import human_size
+
+    freed, nbytes = _registry().prune(partial=partial)
+    click.echo(f"pruned {len(freed)} blobs, {human_size(nbytes)} freed")
 
 
 @cli.command()
@@ -237,7 +262,11 @@ def _interval(ctx, param, value: str) -> float | None:
 @click.option("--api-key", envvar="CODELLM_API_KEY", help="Require 'Authorization: Bearer KEY' (default: $CODELLM_API_KEY).")
 @click.option("--model", "models", multiple=True, help="Load these models at start (others load on first use). "
               "'default' means the default model, pulled or built on first use.")
-@click.option("--cors-origin", "cors", multiple=True, help="Allow browser requests from this origin (repeatable, '*' for any).")
+@click.option("--cors-origin", "cors", multiple=True, help="Allow browser requests from this origin (repeatable, '*' for any; "
+              "pages on localhost and editor webviews are allowed without it).")
+@click.option("--allowed-hosts", "allowed_hosts", multiple=True, envvar="CODELLM_ALLOWED_HOSTS",
+              help="Also answer requests whose Host header is this name (repeatable, patterns like '*.example.com'). "
+                   "Bound to loopback, only loopback names are answered by default, against DNS rebinding.")
 @click.option("--log-level", default="info", type=click.Choice(["critical", "error", "warning", "info", "debug"]), show_default=True)
 @click.option("--keep-alive", default="5m", show_default=True, envvar="CODELLM_KEEP_ALIVE",
               help="How long a model stays loaded after its last request (Ollama's keep_alive: 5m, 1h, 0, -1 = forever). "
@@ -251,7 +280,7 @@ def _interval(ctx, param, value: str) -> float | None:
                    "every token as it comes; 'auto' grows with the number of open streams (up to 50 ms at 400), so "
                    "that hundreds of streams do not keep the server from reading new requests.")
 @engine_options
-def serve(host, port, api_key, models, cors, log_level, keep_alive, max_loaded, memory_limit, stream_interval, device,
+def serve(host, port, api_key, models, cors, allowed_hosts, log_level, keep_alive, max_loaded, memory_limit, stream_interval, device,
           dtype, quantize, num_ctx, slots, max_queue, trust_remote_code, cuda_graphs, compile, engine_process):
     """Serve registry models over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/embeddings,
     /v1/models) and Ollama's (/api/chat, /api/generate, /api/tags, /api/show, /api/pull, /api/ps, ...),
@@ -278,7 +307,9 @@ def serve(host, port, api_key, models, cors, log_level, keep_alive, max_loaded, 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
     click.echo(f"codellm {__version__} serving on http://{host}:{port} (models: {', '.join(e.name.short for e in reg.list())})", err=True)
-    uvicorn.run(create_app(manager, api_key=api_key, cors_origins=list(cors) or None, stream_interval=stream_interval),
+    hosts = [h.strip() for value in allowed_hosts for h in value.split(",") if h.strip()]
+    uvicorn.run(create_app(manager, api_key=api_key, cors_origins=list(cors) or None, stream_interval=stream_interval,
+                           bind=host, allowed_hosts=hosts),
                 host=host, port=port,
                 log_level=log_level, timeout_graceful_shutdown=5)
 

@@ -113,6 +113,7 @@ def load_weights(registry: Registry, entry, weights: mt.Manifest, *, device=None
         raise Refused(f"{entry.name.short} needs remote code: serve it with --trust-remote-code")
     if weights.config.format == "pickle" and not any(l.filename and l.filename.endswith(".safetensors") for l in weights.layers):
         raise Refused(f"{entry.name.short} has pickle weights only; codellm loads safetensors")
+    registry.check(weights, name=entry.name.short, media_types=mt.FILE_LAYERS - {mt.ADAPTER})
     model_dir = registry.files_dir(weights, mt.FILE_LAYERS - {mt.ADAPTER}, key=f"w{weights_identity(weights)}")
     dev, torch_dtype = pick_device(device, dtype)
     kwargs = dict(dtype=torch_dtype, attn_implementation=kvcache.register(), use_safetensors=True,
@@ -139,6 +140,7 @@ def attach_adapter(registry: Registry, model, entry):
     from peft import PeftModel
 
     name = adapter_name(entry)
+    registry.check(entry.manifest, name=entry.name.short, media_types=frozenset({mt.ADAPTER}))
     adapter_dir = registry.files_dir(entry.manifest, frozenset({mt.ADAPTER}), key=f"{entry.id}-adapter")
     if isinstance(model, PeftModel):
         if name not in model.peft_config:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from codellm.engine import memory
 from codellm.engine.loader import LoadedModel
-from codellm.engine.sampling import SamplingParams
+from codellm.engine.sampling import SamplingParams, checked
 from codellm.engine.remote import EngineProcess
 from codellm.engine.scheduler import Engine
 from codellm.registry import ModelName, Registry
@@ -17,7 +17,7 @@ from codellm.registry import ModelName, Registry
 log = logging.getLogger("codellm.engine")
 
 # Modelfile PARAMETER name -> SamplingParams field
-_PARAM_MAP = {
+PARAM_MAP = {
     "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
     "repeat_penalty": "repetition_penalty", "repeat_last_n": "repeat_last_n",
     "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
@@ -69,23 +69,25 @@ class Served:
                                  param="model", code="model_not_supported")
         return self.engine
 
-    def sampling(self, overrides: dict, base: dict | None = None) -> SamplingParams:
+    def sampling(self, overrides: dict, base: dict | None = None, names: dict[str, str] | None = None) -> SamplingParams:
         """Request fields over the model's Modelfile defaults over the API's defaults (``base``, in
-        Modelfile/Ollama option names)."""
+        Modelfile/Ollama option names), every value checked (``sampling.checked``; ``names``: the API's
+        names for the fields, for its error messages)."""
         values = options_to_overrides({**(base or {}), **self.lm.defaults})
         for key, value in overrides.items():
             if value is not None:
                 values[key] = value
-        return SamplingParams(**values)
+        return checked(values, names)
 
 
 def options_to_overrides(options: dict) -> dict:
     """Modelfile PARAMETERs / Ollama ``options`` -> SamplingParams fields (unknown keys ignored)."""
     values: dict = {}
     for key, value in (options or {}).items():
-        if key in _PARAM_MAP and value is not None:
-            values[_PARAM_MAP[key]] = list(value) if isinstance(value, list) else ([value] if key == "stop" else value)
-    if values.get("max_tokens") is not None and values["max_tokens"] < 0:
+        if key in PARAM_MAP and value is not None:
+            values[PARAM_MAP[key]] = list(value) if isinstance(value, list) else ([value] if key == "stop" else value)
+    limit = values.get("max_tokens")
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit < 0:
         values.pop("max_tokens")  # Ollama's -1: until the context is full
     return values
 
@@ -152,8 +154,12 @@ class ModelManager:
 
     def ready(self, name: str) -> Served | None:
         """``name`` if it is loaded and its engine runs (marked used now), else None: the per-request fast path."""
-        served = self._served.get(self.canonical(name))
+        key = self.canonical(name)
+        served = self._served.get(key)
         if served is None or served.engine_gone:
+            return None
+        if not self.registry.exists(key):  # removed from the registry (codellm rm) while loaded: forget it
+            self.unload(key)
             return None
         served.last_used = time.time()
         return served
@@ -185,6 +191,7 @@ class ModelManager:
         if entry.manifest.config.task in ("embed", "rerank"):
             return self._load_encoder(key, entry, pin)
         entry, weights = loader.resolve(self.registry, entry)
+        self.registry.check(weights, name=entry.name.short)  # before anything of it is read: a clear error if damaged
         gkey = loader.weights_identity(weights, o.device, o.dtype, o.quantize)
         group = self._groups.get(gkey)
         if group is None:
@@ -291,7 +298,8 @@ class ModelManager:
     def reap(self, now: float | None = None) -> list[str]:
         """Unload models whose keep_alive has run out and that serve nothing."""
         now = now or time.time()
-        gone = [k for k, s in self._served.items() if s.expires_at is not None and s.expires_at <= now and s.active == 0]
+        gone = [k for k, s in self._served.items() if s.active == 0 and (
+            (s.expires_at is not None and s.expires_at <= now) or not self.registry.exists(k))]
         for key in gone:
             self.unload(key)
         return gone

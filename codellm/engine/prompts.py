@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from codellm.errors import InvalidRequest
+from codellm.engine import templates
 from codellm.engine.loader import LoadedModel
 from codellm.engine.tools import template_renders_tools, tools_system_prompt
 
@@ -76,11 +77,35 @@ def chat_prompt(lm: LoadedModel, messages: list[dict], *, add_generation_prompt:
             param="model",
         )
     try:
-        text = tok.apply_chat_template(chat_messages(lm, messages, tools), tokenize=False,
-                                       add_generation_prompt=add_generation_prompt, tools=tools or None)
-    except Exception as exc:  # jinja raises from inside templates (raise_exception)
+        text = templates.render_chat(tok, chat_messages(lm, messages, tools), tools=tools or None,
+                                     add_generation_prompt=add_generation_prompt)
+    except InvalidRequest:
+        raise
+    except Exception as exc:  # jinja raises from inside templates (raise_exception), and so do bad messages
         raise InvalidRequest(f"the chat template rejected these messages: {exc}", param="messages") from None
     return encode(lm, text, add_special_tokens=False)
+
+
+INLINE_CHARS = 16_000  # prompts shorter than this are rendered and tokenized on the event loop
+INLINE_SECONDS = 0.05  # ... if their template renders within this; else again in a worker thread
+
+
+async def render_off_loop(size: int, fn, *args, **kwargs):
+    """``fn(*args)`` (a prompt to render and tokenize) on the event loop for a short input, in a worker thread for
+    a long one. A short prompt takes well under a millisecond, while a thread hop under load waits for the GIL (up
+    to the 5 ms switch interval each way) and held a burst of 64 requests behind one another. A template that
+    is slow to render holds the loop for at most ``INLINE_SECONDS``, and then gets its full time in a thread."""
+    import asyncio
+
+    if size <= INLINE_CHARS:
+        token = templates.time_limit.set(INLINE_SECONDS)
+        try:
+            return fn(*args, **kwargs)
+        except templates.TooSlow:
+            pass
+        finally:
+            templates.time_limit.reset(token)
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 def encode(lm: LoadedModel, text: str, *, add_special_tokens: bool = True) -> list[int]:
@@ -111,32 +136,6 @@ def completion_prompt(lm: LoadedModel, prompt: str | list[int], suffix: str | No
     return encode(lm, prompt)
 
 
-_GO_TAG = __import__("re").compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}")
-_GO_VARS = {".System": "system", ".Prompt": "prompt", ".Suffix": "suffix", ".Response": "response"}
-
-
 def go_template(template: str, *, system: str = "", prompt: str = "", suffix: str = "") -> str:
-    """Render the common subset of an Ollama (Go) prompt template: {{ .System }}, {{ .Prompt }},
-    {{ .Suffix }}, {{ .Response }}, {{ if .X }}...{{ else }}...{{ end }}, and {{- -}} trimming."""
-    from jinja2 import TemplateSyntaxError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def convert(m) -> str:
-        left, body, right = m.group(1), m.group(2), m.group(3)
-        open_, close = ("{%" + left, right + "%}")
-        if body in _GO_VARS:
-            return "{{" + left + " " + _GO_VARS[body] + " " + right + "}}"
-        if body.startswith("if ") and body[3:].strip() in _GO_VARS:
-            return f"{open_} if {_GO_VARS[body[3:].strip()]} {close}"
-        if body == "else":
-            return f"{open_} else {close}"
-        if body == "end":
-            return f"{open_} endif {close}"
-        raise InvalidRequest(f"unsupported template action {{{{ {body} }}}}: codellm renders .System, .Prompt, "
-                             ".Suffix, .Response, if/else/end", param="template")
-
-    try:
-        jinja = ImmutableSandboxedEnvironment(keep_trailing_newline=True).from_string(_GO_TAG.sub(convert, template))
-    except TemplateSyntaxError as exc:
-        raise InvalidRequest(f"invalid template: {exc.message}", param="template") from None
-    return jinja.render(system=system, prompt=prompt, suffix=suffix, response="")
+    """An Ollama (Go) prompt template's common subset, rendered: see ``templates.go_template``."""
+    return templates.go_template(template, system=system, prompt=prompt, suffix=suffix, response="")

@@ -135,7 +135,7 @@ class EngineProcess(Admission):
             raise CodellmError(self._dead)
         _json_state(params)  # a bad JSON prefix is the caller's error, raised here rather than in the child
         self._ensure_reader()
-        self._reserve(prompt, n, lm)
+        self._reserve(prompt, n, lm, params)
         rid = next(self._ids)
         self._sinks[rid] = [self._timed(sink), n]
         try:

@@ -3,28 +3,40 @@ seeds, and log-probabilities. Rows share the work where their parameters allow."
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import msgspec
 import torch
+from msgspec import Meta
+
+from codellm.errors import InvalidRequest
+
+# Bounds that keep every row's arithmetic finite (NaN and infinities fail them): a value outside them would turn
+# a row's probabilities into NaN, and the sampler's failure would hit every sequence in its batch.
+_Unit = Annotated[float, Meta(ge=0, le=1)]
+_Finite = Annotated[float, Meta(ge=-1e4, le=1e4)]
+_TokenId = Annotated[int, Meta(ge=0, lt=1 << 31)]
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1  # int64, as vLLM takes it
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True):
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    repetition_penalty: float = 1.0
-    repeat_last_n: int = 64
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] = {}
-    max_tokens: int | None = None
-    stop: list[str] = []
-    stop_token_ids: list[int] = []
+    temperature: Annotated[float, Meta(ge=0, le=100)] = 1.0
+    top_p: _Unit = 1.0
+    top_k: Annotated[int, Meta(ge=-1)] = 0  # 0 or -1: off
+    min_p: _Unit = 0.0
+    seed: Annotated[int, Meta(ge=SEED_MIN, le=SEED_MAX)] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0, le=100)] = 1.0
+    repeat_last_n: Annotated[int, Meta(ge=-1)] = 64  # -1: the whole output; 0: no repetition penalty
+    presence_penalty: _Finite = 0.0
+    frequency_penalty: _Finite = 0.0
+    logit_bias: dict[_TokenId, Annotated[float, Meta(ge=-100, le=100)]] = {}
+    max_tokens: Annotated[int, Meta(ge=0)] | None = None
+    stop: Annotated[list[Annotated[str, Meta(max_length=1000)]], Meta(max_length=64)] = []
+    stop_token_ids: Annotated[list[_TokenId], Meta(max_length=64)] = []
     ignore_eos: bool = False
-    logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the top k
+    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # None: none; 0: the sampled token's; k: also the top k
     json_object: bool = False  # constrain the output to one JSON object (response_format json_object)
     json_prefix: str = ""  # with json_object: the object's text already written before the output (a forced tool call)
 
@@ -39,6 +51,28 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
                 and not self.presence_penalty and not self.frequency_penalty)
 
 
+def checked(values: dict, names: dict[str, str] | None = None) -> SamplingParams:
+    """``SamplingParams`` from untrusted ``values``, types and bounds checked: the one gate every API's sampling
+    fields pass, so that no request reaches the sampler with a value that would break its batch. ``names``
+    maps a field to what the caller's API calls it, for the error message."""
+    try:
+        return msgspec.convert(values, SamplingParams)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        where = re.search(r"`\$\.(\w+)", message)
+        shown = (names or {}).get(where.group(1), where.group(1)) if where else None
+        detail = message.split(" - at ")[0].split(" - in ")[0]
+        raise InvalidRequest(f"invalid {shown}: {detail}" if shown else f"invalid sampling parameters: {detail}",
+                             param=shown) from None
+
+
+def generator(seed: int | None, offset: int = 0) -> torch.Generator | None:
+    """A seeded generator for choice ``offset`` of a request (seeds wrap to 64 bits, so seed + offset always fits)."""
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed((seed + offset) & ((1 << 64) - 1))
+
+
 @dataclass
 class TokenLogprob:
     token_id: int
@@ -49,7 +83,7 @@ class TokenLogprob:
 def _penalize(row: torch.Tensor, params: SamplingParams, history: list[int]) -> None:
     if not history:
         return
-    if params.repetition_penalty != 1.0:
+    if params.repetition_penalty != 1.0 and params.repeat_last_n != 0:
         recent = history[-params.repeat_last_n:] if params.repeat_last_n > 0 else history
         ids = torch.tensor(sorted(set(recent)), device=row.device)
         vals = row[ids]

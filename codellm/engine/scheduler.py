@@ -20,6 +20,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import msgspec
 import torch
 
 from codellm.errors import ContextLengthExceeded, InvalidRequest, QueueFull
@@ -27,7 +28,7 @@ from codellm.engine import fusion, kvcache, multilora
 from codellm.engine.detok import IncrementalDetokenizer, StopMatcher
 from codellm.engine.jsonmode import JsonPrefix
 from codellm.engine.loader import LoadedModel
-from codellm.engine.sampling import SamplingParams, TokenLogprob, sample
+from codellm.engine.sampling import SamplingParams, TokenLogprob, checked, generator, sample
 
 log = logging.getLogger("codellm.engine")
 _ids = itertools.count(1)
@@ -168,10 +169,20 @@ class Admission:
                 "Please reduce the length of the prompt.", param="messages",
             )
 
-    def _reserve(self, prompt: list[int], n: int, lm: LoadedModel) -> None:
+    def _reserve(self, prompt: list[int], n: int, lm: LoadedModel, params: SamplingParams) -> None:
+        """Everything a request could get wrong is refused here, before it joins a batch: in a batch, one bad
+        sequence would take the step, and every other sequence in it, down with it."""
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
         self.check_prompt(len(prompt), lm)
+        vocab = len(lm.tokenizer)
+        try:
+            in_vocab = 0 <= min(prompt) and max(prompt) < vocab
+        except TypeError:
+            in_vocab = False
+        if not in_vocab:
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        checked(msgspec.structs.asdict(params))
         with self._lock:
             if self._queued + n > self.max_queue:
                 raise QueueFull(f"the server is busy: {self._queued} requests are queued for {self.lm.name}")
@@ -260,7 +271,7 @@ class Engine(Admission):
         """Queue ``n`` sequences for ``prompt``. ``lm`` is the model view asked for (its tokenizer, EOS ids and
         adapter) when several models share this engine's weights; default: the engine's own."""
         lm = lm or self.lm
-        self._reserve(prompt, n, lm)
+        self._reserve(prompt, n, lm, params)
         room = min(lm.max_len, self.lm.max_len) - len(prompt)
         max_new = min(params.max_tokens, room) if params.max_tokens is not None else room
         try:
@@ -287,7 +298,7 @@ class Engine(Admission):
             Sequence(
                 index=i, prompt=list(prompt), params=params, sink=sink, max_new=max(0, max_new), stop_ids=stop_ids,
                 detok=IncrementalDetokenizer(tok, prompt), stops=StopMatcher(strings),
-                generator=torch.Generator().manual_seed(params.seed + i) if params.seed is not None else None,
+                generator=generator(params.seed, i),
                 want_prompt_logprobs=prompt_logprobs and i == 0,
                 json=_json_state(params), adapter=lm.adapter,
             )
@@ -345,13 +356,40 @@ class Engine(Admission):
                     self._admit()
                     self._prefill()
                     self._decode()
-            except Exception as exc:  # never let one bad batch kill the engine
-                log.exception("engine step failed")
-                self._inflight = None
-                for seq in list(self.running):
-                    self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+            except Exception:  # never let one bad sequence kill the engine, or the others in its batch
+                log.exception("engine step failed; stepping its sequences one at a time to find the one at fault")
+                self._isolate()
         for seq in list(self.running) + list(self.waiting):
             self._finish(seq, "cancelled")
+
+    def _isolate(self) -> None:
+        """After a failed step: every running sequence takes one step alone, and only those that fail alone are
+        finished with an error; the others go on as before. The failed step's tokens still on the device are
+        dropped, and each of those sequences computes that position again (writing the same cache entries); a prompt
+        whose first token was lost prefills its last position again."""
+        self._inflight = None
+        for seq in self.running:
+            seq.inflight = 0
+            if not seq.generated and not seq.prefilling:
+                seq.cached = len(seq.prompt) - 1
+        for seq in list(self.running):
+            if seq.finished:
+                continue
+            everyone, self.running, failure = self.running, [seq], None
+            try:
+                with self.step_lock:
+                    self._prefill()
+                    self._decode()
+                    self._complete()
+            except Exception as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+                self._inflight = None
+                seq.inflight = 0
+            finally:
+                self.running = [s for s in everyone if not s.finished]
+            if failure is not None:
+                log.error("sequence %d failed on its own and is aborted: %s", seq.id, failure)
+                self._finish(seq, "error", error=failure)
 
     def _drain(self, block: bool) -> None:
         if self._source is not None:

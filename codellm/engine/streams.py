@@ -6,6 +6,7 @@ Leaving either early (client disconnect, Ctrl-C) cancels the request, which free
 from __future__ import annotations
 
 import asyncio
+import time
 import collections
 import queue
 import threading
@@ -130,6 +131,7 @@ class AsyncStream:
         self._counted = 0  # choices counted open in the dispatcher
         self._due = 0.0  # loop time before which the next output is held back
         self.handles: list[Handle] = []
+        self.first_at: float | None = None  # perf_counter() when the first output was read (prompt timing)
 
     def add(self, engine: Engine, prompt: list[int], params: SamplingParams, *, n: int = 1, offset: int = 0,
             prompt_logprobs: bool = False, lm=None) -> "AsyncStream":
@@ -156,6 +158,8 @@ class AsyncStream:
         if self._open == 0:
             raise StopAsyncIteration
         out = await self._queue.get()
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
         held = self._due - self._loop.time()
         if held > 0 and out.finish_reason is None:
             await asyncio.sleep(held)  # let this choice's next tokens join it

@@ -28,6 +28,24 @@ class ToolCall:
         return json.dumps(self.arguments, ensure_ascii=False)
 
 
+def check_tools(tools: list | None, param: str = "tools") -> list | None:
+    """Tools as every API sends them, ``{"type": "function", "function": {"name", "description"?, "parameters"?}}``,
+    refused with a clear error otherwise (templates and the call parser read these fields without checking)."""
+    from codellm.errors import InvalidRequest
+
+    for i, tool in enumerate(tools or []):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise InvalidRequest(f"{param}[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
+                                 param=param)
+        if tool.get("type", "function") != "function":
+            raise InvalidRequest(f"{param}[{i}]: only function tools are supported, not {tool.get('type')!r}", param=param)
+        if not isinstance(fn.get("parameters", {}), (dict, type(None))) or not isinstance(fn.get("description", ""), (str, type(None))):
+            raise InvalidRequest(f"{param}[{i}].function: parameters must be an object and description a string",
+                                 param=param)
+    return tools
+
+
 def tool_format(template: str | None, family: str | None) -> str:
     t = template or ""
     if "<tool_call>" in t:

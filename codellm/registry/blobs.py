@@ -57,9 +57,54 @@ class BlobStore:
         if not path.is_file():
             return False
         if sha256_file(path) == digest:
+            self._mark(digest)
             return True
         path.unlink(missing_ok=True)
         return False
+
+    # A blob's last good hash is recorded with the size and modification time it had then (``.verified/``): a
+    # blob whose size or mtime differs from its record, or that has none, is hashed again before it is used.
+    def _record(self, digest: str) -> Path:
+        return self.root / ".verified" / check_digest(digest).replace(":", "-")
+
+    def _stamp(self, digest: str) -> str | None:
+        try:
+            st = self.path(digest).stat()
+        except FileNotFoundError:
+            return None
+        return f"{st.st_size} {st.st_mtime_ns}"
+
+    def _mark(self, digest: str) -> None:
+        stamp = self._stamp(digest)
+        if stamp is None:
+            return
+        record = self._record(digest)
+        try:
+            record.parent.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=".tmp-")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(stamp)
+            os.replace(tmp, record)
+        except OSError:  # a read-only or full registry: verification simply happens again next time
+            pass
+
+    def check(self, digest: str, size: int | None = None, *, force: bool = False) -> None:
+        """Raise Corrupt unless the blob is intact: hashed again where it changed since its last good hash (or
+        always, with ``force``). Unlike ``verify``, a damaged blob is left where it is, for the user to see."""
+        stamp = self._stamp(digest)
+        if stamp is None:
+            raise Corrupt(f"blob {digest[:19]} is missing from the blob store")
+        if size is not None and int(stamp.split()[0]) != size:
+            raise Corrupt(f"blob {digest[:19]} is damaged: {stamp.split()[0]} bytes, the manifest says {size}")
+        try:
+            known = self._record(digest).read_text()
+        except OSError:
+            known = None
+        if known == stamp and not force:
+            return
+        if sha256_file(self.path(digest)) != digest:
+            raise Corrupt(f"blob {digest[:19]} is damaged: its content no longer matches its sha256")
+        self._mark(digest)
 
     def size(self, digest: str) -> int:
         return self.path(digest).stat().st_size
@@ -85,6 +130,7 @@ class BlobStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self._mark(digest)
         return digest, size
 
     def add_bytes(self, data: bytes) -> tuple[str, int]:
@@ -92,9 +138,14 @@ class BlobStore:
         dest = self.path(digest)
         if not dest.is_file():
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, dest)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, dest)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            self._mark(digest)
         return digest, len(data)
 
     def read_bytes(self, digest: str) -> bytes:
@@ -102,6 +153,7 @@ class BlobStore:
 
     def remove(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
+        self._record(digest).unlink(missing_ok=True)
 
     def digests(self) -> set[str]:
         return {p.name.replace("-", ":", 1) for p in self.root.glob("sha256-*") if p.is_file()}

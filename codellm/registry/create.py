@@ -23,7 +23,7 @@ def import_dir(registry: Registry, directory: Path, *, adapter: bool = False, al
     directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise NotFound(f"no such directory: {directory}", code="path_not_found")
-    files = {p.name: p for p in sorted(directory.iterdir()) if p.is_file()}
+    files = {p.name: p for p in sorted(directory.iterdir()) if p.is_file() and _inside(p, directory)}
     if adapter and "adapter_config.json" not in files:
         raise InvalidRequest(f"{directory} is not a PEFT adapter directory (no adapter_config.json)")
     if not adapter and "config.json" not in files:
@@ -43,6 +43,19 @@ def import_dir(registry: Registry, directory: Path, *, adapter: bool = False, al
         layers.append(registry.add_layer_file(media, path, name))
         kept[name] = path
     return layers, kept
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """A file of the directory, or a link to one inside it (or, in a Hugging Face cache snapshot, to the repo's
+    own blobs); a link that leaves it would let a model carry any file of this machine into the registry."""
+    if not path.is_symlink():
+        return True
+    target, root = path.resolve(), directory.resolve()
+    if target.is_relative_to(root):
+        return True
+    if root.parent.name == "snapshots" and target.is_relative_to(root.parent.parent / "blobs"):
+        return True
+    raise InvalidRequest(f"{path} is a link to {target}, outside {directory}: refusing to import it")
 
 
 def _is_path(text: str) -> bool:

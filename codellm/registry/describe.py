@@ -7,6 +7,7 @@ import re
 import struct
 from pathlib import Path
 
+from codellm.errors import InvalidRequest
 from codellm.registry import catalog
 from codellm.registry import manifest as mt
 
@@ -45,12 +46,42 @@ def media_type_of(filename: str, *, adapter: bool = False) -> str | None:
     return None
 
 
-def safetensors_header(path: Path) -> dict:
+def safetensors_header(path: Path, name: str | None = None) -> dict:
+    """The JSON header of a safetensors file, checked: a damaged one is an error naming the file."""
+    name = name or path.name
+    size = path.stat().st_size
     with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        if length > 100_000_000:
-            raise ValueError(f"{path.name}: safetensors header too large")
-        return json.loads(fh.read(length))
+        head = fh.read(8)
+        if len(head) < 8:
+            raise InvalidRequest(f"{name}: not a safetensors file ({size} bytes, shorter than its header)")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(100_000_000, size - 8):
+            raise InvalidRequest(f"{name}: damaged safetensors header (declares {length:,} bytes of {size:,})")
+        try:
+            header = json.loads(fh.read(length))
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidRequest(f"{name}: damaged safetensors header (not JSON)") from None
+    ok = isinstance(header, dict) and all(
+        key == "__metadata__" or (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+                                  and isinstance(info.get("shape"), list)
+                                  and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"]))
+        for key, info in header.items())
+    if not ok:
+        raise InvalidRequest(f"{name}: damaged safetensors header (tensors need a dtype and a shape)")
+    return header
+
+
+def _json_file(name: str, raw: bytes | None) -> dict:
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        line = getattr(exc, "lineno", None)
+        raise InvalidRequest(f"{name} is not valid JSON" + (f" (line {line})" if line else "")) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"{name} must hold a JSON object")
+    return data
 
 
 def count_parameters(files: dict[str, Path]) -> tuple[int | None, str | None, str | None]:
@@ -59,8 +90,8 @@ def count_parameters(files: dict[str, Path]) -> tuple[int | None, str | None, st
     shards = [p for name, p in files.items() if name.endswith(".safetensors")]
     if not shards:
         return None, None, None
-    for path in shards:
-        for key, info in safetensors_header(path).items():
+    for name, path in ((n, p) for n, p in files.items() if n.endswith(".safetensors")):
+        for key, info in safetensors_header(path, name).items():
             if key == "__metadata__":
                 continue
             n = 1
@@ -82,11 +113,11 @@ def describe(files: dict[str, Path], *, source: str, revision: str | None = None
         path = files.get(name)
         return path.read_bytes() if path else None
 
-    cfg = json.loads(read("config.json") or b"{}")
+    cfg = _json_file("config.json", read("config.json"))
     if "text_config" in cfg and "max_position_embeddings" not in cfg:
         cfg = {**cfg["text_config"], **{k: v for k, v in cfg.items() if k != "text_config"}}
     tok_cfg_raw = read("tokenizer_config.json")
-    tok_cfg = json.loads(tok_cfg_raw) if tok_cfg_raw else {}
+    tok_cfg = _json_file("tokenizer_config.json", tok_cfg_raw)
     specials = catalog.special_tokens_of(read("tokenizer.json"), tok_cfg_raw)
     model_type = cfg.get("model_type")
     family = catalog.family_of(source, model_type, specials)

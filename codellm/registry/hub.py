@@ -8,6 +8,7 @@ repo and revision, so two pulls of one model at once both succeed and store it o
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +174,7 @@ def pull(
     progress.status(f"pulling manifest of {target.repo}")
     try:
         info = api.model_info(target.repo, revision=target.revision)
-        sha = info.sha
+        sha = _check_remote(_SHA1, info.sha, f"commit id of {target.repo}")  # it becomes part of a path
         tree = list(api.list_repo_tree(target.repo, revision=sha, recursive=True))
     except GatedRepoError as exc:
         raise DownloadError(f"{target.repo} is gated: accept its license on the hub and set HF_TOKEN") from exc
@@ -181,22 +182,29 @@ def pull(
         raise NotFound(f"hub repo {target.repo} not found (or private: set HF_TOKEN)") from exc
     except RevisionNotFoundError as exc:
         raise NotFound(f"revision {target.revision!r} of {target.repo} not found") from exc
+    except DownloadError:
+        raise
     except Exception as exc:  # transport errors come from huggingface_hub's own httpx fork
         raise DownloadError(f"cannot reach the hub for {target.repo}: {_first_line(exc)}") from exc
 
     is_adapter = any(getattr(f, "path", "") == "adapter_config.json" for f in tree)
     remote = []
     for item in tree:
+        path = getattr(item, "path", None)
+        if not isinstance(path, str) or any(part in ("", ".", "..") for part in path.split("/")) or "\\" in path \
+                or "\0" in path:
+            raise DownloadError(f"the hub sent an invalid path in {target.repo}: {str(path)[:80]!r}")
         if not hasattr(item, "size"):
             continue  # a folder
         media = describe.media_type_of(item.path.rsplit("/", 1)[-1], adapter=is_adapter)
-        if media is None:
-            continue
-        lfs = getattr(item, "lfs", None)
-        remote.append(RemoteFile(item.path, item.size, lfs.sha256 if lfs else None, None if lfs else item.blob_id, media))
+        if media is None or "/" in item.path:
+            continue  # only the repo's top-level files are ever taken
+        remote.append(_remote_file(item, media, target.repo))
     chosen = _select(remote, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, repo=target.repo)
 
-    staging = registry.home / "downloads" / target.repo.replace("/", "--") / sha
+    staging = registry.home / "downloads" / _SAFE_PART.sub("-", target.repo.replace("/", "--")) / sha
+    if not staging.resolve().is_relative_to((registry.home / "downloads").resolve()):
+        raise DownloadError(f"refusing to stage {target.repo} outside the registry")
     with registry.lock(f"pull:{target.repo}@{sha}"):
         staging.mkdir(parents=True, exist_ok=True)
         progress.start(chosen)
@@ -207,6 +215,10 @@ def pull(
                 progress.done(f)
                 return registry.blobs.path(f.digest)
             dest = staging / f.path
+            if dest.is_file() and _verified(dest, f):  # finished by a pull that was stopped later
+                progress.advance(f, f.size)
+                progress.done(f)
+                return dest
             url = hf_hub_url(target.repo, f.path, revision=sha, endpoint=endpoint)
             for attempt in (1, 2):
                 download(url, dest, headers=headers, size=f.size, on_bytes=lambda n, f=f: progress.advance(f, n))
@@ -237,13 +249,40 @@ def pull(
         config = describe.describe(by_name, source=target.repo, revision=sha)  # family and FIM from the catalog
         config.trust_remote_code = trust_remote_code
         layers = []
-        for f in chosen:
-            digest, size = registry.blobs.add_file(by_name[f.path], move=by_name[f.path].is_relative_to(staging), digest=f.digest)
-            layers.append(mt.Layer(f.media_type, digest, size, f.path))
-        entry = registry.save(target.name, mt.Manifest(config=config, layers=layers))
+        with registry.lock("gc"):  # blobs and the manifest naming them land together: prune never sees them apart
+            for f in chosen:
+                digest, size = registry.blobs.add_file(by_name[f.path], move=by_name[f.path].is_relative_to(staging),
+                                                       digest=f.digest)
+                layers.append(mt.Layer(f.media_type, digest, size, f.path))
+            entry = registry.save(target.name, mt.Manifest(config=config, layers=layers))
         shutil.rmtree(staging, ignore_errors=True)
         progress.status("success")
         return entry
+
+
+_SHA1 = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+_SAFE_PART = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _check_remote(pattern: re.Pattern, value, what: str) -> str:
+    """A value the hub sent that becomes part of a path or a digest: exactly of its form, or the pull stops."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise DownloadError(f"the hub sent an invalid {what}: {str(value)[:80]!r}")
+    return value
+
+
+def _remote_file(item, media: str, repo: str) -> RemoteFile:
+    _check_remote(_FILE_NAME, item.path, f"file name in {repo}")
+    if ".." in item.path:
+        raise DownloadError(f"the hub sent an invalid file name in {repo}: {item.path[:80]!r}")
+    if not isinstance(item.size, int) or isinstance(item.size, bool) or not 0 <= item.size < 1 << 42:
+        raise DownloadError(f"the hub sent an invalid size for {item.path} in {repo}: {item.size!r}")
+    lfs = getattr(item, "lfs", None)
+    if lfs:
+        return RemoteFile(item.path, item.size, _check_remote(_SHA256, lfs.sha256, f"sha256 for {item.path}"), None, media)
+    return RemoteFile(item.path, item.size, None, _check_remote(_SHA1, item.blob_id, f"blob id for {item.path}"), media)
 
 
 def _verified(path: Path, f: RemoteFile) -> bool:

@@ -25,9 +25,13 @@ class ModelName:
 
     @classmethod
     def parse(cls, text: str) -> "ModelName":
-        raw = (text or "").strip()
+        if not isinstance(text, str):
+            raise InvalidName(f"model name must be a string, not {type(text).__name__}")
+        raw = text.strip()
         if not raw:
             raise InvalidName("model name is empty")
+        if not raw.isascii():  # lower() would fold look-alikes into ASCII (the KELVIN SIGN becomes 'k')
+            raise InvalidName(f"invalid model name {text!r}: names are ASCII (a-z, 0-9, '.', '_', '-', '/', ':')")
         lowered = raw.lower()
         base, sep, tag = lowered.rpartition(":")
         if not sep:

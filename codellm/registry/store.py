@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 from filelock import FileLock
 
-from codellm.errors import InvalidRequest, NotFound
+from codellm.errors import Corrupt, InvalidRequest, NotFound
 from codellm.registry import manifest as mt
 from codellm.registry.blobs import BlobStore, sha256_bytes
 from codellm.registry.names import ModelName
@@ -80,11 +80,15 @@ class Registry:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = manifest.encode()
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, say: the old manifest (or none) stays, and no half-written one
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return Entry(parsed, manifest, sha256_bytes(data), path.stat().st_mtime)
 
     def list(self) -> list[Entry]:
@@ -116,12 +120,55 @@ class Registry:
         shutil.rmtree(self.home / "models" / entry.id, ignore_errors=True)
         return freed
 
+    def prune(self, *, grace: float = 600.0, partial: bool = False) -> tuple[list[str], int]:
+        """Delete blobs that no manifest names (left by a pull or create stopped before its manifest), and with
+        ``partial`` the downloads a stopped pull left to resume from. Blobs newer than ``grace`` seconds are
+        kept: a create in progress has written them and not yet its manifest. Returns (digests, bytes freed)."""
+        now, freed, nbytes = time.time(), [], 0
+        with self.lock("gc"):
+            referenced = {layer.digest for entry in self.list() for layer in entry.manifest.layers}
+            for path in self.blobs.root.iterdir():
+                stray = path.name.startswith(".tmp-")
+                if not (stray or path.name.startswith("sha256-")):
+                    continue
+                try:
+                    stat = path.lstat()
+                except FileNotFoundError:
+                    continue
+                digest = path.name.replace("-", ":", 1)
+                if (stray or digest not in referenced) and now - stat.st_mtime > grace:
+                    nbytes += stat.st_size
+                    if stray:
+                        path.unlink(missing_ok=True)
+                    else:
+                        self.blobs.remove(digest)
+                        freed.append(digest)
+            downloads = self.home / "downloads"
+            if partial and downloads.is_dir():
+                for path in downloads.rglob("*"):
+                    if path.is_file():
+                        nbytes += path.stat().st_size
+                shutil.rmtree(downloads, ignore_errors=True)
+        return freed, nbytes
+
     def _prune_dirs(self, directory: Path) -> None:
         for d in (directory, directory.parent):
             try:
                 d.rmdir()
             except OSError:
                 return
+
+    def check(self, manifest: mt.Manifest, *, name: str = "", force: bool = False,
+              media_types: frozenset[str] | None = None) -> None:
+        """Raise Corrupt naming the file and the fix unless every layer's blob is intact (see ``BlobStore.check``)."""
+        for layer in manifest.layers:
+            if media_types is not None and layer.media_type not in media_types:
+                continue
+            try:
+                self.blobs.check(layer.digest, layer.size, force=force)
+            except Corrupt as exc:
+                what = f"{layer.filename or layer.media_type} of {name or 'this model'}"
+                raise Corrupt(f"{what}: {exc.message}; pull or create the model again") from None
 
     # -- building manifests -------------------------------------------------------------
     def add_layer_bytes(self, media_type: str, data: bytes, filename: str | None = None) -> mt.Layer:
@@ -160,11 +207,15 @@ class Registry:
             return target
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-        for layer in manifest.layers:
-            if layer.media_type in media_types and layer.filename:
-                link = tmp / Path(layer.filename).name
-                if not link.exists():
-                    os.symlink(self.blobs.path(layer.digest), link)
+        try:
+            for layer in manifest.layers:
+                if layer.media_type in media_types and layer.filename:
+                    link = tmp / Path(layer.filename).name
+                    if not link.exists():
+                        os.symlink(self.blobs.path(layer.digest), link)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             os.replace(tmp, target)
         except OSError:  # another process built it first

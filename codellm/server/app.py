@@ -9,6 +9,7 @@ from litestar import Litestar, Request, get
 from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.response import Response
 
@@ -17,8 +18,10 @@ from codellm.engine.manager import LoadOptions, ModelManager
 from codellm.engine.streams import pace_streams
 from codellm.errors import Unauthorized
 from codellm.registry import Registry
-from codellm.server import editors, ollama, openai
-from codellm.server.errors import HANDLERS
+from codellm.server import editors, ollama, openai, openapi
+from codellm.server.errors import HANDLERS, refuse
+from codellm.server.origins import OriginGuard, Policy
+from codellm.server.request import Request as CodellmRequest
 
 
 async def api_key_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
@@ -112,11 +115,16 @@ def create_app(
     api_key: str | None = None,
     cors_origins: list[str] | None = None,
     stream_interval: float | None = None,
+    bind: str = "127.0.0.1",
+    allowed_hosts: list[str] | None = None,
 ) -> Litestar:
     """``stream_interval``: least seconds between two chunks of a stream (0: every token as it comes; None:
-    automatic, growing with the number of open streams: see ``streams.auto_interval``)."""
+    automatic, growing with the number of open streams: see ``streams.auto_interval``). ``bind``: the address
+    the server listens on, which decides the Host names it answers (see ``origins``)."""
     manager = manager or ModelManager(Registry(), LoadOptions())
+    policy = Policy(bind=bind, allowed_hosts=tuple(allowed_hosts or ()), cors_origins=tuple(cors_origins or ()))
     app = Litestar(
+        middleware=[DefineMiddleware(OriginGuard, policy=policy, refuse=refuse)],
         route_handlers=[health, metrics, *openai.ROUTES, *editors.ROUTES, *ollama.ROUTES],
         exception_handlers={**HANDLERS, **ollama.EXCEPTION_HANDLERS},
         guards=[api_key_guard],
@@ -124,8 +132,10 @@ def create_app(
         openapi_config=OpenAPIConfig(title="codellm", version=__version__, path="/schema"),
         on_startup=[_on_startup],
         on_shutdown=[_stop_reaper, lambda: manager.close()],
+        request_class=CodellmRequest,
         debug=False,
     )
+    openapi.install(app)
     app.state.manager = manager
     app.state.stream_interval = stream_interval
     app.state.api_key = api_key if api_key is not None else os.environ.get("CODELLM_API_KEY") or None

@@ -17,6 +17,7 @@ from codellm.engine import prompts
 from codellm.engine.manager import Served
 from codellm.engine.streams import AsyncStream
 from codellm.errors import InvalidRequest
+from codellm.server.schemas import Seed
 from codellm.server.openai import (
     DONE, FINGERPRINT, SSE_HEADERS, _released, _sse, collect, manager_of, release, served_model, usage,
 )
@@ -34,10 +35,10 @@ class InfillRequest(Struct, kw_only=True):
     prompt: str = ""
     n_predict: int = -1
     temperature: Annotated[float, Meta(ge=0)] | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    seed: int | None = None
+    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    min_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    seed: Seed | None = None
     stop: list[str] | None = None
     stream: bool = False
     model: str | None = None
@@ -109,7 +110,7 @@ async def infill(request: Request, data: InfillRequest) -> Response:
     finally:
         release(request, served)
     outs = results[0]
-    first = time.perf_counter()
+    first = stream.first_at or time.perf_counter()
     return Response(_infill_body(lm.name, "".join(o.text for o in outs), outs[-1].completion_tokens, len(ids), t0, first,
                                  "eos" if outs[-1].finish_reason == "stop" else "limit", settings))
 
@@ -140,8 +141,8 @@ class FimRequest(Struct, kw_only=True):
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
     stop: str | list[str] | None = None
-    random_seed: int | None = None
-    seed: int | None = None
+    random_seed: Seed | None = None
+    seed: Seed | None = None
     stream: bool = False
 
 

@@ -21,7 +21,25 @@ def _response(status: int, body: dict, headers: dict | None = None) -> Response:
 
 
 def _ollama(request: Request) -> bool:
-    return request.url.path.startswith("/api/")
+    return _ollama_path(request.url.path)
+
+
+def _ollama_path(path: str) -> bool:
+    return path.startswith("/api/")
+
+
+async def refuse(scope, send, status: int, message: str) -> None:
+    """Answer a raw ASGI request with an error in its API's shape (for middleware, before any route runs)."""
+    import msgspec
+
+    if _ollama_path(scope.get("path", "")):
+        body = {"error": message}
+    else:
+        body = error_body(message, "invalid_request_error", {403: "forbidden", 415: "unsupported_media_type"}.get(status))
+    data = msgspec.json.encode(body)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
 
 
 def codellm_error(request: Request, exc: CodellmError) -> Response:
@@ -37,8 +55,6 @@ def codellm_error(request: Request, exc: CodellmError) -> Response:
 
 
 def validation_error(request: Request, exc: ValidationException) -> Response:
-    if _ollama(request):
-        return _response(400, {"error": str(exc.detail)})
     param, detail = None, exc.detail
     extra = exc.extra if isinstance(exc.extra, list) else []
     if extra and isinstance(extra[0], dict):
@@ -47,6 +63,8 @@ def validation_error(request: Request, exc: ValidationException) -> Response:
         detail = extra[0].get("message") or detail
     if "JSON" in str(exc.detail) and not extra:
         detail = f"request body is not valid JSON: {exc.detail}"
+    if _ollama(request):
+        return _response(400, {"error": f"{detail} (at {param})" if param else str(detail)})
     return _response(400, error_body(str(detail), "invalid_request_error", "invalid_request", param))
 
 

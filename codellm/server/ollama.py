@@ -18,18 +18,23 @@ from litestar import Request, Response, delete, get, head, post
 from litestar.response import Stream
 
 from codellm.engine import prompts
-from codellm.engine.manager import ModelManager, Served, options_to_overrides, parse_keep_alive
+from codellm.engine.manager import PARAM_MAP, ModelManager, Served, options_to_overrides, parse_keep_alive
 from codellm.engine.streams import AsyncStream, closing
 from codellm.server.openai import watch_disconnect
-from codellm.engine.tools import ToolCallParser, tool_format
-from codellm.errors import CodellmError, InvalidName, NotFound, QueueFull
+from codellm.engine.tools import ToolCallParser, check_tools, tool_format
+from codellm.errors import CodellmError, InvalidName, NotFound, QueueFull, disk_full
 from codellm.registry import manifest as mt
 from codellm.registry.info import describe_model, parameter_size
 from codellm.registry.store import Entry
+from codellm.server.ollama_schemas import (
+    ChatRequest, CopyRequest, CreateRequest, DeleteRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest, Named,
+    PullRequest, ShowRequest,
+)
 
 OLLAMA_VERSION = "0.12.6"  # the API level we speak; clients refuse servers older than 0.6.4
 OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1, "repeat_last_n": 64}
 NDJSON = "application/x-ndjson"
+OPTION_NAMES = {field: option for option, field in PARAM_MAP.items()}  # sampling field -> Ollama option, for errors
 
 
 class OllamaError(Exception):
@@ -56,24 +61,11 @@ def _manager(request: Request) -> ModelManager:
     return request.app.state.manager
 
 
-def _name_of(body: dict) -> str:
-    name = body.get("model") or body.get("name")
-    if not name or not isinstance(name, str):
+def _name_of(data: Named) -> str:
+    name = data.model or data.name
+    if not name:
         raise OllamaError(400, "model is required")
     return name
-
-
-async def _body(request: Request) -> dict:
-    raw = await request.body()
-    if not raw.strip():
-        return {}
-    try:
-        data = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise OllamaError(400, f"invalid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise OllamaError(400, "request body must be a JSON object")
-    return data
 
 
 def _entry(request: Request, name: str) -> Entry:
@@ -126,11 +118,10 @@ async def tags(request: Request) -> dict:
 
 
 @post("/api/show", status_code=200, summary="Show a model (Ollama)")
-async def show(request: Request) -> dict:
+async def show(request: Request, data: ShowRequest) -> dict:
     from codellm.registry.create import show_modelfile
 
-    body = await _body(request)
-    name = _name_of(body)
+    name = _name_of(data)
     entry = _entry(request, name)
     reg = _manager(request).registry
     info = describe_model(reg, name)
@@ -177,10 +168,10 @@ async def _serve(request: Request, name: str, keep_alive) -> tuple[Served, float
     return served, keep
 
 
-async def _generator(request: Request, body: dict, action: str) -> tuple[str, Served, Any]:
+async def _generator(request: Request, data: GenerateRequest | ChatRequest, action: str) -> tuple[str, Served, Any]:
     """The model a generate/chat request names, loaded, with its keep_alive; encoders answer 400."""
-    name = _name_of(body)
-    served, keep = await _serve(request, name, body.get("keep_alive"))
+    name = _name_of(data)
+    served, keep = await _serve(request, name, data.keep_alive)
     if served.engine is None:
         raise OllamaError(400, f'"{name}" does not support {action}')
     return name, served, keep
@@ -194,12 +185,12 @@ def _load_or_unload(request: Request, served: Served, keep: float | None, extra:
     return {"model": served.lm.name, "created_at": _now(), **extra, "done": True, "done_reason": reason}
 
 
-def _sampling(served: Served, body: dict) -> Any:
-    options = body.get("options") or {}
-    if not isinstance(options, dict):
-        raise OllamaError(400, "options must be an object")
-    params = served.sampling(options_to_overrides(options), base=OLLAMA_DEFAULTS)
-    fmt = body.get("format")
+def _sampling(served: Served, data: GenerateRequest | ChatRequest) -> Any:
+    try:
+        params = served.sampling(options_to_overrides(data.options or {}), base=OLLAMA_DEFAULTS, names=OPTION_NAMES)
+    except CodellmError as exc:
+        raise OllamaError(400, exc.message) from None
+    fmt = data.format
     if fmt == "json" or isinstance(fmt, dict):
         params.json_object = True
     elif fmt not in (None, ""):
@@ -288,10 +279,9 @@ async def _run(request: Request, served: Served, keep, stream: AsyncStream, shap
 
 
 @post("/api/generate", status_code=200, summary="Generate a completion (Ollama)")
-async def generate(request: Request) -> Response:
-    body = await _body(request)
-    name, served, keep = await _generator(request, body, "generate")
-    prompt, suffix = body.get("prompt") or "", body.get("suffix")
+async def generate(request: Request, data: GenerateRequest) -> Response:
+    name, served, keep = await _generator(request, data, "generate")
+    prompt, suffix = data.prompt, data.suffix
     if not prompt and not suffix:
         return Response(_load_or_unload(request, served, keep, {"response": ""}))
     lm = served.lm
@@ -299,50 +289,56 @@ async def generate(request: Request) -> Response:
     try:
         if suffix is not None and suffix != "":
             ids = prompts.encode(lm, prompts.fim_text(lm, prompt, suffix))
-        elif body.get("raw"):
+        elif data.raw:
             ids = prompts.encode(lm, prompt)
-        elif body.get("template"):
-            ids = prompts.encode(lm, prompts.go_template(body["template"], system=body.get("system") or lm.system or "",
+        elif data.template:
+            ids = prompts.encode(lm, prompts.go_template(data.template, system=data.system or lm.system or "",
                                                          prompt=prompt))
         else:
-            msgs = ([{"role": "system", "content": body["system"]}] if body.get("system") else []) + [{"role": "user", "content": prompt}]
-            ids = prompts.chat_prompt(lm, msgs) if getattr(lm.tokenizer, "chat_template", None) else prompts.encode(lm, prompt)
-        context = body.get("context") or []
-        if context and isinstance(context, list):
-            ids = [int(t) for t in context] + ids
+            msgs = ([{"role": "system", "content": data.system}] if data.system else []) + [{"role": "user", "content": prompt}]
+            ids = await prompts.render_off_loop(len(prompt) + len(data.system or ""), prompts.chat_prompt, lm, msgs) \
+                if getattr(lm.tokenizer, "chat_template", None) else prompts.encode(lm, prompt)
+        ids = list(data.context or []) + ids
         served.generator().check_prompt(len(ids), served.lm)
     except CodellmError as exc:
         raise OllamaError(exc.status if exc.status < 500 else 500, exc.message) from None
-    params = _sampling(served, body)
+    params = _sampling(served, data)
     if suffix and lm.fim:
         params.stop = list(params.stop) + [s for s in lm.fim.stop if s not in params.stop]
     stream = _submit(served, ids, params)
     prompt_ids = list(ids)
     return await _run(request, served, keep, stream, lambda text: {"response": text},
-                      lambda out_ids: {"context": prompt_ids + out_ids}, body.get("stream", True) is not False,
-                      len(ids), t0)
+                      lambda out_ids: {"context": prompt_ids + out_ids}, data.stream, len(ids), t0)
+
+
+def _message(m) -> dict:
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [{"function": {"name": c.function.name, "arguments": c.function.arguments}}
+                             for c in m.tool_calls]
+    if m.name or m.tool_name:
+        out["name"] = m.name or m.tool_name
+    return out
 
 
 @post("/api/chat", status_code=200, summary="Chat (Ollama)")
-async def chat(request: Request) -> Response:
-    body = await _body(request)
-    name, served, keep = await _generator(request, body, "chat")
-    messages = body.get("messages") or []
-    if not isinstance(messages, list) or any(not isinstance(m, dict) or "role" not in m for m in messages):
-        raise OllamaError(400, "messages must be a list of {role, content}")
-    if not messages:
+async def chat(request: Request, data: ChatRequest) -> Response:
+    name, served, keep = await _generator(request, data, "chat")
+    if not data.messages:
         return Response(_load_or_unload(request, served, keep, {"message": {"role": "assistant", "content": ""}}))
     t0 = time.perf_counter()
+    messages = [_message(m) for m in data.messages]
     try:
-        ids = prompts.chat_prompt(served.lm, [{k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "name")}
-                                              for m in messages], tools=body.get("tools"))
+        check_tools(data.tools)
+        size = sum(len(m.content) for m in data.messages) + (len(msgspec.json.encode(data.tools)) if data.tools else 0)
+        ids = await prompts.render_off_loop(size, prompts.chat_prompt, served.lm, messages, tools=data.tools)
         served.generator().check_prompt(len(ids), served.lm)
     except CodellmError as exc:
         raise OllamaError(exc.status if exc.status < 500 else 500, exc.message) from None
-    stream = _submit(served, ids, _sampling(served, body))
-    tools_fmt = tool_format(served.lm.tokenizer.chat_template, served.lm.config.family) if body.get("tools") else None
+    stream = _submit(served, ids, _sampling(served, data))
+    tools_fmt = tool_format(served.lm.tokenizer.chat_template, served.lm.config.family) if data.tools else None
     return await _run(request, served, keep, stream, lambda text: {"message": {"role": "assistant", "content": text}},
-                      lambda out_ids: {}, body.get("stream", True) is not False, len(ids), t0, tools_fmt)
+                      lambda out_ids: {}, data.stream, len(ids), t0, tools_fmt)
 
 
 class _Progress:
@@ -392,7 +388,7 @@ async def _progress_job(request: Request, job, want_stream: bool) -> Response:
                 yield _line(item)
         exc = future.exception()
         if exc is not None:
-            yield _line({"error": exc.message if isinstance(exc, CodellmError) else f"{type(exc).__name__}: {exc}"})
+            yield _line({"error": exc.message if isinstance(exc, CodellmError) else disk_full(exc) or f"{type(exc).__name__}: {exc}"})
         else:
             yield _line({"status": "success"})
 
@@ -402,41 +398,41 @@ async def _progress_job(request: Request, job, want_stream: bool) -> Response:
         await future
     except CodellmError as exc:
         raise OllamaError(exc.status if exc.status < 500 else 500, exc.message) from None
+    except OSError as exc:
+        if disk_full(exc) is None:
+            raise
+        raise OllamaError(507, disk_full(exc)) from None
     return Response({"status": "success"})
 
 
 @post("/api/pull", status_code=200, summary="Pull a model from the Hugging Face hub (Ollama)")
-async def pull(request: Request) -> Response:
+async def pull(request: Request, data: PullRequest) -> Response:
     from codellm.registry.hub import pull as hub_pull
 
-    body = await _body(request)
-    name = _name_of(body)
+    name = _name_of(data)
     reg = _manager(request).registry
-    return await _progress_job(request, lambda progress: hub_pull(reg, name, progress=progress),
-                               body.get("stream", True) is not False)
+    return await _progress_job(request, lambda progress: hub_pull(reg, name, progress=progress), data.stream)
 
 
 @post("/api/create", status_code=200, summary="Create a model from a Modelfile or fields (Ollama)")
-async def create(request: Request) -> Response:
+async def create(request: Request, data: CreateRequest) -> Response:
     from codellm.registry import modelfile as mfmod
     from codellm.registry.create import create as do_create
 
-    body = await _body(request)
-    name = _name_of(body)
+    name = _name_of(data)
     reg = _manager(request).registry
     try:
-        if body.get("modelfile"):
-            mf = mfmod.parse(body["modelfile"])
+        if data.modelfile:
+            mf = mfmod.parse(data.modelfile)
         else:
-            if not body.get("from"):
+            if not data.from_:
                 raise OllamaError(400, "neither 'from' nor 'modelfile' was given")
             params = {}
-            for key, value in (body.get("parameters") or {}).items():
+            for key, value in (data.parameters or {}).items():
                 params[key] = [mfmod.coerce_parameter(key, v) for v in value] if isinstance(value, list) else mfmod.coerce_parameter(key, value)
-            mf = mfmod.Modelfile(from_=body["from"], parameters=params, template=body.get("template"),
-                                 system=body.get("system"),
-                                 messages=[mfmod.Message(m["role"], m["content"]) for m in body.get("messages") or []],
-                                 licenses=[body["license"]] if isinstance(body.get("license"), str) else list(body.get("license") or []))
+            mf = mfmod.Modelfile(from_=data.from_, parameters=params, template=data.template, system=data.system,
+                                 messages=[mfmod.Message(m.role, m.content) for m in data.messages or []],
+                                 licenses=[data.license] if isinstance(data.license, str) else list(data.license or []))
     except CodellmError as exc:
         raise OllamaError(400, exc.message) from None
 
@@ -444,13 +440,12 @@ async def create(request: Request) -> Response:
         # a remote client may not make the server read local paths: names only
         return do_create(reg, name, mf, allow_paths=False, status=progress.status)
 
-    return await _progress_job(request, job, body.get("stream", True) is not False)
+    return await _progress_job(request, job, data.stream)
 
 
 @post("/api/copy", status_code=200, summary="Copy a model (Ollama)")
-async def copy(request: Request) -> Response:
-    body = await _body(request)
-    source, destination = body.get("source"), body.get("destination")
+async def copy(request: Request, data: CopyRequest) -> Response:
+    source, destination = data.source, data.destination
     if not source or not destination:
         raise OllamaError(400, "source and destination are required")
     _entry(request, source)
@@ -462,9 +457,8 @@ async def copy(request: Request) -> Response:
 
 
 @delete("/api/delete", status_code=200, summary="Delete a model (Ollama)")
-async def remove(request: Request) -> Response:
-    body = await _body(request)
-    name = _name_of(body)
+async def remove(request: Request, data: DeleteRequest) -> Response:
+    name = _name_of(data)
     _entry(request, name)
     manager = _manager(request)
     manager.unload(name) if manager.canonical(name) in manager.loaded() else None
@@ -477,7 +471,10 @@ async def ps(request: Request) -> dict:
     manager = _manager(request)
     models = []
     for key, served in manager.loaded().items():
-        entry = manager.registry.get(key)
+        try:
+            entry = manager.registry.get(key)
+        except NotFound:  # removed while loaded: it is unloaded once idle, and no longer listed
+            continue
         expires = served.expires_at if served.expires_at is not None else time.time() + 10 * 365 * 86400
         vram = ((served.engine.kv_bytes if served.engine else 0) + entry.manifest.size) if served.lm.device.type == "cuda" else 0
         models.append({**_tag_entry(entry), "expires_at": _iso(expires), "size_vram": vram,
@@ -494,16 +491,14 @@ def _inputs(value, key: str) -> list[str]:
 
 
 @post("/api/embed", status_code=200, summary="Embeddings (Ollama)")
-async def embed(request: Request) -> dict:
+async def embed(request: Request, data: EmbedRequest) -> dict:
     from codellm.engine.embeddings import embed_served
 
-    body = await _body(request)
-    name = _name_of(body)
-    served, keep = await _serve(request, name, body.get("keep_alive"))
+    name = _name_of(data)
+    served, keep = await _serve(request, name, data.keep_alive)
     t0 = time.perf_counter()
     try:
-        vectors, n = await asyncio.to_thread(embed_served, served, _inputs(body.get("input"), "input"),
-                                             truncate=body.get("truncate", True) is not False)
+        vectors, n = await asyncio.to_thread(embed_served, served, _inputs(data.input, "input"), truncate=data.truncate)
     except CodellmError as exc:
         raise OllamaError(exc.status, exc.message) from None
     finally:
@@ -513,14 +508,13 @@ async def embed(request: Request) -> dict:
 
 
 @post("/api/embeddings", status_code=200, summary="Embedding of one prompt (Ollama, legacy)")
-async def embeddings(request: Request) -> dict:
+async def embeddings(request: Request, data: EmbeddingsRequest) -> dict:
     from codellm.engine.embeddings import embed_served
 
-    body = await _body(request)
-    name = _name_of(body)
-    served, keep = await _serve(request, name, body.get("keep_alive"))
+    name = _name_of(data)
+    served, keep = await _serve(request, name, data.keep_alive)
     try:
-        vectors, _ = await asyncio.to_thread(embed_served, served, _inputs(body.get("prompt"), "prompt")[:1])
+        vectors, _ = await asyncio.to_thread(embed_served, served, _inputs(data.prompt, "prompt")[:1])
     finally:
         _manager(request).touch(served, keep)
     return {"embedding": vectors[0]}

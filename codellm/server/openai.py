@@ -21,7 +21,7 @@ from codellm.engine.manager import ModelManager, Served
 from codellm.engine.sampling import TokenLogprob
 from codellm.engine.scheduler import Output
 from codellm.engine.streams import AsyncStream, closing
-from codellm.engine.tools import ToolCallParser, forced_call, parse_all, tool_format
+from codellm.engine.tools import ToolCallParser, check_tools, forced_call, parse_all, tool_format
 from codellm.errors import CodellmError, InvalidName, InvalidRequest, NotFound
 from codellm.server.errors import error_body
 from codellm.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields, dumps
@@ -46,18 +46,6 @@ async def served_model(request: Request, name: str) -> Served:
         raise NotFound(f"The model `{name}` does not exist.", param="model") from None
     served.active += 1
     return served
-
-
-INLINE_CHARS = 16_000  # prompts shorter than this are tokenized on the event loop
-
-
-async def off_loop_if_long(size: int, fn, *args, **kwargs):
-    """``fn(*args)`` on the event loop for a short input, in a worker thread for a long one. Tokenizing a short
-    prompt takes well under a millisecond, while a thread hop under load waits for the GIL (up to the 5 ms
-    switch interval each way) and held a burst of 64 requests behind one another (NOTES run 20)."""
-    if size <= INLINE_CHARS:
-        return fn(*args, **kwargs)
-    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 def release(request: Request, served: Served) -> None:
@@ -194,10 +182,10 @@ async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -
     served.generator()
     lm = served.lm
     messages = [msg_to_dict(m) for m in data.messages]
-    tools = data.tools if data.tools and data.tool_choice != "none" else None
+    tools = check_tools(data.tools) if data.tools and data.tool_choice != "none" else None
     forced = _forced_tool(data.tool_choice, tools)
     size = sum(len(str(m.get("content") or "")) for m in messages) + (len(str(tools)) if tools else 0)
-    prompt = await off_loop_if_long(size, prompts.chat_prompt, lm, messages, tools=tools)
+    prompt = await prompts.render_off_loop(size, prompts.chat_prompt, lm, messages, tools=tools)
     fmt = tool_format(lm.tokenizer.chat_template, lm.config.family) if tools else None
     lead = tail = ""
     if forced is not None:  # the turn starts inside a call; the model completes its JSON, constrained
@@ -365,7 +353,7 @@ async def _completions(request: Request, data: CompletionRequest, served: Served
         raise InvalidRequest("echo and suffix cannot be used together", param="echo")
     if len(prompt_list) * data.n > 64:
         raise InvalidRequest("at most 64 choices per request", param="n")
-    encoded = [await off_loop_if_long((len(p) if isinstance(p, str) else 0) + len(data.suffix or ""), prompts.completion_prompt, lm, p, data.suffix)
+    encoded = [await prompts.render_off_loop((len(p) if isinstance(p, str) else 0) + len(data.suffix or ""), prompts.completion_prompt, lm, p, data.suffix)
                for p in prompt_list]
     for ids in encoded:
         served.generator().check_prompt(len(ids), lm)

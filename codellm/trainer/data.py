@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -29,6 +30,16 @@ class Example:
     response: str
 
 
+def _text(path: Path) -> str:
+    """A data file's text; bytes that are not UTF-8 are an error naming their line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise InvalidRequest(f"{path.name}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x})", param="data") from None
+
+
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
     """(line or row number, record) for every record of a .json, .jsonl or .csv file."""
     path = Path(path)
@@ -37,7 +48,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         out = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -50,7 +61,7 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
         return out
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_text(path))
         except ValueError as exc:
             raise InvalidRequest(f"{path.name}: not valid JSON ({exc.msg}, line {exc.lineno})", param="data") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -59,9 +70,11 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
             raise InvalidRequest(f"{path.name}: expected a list of objects", param="data")
         return list(enumerate(data, 1))
     if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+        reader = csv.DictReader(io.StringIO(_text(path), newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        try:
             return [(n, dict(row)) for n, row in enumerate(reader, 2)]  # row 1 is the header
+        except csv.Error as exc:
+            raise InvalidRequest(f"{path.name}:{reader.line_num}: not valid CSV ({exc})", param="data") from None
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -126,7 +139,9 @@ def to_example(record: dict, fmt: str, where: str) -> Example:
             if not isinstance(messages, list) or not messages:
                 raise ValueError("'messages' must be a non-empty list")
             norm = []
-            for m in messages:
+            for i, m in enumerate(messages):
+                if not isinstance(m, dict):
+                    raise ValueError(f"message {i} must be an object with role and content, not {type(m).__name__}")
                 role = m.get("role") or {"human": "user", "gpt": "assistant"}.get(m.get("from", ""), m.get("from"))
                 content = m.get("content", m.get("value"))
                 if role not in ("system", "user", "assistant", "tool") or not isinstance(content, str):

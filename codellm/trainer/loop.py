@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import math
 import random
 import time
@@ -268,6 +269,8 @@ def train(
         state = json.loads((last / "state.json").read_text())
         step, position = state["step"], state["position"]
         world.set_rng_state(torch.load(last / "rng.pt", weights_only=True))
+        if world.main:
+            truncate_metrics(metrics_path, step)
         say(f"resuming at step {step} from {last.name}")
     elif world.main:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -380,6 +383,17 @@ def _checkpoint(model, optimizer, scheduler, path: Path, step: int, position: in
 
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records a stopped run logged after its last checkpoint (``step``): the resumed run logs those
+    steps again, and the log must read as one run's."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _register(registry, target, base_entry, adapter_dir: Path, metrics_path: Path, plot_path: Path, cfg: TrainConfig,
