@@ -39,12 +39,20 @@ def test_canonical_solutions_score_every_problem():
     assert all(o.status == "passed" for o in _run_all(fim, [p.reference for p in fim]))
     wrong = _run_all(he[:5], ["    return None\n"] * 5)
     assert all(o.status == "failed" and o.error for o in wrong)
+    from codellm.eval.run import extract_code  # a chat answer: the function restated in a fenced block
+
+    answer = ("Here you go:\n```python\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+              + he[0].reference + "```\nIt compares every pair.")
+    assert _run_all([he[0]], [extract_code(answer)])[0].status == "passed"
 
 
 def test_the_sandbox_contains_hostile_candidates(tmp_path):
     import socket
 
     from codellm.eval import sandbox
+
+    workdirs = lambda: set(Path(sandbox.workdir_root()).glob("codellm-eval-*"))  # noqa: E731
+    before = workdirs()
 
     precious = tmp_path / "precious.txt"
     precious.write_text("keep")
@@ -74,7 +82,7 @@ def test_the_sandbox_contains_hostile_candidates(tmp_path):
     time.sleep(0.5)
     leftover = subprocess.run(["pgrep", "-u", "nobody", "-f", "candidate.py"], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""  # nothing of theirs still runs
-    assert not [p for p in Path(os.environ.get("TMPDIR", "/tmp")).glob("codellm-eval-*")]
+    assert workdirs() <= before  # every working directory removed
 
 
 def test_pass_at_k_matches_the_closed_form():

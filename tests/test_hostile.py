@@ -121,9 +121,9 @@ def test_engine_isolates_a_sequence_that_fails_in_its_step(served_home):
         poison = SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=True)
         engine.submit(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), sink("victim"))
         engine.submit(prompt, poison, sink("poison"))
-        poison.top_p = -1.0  # past the checks: every probability is dropped and the sampler fails
+        poison.repetition_penalty, poison.repeat_last_n = 1.3, "x"  # past the checks: the sampler fails on this row
         assert done["victim"].wait(60) and done["poison"].wait(60)
-        assert outs["poison"][-1].finish_reason == "error" and "RuntimeError" in outs["poison"][-1].error
+        assert outs["poison"][-1].finish_reason == "error" and "TypeError" in outs["poison"][-1].error
         ids = lambda name: [t for o in outs[name] for t in o.token_ids]  # noqa: E731
         assert outs["victim"][-1].finish_reason == "length" and ids("victim") == ids("alone")
         assert engine.active() == 0 and engine.pending() == 0 and engine.alive

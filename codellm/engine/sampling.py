@@ -66,11 +66,12 @@ def checked(values: dict, names: dict[str, str] | None = None) -> SamplingParams
                              param=shown) from None
 
 
-def generator(seed: int | None, offset: int = 0) -> torch.Generator | None:
-    """A seeded generator for choice ``offset`` of a request (seeds wrap to 64 bits, so seed + offset always fits)."""
+def generator(seed: int | None, offset: int = 0, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A seeded generator for choice ``offset`` of a request, on the device that samples (seeds wrap to 64 bits,
+    so seed + offset always fits)."""
     if seed is None:
         return None
-    return torch.Generator().manual_seed((seed + offset) & ((1 << 64) - 1))
+    return torch.Generator(device=device).manual_seed((seed + offset) & ((1 << 64) - 1))
 
 
 @dataclass
@@ -141,9 +142,19 @@ def sample(
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(1, order, sorted_p)
         probs = probs / probs.sum(dim=-1, keepdim=True)
-        probs_cpu = probs.cpu()
-        for j, i in enumerate(rows):
-            chosen[i] = torch.multinomial(probs_cpu[j], 1, generator=generators[i]).item()
+        # the exponential race: argmax(p / E), E ~ Exp(1), draws token t with probability p[t] (the Gumbel-max trick),
+        # on the device for every row at once (a multinomial per row on the host cost ~3 ms a row at a 128k vocabulary)
+        noise = torch.empty_like(probs)
+        seeded = [j for j, i in enumerate(rows) if generators[i] is not None]
+        if len(seeded) < len(rows):
+            noise.exponential_()
+        for j in seeded:
+            g = generators[rows[j]]
+            if g.device == noise.device:
+                noise[j].exponential_(generator=g)
+            else:
+                noise[j] = torch.empty(noise.shape[1]).exponential_(generator=g).to(noise.device)
+        chosen[rows] = (probs / noise).argmax(dim=-1).cpu()
     out_ids = chosen.tolist()
     info: list[TokenLogprob | None] = []
     for i, p in enumerate(params):

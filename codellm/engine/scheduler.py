@@ -298,7 +298,7 @@ class Engine(Admission):
             Sequence(
                 index=i, prompt=list(prompt), params=params, sink=sink, max_new=max(0, max_new), stop_ids=stop_ids,
                 detok=IncrementalDetokenizer(tok, prompt), stops=StopMatcher(strings),
-                generator=generator(params.seed, i),
+                generator=generator(params.seed, i, self.lm.device),
                 want_prompt_logprobs=prompt_logprobs and i == 0,
                 json=_json_state(params), adapter=lm.adapter,
             )

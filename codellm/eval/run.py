@@ -107,6 +107,14 @@ class Client:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30, read=1800))
 
+    def load(self, model: str) -> None:
+        """Have the server load ``model`` now (Ollama's load-only request), so that timings leave loading out;
+        servers without that route load it on the first sample instead."""
+        try:
+            self.http.post("/api/generate", json={"model": model})
+        except httpx.HTTPError:
+            pass
+
     def mode(self, model: str, asked: str) -> str:
         if asked != "auto":
             return asked
@@ -117,6 +125,20 @@ class Client:
         except httpx.HTTPError:
             pass
         return "chat" if re.search(r"instruct|chat|-it\b", model, re.I) else "completion"
+
+    def _post(self, path: str, body: dict, patience: float = 600.0) -> httpx.Response:
+        """POST, waiting out a busy server (429/503, as its Retry-After asks) for up to ``patience`` seconds."""
+        deadline, delay = time.monotonic() + patience, 0.5
+        while True:
+            r = self.http.post(path, json=body)
+            if r.status_code not in (429, 503) or time.monotonic() > deadline:
+                return r
+            try:
+                wait = float(r.headers.get("retry-after", delay))
+            except ValueError:
+                wait = delay
+            time.sleep(min(max(wait, 0.1), 10.0))
+            delay = min(delay * 2, 10.0)
 
     def sample(self, model: str, p: Problem, n: int, mode: str, cfg: EvalConfig, seed: int | None) -> list[str]:
         body = {"model": model, "n": n, "max_tokens": cfg.max_tokens, "temperature": cfg.sampling_temperature}
@@ -130,7 +152,7 @@ class Client:
         else:
             body["messages"] = [{"role": "user", "content": chat_prompt(p)}]
             path = "/v1/chat/completions"
-        r = self.http.post(path, json=body)
+        r = self._post(path, body)
         if r.status_code != 200:
             try:
                 message = r.json()["error"]["message"]
@@ -180,6 +202,9 @@ class Results:
 def evaluate(models: list[str], problems: list[Problem], cfg: EvalConfig, client: Client, out: Path,
              progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, ModelSummary]:
     results = Results(out, cfg, models)
+    for model in models:
+        client.load(model)
+    started, before = time.perf_counter(), len(results.samples)
     limits = sandbox.Limits(seconds=cfg.timeout)
     total = len(models) * len(problems) * cfg.n
     done = [sum(min(cfg.n, results.have(m, p.task_id)) for m in models for p in problems)]
@@ -219,9 +244,12 @@ def evaluate(models: list[str], problems: list[Problem], cfg: EvalConfig, client
                         scored.result()
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+    seconds = time.perf_counter() - started
     summaries = summarize(results.samples, models, problems, cfg.k)
-    (out / "summary.json").write_text(json.dumps({"config": cfg.key(), "k": list(cfg.k),
-                                                  "models": {m: asdict(s) for m, s in summaries.items()}}, indent=2))
+    (out / "summary.json").write_text(json.dumps({
+        "config": cfg.key(), "k": list(cfg.k), "seconds": round(seconds, 2),
+        "samples_per_s": round((len(results.samples) - before) / seconds, 2),  # this run's, models loaded
+        "models": {m: asdict(s) for m, s in summaries.items()}}, indent=2))
     return summaries
 
 

@@ -132,6 +132,20 @@ def _preexec(limits: Limits, how: Plan):
     return setup
 
 
+def workdir_root() -> str:
+    """Where working directories go: the temporary directory, or /tmp where a candidate running as nobody could not
+    reach the other (a private TMPDIR)."""
+    root = tempfile.gettempdir()
+    if plan().as_nobody and not _reachable_by_others(root):
+        return "/tmp"
+    return root
+
+
+def _reachable_by_others(path: str) -> bool:
+    parts = os.path.abspath(path).split(os.sep)
+    return all(os.stat(os.sep.join(parts[:i]) or os.sep).st_mode & 0o001 for i in range(1, len(parts) + 1))
+
+
 def _error_line(stderr: str) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
@@ -141,7 +155,7 @@ def run(program: str, limits: Limits | None = None) -> Outcome:
     """Run ``program`` (Python source) and say how it went."""
     limits = limits or Limits()
     how = plan()
-    workdir = tempfile.mkdtemp(prefix="codellm-eval-")
+    workdir = tempfile.mkdtemp(prefix="codellm-eval-", dir=workdir_root())
     try:
         if how.as_nobody:
             os.chown(workdir, _NOBODY, _NOBODY)

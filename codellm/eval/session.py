@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from codellm.eval import suites
-from codellm.eval.run import Client, EvalConfig, ModelSummary, evaluate, plot
+from codellm.eval.run import MAX_N, Client, EvalConfig, ModelSummary, evaluate, plot
 
 
 def run_eval(models: list[str], cfg: EvalConfig, out: Path, *, url: str | None = None, api_key: str | None = None,
@@ -24,7 +24,9 @@ def run_eval(models: list[str], cfg: EvalConfig, out: Path, *, url: str | None =
             from codellm.registry import Registry
             from codellm.server.background import serving
 
-            url = stack.enter_context(serving(registry or Registry(), options or LoadOptions(keep_alive=None)))
+            options = options or LoadOptions(keep_alive=None)
+            options.max_queue = max(options.max_queue, cfg.concurrency * min(cfg.n, MAX_N))  # room for every request
+            url = stack.enter_context(serving(registry or Registry(), options))
         client = Client(url, api_key)
         stack.callback(client.http.close)
         summaries = evaluate(models, problems, cfg, client, out, progress)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from codellm.errors import InvalidRequest
 
-SUITES = ("humaneval", "humaneval-fim", "mbpp", "apps")
+SUITES = ("humaneval", "humaneval-fim", "mbpp", "mbpp-full", "apps")
 MBPP_REPO, APPS_REPO = "google-research-datasets/mbpp", "codeparrot/apps"
 
 
@@ -38,8 +38,9 @@ class Problem:
         """The program that passes iff ``completion`` is right."""
         if self.fim:
             body = self.prompt + completion + self.suffix
-        elif self.entry_point and f"def {self.entry_point}" in completion:
-            body = completion  # a chat answer that restates the whole function
+        elif self.entry_point and f"def {self.entry_point}" in completion:  # a chat answer restating the function:
+            imports = [line for line in self.prompt.splitlines() if line.startswith(("import ", "from "))]
+            body = "\n".join(imports) + "\n" + completion  # with the prompt's imports, which answers often leave out
         else:
             body = self.prompt + completion
         check = f"\n\ncheck({self.entry_point})\n" if self.entry_point and "def check(" in self.tests else "\n"
@@ -146,10 +147,10 @@ def load(suite: str, data: str | None = None, limit: int | None = None) -> list[
         problems = humaneval()
     elif suite == "humaneval-fim":
         problems = humaneval_fim()
-    elif suite in ("mbpp", "apps"):
-        make = _mbpp if suite == "mbpp" else _apps
-        rows = _records(Path(data)) if data else _hub_records(MBPP_REPO if suite == "mbpp" else APPS_REPO,
-                                                                "sanitized" if suite == "mbpp" else None)
+    elif suite in ("mbpp", "mbpp-full", "apps"):
+        make = _apps if suite == "apps" else _mbpp
+        config = {"mbpp": "sanitized", "mbpp-full": "full"}.get(suite)
+        rows = _records(Path(data)) if data else _hub_records(APPS_REPO if suite == "apps" else MBPP_REPO, config)
         problems = [make(r) for _, r in rows]
     else:
         path = Path(data or suite)
