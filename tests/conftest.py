@@ -197,13 +197,37 @@ WEATHER_QUESTION = "What is the weather in Paris?"
 WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
+def teach_tiny(tiny_dir: Path, prompt: list[int], answer: list[int], out: Path, *, steps: int, loss_below: float) -> Path:
+    """The tiny model trained to answer ``prompt`` with ``answer`` (token ids), saved to ``out`` with the tiny model's
+    tokenizer and generation config: a real model whose output for one prompt is known."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    ids = torch.tensor([prompt + answer])
+    labels = ids.clone()
+    labels[0, :len(prompt)] = -100
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if loss.item() < loss_below:
+            break
+    model.save_pretrained(out)
+    for f in tiny_dir.iterdir():
+        if f.name not in ("model.safetensors", "config.json"):
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
 @pytest.fixture(scope="session")
 def tool_home(tmp_path_factory, tiny_dir) -> Path:
     """A registry with `tool-coder`: the tiny model taught to answer the weather question with a Hermes
     tool call, for exactly the prompt codellm renders (tools described through the chat template path)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from codellm.engine import prompts
     from codellm.engine.loader import load
     from codellm.registry import Registry
@@ -216,26 +240,7 @@ def tool_home(tmp_path_factory, tiny_dir) -> Path:
     lm = load(reg, "base")
     prompt = prompts.chat_prompt(lm, [{"role": "user", "content": WEATHER_QUESTION}], tools=[WEATHER_TOOL])
     answer = lm.tokenizer(WEATHER_CALL + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    ids = torch.tensor([prompt + answer])
-    labels = ids.clone()
-    labels[0, :len(prompt)] = -100
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    model.train()
-    for _ in range(150):
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if loss.item() < 0.01:
-            break
-    out = tmp_path_factory.mktemp("tool-model") / "model"
-    model.save_pretrained(out)
-    for f in tiny_dir.iterdir():
-        if not f.name.endswith((".safetensors", "config.json")) or f.name == "tokenizer_config.json":
-            (out / f.name).write_bytes(f.read_bytes())
-    (out / "generation_config.json").write_bytes((tiny_dir / "generation_config.json").read_bytes())
+    out = teach_tiny(tiny_dir, prompt, answer, tmp_path_factory.mktemp("tool-model") / "model", steps=150, loss_below=0.01)
     create(reg, "qwen2.5-coder-tools", Modelfile(from_=str(out), parameters={"temperature": 0.0}))
     # the names deploy/editors/ uses, so the replay tests can read those files as they are
     reg.copy("qwen2.5-coder-tools", "qwen2.5-coder:1.5b")

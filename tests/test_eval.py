@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Server, run_cli
+from conftest import Server, run_cli, teach_tiny
 
 LIMITS = None
 
@@ -99,8 +99,7 @@ def test_pass_at_k_matches_the_closed_form():
 @pytest.fixture(scope="session")
 def eval_home(tmp_path_factory, tiny_dir) -> Path:
     """A registry with `memorizer`: the tiny model taught to complete HumanEval/0 with its canonical solution."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from codellm.eval import suites
     from codellm.registry import Registry
@@ -109,27 +108,9 @@ def eval_home(tmp_path_factory, tiny_dir) -> Path:
 
     p = suites.humaneval()[0]
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    prompt = tok(p.prompt)["input_ids"]
     answer = tok(p.reference, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    ids = torch.tensor([prompt + answer])
-    labels = ids.clone()
-    labels[0, :len(prompt)] = -100
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    model.train()
-    for _ in range(300):
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if loss.item() < 0.005:
-            break
-    out = tmp_path_factory.mktemp("memorizer") / "model"
-    model.save_pretrained(out)
-    for f in tiny_dir.iterdir():
-        if not (out / f.name).exists():
-            (out / f.name).write_bytes(f.read_bytes())
+    out = teach_tiny(tiny_dir, tok(p.prompt)["input_ids"], answer, tmp_path_factory.mktemp("memorizer") / "model",
+                     steps=300, loss_below=0.005)
     home = tmp_path_factory.mktemp("eval-home")
     create(Registry(home), "memorizer", Modelfile(from_=str(out)))
     create(Registry(home), "tiny", Modelfile(from_=str(tiny_dir)))
