@@ -158,8 +158,9 @@ class ModelManager:
         served = self._served.get(key)
         if served is None or served.engine_gone:
             return None
-        if not self.registry.exists(key):  # removed from the registry (codellm rm) while loaded: forget it
-            self.unload(key)
+        if not self.registry.exists(key):  # removed from the registry (codellm rm) while loaded: forget it once idle
+            if served.active == 0:
+                self.unload(key)
             return None
         served.last_used = time.time()
         return served
