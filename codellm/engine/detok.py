@@ -54,6 +54,7 @@ class StopMatcher:
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, piece: str) -> str:
         if self.stopped:
@@ -63,7 +64,7 @@ class StopMatcher:
             start = max(0, self.emitted - self.hold)
             hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
             if hits:
-                cut = min(i for i, _ in hits)
+                cut, self.matched = min(hits)
                 out = self.text[self.emitted:cut]
                 self.text = self.text[:cut]
                 self.emitted = cut

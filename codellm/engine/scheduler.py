@@ -47,6 +47,7 @@ class Output:
     completion_tokens: int = 0
     prompt_logprobs: list[float | None] | None = None
     error: str | None = None
+    stop: str | None = None  # the stop string that ended the choice (finish_reason "stop")
 
 
 Sink = Callable[[Output], None]
@@ -718,6 +719,7 @@ class Engine(Admission):
         out = out or Output(index=seq.index, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated))
         out.finish_reason = reason
         out.error = error
+        out.stop = seq.stops.matched
         try:
             seq.sink(out)
         except Exception:  # a sink must never break the loop

@@ -110,7 +110,7 @@ def _absorb(out: Output, later: Output) -> Output:
     out.logprobs += later.logprobs
     out.prompt_logprobs = out.prompt_logprobs or later.prompt_logprobs
     out.prompt_tokens, out.completion_tokens = later.prompt_tokens, later.completion_tokens
-    out.finish_reason, out.error = later.finish_reason, later.error
+    out.finish_reason, out.error, out.stop = later.finish_reason, later.error, later.stop
     return out
 
 

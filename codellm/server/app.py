@@ -18,7 +18,7 @@ from codellm.engine.manager import LoadOptions, ModelManager
 from codellm.engine.streams import pace_streams
 from codellm.errors import Unauthorized
 from codellm.registry import Registry
-from codellm.server import editors, ollama, openai, openapi
+from codellm.server import anthropic, editors, ollama, openai, openapi
 from codellm.server.errors import HANDLERS, refuse
 from codellm.server.origins import OriginGuard, Policy
 from codellm.server.request import Request as CodellmRequest
@@ -32,9 +32,12 @@ async def api_key_guard(connection: ASGIConnection, handler: BaseRouteHandler) -
         return
     auth = connection.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise Unauthorized("Incorrect API key provided. Send it as 'Authorization: Bearer <key>'."
-                           if auth else "Missing API key. Send it as 'Authorization: Bearer <key>'.")
+    if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
+        token = connection.headers.get("x-api-key", "")
+    if not token or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise Unauthorized("Incorrect API key provided. Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
+                           if token or auth else "Missing API key. Send it as 'Authorization: Bearer <key>' or "
+                           "'x-api-key: <key>'.")
 
 
 @get("/health", opt={"public": True}, summary="Liveness and loaded models")
@@ -125,7 +128,7 @@ def create_app(
     policy = Policy(bind=bind, allowed_hosts=tuple(allowed_hosts or ()), cors_origins=tuple(cors_origins or ()))
     app = Litestar(
         middleware=[DefineMiddleware(OriginGuard, policy=policy, refuse=refuse)],
-        route_handlers=[health, metrics, *openai.ROUTES, *editors.ROUTES, *ollama.ROUTES],
+        route_handlers=[health, metrics, *openai.ROUTES, *editors.ROUTES, *ollama.ROUTES, anthropic.ROUTER],
         exception_handlers={**HANDLERS, **ollama.EXCEPTION_HANDLERS},
         guards=[api_key_guard],
         cors_config=CORSConfig(allow_origins=cors_origins, allow_headers=["*"], allow_methods=["*"]) if cors_origins else None,

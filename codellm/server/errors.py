@@ -32,8 +32,12 @@ async def refuse(scope, send, status: int, message: str) -> None:
     """Answer a raw ASGI request with an error in its API's shape (for middleware, before any route runs)."""
     import msgspec
 
-    if _ollama_path(scope.get("path", "")):
+    path = scope.get("path", "")
+    if _ollama_path(path):
         body = {"error": message}
+    elif path.startswith("/v1/messages"):  # Anthropic's shape
+        body = {"type": "error", "error": {"type": "permission_error" if status == 403 else "invalid_request_error",
+                                           "message": message}}
     else:
         body = error_body(message, "invalid_request_error", {403: "forbidden", 415: "unsupported_media_type"}.get(status))
     data = msgspec.json.encode(body)

@@ -31,6 +31,18 @@ class OllamaError(Struct):
     error: str
 
 
+class AnthropicErrorDetail(Struct):
+    type: str
+    message: str
+
+
+class AnthropicError(Struct):
+    """The error object of the Anthropic Messages dialect."""
+
+    type: str
+    error: AnthropicErrorDetail
+
+
 ERRORS = {  # status -> what it means, for every route of a dialect
     400: "Invalid request: a field of the wrong type or out of its bounds, a prompt too long, bad JSON",
     401: "Missing or wrong API key (when the server has one)",
@@ -62,7 +74,7 @@ def _bodies(app: Litestar) -> dict[tuple[str, str], type]:
 def document(app: Litestar, generated: dict[str, Any]) -> dict[str, Any]:
     doc = msgspec.json.decode(msgspec.json.encode(generated))  # a copy
     bodies = _bodies(app)
-    types = sorted(set(bodies.values()), key=lambda t: t.__name__) + [OpenAIError, OllamaError]
+    types = sorted(set(bodies.values()), key=lambda t: t.__name__) + [OpenAIError, OllamaError, AnthropicError]
     schemas, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     doc.setdefault("components", {})["schemas"] = components
     refs = dict(zip(types, schemas))
@@ -81,7 +93,7 @@ def document(app: Litestar, generated: dict[str, Any]) -> dict[str, Any]:
                 codes = {401, 403, 500} | ({404} if "{" in path else set())
             else:
                 codes = _OLLAMA if ollama else _OPENAI
-            error = refs[OllamaError if ollama else OpenAIError]
+            error = refs[OllamaError if ollama else AnthropicError if path.startswith("/v1/messages") else OpenAIError]
             responses = {k: v for k, v in op["responses"].items() if not k.startswith(("4", "5"))}
             for status in sorted(codes):
                 responses[str(status)] = {"description": ERRORS[status],
