@@ -18,7 +18,7 @@ from codellm.engine.manager import LoadOptions, ModelManager
 from codellm.engine.streams import pace_streams
 from codellm.errors import Unauthorized
 from codellm.registry import Registry
-from codellm.server import anthropic, editors, ollama, openai, openapi
+from codellm.server import anthropic, editors, ollama, openai, openapi, responses
 from codellm.server.errors import HANDLERS, refuse
 from codellm.server.origins import OriginGuard, Policy
 from codellm.server.request import Request as CodellmRequest
@@ -128,7 +128,7 @@ def create_app(
     policy = Policy(bind=bind, allowed_hosts=tuple(allowed_hosts or ()), cors_origins=tuple(cors_origins or ()))
     app = Litestar(
         middleware=[DefineMiddleware(OriginGuard, policy=policy, refuse=refuse)],
-        route_handlers=[health, metrics, *openai.ROUTES, *editors.ROUTES, *ollama.ROUTES, anthropic.ROUTER],
+        route_handlers=[health, metrics, *openai.ROUTES, *editors.ROUTES, *ollama.ROUTES, *responses.ROUTES, anthropic.ROUTER],
         exception_handlers={**HANDLERS, **ollama.EXCEPTION_HANDLERS},
         guards=[api_key_guard],
         cors_config=CORSConfig(allow_origins=cors_origins, allow_headers=["*"], allow_methods=["*"]) if cors_origins else None,
