@@ -415,3 +415,26 @@ def test_killed_engine_process_is_loaded_again(client, server):
     after = _engine_children(server.proc.pid)
     assert after and not set(after) & set(before)
     wait_idle(server)
+
+
+def test_generative_rerank_and_embeddings_wherever_the_engine_runs(server):
+    """A generative model reranks by the cosine of its mean-pooled embeddings, computed where its weights are (in a
+    child process the server has no model to call)."""
+    docs = ["def add(a, b):\n    return a + b", "The weather is nice today."]
+    r = httpx.post(server.url + "/v1/rerank", headers=server.headers,
+                   json={"model": "tiny-coder", "query": "add two numbers", "documents": docs})
+    assert r.status_code == 200, r.text
+    assert sorted(x["index"] for x in r.json()["results"]) == [0, 1]
+    e = httpx.post(server.url + "/v1/embeddings", headers=server.headers, json={"model": "tiny-coder", "input": docs})
+    assert e.status_code == 200 and len(e.json()["data"]) == 2 and len(e.json()["data"][0]["embedding"]) > 0
+
+
+def test_explicit_nulls_mean_the_defaults(server):
+    """What wrappers that forward None send: OpenAI's spec allows null for these."""
+    body = {"model": "tiny-coder", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "logprobs": None,
+            "n": None, "stop": None, "temperature": None, "stream": None, "top_p": None, "seed": None}
+    r = httpx.post(server.url + "/v1/chat/completions", headers=server.headers, json=body)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
+    r = httpx.post(server.url + "/v1/completions", headers=server.headers,
+                   json={"model": "tiny-coder", "prompt": "x", "max_tokens": 4, "echo": None, "n": None, "stream": None})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text

@@ -202,10 +202,10 @@ async def _rerank(request: Request, data: RerankRequest) -> dict:
             raise InvalidRequest("documents must not be empty", param="documents")
         if served.encoder is not None:
             scores, n = await asyncio.to_thread(served.encoder.rerank, data.query, texts)
-        else:  # a generative model: cosine of its mean-pooled embeddings
-            from codellm.engine.embeddings import embed
+        else:  # a generative model: cosine of its mean-pooled embeddings, computed where its weights are
+            from codellm.engine.embeddings import embed_served
 
-            vecs, n = await asyncio.to_thread(embed, served.lm, [data.query] + texts)
+            vecs, n = await asyncio.to_thread(embed_served, served, [data.query] + texts)
             scores = [sum(a * b for a, b in zip(vecs[0], v)) for v in vecs[1:]]
     finally:
         release(request, served)

@@ -16,6 +16,9 @@ NonNegative = Annotated[int, Meta(ge=0)]
 Seed = Annotated[int, Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
 
 
+NULL_MEANS_DEFAULT = ("n", "stream", "ignore_eos", "logprobs", "echo")
+
+
 class StreamOptions(Struct):
     include_usage: bool = False
 
@@ -39,8 +42,8 @@ class SamplingFields(Struct, kw_only=True):
     top_p: Probability | None = None
     top_k: NonNegative | None = None
     min_p: Probability | None = None
-    n: Annotated[int, Meta(ge=1, le=16)] = 1
-    stream: bool = False
+    n: Annotated[int, Meta(ge=1, le=16)] | None = 1
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     max_tokens: NonNegative | None = None
@@ -50,13 +53,19 @@ class SamplingFields(Struct, kw_only=True):
     logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
     seed: Seed | None = None
     user: str | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool | None = False
+
+    def __post_init__(self) -> None:
+        """An explicit null means the default (the OpenAI spec allows null here; wrappers forward None)."""
+        for f in msgspec.structs.fields(self):
+            if f.name in NULL_MEANS_DEFAULT and getattr(self, f.name) is None:
+                setattr(self, f.name, f.default)
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
     messages: list[ChatMessage]
     max_completion_tokens: NonNegative | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
@@ -67,7 +76,7 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
 class CompletionRequest(SamplingFields, kw_only=True):
     prompt: str | list[str | int | list[int]]
     suffix: str | None = None
-    echo: bool = False
+    echo: bool | None = False
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     best_of: int | None = None
 
