@@ -203,3 +203,22 @@ def test_generate_with_go_template(server):
     bad = httpx.post(server.url + "/api/generate", json={"model": "tiny-coder", "prompt": "hi", "template": "{{ range .Messages }}x{{ end }}",
                                                           "stream": False})
     assert bad.status_code == 400 and "unsupported template action" in bad.json()["error"]
+
+
+def test_long_prompts_are_cut_as_ollama_cuts_them(server, client):
+    """Ollama keeps the end of a prompt longer than the context and answers (Open WebUI relies on it); the OpenAI
+    routes keep their 400."""
+    long = "def f():\n    return 1\n" * 200  # far past the 256-token context
+    r = client.generate(model="tiny-coder", prompt=long, options={"num_predict": 8})
+    assert r.done and 0 < r.prompt_eval_count <= 256 - 8 and r.eval_count <= 8
+    chat = client.chat(model="tiny-coder", messages=[{"role": "user", "content": long}], options={"num_predict": 8})
+    assert chat.done and chat.prompt_eval_count <= 256 - 8
+    refused = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny-coder", "max_tokens": 4,
+                                                                     "messages": [{"role": "user", "content": long}]})
+    assert refused.status_code == 400 and "maximum context length" in refused.json()["error"]["message"]
+    think = httpx.post(server.url + "/api/chat", json={"model": "tiny-coder", "think": True, "stream": False,
+                                                       "messages": [{"role": "user", "content": "hi"}]})
+    assert think.status_code == 400 and "thinking" in think.json()["error"]
+    vectors = httpx.post(server.url + "/api/embed", json={"model": "tiny-coder", "input": ["a b", "c"], "dimensions": 8}).json()
+    assert [len(v) for v in vectors["embeddings"]] == [8, 8]
+    assert all(abs(sum(x * x for x in v) - 1) < 1e-5 for v in vectors["embeddings"])  # normalized again

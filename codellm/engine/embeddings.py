@@ -48,3 +48,15 @@ def embed_served(served, texts: list[str], *, truncate: bool = True) -> tuple[li
             raise InvalidRequest("input must not be empty", param="input")
         return served.encoder.embed(texts, truncate=truncate)
     return served.engine.embed(served.lm, texts, truncate=truncate)  # where the weights are: here or a child process
+
+
+def shorten(vectors: list[list[float]], dimensions: int | None) -> list[list[float]]:
+    """The first ``dimensions`` of each vector, L2-normalized again (Matryoshka-style truncation)."""
+    if not dimensions:
+        return vectors
+    out = []
+    for v in vectors:
+        head = v[:dimensions]
+        norm = sum(x * x for x in head) ** 0.5 or 1.0
+        out.append([x / norm for x in head])
+    return out

@@ -185,6 +185,8 @@ def pull(
     except DownloadError:
         raise
     except Exception as exc:  # transport errors come from huggingface_hub's own httpx fork
+        if getattr(getattr(exc, "response", None), "status_code", None) == 404:
+            raise NotFound(f"hub repo {target.repo} not found (or private: set HF_TOKEN)") from exc
         raise DownloadError(f"cannot reach the hub for {target.repo}: {_first_line(exc)}") from exc
 
     is_adapter = any(getattr(f, "path", "") == "adapter_config.json" for f in tree)

@@ -174,7 +174,23 @@ async def _generator(request: Request, data: GenerateRequest | ChatRequest, acti
     served, keep = await _serve(request, name, data.keep_alive)
     if served.engine is None:
         raise OllamaError(400, f'"{name}" does not support {action}')
+    if data.think not in (None, False, ""):
+        raise OllamaError(400, f'"{name}" does not support thinking')
     return name, served, keep
+
+
+NUM_KEEP = 4  # Ollama's default: the prompt's first tokens kept when its middle is cut
+
+
+def _fit(ids: list[int], served: Served, options: dict | None) -> list[int]:
+    """A prompt too long for the context keeps its first ``NUM_KEEP`` tokens and its end, as Ollama does (Open WebUI
+    relies on it), leaving room for ``num_predict`` tokens (or an eighth of the context)."""
+    limit = min(served.lm.max_len, served.generator().lm.max_len)
+    if len(ids) < limit:
+        return ids
+    predict = (options or {}).get("num_predict")
+    room = predict if isinstance(predict, int) and 0 < predict < limit // 2 else max(1, limit // 8)
+    return ids[:NUM_KEEP] + ids[len(ids) - (limit - room - NUM_KEEP):]
 
 
 def _load_or_unload(request: Request, served: Served, keep: float | None, extra: dict) -> dict:
@@ -298,7 +314,7 @@ async def generate(request: Request, data: GenerateRequest) -> Response:
             msgs = ([{"role": "system", "content": data.system}] if data.system else []) + [{"role": "user", "content": prompt}]
             ids = await prompts.render_off_loop(len(prompt) + len(data.system or ""), prompts.chat_prompt, lm, msgs) \
                 if getattr(lm.tokenizer, "chat_template", None) else prompts.encode(lm, prompt)
-        ids = list(data.context or []) + ids
+        ids = _fit(list(data.context or []) + ids, served, data.options)
         served.generator().check_prompt(len(ids), served.lm)
     except CodellmError as exc:
         raise OllamaError(exc.status if exc.status < 500 else 500, exc.message) from None
@@ -331,7 +347,8 @@ async def chat(request: Request, data: ChatRequest) -> Response:
     try:
         check_tools(data.tools)
         size = sum(len(m.content) for m in data.messages) + (len(msgspec.json.encode(data.tools)) if data.tools else 0)
-        ids = await prompts.render_off_loop(size, prompts.chat_prompt, served.lm, messages, tools=data.tools)
+        ids = _fit(await prompts.render_off_loop(size, prompts.chat_prompt, served.lm, messages, tools=data.tools),
+                   served, data.options)
         served.generator().check_prompt(len(ids), served.lm)
     except CodellmError as exc:
         raise OllamaError(exc.status if exc.status < 500 else 500, exc.message) from None
@@ -492,7 +509,7 @@ def _inputs(value, key: str) -> list[str]:
 
 @post("/api/embed", status_code=200, summary="Embeddings (Ollama)")
 async def embed(request: Request, data: EmbedRequest) -> dict:
-    from codellm.engine.embeddings import embed_served
+    from codellm.engine.embeddings import embed_served, shorten
 
     name = _name_of(data)
     served, keep = await _serve(request, name, data.keep_alive)
@@ -503,7 +520,7 @@ async def embed(request: Request, data: EmbedRequest) -> dict:
         raise OllamaError(exc.status, exc.message) from None
     finally:
         _manager(request).touch(served, keep)
-    return {"model": served.lm.name, "embeddings": vectors, "total_duration": int((time.perf_counter() - t0) * 1e9),
+    return {"model": served.lm.name, "embeddings": shorten(vectors, data.dimensions), "total_duration": int((time.perf_counter() - t0) * 1e9),
             "load_duration": getattr(served, "load_ns", 0), "prompt_eval_count": n}
 
 

@@ -43,6 +43,7 @@ class Message(Struct, kw_only=True):
 
 class Generation(Named, kw_only=True):
     options: dict[str, Any] | None = None
+    think: bool | str | None = None
     format: str | dict[str, Any] | None = None
     keep_alive: KeepAlive = None
     stream: bool = True

@@ -459,7 +459,7 @@ async def get_model(request: Request, model_id: str) -> dict:
 async def embeddings(request: Request, data: EmbeddingRequest) -> dict:
     import struct
 
-    from codellm.engine.embeddings import embed_served
+    from codellm.engine.embeddings import embed_served, shorten
 
     served = await served_model(request, data.model)
     try:
@@ -469,8 +469,7 @@ async def embeddings(request: Request, data: EmbeddingRequest) -> dict:
         vectors, n = await asyncio.to_thread(embed_served, served, texts, truncate=False)
     finally:
         release(request, served)
-    if data.dimensions:
-        vectors = [v[:data.dimensions] for v in vectors]
+    vectors = shorten(vectors, data.dimensions)
     if data.encoding_format == "base64":  # float32 little-endian, what openai-node asks for by default
         items = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
     else:
