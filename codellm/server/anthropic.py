@@ -20,7 +20,7 @@ from msgspec import Meta, Struct
 
 from codellm.errors import CodellmError, InvalidRequest, QueueFull
 from codellm.server.openai import SSE_HEADERS, _released, release, served_model, watch_disconnect
-from codellm.server.pipeline import ChatTurn, Delta, generate, prompt_of
+from codellm.server.pipeline import ChatTurn, Delta, block_text, generate, prompt_of
 from codellm.server.schemas import Seed
 
 
@@ -62,23 +62,10 @@ class MessagesRequest(Counted, kw_only=True):
 
 
 # -- requests into a chat turn --------------------------------------------------------------------------------------
-def _text(blocks, where: str) -> str:
-    if isinstance(blocks, str):
-        return blocks
-    parts = []
-    for block in blocks or []:
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text" and isinstance(block.get("text"), str):
-            parts.append(block["text"])
-        else:
-            raise InvalidRequest(f"{where}: a block of type {kind!r} is not supported here (text only)", param=where)
-    return "".join(parts)
-
-
 def _messages(data: Counted) -> list[dict]:
     out: list[dict] = []
     if data.system:
-        out.append({"role": "system", "content": _text(data.system, "system")})
+        out.append({"role": "system", "content": block_text(data.system, "system", "system")})
     for i, m in enumerate(data.messages):
         where = f"messages.{i}.content"
         if isinstance(m.content, str):
@@ -94,7 +81,7 @@ def _messages(data: Counted) -> list[dict]:
                               "function": {"name": block["name"], "arguments": block.get("input") or {}}})
             elif kind == "tool_result" and m.role == "user":
                 content = block.get("content")
-                result = _text(content, f"{where}.{j}.content") if content is not None else ""
+                result = block_text(content, f"{where}.{j}.content", "messages") if content is not None else ""
                 if block.get("is_error"):
                     result = f"Error: {result}"
                 out.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id") or ""), "content": result})

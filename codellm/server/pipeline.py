@@ -16,6 +16,24 @@ from codellm.engine import prompts
 from codellm.engine.manager import Served
 from codellm.engine.streams import AsyncStream
 from codellm.engine.tools import ToolCall, ToolCallParser, check_tools, forced_call, tool_format
+from codellm.errors import InvalidRequest
+
+
+TEXT_BLOCKS = ("text", "input_text", "output_text")  # what each dialect calls a block of plain text
+
+
+def block_text(content, where: str, param: str) -> str:
+    """The text of a message's content: a string, or a list of text blocks (anything else is refused)."""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content or []:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind in TEXT_BLOCKS and isinstance(block.get("text"), str):
+            parts.append(block["text"])
+        else:
+            raise InvalidRequest(f"{where}: content of type {kind!r} is not supported here (text only)", param=param)
+    return "".join(parts)
 
 
 @dataclass

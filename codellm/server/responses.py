@@ -22,7 +22,7 @@ from msgspec import Meta, Struct
 
 from codellm.errors import CodellmError, InvalidRequest, NotFound
 from codellm.server.openai import SSE_HEADERS, _released, release, served_model, watch_disconnect
-from codellm.server.pipeline import ChatTurn, Delta, generate
+from codellm.server.pipeline import ChatTurn, Delta, block_text, generate
 from codellm.server.schemas import Seed
 
 STORE_SIZE, STORE_SECONDS = 1000, 3600.0
@@ -70,26 +70,13 @@ class Store:
 
 
 # -- requests into a chat turn --------------------------------------------------------------------------------------
-def _content(content, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content or []:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
-            parts.append(part["text"])
-        else:
-            raise InvalidRequest(f"{where}: content of type {kind!r} is not supported (text only)", param="input")
-    return "".join(parts)
-
-
 def _items(items: list[dict]) -> list[dict]:
     out: list[dict] = []
     for i, item in enumerate(items):
         kind = item.get("type", "message")
         if kind == "message" and item.get("role") in ("user", "assistant", "system", "developer"):
             role = "system" if item["role"] == "developer" else item["role"]
-            out.append({"role": role, "content": _content(item.get("content"), f"input.{i}.content")})
+            out.append({"role": role, "content": block_text(item.get("content"), f"input.{i}.content", "input")})
         elif kind == "function_call" and isinstance(item.get("name"), str):
             call = {"id": str(item.get("call_id") or ""), "type": "function",
                     "function": {"name": item["name"], "arguments": item.get("arguments") or "{}"}}
