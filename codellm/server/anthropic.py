@@ -42,7 +42,7 @@ class Message(Struct, kw_only=True):
     content: str | list[dict[str, Any]]
 
 
-class Counted(Struct, kw_only=True):
+class CountTokensRequest(Struct, kw_only=True):
     model: Annotated[str, Meta(max_length=300)]
     messages: list[Message]
     system: str | list[dict[str, Any]] | None = None
@@ -50,7 +50,7 @@ class Counted(Struct, kw_only=True):
     tool_choice: ToolChoice | None = None
 
 
-class MessagesRequest(Counted, kw_only=True):
+class MessagesRequest(CountTokensRequest, kw_only=True):
     max_tokens: Annotated[int, Meta(ge=1)]
     stop_sequences: Annotated[list[str], Meta(max_length=64)] | None = None
     temperature: Annotated[float, Meta(ge=0, le=1)] | None = None
@@ -62,7 +62,7 @@ class MessagesRequest(Counted, kw_only=True):
 
 
 # -- requests into a chat turn --------------------------------------------------------------------------------------
-def _messages(data: Counted) -> list[dict]:
+def _messages(data: CountTokensRequest) -> list[dict]:
     out: list[dict] = []
     if data.system:
         out.append({"role": "system", "content": block_text(data.system, "system", "system")})
@@ -98,7 +98,7 @@ def _messages(data: Counted) -> list[dict]:
     return out
 
 
-def _tools(data: Counted) -> tuple[list[dict] | None, str | None, bool]:
+def _tools(data: CountTokensRequest) -> tuple[list[dict] | None, str | None, bool]:
     """(tools, the forced call, parallel calls allowed)."""
     choice = data.tool_choice or ToolChoice()
     if not data.tools or choice.type == "none":
@@ -218,7 +218,7 @@ async def messages(request: Request, data: MessagesRequest) -> Response:
 
 
 @post("/messages/count_tokens", status_code=200, summary="Count the tokens of a message (Anthropic Messages API)")
-async def count_tokens(request: Request, data: Counted) -> dict:
+async def count_tokens(request: Request, data: CountTokensRequest) -> dict:
     served = await served_model(request, data.model)
     try:
         tools, forced, _ = _tools(data)
