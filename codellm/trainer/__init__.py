@@ -1,1 +1,1 @@
-"""QLoRA training and adapter merging (issue #4: not built yet)."""
+"""QLoRA training and adapter merging: data, loss masking, packing, the training loop, merge, plots."""
