@@ -4,6 +4,7 @@ API), the run, and what it leaves in the output folder (results.jsonl, summary.j
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -24,8 +25,8 @@ def run_eval(models: list[str], cfg: EvalConfig, out: Path, *, url: str | None =
             from codellm.registry import Registry
             from codellm.server.background import serving
 
-            options = options or LoadOptions(keep_alive=None)
-            options.max_queue = max(options.max_queue, cfg.concurrency * min(cfg.n, MAX_N))  # room for every request
+            options = options or LoadOptions(keep_alive=None)  # with room in the queue for every request in flight
+            options = dataclasses.replace(options, max_queue=max(options.max_queue, cfg.concurrency * min(cfg.n, MAX_N)))
             url = stack.enter_context(serving(registry or Registry(), options))
         client = Client(url, api_key)
         stack.callback(client.http.close)

@@ -7,7 +7,6 @@ parses them. Errors have Anthropic's shape, from this router's own handlers.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from typing import Annotated, Any, AsyncIterator, Literal
@@ -19,8 +18,8 @@ from litestar.response import Stream
 from msgspec import Meta, Struct
 
 from codellm.errors import CodellmError, InvalidRequest, QueueFull
-from codellm.server.openai import SSE_HEADERS, _released, release, served_model, watch_disconnect
-from codellm.server.pipeline import ChatTurn, Delta, block_text, generate, prompt_of
+from codellm.server.openai import SSE_HEADERS, _released, release, served_model
+from codellm.server.pipeline import ChatTurn, Delta, block_text, collect, generate, prompt_of
 from codellm.server.schemas import Seed
 
 
@@ -193,26 +192,24 @@ async def messages(request: Request, data: MessagesRequest) -> Response:
     if data.stream:
         return Stream(_released(request, served, gen.stream, _events(gen, message)), media_type="text/event-stream",
                       headers=SSE_HEADERS)
-    watcher = asyncio.create_task(watch_disconnect(request, gen.stream))
+    try:
+        deltas = await collect(request, gen)
+    finally:
+        release(request, served)
     content: list[dict] = []
     final = Delta("finish", finish="stop", prompt_tokens=gen.prompt_tokens)
-    try:
-        async for d in gen.deltas():
-            if d.kind == "text":
-                if content and content[-1]["type"] == "text":
-                    content[-1]["text"] += d.text
-                else:
-                    content.append({"type": "text", "text": d.text})
-            elif d.kind == "call":
-                content.append(_tool_use(d.call))
-            elif d.finish == "error":
-                raise CodellmError(f"generation failed: {d.error}")
+    for d in deltas:
+        if d.kind == "text":
+            if content and content[-1]["type"] == "text":
+                content[-1]["text"] += d.text
             else:
-                final = d
-    finally:
-        watcher.cancel()
-        gen.stream.cancel()
-        release(request, served)
+                content.append({"type": "text", "text": d.text})
+        elif d.kind == "call":
+            content.append(_tool_use(d.call))
+        elif d.finish == "error":
+            raise CodellmError(f"generation failed: {d.error}")
+        else:
+            final = d
     return Response({**message, "content": content, "stop_reason": _stop_reason(final), "stop_sequence": final.stop,
                      "usage": _usage(final)})
 

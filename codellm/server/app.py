@@ -140,6 +140,7 @@ def create_app(
     )
     openapi.install(app)
     app.state.manager = manager
+    app.state.responses = responses.Store()  # what previous_response_id refers to
     app.state.stream_interval = stream_interval
     app.state.api_key = api_key if api_key is not None else os.environ.get("CODELLM_API_KEY") or None
     return app

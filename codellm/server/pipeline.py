@@ -9,6 +9,7 @@ calls are parsed out of the text as it streams.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -96,6 +97,18 @@ class Generation:
                 finish = "tool_calls" if calls else out.finish_reason
                 yield Delta("finish", finish=finish, stop=out.stop, prompt_tokens=self.prompt_tokens,
                             completion_tokens=completion)
+
+
+async def collect(request, gen: "Generation") -> list[Delta]:
+    """Every delta of a turn answered whole (not streamed); a client that hangs up meanwhile cancels it."""
+    from codellm.server.openai import watch_disconnect
+
+    watcher = asyncio.create_task(watch_disconnect(request, gen.stream))
+    try:
+        return [d async for d in gen.deltas()]
+    finally:
+        watcher.cancel()
+        gen.stream.cancel()
 
 
 async def prompt_of(served: Served, turn: ChatTurn) -> tuple[list[int], str | None, str, str, str]:

@@ -7,7 +7,6 @@ memory, the newest ``STORE_SIZE`` of them, for ``STORE_SECONDS``.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import threading
@@ -21,8 +20,8 @@ from litestar.response import Stream
 from msgspec import Meta, Struct
 
 from codellm.errors import CodellmError, InvalidRequest, NotFound
-from codellm.server.openai import SSE_HEADERS, _released, release, served_model, watch_disconnect
-from codellm.server.pipeline import ChatTurn, Delta, block_text, generate
+from codellm.server.openai import SSE_HEADERS, _released, release, served_model
+from codellm.server.pipeline import ChatTurn, Delta, block_text, collect, generate
 from codellm.server.schemas import Seed
 
 STORE_SIZE, STORE_SECONDS = 1000, 3600.0
@@ -172,10 +171,10 @@ def _history(turn: ChatTurn, output: list[dict]) -> list[dict]:
     return turn.messages + [reply]
 
 
-async def _collect(gen) -> tuple[list[dict], Delta | None]:
+def _output(deltas: list[Delta]) -> tuple[list[dict], Delta | None]:
     output: list[dict] = []
     final = None
-    async for d in gen.deltas():
+    for d in deltas:
         if d.kind == "text":
             if output and output[-1]["type"] == "message":
                 output[-1]["content"][0]["text"] += d.text
@@ -256,10 +255,7 @@ async def _events(data, rid: str, created: int, gen, store: Store | None, turn: 
 
 
 def _store(request: Request) -> Store:
-    state = request.app.state
-    if getattr(state, "responses", None) is None:
-        state.responses = Store()
-    return state.responses
+    return request.app.state.responses
 
 
 @post("/v1/responses", status_code=200, summary="Create a response (OpenAI Responses API)")
@@ -278,13 +274,11 @@ async def create_response(request: Request, data: ResponsesRequest) -> Response:
     if data.stream:
         return Stream(_released(request, served, gen.stream, _events(data, rid, created, gen, keep, turn)),
                       media_type="text/event-stream", headers=SSE_HEADERS)
-    watcher = asyncio.create_task(watch_disconnect(request, gen.stream))
     try:
-        output, final = await _collect(gen)
+        deltas = await collect(request, gen)
     finally:
-        watcher.cancel()
-        gen.stream.cancel()
         release(request, served)
+    output, final = _output(deltas)
     body = _response(data, rid, created, output, final, "completed")
     if keep is not None:
         keep.put(rid, _history(turn, output), body)
