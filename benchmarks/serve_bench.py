@@ -274,11 +274,13 @@ def hf_continuous_batching(home: Path, model: str, prompts: list[list[int]], max
             "tokens_per_s": round(tokens / wall, 1)}
 
 
-def start_server(home: Path, model: str, port: int, slots: int, num_ctx: int, extra: list[str]) -> subprocess.Popen:
+def start_server(home: Path, model: str, port: int, slots: int, num_ctx: int, extra: list[str],
+                 root: Path = ROOT) -> subprocess.Popen:
+    """`codellm serve` from checkout ``root`` on ``home``'s registry, once /health answers."""
     cmd = [sys.executable, "-m", "codellm.cli.main", "serve", "--port", str(port), "--model", model,
            "--slots", str(slots), "--num-ctx", str(num_ctx), "--max-queue", str(max(256, slots * 2)),
            "--log-level", "warning", *extra]
-    env = {**os.environ, "CODELLM_HOME": str(home), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "CODELLM_HOME": str(home), "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(cmd, env=env)
     deadline = time.time() + 600
     while time.time() < deadline:

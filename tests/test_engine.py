@@ -66,21 +66,28 @@ def test_fused_projections_share_memory_and_match(tiny_dir):
     assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
     assert sum(p.numel() for p in fused.parameters()) == before
     ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
-    cache = kvcache.SlotCache(layers=layers, slots=1, kv_heads=fused.config.num_key_value_heads,
-                              head_dim=fused.config.hidden_size // fused.config.num_attention_heads, max_len=16,
-                              dtype=torch.float32, device="cpu")
+    cache = _paged(fused.config, blocks=4, max_len=16)
     with torch.inference_mode():
-        with kvcache.use(kvcache.step_context(cache, [0], torch.arange(6).unsqueeze(0))):
+        with kvcache.use(kvcache.step_context(cache, [[2, 0]], torch.arange(6).unsqueeze(0))):
             step = fused(input_ids=ids, use_cache=False).logits
         ref = plain(input_ids=ids).logits
     torch.testing.assert_close(step, ref, rtol=1e-4, atol=1e-4)
 
 
+def _paged(cfg, *, blocks: int, max_len: int, dtype=torch.float32, device="cpu", block_size: int = 4):
+    from codellm.engine import kvcache
+
+    return kvcache.PagedCache(layers=cfg.num_hidden_layers, blocks=blocks, block_size=block_size, rows=4,
+                              kv_heads=cfg.num_key_value_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads,
+                              max_len=max_len, dtype=dtype, device=device)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_packed_prefill_matches_each_prompt_alone(tiny_dir, dtype):
     """Prompts of different lengths packed end to end in one row, with padding and unused rows as a captured
-    graph lays them out, give each prompt's own next-token logits and fill each slot's keys. On a GPU in bf16
-    this is FlashAttention's variable-length kernel; elsewhere the block-diagonal mask."""
+    graph lays them out, give each prompt's own next-token logits and fill each one's blocks. Then chunks that
+    continue those prompts, packed again, attend to the cached prefix: the same logits as the whole prompt alone.
+    On a GPU in bf16 this is FlashAttention's variable-length kernel; elsewhere the block-diagonal mask."""
     from transformers import AutoModelForCausalLM
 
     from codellm.engine import fusion, kvcache
@@ -92,25 +99,38 @@ def test_packed_prefill_matches_each_prompt_alone(tiny_dir, dtype):
     fusion.fuse(model)
     cfg = model.config
     prompts = [[5, 17, 99, 3, 42, 7], [8], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [30, 31]]
-    slots = [2, 0, 3, 1]
-    cache = kvcache.SlotCache(layers=cfg.num_hidden_layers, slots=4, kv_heads=cfg.num_key_value_heads,
-                              head_dim=cfg.hidden_size // cfg.num_attention_heads, max_len=32, dtype=dtype, device=device)
-    ids, positions, token_slots, cu, last = kvcache.pack_prompts(prompts, slots, width=32, rows=6)
-    assert positions[20:].eq(-1).all() and cu.tolist() == [0, 6, 7, 18, 20, 32, 32, 32] and last[:4].tolist() == [5, 6, 17, 19]
-    ctx = kvcache.packed_context(cache, token_slots.to(device), positions.to(device), cu.to(device, torch.int32), 32)
+    tails = [[60, 61, 62], [63], [64, 65, 66, 67, 68, 69], [70, 71, 72, 73, 74]]
+    tables = [[5, 1, 9], [0], [2, 7, 3, 11, 4], [8, 6]]  # blocks of 4 tokens, anywhere in the pool
+    cache = _paged(cfg, blocks=12, max_len=32, dtype=dtype, device=device)
+    chunks = [(p, 0, t) for p, t in zip(prompts, tables)]
+    ids, positions, write, cu, last = kvcache.pack_prompts(chunks, 4, cache.scratch, width=32, rows=6)
+    assert write[20:].eq(cache.scratch).all() and cu.tolist() == [0, 6, 7, 18, 20, 32, 32, 32] and last[:4].tolist() == [5, 6, 17, 19]
+    assert write[:6].tolist() == [20, 21, 22, 23, 4, 5]  # block 5, then block 1
+    ctx = kvcache.packed_context(cache, write.to(device), positions.to(device), cu.to(device, torch.int32), 32)
     with torch.inference_mode():
         with kvcache.use(ctx):
-            packed = model(input_ids=ids.view(1, -1).to(device), position_ids=positions.clamp(min=0).view(1, -1).to(device),
+            packed = model(input_ids=ids.view(1, -1).to(device), position_ids=positions.view(1, -1).to(device),
                            use_cache=False, logits_to_keep=last.to(device)).logits[0]
         alone = [model(input_ids=torch.tensor([p], device=device)).logits[0, -1] for p in prompts]
-        one = kvcache.SlotCache(layers=cfg.num_hidden_layers, slots=1, kv_heads=cfg.num_key_value_heads,
-                                head_dim=cfg.hidden_size // cfg.num_attention_heads, max_len=32, dtype=dtype, device=device)
-        with kvcache.use(kvcache.step_context(one, [0], torch.arange(len(prompts[2])).unsqueeze(0))):
+        more = [(t, len(p), tab) for p, t, tab in zip(prompts, tails, tables)]
+        ids, positions, write, cu, last = kvcache.pack_prompts(more, 4, cache.scratch)
+        kv_index, cu_k, max_k = kvcache.pack_keys(more, 4)
+        assert cu_k.tolist() == [0, 9, 11, 28, 35] and max_k == 17
+        ctx = kvcache.packed_context(cache, write.to(device), positions.to(device), cu.to(device, torch.int32), 6,
+                                     kv_index.to(device), cu_k.to(device, torch.int32), max_k)
+        with kvcache.use(ctx):
+            continued = model(input_ids=ids.view(1, -1).to(device), position_ids=positions.view(1, -1).to(device),
+                              use_cache=False, logits_to_keep=last.to(device)).logits[0]
+        whole = [model(input_ids=torch.tensor([p + t], device=device)).logits[0, -1] for p, t in zip(prompts, tails)]
+        one = _paged(cfg, blocks=12, max_len=32, dtype=dtype, device=device)
+        with kvcache.use(kvcache.step_context(one, [[0, 1, 2]], torch.arange(len(prompts[2])).unsqueeze(0))):
             model(input_ids=torch.tensor([prompts[2]], device=device), use_cache=False)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
     torch.testing.assert_close(packed[:4], torch.stack(alone), **tol)
-    for layer in range(cfg.num_hidden_layers):  # the third prompt's keys landed in its slot (3), at its positions
-        torch.testing.assert_close(cache.k[layer][3, :, :11], one.k[layer][0, :, :11], **tol)
+    torch.testing.assert_close(continued, torch.stack(whole), **tol)
+    for layer in range(cfg.num_hidden_layers):  # the third prompt's keys landed in its blocks, at its positions
+        rows = cache.index([tables[2]], 11)[0].to(device)
+        torch.testing.assert_close(cache.k[layer][rows], one.k[layer][:11], **tol)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on GPUs")
@@ -120,17 +140,21 @@ def test_split_kv_decode_kernel_matches_sdpa(dtype):
     from codellm.engine import decode_attention
 
     torch.manual_seed(0)
-    rows, hq, hkv, d, keys = 6, 32, 8, 64, 600
-    k = torch.randn(rows + 1, hkv, keys, d, device="cuda", dtype=dtype)
+    rows, hq, hkv, d, keys, page = 6, 32, 8, 64, 600, 16
+    pages = keys // page + 1
+    k = torch.randn(rows * pages * page, hkv, d, device="cuda", dtype=dtype)  # a paged pool; rows' blocks shuffled
     v = torch.randn_like(k)
+    table = torch.randperm(rows * pages, device="cuda").view(rows, pages).to(torch.int32)
     q = torch.randn(rows, 1, hq, d, device="cuda", dtype=dtype).transpose(1, 2)[:, :, 0]  # the layout attention hands over
     lens = torch.tensor([1, 17, 64, 65, 300, 599], device="cuda", dtype=torch.int32)
-    out = decode_attention.decode_attention(q, k, v, lens, d ** -0.5)
+    out = decode_attention.decode_attention(q, k, v, table, lens, d ** -0.5, page)
     for b in range(rows):
         n = int(lens[b])
+        at = (table[b].long()[:, None] * page + torch.arange(page, device="cuda")).flatten()[:n]
+        kb, vb = k[at].transpose(0, 1), v[at].transpose(0, 1)  # [hkv, n, d]
         ref = torch.nn.functional.scaled_dot_product_attention(
-            q[b, :, None].float(), k[b, :, :n].repeat_interleave(hq // hkv, 0).float(),
-            v[b, :, :n].repeat_interleave(hq // hkv, 0).float())[:, 0]
+            q[b, :, None].float(), kb.repeat_interleave(hq // hkv, 0).float(),
+            vb.repeat_interleave(hq // hkv, 0).float())[:, 0]
         tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(out[b].float(), ref, **tol)
 

@@ -378,6 +378,33 @@ def test_metrics(client, server):
     assert "# TYPE codellm_time_to_first_token_seconds histogram" in body
 
 
+def test_prefix_cache_reports_cached_tokens(client, server):
+    """A long system prompt sent again (an agent's rules and tools) comes from the prefix cache the second time:
+    usage says how many tokens, streamed or not, and /metrics counts the hits under vLLM's names too."""
+    system = f"You are a careful coding assistant ({time.time_ns()}). Answer with code only, no prose. " * 2
+
+    def ask(question, **kw):
+        return client.chat.completions.create(model="tiny-coder", max_tokens=4, messages=[
+            {"role": "system", "content": system}, {"role": "user", "content": question}], **kw)
+
+    first = ask("write a stack")
+    assert first.usage.prompt_tokens > 64 and first.usage.prompt_tokens_details.cached_tokens == 0
+    second = ask("write a queue")
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 32 <= cached < second.usage.prompt_tokens and cached % 16 == 0
+    chunks = list(ask("write a heap", stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= cached
+    values = {}
+    for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            values[key] = float(value)
+    label = 'model_name="tiny-coder:latest"'
+    assert values[f"vllm:prefix_cache_hits_total{{{label}}}"] >= 2 * cached
+    assert values[f"vllm:prefix_cache_queries_total{{{label}}}"] >= 3 * first.usage.prompt_tokens
+    assert 0 <= values[f"vllm:kv_cache_usage_perc{{{label}}}"] <= 1
+
+
 def _engine_children(pid: int) -> list[int]:
     """The server's engine processes (spawned children, not multiprocessing's resource tracker)."""
     from pathlib import Path

@@ -220,16 +220,13 @@ def create(name, path):
     click.echo(f"created {entry.name.short} ({entry.id})")
 
 
-def _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code, keep_alive="-1", max_loaded=3,
-                  memory_limit=None, cuda_graphs=True, compile=True, engine_process=None):
+def _load_options(keep_alive="-1", max_loaded=3, memory_limit=None, kv_cache_memory=None, **engine):
+    """LoadOptions from the ``engine_options`` flags (``engine``) and a command's own."""
     from codellm.engine.manager import LoadOptions, parse_keep_alive
     from codellm.engine.memory import parse_size
 
-    return LoadOptions(device=device, dtype=dtype, quantize=quantize, num_ctx=num_ctx, slots=slots,
-                       max_queue=max_queue, trust_remote_code=trust_remote_code,
-                       keep_alive=parse_keep_alive(keep_alive, 300.0), max_loaded=max_loaded,
-                       memory_limit=parse_size(memory_limit), cuda_graphs=cuda_graphs, compile=compile,
-                       engine_process=engine_process)
+    return LoadOptions(keep_alive=parse_keep_alive(keep_alive, 300.0), max_loaded=max_loaded,
+                       memory_limit=parse_size(memory_limit), kv_cache_memory=parse_size(kv_cache_memory), **engine)
 
 
 def engine_options(f):
@@ -238,7 +235,12 @@ def engine_options(f):
         click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Weights dtype (default: bf16 on GPU, fp32 on CPU)."),
         click.option("--quantize", type=click.Choice(["nf4"]), help="Load weights 4-bit with bitsandbytes (GPU)."),
         click.option("--num-ctx", type=click.IntRange(16), help="Context length per sequence (default: the model's num_ctx or 4096)."),
-        click.option("--slots", type=click.IntRange(1), help="Sequences decoded together (default: 64 on GPU, 8 on CPU)."),
+        click.option("--slots", type=click.IntRange(1), help="Sequences decoded together (default: 256 on GPU, 8 on CPU)."),
+        click.option("--kv-cache-memory", help="Memory for the paged KV cache of each model, e.g. 16GB (default: a "
+                     "whole context for each of --slots, or 64 whole contexts on GPU, 8 on CPU). Sequences take "
+                     "blocks as they grow, so it holds many more short ones than whole contexts."),
+        click.option("--prefix-caching/--no-prefix-caching", default=True, show_default=True,
+                     help="Reuse the KV cache of prompts that start like earlier ones (and of earlier answers)."),
         click.option("--max-queue", type=click.IntRange(1), default=256, show_default=True, help="Requests queued per model before 429."),
         click.option("--trust-remote-code", is_flag=True, help="Allow models that need their repo's Python code."),
         click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
@@ -291,8 +293,8 @@ def _interval(ctx, param, value: str) -> float | None:
                    "every token as it comes; 'auto' grows with the number of open streams (up to 50 ms at 400), so "
                    "that hundreds of streams do not keep the server from reading new requests.")
 @engine_options
-def serve(host, port, api_key, models, cors, allowed_hosts, log_level, keep_alive, max_loaded, memory_limit, stream_interval, device,
-          dtype, quantize, num_ctx, slots, max_queue, trust_remote_code, cuda_graphs, compile, engine_process):
+def serve(host, port, api_key, models, cors, allowed_hosts, log_level, keep_alive, max_loaded, memory_limit, stream_interval,
+          **engine):
     """Serve registry models over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/embeddings,
     /v1/models) and Ollama's (/api/chat, /api/generate, /api/tags, /api/show, /api/pull, /api/ps, ...),
     with /health, /metrics and the OpenAPI schema at /schema."""
@@ -306,9 +308,7 @@ def serve(host, port, api_key, models, cors, allowed_hosts, log_level, keep_aliv
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     reg = _registry()
-    manager = ModelManager(reg, _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code,
-                                              keep_alive, max_loaded, memory_limit, cuda_graphs, compile,
-                                              engine_process))
+    manager = ModelManager(reg, _load_options(keep_alive, max_loaded, memory_limit, **engine))
     names = []
     for name in models or (["default"] if not reg.list() else []):
         names.append(ensure_default(reg, status=lambda s: click.echo(s, err=True)) if name == "default" else name)
@@ -333,8 +333,7 @@ def serve(host, port, api_key, models, cors, allowed_hosts, log_level, keep_aliv
 @click.option("--system", help="System message.")
 @click.option("--local", is_flag=True, help="Always run the engine in this process.")
 @engine_options
-def run(model, prompt, url, api_key, system, local, device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code,
-        cuda_graphs, compile, engine_process):
+def run(model, prompt, url, api_key, system, local, **engine):
     """Chat with MODEL: answer PROMPT and exit, or start an interactive chat.
 
     In the chat: /set system TEXT, /set parameter NAME VALUE, /clear, /bye, and \"\"\" to begin and end a
@@ -357,9 +356,7 @@ def run(model, prompt, url, api_key, system, local, device, dtype, quantize, num
     else:
         from codellm.engine.manager import ModelManager
 
-        manager = ModelManager(_registry(), _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code,
-                                                          cuda_graphs=cuda_graphs, compile=compile,
-                                                          engine_process=engine_process))
+        manager = ModelManager(_registry(), _load_options(**engine))
         manager.get(model, pin=True)
         ask = lambda text: client.stream_local(manager, session, text)  # noqa: E731
     try:
@@ -596,8 +593,7 @@ a warning). It is NOT a security sandbox: the code can read what its user can re
 @click.option("--seed", default=1234, show_default=True, type=int, help="Sampling seed (each request gets seed + sample index).")
 @engine_options
 def eval_cmd(models, suite, data, n, temperature, ks, limit, concurrency, workers, max_tokens, timeout, mode, url, api_key,
-             out, fresh, seed, device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code, cuda_graphs, compile,
-             engine_process):
+             out, fresh, seed, **engine):
     from tqdm.auto import tqdm
 
     from codellm.eval.run import EvalConfig, table
@@ -615,9 +611,7 @@ def eval_cmd(models, suite, data, n, temperature, ks, limit, concurrency, worker
         bar.n = done
         bar.refresh()
 
-    options = None if url else _load_options(device, dtype, quantize, num_ctx, slots, max_queue, trust_remote_code,
-                                             keep_alive="-1", max_loaded=len(models), cuda_graphs=cuda_graphs,
-                                             compile=compile, engine_process=engine_process)
+    options = None if url else _load_options(keep_alive="-1", max_loaded=len(models), **engine)
     try:
         summaries, chart = run_eval(list(models), cfg, out, url=url, api_key=api_key, options=options, fresh=fresh,
                                     progress=progress)

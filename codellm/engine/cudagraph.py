@@ -3,12 +3,13 @@
 
 Decode graphs are captured at load, one per batch bucket (and per key-length bucket when attention is
 SDPA; the split-KV kernel of ``decode_attention`` reads each row's length on the device, so one graph
-serves every length), over the same slot KV cache and attention function as the eager path. Row i of a
-step is slot i, so attention reads keys in place (no per-row gather); everything a step changes (token
-ids, positions) lives in one static device buffer filled by a single host-to-device copy. Rows without a
-sequence write to the cache's scratch position.
+serves every length), over the same paged KV cache and attention function as the eager path. Row i of a
+step is block-table row i; everything a step changes (token ids, positions, where each row's keys go)
+lives in one static device buffer filled by a single host-to-device copy, and the block table is a static
+buffer the scheduler updates between steps. Rows without a sequence write to the cache's scratch block.
 
-Prefill graphs, one per token-count bucket, run packed prefills of fresh prompts (``kvcache.packed_context``):
+Prefill graphs, one per token-count bucket, run packed prefills of fresh prompts (``kvcache.packed_context``;
+a prompt that continues a cached prefix prefills eagerly):
 up to ``PREFILL_ROWS`` prompts end to end in one row, so a lone 128-token prompt costs one replay
 instead of an eager forward launched from Python (tens of ms, most of a c=1 time to first token).
 
@@ -45,7 +46,7 @@ def _buckets(limit: int, start: int) -> list[int]:
 
 
 class GraphRunner:
-    def __init__(self, model, cache: kvcache.SlotCache, device: torch.device, tokens: torch.Tensor, *, min_kv: int = 128,
+    def __init__(self, model, cache: kvcache.PagedCache, device: torch.device, tokens: torch.Tensor, *, min_kv: int = 128,
                  compile: bool = False):
         self.model, self.cache, self.device = model, cache, device
         self.tokens = tokens  # [slots] each slot's last argmax, on the device: the next step can read its input there
@@ -60,12 +61,11 @@ class GraphRunner:
         self.pf = torch.zeros(4 * width + 2 * PREFILL_ROWS + 2, dtype=torch.long, device=device)
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         bmax = self.batch_buckets[-1]
-        # ids, positions, take (1: this row's input is ``tokens[row]``), adapter number; two host buffers, so a
-        # step's inputs are written while the previous step's copy may still be pending
-        self.staging = torch.zeros((2, 4, bmax), dtype=torch.long, pin_memory=True)
+        # ids, positions, take (1: this row's input is ``tokens[row]``), adapter number, cache row of its keys; two
+        # host buffers, so a step's inputs are written while the previous step's copy may still be pending
+        self.staging = torch.zeros((2, 5, bmax), dtype=torch.long, pin_memory=True)
         self._flip = 0
-        self.packed = torch.zeros((4, bmax), dtype=torch.long, device=device)
-        self.rows = torch.arange(bmax, device=device)
+        self.packed = torch.zeros((5, bmax), dtype=torch.long, device=device)
         self.keys = torch.arange(cache.max_len + 1, device=device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -100,9 +100,9 @@ class GraphRunner:
         return logits, nxt
 
     def _step(self, b: int, kv: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, pos, take, adapters = (self.packed[i, :b].view(b, 1) for i in range(4))
+        ids, pos, take, adapters, write = (self.packed[i, :b].view(b, 1) for i in range(5))
         mask = None if self.kernel else self.keys[:kv].view(1, 1, 1, -1) <= pos[:, None, :, None]
-        ctx = kvcache.StepContext(self.cache, self.rows[:b], pos, kv, mask, None, {}, True)
+        ctx = kvcache.StepContext(self.cache, write, pos, kv, mask, table=self.cache.table[:b])
         with kvcache.attention_backends(self.device), self._adapters(adapters):  # never cuDNN (see attention_backends)
             return self.forward(ids, pos, take, ctx)
 
@@ -112,17 +112,17 @@ class GraphRunner:
 
     def _pf_parts(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Views of a packed-prefill buffer (the device one, or the pinned host block copied into it): ids,
-        positions, slots (``pf_width`` each), cu (rows + 2), last (rows), each token's adapter number (``pf_width``)."""
+        positions, cache rows (``pf_width`` each), cu (rows + 2), last (rows), each token's adapter number (``pf_width``)."""
         w, r = self.pf_width, PREFILL_ROWS
         return buf[:w], buf[w:2 * w], buf[2 * w:3 * w], buf[3 * w:3 * w + r + 2], buf[3 * w + r + 2:3 * w + 2 * r + 2], \
             buf[3 * w + 2 * r + 2:]
 
     def _prefill_step(self, n: int) -> torch.Tensor:
-        ids, pos, slots, cu, last, adapters = self._pf_parts(self.pf)
-        ids, pos, slots, cu, adapters = ids[:n], pos[:n], slots[:n], cu.to(torch.int32), adapters[:n]
-        ctx = kvcache.packed_context(self.cache, slots, pos, cu, n)
+        ids, pos, write, cu, last, adapters = self._pf_parts(self.pf)
+        ids, pos, write, cu, adapters = ids[:n], pos[:n], write[:n], cu.to(torch.int32), adapters[:n]
+        ctx = kvcache.packed_context(self.cache, write, pos, cu, n)
         with kvcache.attention_backends(self.device), self._adapters(adapters.view(1, n)):
-            out = self.model(input_ids=ids.view(1, n), position_ids=pos.clamp(min=0).view(1, n), use_cache=False,
+            out = self.model(input_ids=ids.view(1, n), position_ids=pos.view(1, n), use_cache=False,
                              logits_to_keep=last, codellm_step=ctx)
         return out.logits[0]
 
@@ -143,7 +143,7 @@ class GraphRunner:
         """Capture every bucket now (seconds at load) rather than stalling streams mid-generation. A compiled
         step that fails to capture falls back to the plain one; a plain one that fails leaves decoding eager."""
         self.packed.zero_()
-        self.packed[1].fill_(self.cache.max_len)  # capture-time writes land in the scratch position
+        self.packed[4].fill_(self.cache.scratch)  # capture-time writes land in the scratch block
         for b in self.batch_buckets:
             for kv in self.kv_buckets:
                 while (b, kv) not in self.graphs and not self.disabled:
@@ -156,8 +156,8 @@ class GraphRunner:
                         else:
                             log.exception("capturing the compiled decode step failed; capturing it uncompiled")
                             self._uncompiled()
-        _, pos, _, cu, _, _ = self._pf_parts(self.pf)
-        pos.fill_(-1)  # prefill graphs: capture-time writes go to the scratch slot
+        _, _, write, cu, _, _ = self._pf_parts(self.pf)
+        write.fill_(self.cache.scratch)  # prefill graphs: capture-time writes go to the scratch block
         for n in self.prefill_buckets:
             if self.disabled:
                 break
@@ -171,12 +171,12 @@ class GraphRunner:
                 self.prefill_graphs.clear()
                 break
 
-    def run(self, ids: list[int], positions: list[int], take: list[int],
+    def run(self, ids: list[int], positions: list[int], take: list[int], write: list[int],
             adapters: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(logits [n, V], argmax [n]) on the device for one decode step whose row i is slot i (position -1: no
-        sequence there; take 1: the input is the slot's last argmax, still on the device; ``adapters``: each
-        row's adapter number, see ``use_adapters``), or None when the graph path cannot run it. Nothing here
-        waits for the device."""
+        """(logits [n, V], argmax [n]) on the device for one decode step whose row i is block-table row i (position
+        -1: no sequence there; take 1: the input is the row's last argmax, still on the device; ``write``: the cache
+        row of each row's new keys; ``adapters``: each row's adapter number, see ``use_adapters``), or None when the
+        graph path cannot run it. Nothing here waits for the device."""
         if self.disabled:
             return None
         n = len(ids)
@@ -184,12 +184,12 @@ class GraphRunner:
         kv = next((x for x in self.kv_buckets if x >= max(positions) + 1), None)
         if b is None or kv is None:
             return None
-        scratch = self.cache.max_len
+        scratch = self.cache.scratch
         staging = self.staging[self._flip]
         self._flip ^= 1
         pad = [0] * (b - n)
-        staging[:, :b] = torch.tensor([ids + pad, [p if p >= 0 else scratch for p in positions] + [scratch] * (b - n),
-                                       take + pad, (adapters or [0] * n) + pad])
+        staging[:, :b] = torch.tensor([ids + pad, [max(p, 0) for p in positions] + pad, take + pad,
+                                       (adapters or [0] * n) + pad, write + [scratch] * (b - n)])
         self.packed[:, :b].copy_(staging[:, :b], non_blocking=True)
         key = (b, kv)
         if key not in self.graphs:
@@ -218,17 +218,19 @@ class GraphRunner:
             size += n
         return groups
 
-    def prefill(self, prompts: list[list[int]], slots: list[int], adapters: list[int] | None = None) -> torch.Tensor | None:
-        """Next-token logits ([len(prompts), V], on the device) of a packed prefill of fresh ``prompts`` into
-        ``slots`` (with each prompt's adapter number) by one graph replay, or None when no captured graph fits
-        (too many tokens or prompts)."""
+    def prefill(self, chunks: list[tuple[list[int], int, list[int]]], adapters: list[int] | None = None) -> torch.Tensor | None:
+        """Next-token logits ([len(chunks), V], on the device) of a packed prefill of fresh prompts (``chunks`` as
+        ``kvcache.pack_prompts`` takes them, each from position 0, with each prompt's adapter number) by one graph
+        replay, or None when no captured graph fits (too many tokens or prompts)."""
+        prompts = [tokens for tokens, _, _ in chunks]
         total = sum(len(p) for p in prompts)
         n = next((b for b in self.prefill_buckets if b >= total), None)
         if n is None or n not in self.prefill_graphs or len(prompts) > PREFILL_ROWS or self.disabled:
             return None
         host = torch.empty(self.pf.shape[0], dtype=torch.long, pin_memory=True)  # cached pinned block, freed once copied
-        h_ids, h_pos, h_slots, h_cu, h_last, h_adapters = self._pf_parts(host)
-        h_ids[:n], h_pos[:n], h_slots[:n], h_cu[:], h_last[:] = kvcache.pack_prompts(prompts, slots, width=n, rows=PREFILL_ROWS)
+        h_ids, h_pos, h_write, h_cu, h_last, h_adapters = self._pf_parts(host)
+        h_ids[:n], h_pos[:n], h_write[:n], h_cu[:], h_last[:] = kvcache.pack_prompts(
+            chunks, self.cache.block_size, self.cache.scratch, width=n, rows=PREFILL_ROWS)
         if self.lora is not None:
             h_adapters[:n] = multilora.token_adapters(prompts, adapters, n)
         self.pf.copy_(host, non_blocking=True)

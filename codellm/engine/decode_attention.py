@@ -7,8 +7,9 @@ as many keys as the longest one (or the graph's key bucket). At batch 1 that is 
 of its *own* length (flash-decoding), each program reads only real keys, the query heads that share a KV
 head are handled together (GQA without copying keys), and a second small kernel merges the pieces.
 
-Because lengths are read on the device, one captured graph per batch size serves every context length:
-no key-length buckets. Runs on CUDA with Triton; elsewhere (CPU, tests) the caller keeps SDPA.
+Keys are read through the block table of the paged cache, so a row's keys may lie anywhere in the pool.
+Because lengths and tables are read on the device, one captured graph per batch size serves every context
+length: no key-length buckets. Runs on CUDA with Triton; elsewhere (CPU, tests) the caller keeps SDPA.
 ``CODELLM_ATTENTION=sdpa`` turns it off (a benchmarking switch).
 """
 
@@ -47,8 +48,9 @@ def probe(device: torch.device, head_dim: int) -> bool:
     if not available(device, head_dim):
         return False
     try:
-        k = torch.zeros(2, 1, 16, head_dim, device=device)
-        decode_attention(torch.zeros(1, 2, head_dim, device=device), k, k, torch.ones(1, dtype=torch.int32, device=device), 1.0)
+        k = torch.zeros(32, 1, head_dim, device=device)
+        one = torch.ones(1, dtype=torch.int32, device=device)
+        decode_attention(torch.zeros(1, 2, head_dim, device=device), k, k, one.view(1, 1) * 0, one, 1.0, 16)
         return True
     except Exception:
         log.warning("the split-KV decode kernel does not run on %s; decoding with SDPA", device, exc_info=True)
@@ -78,11 +80,11 @@ def splits_for(rows: int, kv_heads: int, device: torch.device) -> int:
 
 if triton is not None:
     @triton.jit
-    def _partial(Q, K, V, Lens, Acc, ML,
-                 sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sa_b, sa_h, sa_s, sm_b, sm_h, sm_s,
+    def _partial(Q, K, V, Table, Lens, Acc, ML,
+                 sq_b, sq_h, sk_n, sk_h, sv_n, sv_h, st_b, sa_b, sa_h, sa_s, sm_b, sm_h, sm_s,
                  scale, splits,
                  GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 PAGE: tl.constexpr, IEEE: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
@@ -98,12 +100,14 @@ if triton is not None:
         m = tl.full([GROUP_P], float("-inf"), tl.float32)
         lsum = tl.zeros([GROUP_P], tl.float32)
         acc = tl.zeros([GROUP_P, D], tl.float32)
-        kbase = K + b * sk_b + h * sk_h
-        vbase = V + b * sv_b + h * sv_h
+        kbase = K + h * sk_h
+        vbase = V + h * sv_h
         for off in range(start, end, BLOCK):
             cols = off + tl.arange(0, BLOCK)
             valid = cols < end
-            k = tl.load(kbase + cols[:, None] * sk_n + d[None, :], mask=valid[:, None], other=0.0)
+            page = tl.load(Table + b * st_b + cols // PAGE, mask=valid, other=0)  # the pool rows of these keys
+            rows = page.to(tl.int64) * PAGE + cols % PAGE
+            k = tl.load(kbase + rows[:, None] * sk_n + d[None, :], mask=valid[:, None], other=0.0)
             if IEEE:
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -113,7 +117,7 @@ if triton is not None:
             p = tl.exp(scores - m_new[:, None])
             alpha = tl.exp(m - m_new)
             lsum = lsum * alpha + tl.sum(p, 1)
-            v = tl.load(vbase + cols[:, None] * sv_n + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(vbase + rows[:, None] * sv_n + d[None, :], mask=valid[:, None], other=0.0)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -140,7 +144,8 @@ if triton is not None:
         tl.store(Out + b * so_b + h * so_h + d, out.to(Out.dtype.element_ty))
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, scale: float,
+            page: int) -> torch.Tensor:
     rows, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -149,11 +154,11 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tenso
     ml = torch.empty((rows, hq, splits, 2), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     _partial[(rows, hkv, splits)](
-        q, k, v, lens, acc, ml,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        q, k, v, table, lens, acc, ml,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), table.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1), ml.stride(2),
         scale, splits,
-        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, BLOCK=BLOCK_N,
+        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, BLOCK=BLOCK_N, PAGE=page,
         IEEE=q.dtype == torch.float32,
     )
     _merge[(rows, hq)](acc, ml, out, acc.stride(0), acc.stride(1), acc.stride(2), ml.stride(0), ml.stride(1),
@@ -163,13 +168,14 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tenso
 
 
 @torch.library.custom_op("codellm::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of ``q`` ([B, Hq, D], one token per row) over row b's first ``lens[b]`` keys of ``k``/``v``
-    ([>=B, Hkv, L, D]: row b reads cache slot b). An opaque op to ``torch.compile``, so the compiled and
-    graph-captured step launches it as is."""
-    return _launch(q, k, v, lens, scale)
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
+                     scale: float, page: int) -> torch.Tensor:
+    """Attention of ``q`` ([B, Hq, D], one token per row) over row b's first ``lens[b]`` keys in the paged pools
+    ``k``/``v`` ([tokens, Hkv, D]): key j of row b is pool row ``table[b, j // page] * page + j % page``. An
+    opaque op to ``torch.compile``, so the compiled and graph-captured step launches it as is."""
+    return _launch(q, k, v, table, lens, scale, page)
 
 
 @decode_attention.register_fake
-def _(q, k, v, lens, scale):
+def _(q, k, v, table, lens, scale, page):
     return torch.empty_like(q)

@@ -1,9 +1,11 @@
-"""A static, slot-indexed KV cache with per-sequence positions, and the attention that uses it.
+"""The paged KV cache, and the attention that reads it.
 
-Every sequence owns one slot (a row of a preallocated ``[slots, kv_heads, max_len, head_dim]``
-tensor per layer) and writes its keys/values at its own positions, so sequences of any lengths
-decode in one batch. The same layout is what a CUDA-graph fast path captures: nothing here
-allocates per step except the gathered keys.
+Keys and values live in blocks of one pool (``PagedCache``); which blocks a sequence holds is the block
+pool's business (``blocks``). Every token of a step is told where its keys go (a cache row each) and what
+it attends to: a decode row reads its sequence's blocks through the block table (the split-KV kernel on
+GPUs, a gather and SDPA elsewhere), and a packed prefill of prompt chunks attends to each chunk's own keys
+or, for a chunk that continues a cached prefix, to its whole sequence gathered from the pool. Nothing here
+allocates per step except gathered keys, so the same steps are what CUDA graphs capture.
 
 transformers models call attention through ``AttentionInterface``; registering ``codellm`` there
 (with no mask function) makes them hand us rotary-embedded queries/keys with no cache of their
@@ -27,14 +29,28 @@ ATTN_IMPLEMENTATION = "codellm"
 _CTX: contextvars.ContextVar["StepContext | None"] = contextvars.ContextVar("codellm_step", default=None)
 
 
-class SlotCache:
-    def __init__(self, *, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        # one scratch slot (index ``slots``) and one scratch position (``max_len``) take padding writes
-        shape = (slots + 1, kv_heads, max_len + 1, head_dim)
+class PagedCache:
+    """Keys and values of every sequence, in fixed-size blocks of one pool (``blocks.BlockPool`` says which
+    block holds what), and a block table: row r lists the blocks of the sequence decoding in batch row r.
+
+    Each layer's pool is token-major, ``[(blocks + 1) * block_size, kv_heads, head_dim]``: token t of block b
+    is row ``b * block_size + t``. The last block is scratch: padding writes go there and no sequence reads it.
+    Table entries past a sequence's blocks point at it too, so a kernel that overreads stays in bounds."""
+
+    def __init__(self, *, layers: int, blocks: int, block_size: int, rows: int, kv_heads: int, head_dim: int,
+                 max_len: int, dtype: torch.dtype, device: torch.device | str):
+        shape = ((blocks + 1) * block_size, kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.slots, self.max_len = slots, max_len
+        self.blocks, self.block_size, self.slots, self.max_len = blocks, block_size, rows, max_len
+        self.width = -(-(max_len + 1) // block_size)  # table entries a row needs for a whole context
+        self.table = torch.full((rows + 1, self.width), blocks, dtype=torch.int32, device=device)
+        self._dirty: dict[int, list[int]] = {}
+
+    @property
+    def scratch(self) -> int:
+        """A token index that takes padding writes and is never read."""
+        return self.blocks * self.block_size
 
     @property
     def scratch_slot(self) -> int:
@@ -44,85 +60,135 @@ class SlotCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def set_row(self, row: int, blocks: list[int]) -> None:
+        """Row ``row`` of the table is now ``blocks`` (written to the device by the next ``sync``)."""
+        self._dirty[row] = blocks
+
+    def sync(self) -> None:
+        """Copy the rows changed since the last call to the device table, in stream order with the steps."""
+        if not self._dirty:
+            return
+        rows = sorted(self._dirty)
+        host = torch.full((len(rows), self.width), self.blocks, dtype=torch.int32)
+        for i, r in enumerate(rows):
+            blocks = self._dirty[r][:self.width]
+            host[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self._dirty.clear()
+        self.table.index_copy_(0, torch.tensor(rows, device=self.table.device), host.to(self.table.device))
+
+    def index(self, tables: list[list[int]], length: int) -> torch.Tensor:
+        """[len(tables), length] CPU token indices of positions 0..length-1 of each block list (scratch past its end)."""
+        width = max(1, -(-length // self.block_size))
+        tab = torch.full((len(tables), width), self.blocks, dtype=torch.long)
+        for i, blocks in enumerate(tables):
+            blocks = blocks[:width]
+            if blocks:
+                tab[i, :len(blocks)] = torch.tensor(blocks)
+        pos = torch.arange(length)
+        return tab[:, pos // self.block_size] * self.block_size + pos % self.block_size
+
 
 @dataclass
 class StepContext:
-    """What every attention layer of one forward pass needs: which slots, at which positions."""
+    """What every attention layer of one forward pass needs: where each token's keys go, what it attends to."""
 
-    cache: SlotCache
-    slots: torch.Tensor  # [B] long, on the cache's device ([1, N]: each token's slot, when packed)
-    positions: torch.Tensor  # [B, T] long: absolute position of each query token (the write position)
-    kv_len: int  # keys to attend over: max(position) + 1
-    mask: torch.Tensor | None  # [B, 1, T, kv_len] bool, True = may attend (None: the attention needs none)
-    single: tuple[int, int] | None  # (slot, first position) when one sequence's tokens are contiguous
+    cache: PagedCache
+    write: torch.Tensor  # [B, T] (packed: [1, N]) long: the cache row each token's keys and values go to
+    positions: torch.Tensor  # [B, T] long: each query token's position (padding: 0 in a decode row)
+    kv_len: int  # keys a row attends over (packed: the longest query run)
+    mask: torch.Tensor | None = None  # [B, 1, T, kv_len] bool, True = may attend (None: the attention needs none)
+    kv_index: torch.Tensor | None = None  # [B, kv_len] (packed: [Nk]) cache rows of the keys attended to
     memo: dict = field(default_factory=dict)  # built once a step for all layers: grouped masks, decode lengths
-    identity: bool = False  # row i is slot i: read keys as a view of the cache, no per-row gather
-    # a packed prefill (fresh prompts end to end in one row, each attending only to itself, causally): cumulative
-    # lengths [0, l1, l1+l2, ..., N], int32 on the device; padding is a last sequence of its own and repeated Ns are
-    # empty ones; kv_len then bounds every prompt's length
+    # a decode step laid out by table row (row i of the batch is table row i): the split-KV kernel reads the
+    # table and each row's length on the device
+    table: torch.Tensor | None = None
+    # a packed prefill (prompt chunks end to end in one row): cumulative query lengths [0, l1, l1+l2, ..., N], int32
+    # on the device; padding is a last sequence of its own and repeated Ns are empty ones. Chunks that continue a
+    # cached prefix attend to ``kv_index``, cut by ``cu_k`` (longest ``max_k``); fresh prompts attend to themselves.
     cu: torch.Tensor | None = None
+    cu_k: torch.Tensor | None = None
+    max_k: int = 0
 
 
-def step_context(cache: SlotCache, slots: list[int], positions: torch.Tensor) -> StepContext:
-    """``positions`` is a CPU tensor in which -1 marks padding; what the layers index with is moved to
-    the cache's device once per step. Padding writes go to a scratch position no sequence reads.
-    When ``slots`` is ``0..B-1`` (a decode step laid out by slot) keys are read in place."""
+def step_context(cache: PagedCache, tables: list[list[int]], positions: torch.Tensor) -> StepContext:
+    """An eager step over rows of tokens: row i holds the sequence with blocks ``tables[i]``, at ``positions``
+    (a CPU tensor in which -1 marks padding). Keys are gathered from the pool for each row."""
     device = cache.k[0].device
     kv_len = int(positions.max()) + 1
-    padded = bool((positions < 0).any())
-    single = (slots[0], int(positions[0, 0])) if len(slots) == 1 and not padded else None
-    identity = slots == list(range(len(slots)))
-    write = torch.where(positions < 0, cache.max_len, positions) if padded else positions
-    pos = write.to(device, non_blocking=True)
-    attend = positions.clamp(min=0).to(device, non_blocking=True) if padded else pos
+    padded = positions < 0
+    index = cache.index(tables, kv_len)
+    write = index.gather(1, positions.clamp(min=0))
+    write = torch.where(padded, cache.scratch, write) if bool(padded.any()) else write
+    attend = positions.clamp(min=0).to(device, non_blocking=True)
     keys = torch.arange(kv_len, device=device)
     mask = keys.view(1, 1, 1, -1) <= attend[:, None, :, None]
-    return StepContext(cache, torch.tensor(slots, device=device), pos, kv_len, mask, single, {}, identity)
+    return StepContext(cache, write.to(device, non_blocking=True), attend, kv_len, mask, index.to(device, non_blocking=True))
 
 
-def packed_context(cache: SlotCache, slots: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor,
-                   longest: int) -> StepContext:
-    """A packed prefill over device tensors ``slots`` and ``positions`` ([N]; -1 marks padding, which writes
-    to the scratch slot's scratch position). Only tensor ops on the device: a CUDA graph can capture it."""
-    pad = positions < 0
-    write = torch.where(pad, cache.max_len, positions).view(1, -1)
-    rows = torch.where(pad, cache.scratch_slot, slots).view(1, -1)
-    return StepContext(cache, rows, write, longest, None, None, cu=cu)
+def packed_context(cache: PagedCache, write: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, longest: int,
+                   kv_index: torch.Tensor | None = None, cu_k: torch.Tensor | None = None, max_k: int = 0) -> StepContext:
+    """A packed prefill over device tensors ([N] each). Only tensor ops on the device: a CUDA graph can capture it."""
+    return StepContext(cache, write.view(1, -1), positions.view(1, -1), longest, kv_index=kv_index, cu=cu, cu_k=cu_k,
+                       max_k=max_k)
 
 
-def pack_prompts(prompts: list[list[int]], slots: list[int], width: int | None = None, rows: int | None = None):
-    """CPU tensors for a packed prefill of fresh ``prompts`` (each from position 0) into ``slots``:
-    ids, positions and slot per token (``width`` of them; padding has position -1), cumulative lengths
-    (``rows + 2``: padding and unused rows are empty sequences at the end) and each prompt's last index
-    (``rows`` of them), which is where its next-token logits are read."""
-    lengths = [len(p) for p in prompts]
+def pack_prompts(chunks: list[tuple[list[int], int, list[int]]], block_size: int, scratch: int,
+                 width: int | None = None, rows: int | None = None):
+    """CPU tensors for a packed prefill of prompt ``chunks`` (tokens, first position, the sequence's blocks):
+    ids, positions and cache row per token (``width`` of them; padding goes to ``scratch``), cumulative lengths
+    (``rows + 2``: padding and unused rows are empty sequences at the end) and each chunk's last index (``rows``
+    of them), which is where its next-token logits are read."""
+    lengths = [len(t) for t, _, _ in chunks]
     total = sum(lengths)
-    width, rows = width or total, rows or len(prompts)
+    width, rows = width or total, rows or len(chunks)
     pad = width - total  # built as lists: torch's small CPU ops (repeat_interleave) start a thread pool per call
-    ids = torch.tensor([t for p in prompts for t in p] + [0] * pad, dtype=torch.long)
-    positions = torch.tensor([i for n in lengths for i in range(n)] + [-1] * pad, dtype=torch.long)
-    token_slots = torch.tensor([s for s, n in zip(slots, lengths) for _ in range(n)] + [0] * pad, dtype=torch.long)
+    ids = torch.tensor([t for p, _, _ in chunks for t in p] + [0] * pad, dtype=torch.long)
+    pos = [start + i for (_, start, _), n in zip(chunks, lengths) for i in range(n)]
+    positions = torch.tensor(pos + [0] * pad, dtype=torch.long)
+    write = torch.tensor([blocks[p // block_size] * block_size + p % block_size
+                          for (_, start, blocks), n in zip(chunks, lengths) for p in range(start, start + n)]
+                         + [scratch] * pad, dtype=torch.long)
     ends = list(itertools.accumulate(lengths))
     cu = torch.tensor([0, *ends] + [width] * (rows + 1 - len(ends)), dtype=torch.long)
     last = torch.tensor([e - 1 for e in ends] + [0] * (rows - len(ends)), dtype=torch.long)
-    return ids, positions, token_slots, cu, last
+    return ids, positions, write, cu, last
 
 
-def _packed_attention(ctx: StepContext, query, key, value, scale) -> torch.Tensor:
-    """[1, N, Hq, D]: every packed prompt attends causally to itself. On GPUs in half precision this is
-    FlashAttention's variable-length kernel (GQA native, no mask); elsewhere one SDPA with a block-diagonal
-    causal mask, built once a step."""
+def pack_keys(chunks: list[tuple[list[int], int, list[int]]], block_size: int):
+    """For packed chunks that continue cached prefixes: the cache rows of every key each chunk attends to
+    (positions 0 to its end), their cumulative counts and the longest count."""
+    ends = [start + len(t) for t, start, _ in chunks]
+    index = [blocks[p // block_size] * block_size + p % block_size
+             for (_, _, blocks), end in zip(chunks, ends) for p in range(end)]
+    cu_k = torch.tensor([0, *itertools.accumulate(ends)], dtype=torch.long)
+    return torch.tensor(index, dtype=torch.long), cu_k, max(ends)
+
+
+def _packed_attention(ctx: StepContext, layer: int, query, key, value, scale) -> torch.Tensor:
+    """[1, N, Hq, D]: every packed chunk attends causally to its sequence's keys (its own, when fresh). On GPUs in
+    half precision this is FlashAttention's variable-length kernel (GQA native, no mask; a query run shorter than
+    its keys is aligned to their end, which is causal order here); elsewhere one SDPA with a block-diagonal causal
+    mask, built once a step."""
+    if ctx.kv_index is not None:
+        key = ctx.cache.k[layer][ctx.kv_index].transpose(0, 1).unsqueeze(0)  # [1, Hkv, Nk, D]
+        value = ctx.cache.v[layer][ctx.kv_index].transpose(0, 1).unsqueeze(0)
+    cu_k = ctx.cu_k if ctx.kv_index is not None else ctx.cu
+    max_k = ctx.max_k if ctx.kv_index is not None else ctx.kv_len
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, heads, D]
         out = torch.ops.aten._flash_attention_forward(
-            q, k, v, ctx.cu, ctx.cu, ctx.kv_len, ctx.kv_len, 0.0, True, False, scale=scale)[0]
+            q, k.to(q.dtype), v.to(q.dtype), ctx.cu, cu_k, ctx.kv_len, max_k, 0.0, True, False, scale=scale)[0]
         return out.unsqueeze(0)
     mask = ctx.memo.get("packed")
     if mask is None:
-        n = query.shape[2]
-        tokens = torch.arange(n, device=query.device)
-        seg = torch.searchsorted(ctx.cu, tokens, right=True)  # a prompt's tokens lie in position order
-        mask = ctx.memo["packed"] = ((seg[:, None] == seg[None, :]) & (tokens[None, :] <= tokens[:, None]))[None, None]
+        n, nk = query.shape[2], key.shape[2]
+        seg_q = torch.searchsorted(ctx.cu, torch.arange(n, device=query.device), right=True)
+        seg_k = torch.searchsorted(cu_k, torch.arange(nk, device=query.device), right=True)
+        # a query run sits at the end of its keys: key j of a segment may be seen by query i when j's offset from
+        # its segment's end is at least i's
+        q_back = ctx.cu[seg_q.clamp(max=len(ctx.cu) - 1)] - torch.arange(n, device=query.device)
+        k_back = cu_k[seg_k.clamp(max=len(cu_k) - 1)] - torch.arange(nk, device=query.device)
+        mask = ctx.memo["packed"] = ((seg_q[:, None] == seg_k[None, :]) & (k_back[None, :] >= q_back[:, None]))[None, None]
     group = query.shape[1] // key.shape[1]
     k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (key, value))
     out = F.scaled_dot_product_attention(query, k.to(query.dtype), v.to(query.dtype), attn_mask=mask, scale=scale)
@@ -152,33 +218,26 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     layer = module.layer_idx
     kc, vc = ctx.cache.k[layer], ctx.cache.v[layer]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if ctx.single is not None:
-        slot, start = ctx.single
-        t = key.shape[2]
-        kc[slot, :, start:start + t] = key[0].to(kc.dtype)
-        vc[slot, :, start:start + t] = value[0].to(vc.dtype)
-        k = kc[slot:slot + 1, :, :ctx.kv_len]
-        v = vc[slot:slot + 1, :, :ctx.kv_len]
-    else:
-        rows = ctx.slots if ctx.cu is not None else ctx.slots[:, None].expand_as(ctx.positions)
-        kc[rows, :, ctx.positions] = key.transpose(1, 2).to(kc.dtype)
-        vc[rows, :, ctx.positions] = value.transpose(1, 2).to(vc.dtype)
-        if ctx.cu is not None:
-            return _packed_attention(ctx, query, key, value, scale), None
-        if ctx.identity:  # a strided view: attention reads each row's keys where they are
-            b = query.shape[0]
-            k, v = kc[:b, :, :ctx.kv_len], vc[:b, :, :ctx.kv_len]
-        else:
-            k = kc[ctx.slots, :, :ctx.kv_len]
-            v = vc[ctx.slots, :, :ctx.kv_len]
+    kc[ctx.write] = key.transpose(1, 2).to(kc.dtype)  # [B, T, Hkv, D] into the rows of the pool
+    vc[ctx.write] = value.transpose(1, 2).to(vc.dtype)
+    if ctx.cu is not None:
+        return _packed_attention(ctx, layer, query, key, value, scale), None
     b, hq, t, d = query.shape
-    if ctx.identity and decode_attention.usable(query):  # a decode step: split-KV kernel over each row's own length
+    if ctx.table is not None and decode_attention.usable(query):  # a decode step: split-KV over each row's own length
         lens = ctx.memo.get("lens")
         if lens is None:
-            pos = ctx.positions[:, 0]
-            lens = ctx.memo["lens"] = torch.where(pos >= ctx.cache.max_len, 1, pos + 1).to(torch.int32)
-        out = decode_attention.decode_attention(query[:, :, 0], kc, vc, lens, scale)
+            lens = ctx.memo["lens"] = (ctx.positions[:, 0] + 1).to(torch.int32)
+        out = decode_attention.decode_attention(query[:, :, 0], kc, vc, ctx.table, lens, scale, ctx.cache.block_size)
         return out.reshape(b, 1, hq, d), None
+    index = ctx.kv_index
+    if index is None:  # a captured decode step on SDPA: the rows' keys from the device table
+        index = ctx.memo.get("index")
+        if index is None:
+            keys = torch.arange(ctx.kv_len, device=query.device)
+            bs = ctx.cache.block_size
+            index = ctx.memo["index"] = ctx.table[:b, keys // bs].long() * bs + keys % bs
+    k = kc[index].permute(0, 2, 1, 3)  # [B, Hkv, kv_len, D]
+    v = vc[index].permute(0, 2, 1, 3)
     hkv = k.shape[1]
     group = hq // hkv
     if group > 1:

@@ -37,6 +37,8 @@ class LoadOptions:
     slots: int | None = None
     max_queue: int = 256
     prefill_chunk: int | None = None  # prompt tokens per step (default: 8192 on GPU, 512 on CPU)
+    kv_cache_memory: int | None = None  # bytes of paged KV cache per model (default: memory.kv_tokens)
+    prefix_caching: bool = True
     trust_remote_code: bool = False
     cuda_graphs: bool = True  # decode through captured CUDA graphs on GPUs (eager when off, or for adapters)
     compile: bool = True  # torch.compile the graph-captured decode step (GPU only; falls back to plain graphs)
@@ -222,7 +224,7 @@ class ModelManager:
         load = dict(device=o.device, dtype=o.dtype, quantize=o.quantize, trust_remote_code=o.trust_remote_code)
         view = dict(num_ctx=o.num_ctx, quantize=o.quantize, trust_remote_code=o.trust_remote_code)
         engine = dict(slots=o.slots, max_queue=o.max_queue, prefill_chunk=o.prefill_chunk, cuda_graphs=o.cuda_graphs,
-                      compile=o.compile)
+                      compile=o.compile, kv_cache_memory=o.kv_cache_memory, prefix_caching=o.prefix_caching)
         separate = o.engine_process
         if separate is None:
             separate = loader.pick_device(o.device, o.dtype)[0].type == "cuda"

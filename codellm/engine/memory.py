@@ -53,10 +53,31 @@ def estimate(registry, weights: mt.Manifest, options, kv_cache: bool = True) -> 
         heads = cfg.get("num_attention_heads") or 1
         head_dim = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // heads)
         kv = cfg.get("num_key_value_heads") or heads
-        ctx = min(options.num_ctx or DEFAULT_NUM_CTX, weights.config.context_length or DEFAULT_NUM_CTX) + 1
-        slots = options.slots or (64 if device.type == "cuda" else 8)
-        nbytes += 2 * cfg.get("num_hidden_layers", 0) * slots * ctx * kv * head_dim * target
+        max_len = min(options.num_ctx or DEFAULT_NUM_CTX, weights.config.context_length or DEFAULT_NUM_CTX)
+        per_token = kv_bytes_per_token(cfg.get("num_hidden_layers", 0), kv, head_dim, target)
+        nbytes += per_token * kv_tokens(device.type == "cuda", max_len, options.kv_cache_memory, per_token,
+                                        slots=options.slots)
     return int(nbytes)
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
+    return 2 * layers * kv_heads * head_dim * itemsize
+
+
+DEFAULT_KV_CONTEXTS = {True: 64, False: 8}  # whole contexts of KV memory by default (GPU, CPU)
+
+
+def kv_tokens(cuda: bool, max_len: int, kv_cache_memory: int | None, per_token: int, block_size: int = 16,
+              slots: int | None = None) -> int:
+    """Tokens the paged KV pool holds: ``kv_cache_memory`` bytes; by default a whole context for each of ``slots``
+    sequences when that is set (what a slot cache of that many would take), else 64 whole contexts (8 on CPU).
+    At least one whole context and a block, so that any prompt the context allows can run."""
+    if kv_cache_memory:
+        tokens = kv_cache_memory // max(1, per_token)
+    else:
+        tokens = (slots or DEFAULT_KV_CONTEXTS[cuda]) * (max_len + 1)
+    least = -(-(max_len + 1) // block_size) * block_size + block_size
+    return max(least, tokens // block_size * block_size)
 
 
 def available(options, used: int) -> int:

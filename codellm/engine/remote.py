@@ -30,19 +30,20 @@ from codellm.errors import CodellmError
 
 log = logging.getLogger("codellm.engine")
 
-_STATS = ("steps", "decode_tokens", "prefill_tokens", "max_batch", "finished", "cancelled")
+_STATS = ("steps", "decode_tokens", "prefill_tokens", "max_batch", "finished", "cancelled", "preempted", "prefix_queries",
+          "prefix_hits", "kv_blocks", "kv_used")
 
 
 def _pack(rid: int, out: Output) -> tuple:
     lps = [(i.token_id, i.logprob, i.top) for i in out.logprobs] if out.logprobs else None
     return (rid, out.index, out.text, out.token_ids, out.finish_reason, out.prompt_tokens, out.completion_tokens,
-            lps, out.prompt_logprobs, out.error, out.stop)
+            lps, out.prompt_logprobs, out.error, out.stop, out.cached_tokens)
 
 
 def _unpack(item: tuple) -> tuple[int, Output]:
-    rid, index, text, ids, reason, n_prompt, n_done, lps, prompt_lps, error, stop = item
+    rid, index, text, ids, reason, n_prompt, n_done, lps, prompt_lps, error, stop, cached = item
     out = Output(index=index, text=text, token_ids=ids, finish_reason=reason, prompt_tokens=n_prompt,
-                 completion_tokens=n_done, prompt_logprobs=prompt_lps, error=error, stop=stop)
+                 completion_tokens=n_done, prompt_logprobs=prompt_lps, error=error, stop=stop, cached_tokens=cached)
     if lps:
         out.logprobs = [TokenLogprob(t, lp, top) for t, lp, top in lps]
     return rid, out

@@ -1,9 +1,12 @@
 """Continuous batching: one engine thread per loaded model runs the step loop.
 
-Each iteration admits waiting sequences into free cache slots, spends a bounded token budget on
-prefill (long prompts are chunked, so running streams keep decoding), then decodes every running
-sequence in one batched forward pass. Sequences join and leave at token boundaries; a cancelled
-one (client gone) frees its slot before the next step. Results go to a per-request ``sink``
+Each iteration admits waiting sequences (a batch row each, and KV blocks from the pool: a prompt that
+starts like an earlier one shares that one's cached blocks and prefills only the rest), spends a
+bounded token budget on prefill (long prompts are chunked, so running streams keep decoding), then
+decodes every running sequence in one batched forward pass. When the pool runs out of blocks, the
+newest sequences are preempted: their blocks go back and they are computed again later, from what is
+still cached. Sequences join and leave at token boundaries; a cancelled one (client gone) gives its
+row and blocks back before the next step. Results go to a per-request ``sink``
 callable from the engine thread; the server turns those into SSE/NDJSON on its event loop.
 """
 
@@ -24,7 +27,7 @@ import msgspec
 import torch
 
 from codellm.errors import ContextLengthExceeded, InvalidRequest, QueueFull
-from codellm.engine import fusion, kvcache, multilora
+from codellm.engine import blocks, fusion, kvcache, memory, multilora
 from codellm.engine.detok import IncrementalDetokenizer, StopMatcher
 from codellm.engine.jsonmode import JsonPrefix
 from codellm.engine.loader import LoadedModel
@@ -48,6 +51,7 @@ class Output:
     prompt_logprobs: list[float | None] | None = None
     error: str | None = None
     stop: str | None = None  # the stop string that ended the choice (finish_reason "stop")
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 Sink = Callable[[Output], None]
@@ -66,8 +70,11 @@ class Sequence:
     generator: torch.Generator | None
     want_prompt_logprobs: bool = False
     id: int = field(default_factory=lambda: next(_ids))
-    slot: int | None = None
-    cached: int = 0  # prompt tokens already in the cache
+    slot: int | None = None  # its batch row (and block-table row) while running
+    chain: blocks.Chain | None = None  # its KV blocks while running
+    cached: int = 0  # tokens whose keys and values are in the cache
+    target: int = 0  # tokens to have in the cache before decoding: the prompt (after a preemption, all but the last)
+    hit: int = 0  # prompt tokens found in the prefix cache when first admitted
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
@@ -83,7 +90,11 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.cached < len(self.prompt)
+        return self.cached < self.target
+
+    def known(self) -> list[int]:
+        """Every token whose keys and values belong in the cache: the prompt and what was generated."""
+        return self.prompt + self.generated if self.generated else self.prompt
 
 
 def _json_state(params: SamplingParams) -> JsonPrefix | None:
@@ -114,6 +125,11 @@ class Stats:
     batch_sizes: Counter = field(default_factory=Counter)
     finished: int = 0
     cancelled: int = 0
+    preempted: int = 0
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of those, found
+    kv_blocks: int = 0
+    kv_used: int = 0
 
 
 class Histogram:
@@ -194,9 +210,15 @@ class Admission:
             self._queued -= n
 
 
+def default_slots(cuda: bool) -> int:
+    """Sequences decoded together when not set: KV memory is paged, so many short ones fit where few long ones do."""
+    return 256 if cuda else 8
+
+
 class Engine(Admission):
     def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int | None = None,
                  cuda_graphs: bool = True, compile: bool = False, overlap: bool = True, fuse: bool = True,
+                 kv_cache_memory: int | None = None, block_size: int = 16, prefix_caching: bool = True,
                  source: Callable[[float], None] | None = None):
         self.lm = lm
         # where new work comes from besides ``submit`` from other threads: called on the engine thread with how long
@@ -205,16 +227,19 @@ class Engine(Admission):
         if fuse:  # q/k/v and gate/up as one GEMM each in engine steps (no extra memory)
             fusion.fuse(lm.model)
         cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
-        slots = slots or (64 if lm.device.type == "cuda" else 8)
+        cuda = lm.device.type == "cuda"
+        contexts, slots = slots, slots or default_slots(cuda)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.cache = kvcache.SlotCache(
-            layers=cfg.num_hidden_layers, slots=slots, kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-            head_dim=head_dim, max_len=lm.max_len, dtype=lm.dtype if lm.dtype != torch.float32 or lm.device.type == "cpu" else torch.float32,
-            device=lm.device,
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        per_token = memory.kv_bytes_per_token(cfg.num_hidden_layers, kv_heads, head_dim, lm.dtype.itemsize)
+        tokens = memory.kv_tokens(cuda, lm.max_len, kv_cache_memory, per_token, block_size, slots=contexts)
+        self.pool = blocks.BlockPool(tokens // block_size, block_size, caching=prefix_caching)
+        self.cache = kvcache.PagedCache(
+            layers=cfg.num_hidden_layers, blocks=self.pool.num_blocks, block_size=block_size, rows=slots, kv_heads=kv_heads,
+            head_dim=head_dim, max_len=lm.max_len, dtype=lm.dtype, device=lm.device,
         )
         # each slot's last argmax stays on the device, where the next decode step reads its input
         self.last_tokens = torch.zeros(slots, dtype=torch.long, device=lm.device)
-        cuda = lm.device.type == "cuda"
         self._host_tokens = [torch.zeros(slots, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
         self._flip = 0
         # the launched step whose tokens the host has not read: ((sequence, slot) rows, pinned host copy, its event)
@@ -232,7 +257,7 @@ class Engine(Admission):
         self.free_slots = list(range(slots))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.stats = Stats()
+        self.stats = Stats(kv_blocks=self.pool.num_blocks)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self.step_lock = threading.Lock()  # held while a step runs: hold it to change the model safely
@@ -356,7 +381,9 @@ class Engine(Admission):
                 with self.step_lock:
                     self._admit()
                     self._prefill()
+                    self._grow()
                     self._decode()
+                self.stats.kv_used = self.pool.used
             except Exception:  # never let one bad sequence kill the engine, or the others in its batch
                 log.exception("engine step failed; stepping its sequences one at a time to find the one at fault")
                 self._isolate()
@@ -372,7 +399,7 @@ class Engine(Admission):
         for seq in self.running:
             seq.inflight = 0
             if not seq.generated and not seq.prefilling:
-                seq.cached = len(seq.prompt) - 1
+                seq.cached = seq.target - 1
         for seq in list(self.running):
             if seq.finished:
                 continue
@@ -380,6 +407,7 @@ class Engine(Admission):
             try:
                 with self.step_lock:
                     self._prefill()
+                    self._grow()
                     self._decode()
                     self._complete()
             except Exception as exc:
@@ -418,18 +446,72 @@ class Engine(Admission):
             self._finish(seq, "cancelled")
 
     def _admit(self) -> None:
+        """Waiting sequences, oldest first, while a row and the blocks for their tokens are free. A sequence back
+        from a preemption has its generated tokens computed again too (from the cache, where they are still there),
+        all but the last: that one is its next decode step's input."""
         while self.waiting and self.free_slots:
-            seq = self.waiting.popleft()
+            seq = self.waiting[0]
+            known = seq.known()
+            got = self.pool.acquire(known, seq.adapter, reuse=not seq.want_prompt_logprobs)
+            if got is None:  # blocks come back as running sequences finish (or are preempted)
+                break
+            self.waiting.popleft()
+            seq.chain, seq.cached = got
+            seq.target = len(known) - 1 if seq.generated else len(known)
+            if not seq.generated:
+                seq.hit = seq.cached
+                self.stats.prefix_queries += len(known)
+                self.stats.prefix_hits += seq.cached
             seq.slot = self.free_slots.pop(0)
+            self.cache.set_row(seq.slot, seq.chain.blocks)
             self.running.append(seq)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: list[int], adapters: list[str | None],
+    def _grow(self) -> None:
+        """A block for every decoding sequence whose next token starts one. When the pool has none left, the
+        newest sequences give theirs back (``_preempt``) until it has: the oldest keep going."""
+        for seq in list(self.running):
+            if seq.finished or seq.prefilling or seq.chain is None:
+                continue
+            while True:
+                need = len(seq.prompt) + len(seq.generated) + seq.inflight
+                had = len(seq.chain.blocks)
+                if self.pool.extend(seq.chain, need):
+                    if len(seq.chain.blocks) != had:
+                        self.cache.set_row(seq.slot, seq.chain.blocks)
+                    break
+                victim = next((s for s in reversed(self.running) if not s.finished), None)
+                self._preempt(victim)
+                if victim is seq or seq.finished:
+                    break
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give back ``seq``'s row and blocks and queue it first, to be computed again when blocks are free."""
+        self._complete()  # its token in flight is part of what it will resume from
+        if seq.finished:
+            return
+        log.info("preempting sequence %d (%d tokens): the KV cache is full", seq.id, len(seq.prompt) + len(seq.generated))
+        self.running.remove(seq)
+        self._give_back(seq)
+        seq.cached = 0
+        self.waiting.appendleft(seq)
+        self.stats.preempted += 1
+
+    def _give_back(self, seq: Sequence) -> None:
+        if seq.chain is not None:
+            self.pool.release(seq.chain)
+            seq.chain = None
+        if seq.slot is not None:
+            self.free_slots.append(seq.slot)
+            self.free_slots.sort()
+            seq.slot = None
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, tables: list[list[int]], adapters: list[str | None],
                  all_logits: bool = False) -> torch.Tensor:
-        """One eager forward: row i goes to cache slot ``slots[i]`` with adapter ``adapters[i]`` (None: base)."""
+        """One eager forward: row i is the sequence with blocks ``tables[i]``, with adapter ``adapters[i]`` (None: base)."""
         extra = {}
         if self._peft:  # rows pick their adapter (PEFT mixed-batch LoRA)
             extra["adapter_names"] = [a or "__base__" for a in adapters]
-        return self._logits(kvcache.step_context(self.cache, slots, positions), ids, positions.clamp(min=0),
+        return self._logits(kvcache.step_context(self.cache, tables, positions), ids, positions.clamp(min=0),
                          0 if all_logits else 1, **extra)
 
     def _logits(self, ctx: kvcache.StepContext, ids: torch.Tensor, positions: torch.Tensor, logits_to_keep, **extra) -> torch.Tensor:
@@ -442,68 +524,83 @@ class Engine(Admission):
                                  logits_to_keep=logits_to_keep, **extra).logits
 
     def _prefill(self) -> None:
-        """Spend up to ``prefill_chunk`` prompt tokens: one padded forward for many prompts, chunking long ones."""
+        """Spend up to ``prefill_chunk`` tokens on prompts: packed end to end in one row (each chunk attending to
+        its cached prefix and itself), long prompts chunked across steps."""
+        self.cache.sync()
         budget = self.prefill_chunk
         plan: list[tuple[Sequence, int, int]] = []
         for seq in [s for s in self.running if s.prefilling]:
             if budget <= 0:
                 break
             start = seq.cached
-            end = min(len(seq.prompt), start + budget)
+            end = min(seq.target, start + budget)
             if seq.want_prompt_logprobs:  # needs every position's logits: a forward of its own
                 self._prefill_one(seq, start, end)
             else:
                 plan.append((seq, start, end))
             budget -= end - start
-        if self._graphs_usable or not self._peft:  # fresh prompts go packed (one row, no padding)
-            fresh = [p for p in plan if p[1] == 0]
-            plan = [p for p in plan if p[1] > 0]
-            if fresh:  # every group launched before the first tokens are read: one wait on the device, not one a group
-                lengths = [end for _, _, end in fresh]
-                groups = self.graphs.prefill_groups(lengths) if self._graphs_usable else [range(len(fresh))]
-                packed = [self._prefill_packed([fresh[i] for i in group], keep=len(groups) > 1) for group in groups]
-                seqs = [seq for group_seqs, _ in packed for seq in group_seqs]
-                if seqs:
-                    self._after_prefill(seqs, torch.cat([logits for group_seqs, logits in packed if group_seqs]))
-        if len(plan) == 1:
-            self._prefill_one(*plan[0])
-        elif plan:
-            width = max(end - start for _, start, end in plan)
-            ids = torch.zeros((len(plan), width), dtype=torch.long)
-            positions = torch.full((len(plan), width), -1, dtype=torch.long)
-            for row, (seq, start, end) in enumerate(plan):  # left-padded: every row's last token is last
-                ids[row, width - (end - start):] = torch.tensor(seq.prompt[start:end])
-                positions[row, width - (end - start):] = torch.arange(start, end)
-            seqs = [seq for seq, _, _ in plan]
-            logits = self._forward(ids, positions, [s.slot for s in seqs], [s.adapter for s in seqs])
-            self.stats.prefill_tokens += sum(end - start for _, start, end in plan)
-            done = []
-            for row, (seq, start, end) in enumerate(plan):
-                seq.cached = end
-                if not seq.prefilling:
-                    done.append(row)
-            self._after_prefill([plan[r][0] for r in done], logits[done, -1] if done else None)
+        if not plan:
+            return
+        if self._peft and not self._graphs_usable:  # PEFT picks adapters per row: left-padded rows, not one packed row
+            self._prefill_rows(plan)
+            return
+        if all(start == 0 for _, start, _ in plan) and self._graphs_usable:
+            # fresh prompts: captured graphs; every group launched before the first tokens are read (one wait)
+            groups = self.graphs.prefill_groups([end for _, _, end in plan])
+            packed = [self._prefill_packed([plan[i] for i in group], keep=len(groups) > 1) for group in groups]
+        else:
+            packed = [self._prefill_packed(plan)]
+        seqs = [seq for group_seqs, _ in packed for seq in group_seqs]
+        if seqs:
+            self._after_prefill(seqs, torch.cat([logits for group_seqs, logits in packed if group_seqs]))
 
-    def _prefill_packed(self, plan: list[tuple[Sequence, int, int]], keep: bool = False) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Prefill fresh prompts (each from position 0) packed end to end: a captured graph when one fits,
-        else one eager forward. Returns the sequences whose prompts are now complete and their next-token logits,
-        still on the device, copied out of the graph's buffer when ``keep`` (another replay follows)."""
-        prompts = [seq.prompt[:end] for seq, _, end in plan]
-        slots = [seq.slot for seq, _, _ in plan]
-        lora = self.graphs.lora if self._graphs_usable else None
-        adapters = [lora.of(seq.adapter) for seq, _, _ in plan] if lora else None
-        logits = self.graphs.prefill(prompts, slots, adapters) if self._graphs_usable else None
-        if logits is None:
-            dev = self.lm.device
-            ids, positions, token_slots, cu, last = kvcache.pack_prompts(prompts, slots)
-            ctx = kvcache.packed_context(self.cache, token_slots.to(dev), positions.to(dev), cu.to(dev, torch.int32),
-                                         max(len(p) for p in prompts))
-            with lora.active(multilora.token_adapters(prompts, adapters, len(ids)).to(dev).view(1, -1)) if lora \
-                    else contextlib.nullcontext():
-                logits = self._logits(ctx, ids.view(1, -1), positions.view(1, -1), last)[0]
-        self.stats.prefill_tokens += sum(len(p) for p in prompts)
+    def _chunks(self, plan: list[tuple[Sequence, int, int]]) -> list[tuple[list[int], int, list[int]]]:
+        return [(seq.known()[start:end], start, seq.chain.blocks) for seq, start, end in plan]
+
+    def _prefilled(self, plan: list[tuple[Sequence, int, int]], tokens: int) -> None:
+        """These chunks' keys and values are being written: their full blocks may be shared from now on (a later
+        step that reads them runs after this one on the device)."""
+        self.stats.prefill_tokens += tokens
         for seq, _, end in plan:
             seq.cached = end
+            self.pool.commit(seq.chain, seq.known(), end)
+
+    def _prefill_rows(self, plan: list[tuple[Sequence, int, int]]) -> None:
+        width = max(end - start for _, start, end in plan)
+        ids = torch.zeros((len(plan), width), dtype=torch.long)
+        positions = torch.full((len(plan), width), -1, dtype=torch.long)
+        for row, (seq, start, end) in enumerate(plan):  # left-padded: every row's last token is last
+            ids[row, width - (end - start):] = torch.tensor(seq.known()[start:end])
+            positions[row, width - (end - start):] = torch.arange(start, end)
+        seqs = [seq for seq, _, _ in plan]
+        logits = self._forward(ids, positions, [s.chain.blocks for s in seqs], [s.adapter for s in seqs])
+        self._prefilled(plan, sum(end - start for _, start, end in plan))
+        done = [row for row, (seq, _, _) in enumerate(plan) if not seq.prefilling]
+        self._after_prefill([plan[r][0] for r in done], logits[done, -1] if done else None)
+
+    def _prefill_packed(self, plan: list[tuple[Sequence, int, int]], keep: bool = False) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Prefill prompt chunks packed end to end: a captured graph when all are fresh and one fits, else one
+        eager forward. Returns the sequences whose prompts are now complete and their next-token logits, still on
+        the device, copied out of the graph's buffer when ``keep`` (another replay follows)."""
+        chunks = self._chunks(plan)
+        lora = self.graphs.lora if self._graphs_usable else None
+        adapters = [lora.of(seq.adapter) for seq, _, _ in plan] if lora else None
+        fresh = all(start == 0 for _, start, _ in chunks)
+        logits = self.graphs.prefill(chunks, adapters) if self._graphs_usable and fresh else None
+        if logits is None:
+            dev = self.lm.device
+            bs = self.cache.block_size
+            ids, positions, write, cu, last = kvcache.pack_prompts(chunks, bs, self.cache.scratch)
+            keys = {} if fresh else dict(zip(("kv_index", "cu_k", "max_k"), kvcache.pack_keys(chunks, bs)))
+            if keys:
+                keys["kv_index"], keys["cu_k"] = keys["kv_index"].to(dev), keys["cu_k"].to(dev, torch.int32)
+            ctx = kvcache.packed_context(self.cache, write.to(dev), positions.to(dev), cu.to(dev, torch.int32),
+                                         max(len(t) for t, _, _ in chunks), **keys)
+            tokens = [t for t, _, _ in chunks]
+            with lora.active(multilora.token_adapters(tokens, adapters, len(ids)).to(dev).view(1, -1)) if lora \
+                    else contextlib.nullcontext():
+                logits = self._logits(ctx, ids.view(1, -1), positions.view(1, -1), last)[0]
+        self._prefilled(plan, sum(len(t) for t, _, _ in chunks))
         done = [row for row, (seq, _, _) in enumerate(plan) if not seq.prefilling]
         if not done:
             return [], None
@@ -514,10 +611,9 @@ class Engine(Admission):
         return [plan[r][0] for r in done], logits
 
     def _prefill_one(self, seq: Sequence, start: int, end: int) -> None:
-        ids = torch.tensor([seq.prompt[start:end]])
+        ids = torch.tensor([seq.known()[start:end]])
         positions = torch.arange(start, end).unsqueeze(0)
-        logits = self._forward(ids, positions, [seq.slot], [seq.adapter], all_logits=seq.want_prompt_logprobs)
-        self.stats.prefill_tokens += end - start
+        logits = self._forward(ids, positions, [seq.chain.blocks], [seq.adapter], all_logits=seq.want_prompt_logprobs)
         if seq.want_prompt_logprobs:
             with torch.inference_mode():
                 lp = torch.log_softmax(logits[0].float(), dim=-1).cpu()
@@ -525,13 +621,14 @@ class Engine(Admission):
                 seq.prompt_logprobs = [None]
             nxt = seq.prompt[start + 1:end + 1]
             seq.prompt_logprobs += [float(lp[j, t]) for j, t in enumerate(nxt)]
-        seq.cached = end
+        self._prefilled([(seq, start, end)], end - start)
         if not seq.prefilling:
             self._after_prefill([seq], logits[:, -1])
 
     def _after_prefill(self, seqs: list[Sequence], logits: torch.Tensor | None) -> None:
-        """Prompts fully in the cache: sample their first tokens (or finish those asked for none)."""
-        keep = [i for i, seq in enumerate(seqs) if seq.max_new > 0]
+        """Prompts fully in the cache: sample their first tokens (or finish those asked for none). A sequence
+        computed again after a preemption already has its next token."""
+        keep = [i for i, seq in enumerate(seqs) if seq.max_new > 0 and not seq.generated]
         for seq in seqs:
             if seq.max_new == 0:
                 self._finish(seq, "length")
@@ -586,13 +683,18 @@ class Engine(Admission):
             self._emit([s for s, _ in live], [t for _, t in live], [None] * len(live))
 
     def _decode_step(self, batch: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Launch one decode step; (logits, argmax) by slot 0..hi-1, still on the device."""
-        # one row per slot 0..hi-1 (slots are handed out lowest first): attention then reads every row's keys
-        # in place; rows of free or still-prefilling slots write to the scratch position and are dropped
+        """Launch one decode step; (logits, argmax) by row 0..hi-1, still on the device."""
+        # one batch row per block-table row 0..hi-1 (rows are handed out lowest first): attention reads each row's
+        # blocks through the table; rows of free or still-prefilling sequences write to scratch and are dropped
+        self.cache.sync()
         hi = max(s.slot for s in batch) + 1
         ids, positions, take, adapters = [0] * hi, [-1] * hi, [0] * hi, [None] * hi
+        write, tables = [self.cache.scratch] * hi, [[] for _ in range(hi)]
+        bs = self.cache.block_size
         for s in batch:
-            positions[s.slot] = len(s.prompt) + len(s.generated) + s.inflight - 1
+            p = positions[s.slot] = len(s.prompt) + len(s.generated) + s.inflight - 1
+            write[s.slot] = s.chain.blocks[p // bs] * bs + p % bs
+            tables[s.slot] = s.chain.blocks
             if s.inflight:
                 take[s.slot] = 1
             else:
@@ -602,14 +704,13 @@ class Engine(Admission):
         if self._graphs_usable:
             lora = self.graphs.lora
             with torch.inference_mode():  # the fast path: one captured graph replay per step
-                out = self.graphs.run(ids, positions, take, [lora.of(a) for a in adapters] if lora else None)
+                out = self.graphs.run(ids, positions, take, write, [lora.of(a) for a in adapters] if lora else None)
         if out is None:
             dev = self.lm.device
             with torch.inference_mode():
                 inputs = torch.where(torch.tensor(take, dtype=torch.bool).to(dev), self.last_tokens[:hi],
                                      torch.tensor(ids).to(dev))
-                logits = self._forward(inputs.unsqueeze(1), torch.tensor(positions).unsqueeze(1), list(range(hi)),
-                                       adapters)[:, -1]
+                logits = self._forward(inputs.unsqueeze(1), torch.tensor(positions).unsqueeze(1), tables, adapters)[:, -1]
                 argmax = logits.argmax(dim=-1)
                 self.last_tokens[:hi] = argmax
             out = (logits, argmax)
@@ -633,9 +734,14 @@ class Engine(Admission):
     def _emit(self, batch: list[Sequence], tokens: list[int], infos: list[TokenLogprob | None]) -> None:
         """Append each sequence's new token and tell its sink: text, stop strings, finish reasons."""
         pieces = self._detokenize(batch, tokens)
+        bs = self.cache.block_size
         for seq, token, info, piece in zip(batch, tokens, infos, pieces):
             seq.generated.append(token)
-            out = Output(index=seq.index, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated))
+            written = len(seq.prompt) + len(seq.generated) - 1  # the newest token's keys come with the next step
+            if seq.chain is not None and (seq.chain.keyed + 1) * bs <= written:  # a generated block filled: shareable
+                self.pool.commit(seq.chain, seq.known(), written)
+            out = Output(index=seq.index, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated),
+                         cached_tokens=seq.hit)
             if seq.prompt_logprobs is not None and len(seq.generated) == 1:
                 out.prompt_logprobs = seq.prompt_logprobs
             if token in seq.stop_ids:
@@ -707,16 +813,14 @@ class Engine(Admission):
         seq.finished = True
         if seq in self.running:
             self.running.remove(seq)
-        if seq.slot is not None:
-            self.free_slots.append(seq.slot)
-            self.free_slots.sort()
-            seq.slot = None
+        self._give_back(seq)
         self._released()
         if reason == "cancelled":
             self.stats.cancelled += 1
         else:
             self.stats.finished += 1
-        out = out or Output(index=seq.index, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated))
+        out = out or Output(index=seq.index, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated),
+                            cached_tokens=seq.hit)
         out.finish_reason = reason
         out.error = error
         out.stop = seq.stops.matched

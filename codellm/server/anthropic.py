@@ -126,8 +126,9 @@ def turn_of(data: MessagesRequest) -> ChatTurn:
 
 # -- responses ------------------------------------------------------------------------------------------------------
 def _usage(d: Delta) -> dict:
-    return {"input_tokens": d.prompt_tokens, "output_tokens": d.completion_tokens,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    # Anthropic counts tokens read from the cache apart from input_tokens
+    return {"input_tokens": d.prompt_tokens - d.cached_tokens, "output_tokens": d.completion_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": d.cached_tokens}
 
 
 def _stop_reason(d: Delta) -> str:
@@ -176,7 +177,7 @@ async def _events(gen, message: dict) -> AsyncIterator[bytes]:
             if open_text:
                 yield _event("content_block_stop", {"index": index})
             yield _event("message_delta", {"delta": {"stop_reason": _stop_reason(d), "stop_sequence": d.stop},
-                                           "usage": {"output_tokens": d.completion_tokens}})
+                                           "usage": _usage(d)})  # the cache's share is known only now
             yield _event("message_stop", {})
 
 

@@ -47,6 +47,8 @@ async def health(request: Request) -> dict:
         name: {"slots": s.engine.slots, "active": s.engine.active(), "queued": s.engine.pending(),
                "max_batch": s.engine.stats.max_batch, "steps": s.engine.stats.steps,
                "decode_tokens": s.engine.stats.decode_tokens, "cancelled": s.engine.stats.cancelled,
+               "kv_blocks": s.engine.stats.kv_blocks, "kv_blocks_used": s.engine.stats.kv_used,
+               "prefix_cache_hit_rate": s.engine.stats.prefix_hits / max(1, s.engine.stats.prefix_queries),
                "max_len": s.lm.max_len, "device": str(s.lm.device), "dtype": str(s.lm.dtype).removeprefix("torch.")}
         for name, s in manager.loaded().items() if s.engine is not None
     }}
@@ -59,7 +61,15 @@ async def metrics(request: Request) -> Response:
     for metric, kind, value in (
         ("codellm_num_requests_running", "gauge", lambda s: s.engine.active()),
         ("codellm_num_requests_waiting", "gauge", lambda s: max(0, s.engine.pending() - s.engine.active())),
-        ("codellm_kv_cache_usage_perc", "gauge", lambda s: s.engine.active() / s.engine.slots),
+        ("codellm_kv_cache_usage_perc", "gauge", lambda s: s.engine.stats.kv_used / max(1, s.engine.stats.kv_blocks)),
+        ("codellm_num_preemptions_total", "counter", lambda s: s.engine.stats.preempted),
+        ("codellm_prefix_cache_queries_total", "counter", lambda s: s.engine.stats.prefix_queries),
+        ("codellm_prefix_cache_hits_total", "counter", lambda s: s.engine.stats.prefix_hits),
+        # the same under vLLM's names, which dashboards made for vLLM read
+        ("vllm:kv_cache_usage_perc", "gauge", lambda s: s.engine.stats.kv_used / max(1, s.engine.stats.kv_blocks)),
+        ("vllm:prefix_cache_queries_total", "counter", lambda s: s.engine.stats.prefix_queries),
+        ("vllm:prefix_cache_hits_total", "counter", lambda s: s.engine.stats.prefix_hits),
+        ("vllm:num_preemptions_total", "counter", lambda s: s.engine.stats.preempted),
         ("codellm_generation_tokens_total", "counter", lambda s: s.engine.stats.decode_tokens),
         ("codellm_prompt_tokens_total", "counter", lambda s: s.engine.stats.prefill_tokens),
         ("codellm_request_success_total", "counter", lambda s: s.engine.stats.finished),

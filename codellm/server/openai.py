@@ -71,9 +71,14 @@ def sampling_overrides(data: SamplingFields, max_tokens: int | None, logprobs: i
     )
 
 
-def usage(prompt: int, completion: int) -> dict:
+def usage(prompt: int, completion: int, cached: int = 0) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": 0}}
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def cached_tokens(by_choice: dict[int, int], n: int) -> int:
+    """Prompt tokens read from the prefix cache, once per prompt (its first choice's count) of ``n`` choices each."""
+    return sum(count for index, count in by_choice.items() if index % n == 0)
 
 
 def _token_text(tok, token_id: int) -> str:
@@ -233,7 +238,8 @@ async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -
         })
     return Response({
         "id": rid, "object": "chat.completion", "created": created, "model": data.model,
-        "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage(len(prompt), completion),
+        "system_fingerprint": FINGERPRINT, "choices": choices,
+        "usage": usage(len(prompt), completion, cached_tokens({i: o[-1].cached_tokens for i, o in enumerate(results)}, data.n)),
     })
 
 
@@ -274,6 +280,7 @@ async def _chat_events(stream: AsyncStream, data: ChatCompletionRequest, rid: st
             "system_fingerprint": FINGERPRINT}
     extra = {"usage": None} if include_usage else {}
     completion = [0] * data.n
+    cached: dict[int, int] = {}
     want_lp = data.logprobs
 
     def chunk(index: int, delta: dict, finish: str | None = None, lp: dict | None = None) -> bytes:
@@ -307,6 +314,7 @@ async def _chat_events(stream: AsyncStream, data: ChatCompletionRequest, rid: st
             yield _error_event(out)
             return
         completion[out.index] = out.completion_tokens
+        cached[out.index] = out.cached_tokens
         lp = chat_logprobs(tok, out.logprobs) if want_lp and out.logprobs else None
         if parsers is not None:
             parser = parsers[out.index]
@@ -327,7 +335,7 @@ async def _chat_events(stream: AsyncStream, data: ChatCompletionRequest, rid: st
         elif out.text or lp:
             yield chunk(out.index, {"content": out.text}, None, lp)
     if include_usage:
-        yield _sse({**base, "choices": [], "usage": usage(n_prompt, sum(completion))})
+        yield _sse({**base, "choices": [], "usage": usage(n_prompt, sum(completion), cached_tokens(cached, data.n))})
     yield DONE
 
 
@@ -390,7 +398,8 @@ async def _completions(request: Request, data: CompletionRequest, served: Served
         choices.append({"index": index, "text": prefix + text, "logprobs": lp, "finish_reason": outs[-1].finish_reason})
     return Response({
         "id": rid, "object": "text_completion", "created": created, "model": data.model,
-        "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage(n_prompt, completion),
+        "system_fingerprint": FINGERPRINT, "choices": choices,
+        "usage": usage(n_prompt, completion, cached_tokens({i: o[-1].cached_tokens for i, o in enumerate(results)}, data.n)),
     })
 
 
@@ -399,6 +408,7 @@ async def _completion_events(stream, data: CompletionRequest, rid, created, tok,
             "system_fingerprint": FINGERPRINT}
     extra = {"usage": None} if include_usage else {}
     completion: dict[int, int] = {}
+    cached: dict[int, int] = {}
     # where each choice's next token starts in its text (the echoed prompt comes first)
     offset = {i: len(texts[i // data.n]) if data.echo else 0 for i in range(len(texts) * data.n)}
 
@@ -413,6 +423,7 @@ async def _completion_events(stream, data: CompletionRequest, rid, created, tok,
             yield _error_event(out)
             return
         completion[out.index] = out.completion_tokens
+        cached[out.index] = out.cached_tokens
         lp = None
         if data.logprobs is not None and out.logprobs:
             lp = completion_logprobs(tok, out.logprobs, start=offset[out.index])
@@ -420,7 +431,7 @@ async def _completion_events(stream, data: CompletionRequest, rid, created, tok,
         if out.finish_reason or out.text or lp:
             yield chunk(out.index, out.text, out.finish_reason, lp)
     if include_usage:
-        yield _sse({**base, "choices": [], "usage": usage(n_prompt, sum(completion.values()))})
+        yield _sse({**base, "choices": [], "usage": usage(n_prompt, sum(completion.values()), cached_tokens(cached, data.n))})
     yield DONE
 
 

@@ -56,6 +56,7 @@ class Delta:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache
 
 
 @dataclass
@@ -96,7 +97,7 @@ class Generation:
             if final:
                 finish = "tool_calls" if calls else out.finish_reason
                 yield Delta("finish", finish=finish, stop=out.stop, prompt_tokens=self.prompt_tokens,
-                            completion_tokens=completion)
+                            completion_tokens=completion, cached_tokens=out.cached_tokens)
 
 
 async def collect(request, gen: "Generation") -> list[Delta]:

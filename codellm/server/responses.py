@@ -156,7 +156,7 @@ def _response(data: ResponsesRequest, rid: str, created: int, output: list, fina
         "usage": None if final is None else {
             "input_tokens": final.prompt_tokens, "output_tokens": final.completion_tokens,
             "total_tokens": final.prompt_tokens + final.completion_tokens,
-            "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}},
+            "input_tokens_details": {"cached_tokens": final.cached_tokens}, "output_tokens_details": {"reasoning_tokens": 0}},
     }
 
 

@@ -1,0 +1,202 @@
+"""The paged KV cache and prefix caching on a real tiny model: the same tokens with the cache on or off,
+eviction, preemption and recompute, and every block back in the pool after a storm of cancelled streams."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+
+from codellm.engine.blocks import BlockPool
+from codellm.engine.sampling import SamplingParams
+
+
+class Sink:
+    def __init__(self):
+        self.tokens: dict[int, list[int]] = {}
+        self.cached = 0
+        self.reasons: dict[int, str] = {}
+        self.done = threading.Event()
+        self.n = 1
+
+    def __call__(self, out) -> None:
+        self.tokens.setdefault(out.index, []).extend(out.token_ids)
+        self.cached = out.cached_tokens
+        if out.finish_reason:
+            self.reasons[out.index] = out.finish_reason
+            if len(self.reasons) == self.n:
+                self.done.set()
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def lm(served_home):
+    from codellm.engine.loader import load
+    from codellm.registry import Registry
+
+    return load(Registry(served_home), "tiny-coder", dtype="fp32")
+
+
+def run(engine, requests, *, timeout=120):
+    """Submit (prompt, params, n, lm) requests together; their sinks once all have finished."""
+    sinks = []
+    for prompt, params, n, view in requests:
+        sink = Sink()
+        sink.n = n
+        engine.submit(prompt, params, sink, n=n, lm=view)
+        sinks.append(sink)
+    assert all(s.done.wait(timeout) for s in sinks)
+    return sinks
+
+
+def test_block_pool_shares_evicts_and_counts_references():
+    pool = BlockPool(6, 4)
+    first = list(range(10))  # two full blocks and two tokens
+    chain, cached = pool.acquire(first, None)
+    assert cached == 0 and len(chain.blocks) == 3 and pool.used == 3
+    pool.commit(chain, first, 10)
+    assert chain.keyed == 2  # the partial third block is not shared
+    other, cached = pool.acquire(first[:8] + [99, 98, 97], None)
+    assert cached == 8 and other.blocks[:2] == chain.blocks[:2] and pool.refs[chain.blocks[0]] == 2
+    assert pool.match(first[:8], None) == chain.blocks[:1]  # the last token is always computed
+    assert pool.match(first, "an-adapter") == []  # another adapter's keys and values differ
+    assert pool.acquire(list(range(100, 124)), None) is None and pool.used == 4  # too big now: nothing taken
+    pool.release(other)
+    pool.release(chain)
+    assert pool.used == 0 and not any(pool.refs)
+    again, cached = pool.acquire(first, None)  # still cached after release
+    assert cached == 8
+    pool.release(again)
+    fresh, cached = pool.acquire(list(range(200, 224)), None)  # six blocks: every cached block evicted
+    assert cached == 0 and pool.by_key == {}
+    pool.release(fresh)
+    assert pool.acquire(first, None)[1] == 0
+
+
+def test_prefix_cache_on_and_off_give_the_same_tokens(served_home, lm):
+    """Greedy decoding with prefix caching equals decoding without it, token for token: prompts that share
+    whole and partial blocks, a prompt seen before, n>1, an adapter (its blocks keyed apart), and a next turn
+    that re-sends an earlier answer, which is reused too."""
+    from codellm.engine.manager import LoadOptions, ModelManager
+    from codellm.registry import Registry
+
+    tok = lm.tokenizer
+    shared = tok("import csv\nimport json\n\ndef read_rows(path):\n    \"\"\"Read a CSV file.\"\"\"\n",
+                 add_special_tokens=False)["input_ids"]
+    tails = [tok(t, add_special_tokens=False)["input_ids"] for t in ("    with open(path)", "    rows = []", "    return")]
+    results = {}
+    for caching in (True, False):
+        manager = ModelManager(Registry(served_home), LoadOptions(dtype="fp32", keep_alive=None, engine_process=False,
+                                                                   prefix_caching=caching))
+        try:
+            base, lora = manager.get("tiny-coder"), manager.get("tiny-lora")
+            engine = base.engine
+            first = run(engine, [(shared + tails[0], GREEDY, 1, base.lm), (shared + tails[0], GREEDY, 1, lora.lm)])
+            answer = first[0].tokens[0]
+            second = run(engine, [
+                (shared + tails[1], GREEDY, 2, base.lm),  # shares the prefix's full blocks, not its partial one
+                (shared + tails[0], GREEDY, 1, base.lm),  # seen before: all but its last block
+                (shared + tails[2], GREEDY, 1, lora.lm),  # shares only the adapter's own blocks
+                (shared + tails[0] + answer + tails[2], GREEDY, 1, base.lm),  # the next turn: the answer is cached too
+            ])
+            results[caching] = ([s.tokens for s in first + second], [s.cached for s in second])
+            assert not any(engine.pool.refs) and engine.active() == 0
+        finally:
+            manager.close()
+    on, off = results[True], results[False]
+    assert on[0] == off[0]
+    assert off[1] == [0, 0, 0, 0]
+    bs = 16
+    hits = on[1]
+    assert hits[0] == len(shared) // bs * bs and hits[1] == (len(shared + tails[0]) - 1) // bs * bs
+    assert hits[2] == len(shared) // bs * bs  # the adapter's own first turn
+    assert hits[3] >= (len(shared + tails[0]) + len(on[0][0][0])) // bs * bs - bs  # the prompt and most of the answer
+
+
+@pytest.fixture()
+def small(lm):
+    """The tiny model with a 64-token context, so that the smallest KV pool (one context and a block) is tiny."""
+    return dataclasses.replace(lm, max_len=64)
+
+
+def test_preemption_recomputes_and_gives_the_same_tokens(small):
+    """Four sequences that together need three times the pool: the newest are preempted and computed again
+    later (partly from what is still cached), and every token is what a pool big enough gives."""
+    from codellm.engine.scheduler import Engine
+
+    tok = small.tokenizer
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in
+               ("def fibonacci(n):\n", "class Stack:\n    def", "for i in range(10):", "import os\nimport sys\n")]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    outputs = {}
+    for memory in (None, 1):
+        engine = Engine(small, slots=4, block_size=4, kv_cache_memory=memory)  # 1 byte: the least pool there is
+        try:
+            assert engine.pool.num_blocks == (18 if memory else 4 * 65 // 4)
+            sinks = run(engine, [(p, params, 1, None) for p in prompts])
+            outputs[memory] = [s.tokens[0] for s in sinks]
+            if memory:
+                assert engine.stats.preempted > 0
+            assert not any(engine.pool.refs) and engine.pool.used == 0 and engine.active() == 0
+        finally:
+            engine.shutdown()
+    assert outputs[1] == outputs[None]
+    assert all(len(t) == 40 for t in outputs[1])
+
+
+def test_cancelled_streams_give_every_block_back(small):
+    """A storm of streams, cancelled at all stages (queued, prefilling, decoding, preempted), on a pool too
+    small for all of them: afterwards no block is held and the engine still answers."""
+    from codellm.engine.scheduler import Engine
+
+    tok = small.tokenizer
+    prompt = tok("def quicksort(items):\n    if len(items) <= 1:\n", add_special_tokens=False)["input_ids"]
+    engine = Engine(small, slots=4, block_size=4, kv_cache_memory=1, max_queue=64)
+    try:
+        handles, sinks = [], []
+        for i in range(40):
+            sink = Sink()
+            params = SamplingParams(temperature=0.8, seed=i, max_tokens=30, ignore_eos=True)
+            handles.append(engine.submit(prompt[: 5 + i % 10], params, sink))
+            sinks.append(sink)
+            if i % 3 == 0:
+                time.sleep(0.01)
+            if i % 2:
+                handles[i // 2].cancel()
+        for h in handles[20:]:
+            h.cancel()
+        assert all(s.done.wait(120) for s in sinks)
+        deadline = time.monotonic() + 60
+        while (engine.pending() or engine.active()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.pending() == 0 and engine.active() == 0
+        assert not any(engine.pool.refs) and engine.pool.used == 0
+        assert engine.stats.cancelled > 0
+        (after,) = run(engine, [(prompt, GREEDY, 1, None)])
+        assert len(after.tokens[0]) == GREEDY.max_tokens
+    finally:
+        engine.shutdown()
+
+
+def test_a_long_stream_and_many_short_ones_share_the_pool(small):
+    """Memory follows real lengths: in the KV memory of about one whole context (where a slot cache holds one
+    sequence), eight short streams run at once."""
+    from codellm.engine.scheduler import Engine
+
+    tok = small.tokenizer
+    prompt = tok("x = 1\n", add_special_tokens=False)["input_ids"]
+    engine = Engine(small, slots=8, block_size=4, kv_cache_memory=1)
+    try:
+        with engine.step_lock:  # all of them admitted in one step
+            sinks = [Sink() for _ in range(8)]
+            for sink in sinks:
+                engine.submit(prompt, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), sink)
+        assert all(s.done.wait(60) for s in sinks)
+        assert engine.stats.max_batch == 8 and engine.stats.preempted == 0
+        assert len(prompt) + 3 <= 8 and engine.pool.num_blocks * 4 < 2 * (small.max_len + 1)
+    finally:
+        engine.shutdown()
