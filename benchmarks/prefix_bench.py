@@ -12,7 +12,7 @@ ignored), driven by the same client for every server:
 - agent: 8 sessions of 8 turns at once. The first turn is a 2,048-token system prompt that all sessions
   share plus 512 tokens of the session's own; each later turn re-sends the whole history (every earlier
   turn and answer) plus 512 new tokens; every answer is 64 tokens. The answers are re-sent as the client's
-  tokenizer reads their text, as chat clients do.
+  tokenizer reads their text, as chat clients do (cut to 64 tokens).
 
 Reports TTFT p50/p99 and output tokens/s per level (shared) and TTFT p50 per turn (agent), with the
 server's prefix-cache hit rate where /metrics has one; writes JSON and markdown under --out.
@@ -44,7 +44,8 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: li
     start = time.perf_counter()
     first, text, usage = None, [], {}
     async with client.stream("POST", url + "/v1/completions", json=body) as resp:
-        resp.raise_for_status()
+        if resp.status_code != 200:
+            raise SystemExit(f"{resp.status_code} from the server: {(await resp.aread())[:500]!r}")
         async for line in resp.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -128,7 +129,7 @@ async def agent(url: str, model: str, vocab: int, tokenizer, sessions: int, turn
                 r = await stream_one(client, url, model, history, max_tokens)
                 r["context"] = len(history)
                 per_turn[t].append(r)
-                history += tokenizer(r["text"], add_special_tokens=False)["input_ids"]
+                history += read_back(tokenizer, r["text"])[:max_tokens]
 
         before = prefix_metrics(url)
         start = time.perf_counter()
@@ -144,6 +145,18 @@ async def agent(url: str, model: str, vocab: int, tokenizer, sessions: int, turn
               "prefix_cache_hit_rate": hit_rate(before, prefix_metrics(url))}
     print("agent", json.dumps(result), flush=True)
     return result
+
+
+def read_back(tokenizer, text: str) -> list[int]:
+    """The answer's text as the client's tokenizer reads it. The benchmark's synthetic vocabulary has no merges, so
+    its encoder would read every word letter by letter: its words are looked up whole, as a real BPE's merges read
+    them back. Random weights also write odd bytes, which read back as more tokens; callers cut the result to the
+    answer's length, to keep every turn's context as designed."""
+    vocab = tokenizer.get_vocab()
+    words = ["\u0120" + w for w in text.split(" ")[1:]] if text.startswith(" ") else []
+    if words and all(w in vocab for w in words):
+        return [vocab[w] for w in words]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def table(results: dict) -> str:
