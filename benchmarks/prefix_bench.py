@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import random
 import statistics
@@ -131,6 +132,7 @@ async def agent(url: str, model: str, vocab: int, tokenizer, sessions: int, turn
                 per_turn[t].append(r)
                 history += read_back(tokenizer, r["text"])[:max_tokens]
 
+        _vocab(tokenizer)
         before = prefix_metrics(url)
         start = time.perf_counter()
         await asyncio.gather(*(session(s) for s in range(sessions)))
@@ -147,12 +149,17 @@ async def agent(url: str, model: str, vocab: int, tokenizer, sessions: int, turn
     return result
 
 
+@functools.cache
+def _vocab(tokenizer) -> dict[str, int]:
+    return tokenizer.get_vocab()  # built anew on every call: tens of ms at 128k tokens, which would stall the client
+
+
 def read_back(tokenizer, text: str) -> list[int]:
     """The answer's text as the client's tokenizer reads it. The benchmark's synthetic vocabulary has no merges, so
     its encoder would read every word letter by letter: its words are looked up whole, as a real BPE's merges read
     them back. Random weights also write odd bytes, which read back as more tokens; callers cut the result to the
     answer's length, to keep every turn's context as designed."""
-    vocab = tokenizer.get_vocab()
+    vocab = _vocab(tokenizer)
     words = ["\u0120" + w for w in text.split(" ")[1:]] if text.startswith(" ") else []
     if words and all(w in vocab for w in words):
         return [vocab[w] for w in words]

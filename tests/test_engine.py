@@ -115,7 +115,7 @@ def test_packed_prefill_matches_each_prompt_alone(tiny_dir, dtype):
         more = [(t, len(p), tab) for p, t, tab in zip(prompts, tails, tables)]
         ids, positions, write, cu, last = kvcache.pack_prompts(more, 4, cache.scratch)
         kv_index, cu_k, max_k = kvcache.pack_keys(more, 4)
-        assert cu_k.tolist() == [0, 9, 11, 28, 35] and max_k == 17
+        assert cu_k.tolist() == [0, 9, 11, 28, 35, 35] and max_k == 17
         ctx = kvcache.packed_context(cache, write.to(device), positions.to(device), cu.to(device, torch.int32), 6,
                                      kv_index.to(device), cu_k.to(device, torch.int32), max_k)
         with kvcache.use(ctx):

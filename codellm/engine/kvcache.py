@@ -160,7 +160,8 @@ def pack_keys(chunks: list[tuple[list[int], int, list[int]]], block_size: int):
     ends = [start + len(t) for t, start, _ in chunks]
     index = [blocks[p // block_size] * block_size + p % block_size
              for (_, _, blocks), end in zip(chunks, ends) for p in range(end)]
-    cu_k = torch.tensor([0, *itertools.accumulate(ends)], dtype=torch.long)
+    total = sum(ends)  # and an empty last sequence, as the queries' cumulative lengths have one (for padding)
+    cu_k = torch.tensor([0, *itertools.accumulate(ends), total], dtype=torch.long)
     return torch.tensor(index, dtype=torch.long), cu_k, max(ends)
 
 
