@@ -281,7 +281,7 @@ def start_server(home: Path, model: str, port: int, slots: int, num_ctx: int, ex
            "--slots", str(slots), "--num-ctx", str(num_ctx), "--max-queue", str(max(256, slots * 2)),
            "--log-level", "warning", *extra]
     env = {**os.environ, "CODELLM_HOME": str(home), "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, cwd=root)  # `-m` imports from the working directory first
     deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
