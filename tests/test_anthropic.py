@@ -35,13 +35,19 @@ def ask(client, content="write a function", **kw):
     return client.messages.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
 
 
+
+def prompt_tokens(usage) -> int:
+    """The whole prompt: Anthropic counts tokens read from the cache apart from input_tokens."""
+    return usage.input_tokens + usage.cache_read_input_tokens
+
 def test_create_sync_async_and_stream_agree(client, server):
     m = ask(client, system="You are terse.")
     assert m.type == "message" and m.role == "assistant" and m.id.startswith("msg_")
     assert m.stop_reason in ("end_turn", "max_tokens") and m.content[0].type == "text" and m.content[0].text
     assert m.usage.input_tokens > 0 and 0 < m.usage.output_tokens <= 24
     blocks = ask(client, system=[{"type": "text", "text": "You are terse."}])  # system as blocks: the same prompt
-    assert blocks.content[0].text == m.content[0].text and blocks.usage.input_tokens == m.usage.input_tokens
+    assert blocks.content[0].text == m.content[0].text and prompt_tokens(blocks.usage) == prompt_tokens(m.usage)
+    assert blocks.usage.cache_read_input_tokens >= 16  # the same prompt again: read from the prefix cache, counted apart
 
     async def async_ask():
         async with anthropic.AsyncAnthropic(base_url=server.url, api_key=KEY, max_retries=0) as aclient:
@@ -89,9 +95,9 @@ def test_tools_round_trip(client):
         {"role": "user", "content": WEATHER_QUESTION},
         {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "18 C and sunny"}]}])
-    assert follow.type == "message" and follow.usage.input_tokens > m.usage.input_tokens
+    assert follow.type == "message" and prompt_tokens(follow.usage) > prompt_tokens(m.usage)
     counted = client.messages.count_tokens(model=MODEL, tools=[TOOL], messages=[{"role": "user", "content": WEATHER_QUESTION}])
-    assert counted.input_tokens == m.usage.input_tokens
+    assert counted.input_tokens == prompt_tokens(m.usage)
 
 
 def test_stop_sequences_and_tool_choice(client):
