@@ -237,11 +237,7 @@ def main() -> None:
         if proc:
             proc.terminate()
             proc.wait(60)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"prefix_{results['shape']}_{results['server']}"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    (args.out / f"{stem}.md").write_text(table(results))
-    print(table(results))
+    serve_bench.write_results(args.out, f"prefix_{results['shape']}_{results['server']}", results, table(results))
 
 
 if __name__ == "__main__":

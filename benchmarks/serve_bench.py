@@ -294,6 +294,14 @@ def start_server(home: Path, model: str, port: int, slots: int, num_ctx: int, ex
     raise SystemExit("server did not start")
 
 
+def write_results(out: Path, stem: str, results: dict, markdown: str) -> None:
+    """``stem``.json and ``stem``.md under ``out``; the table is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (out / f"{stem}.md").write_text(markdown)
+    print(markdown)
+
+
 def environment() -> dict:
     import torch
     import transformers
@@ -400,11 +408,8 @@ def main() -> None:
                 r = {"concurrency": c, "error": repr(exc)[:300], "tokens_per_s": float("nan")}
             print("hf_continuous_batching", r, flush=True)
             results["hf_continuous_batching"].append(r)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"serve_{results['shape']}_{results['variant'].replace(' --', '_').replace(' ', '_')}{args.tag}"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    (args.out / f"{stem}.md").write_text(table(results))
-    print(table(results))
+    write_results(args.out, stem, results, table(results))
 
 
 if __name__ == "__main__":
