@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from codellm.engine import decode_attention as da, kvcache  # noqa: E402
 
 HQ, HKV, D, CACHE = 32, 8, 64, 400  # Llama-3.2-1B's heads; a 400-position cache as serve_bench's num_ctx
+PAGE = 16  # the engine's KV block size
 
 
 def timed(fn, reps: int = 50) -> float:
@@ -58,8 +59,19 @@ def main() -> None:
                 return torch.nn.functional.scaled_dot_product_attention(
                     q.reshape(rows, HKV, HQ // HKV, D), kc[:rows, :, :kv], vc[:rows, :, :kv], attn_mask=mask)
 
+        # the same keys as the engine's paged pool holds them: token-major blocks of PAGE, row b's blocks in its table
+        pages = -(-(CACHE + 1) // PAGE)
+
+        def paged(cache):
+            padded = torch.zeros(rows + 1, HKV, pages * PAGE, D, device=dev, dtype=dt)
+            padded[:, :, :CACHE + 1] = cache
+            return padded.transpose(1, 2).reshape(-1, HKV, D).contiguous()
+
+        kp, vp = paged(kc), paged(vc)
+        table = torch.arange((rows + 1) * pages, device=dev, dtype=torch.int32).view(rows + 1, pages)
+
         def kernel():
-            return da.decode_attention(q[:, :, 0], kc, vc, lens, D ** -0.5)
+            return da.decode_attention(q[:, :, 0], kp, vp, table, lens, D ** -0.5, PAGE)
 
         results = {"sdpa": timed(sdpa)}
         for per_sm in (2, 4, 8, 16, 32):

@@ -8,7 +8,7 @@ layers, training and ``generate`` on the same model object see the usual modules
 attached later simply takes the unfused path (the fused forward runs only while every projection is a
 plain ``nn.Linear``). Quantized layers (bitsandbytes) are left alone.
 
-Attention is fused only inside an engine step, where the attention function is ours (the slot cache);
+Attention is fused only inside an engine step, where the attention function is ours (the paged cache);
 outside one the model's own forward runs unchanged.
 """
 

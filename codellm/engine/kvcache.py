@@ -53,10 +53,6 @@ class PagedCache:
         return self.blocks * self.block_size
 
     @property
-    def scratch_slot(self) -> int:
-        return self.slots
-
-    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
@@ -110,6 +106,11 @@ class StepContext:
     max_k: int = 0
 
 
+def cache_row(blocks: list[int], position: int, block_size: int) -> int:
+    """The pool row that holds ``position`` of the sequence with ``blocks``."""
+    return blocks[position // block_size] * block_size + position % block_size
+
+
 def step_context(cache: PagedCache, tables: list[list[int]], positions: torch.Tensor) -> StepContext:
     """An eager step over rows of tokens: row i holds the sequence with blocks ``tables[i]``, at ``positions``
     (a CPU tensor in which -1 marks padding). Keys are gathered from the pool for each row."""
@@ -145,7 +146,7 @@ def pack_prompts(chunks: list[tuple[list[int], int, list[int]]], block_size: int
     ids = torch.tensor([t for p, _, _ in chunks for t in p] + [0] * pad, dtype=torch.long)
     pos = [start + i for (_, start, _), n in zip(chunks, lengths) for i in range(n)]
     positions = torch.tensor(pos + [0] * pad, dtype=torch.long)
-    write = torch.tensor([blocks[p // block_size] * block_size + p % block_size
+    write = torch.tensor([cache_row(blocks, p, block_size)
                           for (_, start, blocks), n in zip(chunks, lengths) for p in range(start, start + n)]
                          + [scratch] * pad, dtype=torch.long)
     ends = list(itertools.accumulate(lengths))
@@ -158,8 +159,7 @@ def pack_keys(chunks: list[tuple[list[int], int, list[int]]], block_size: int):
     """For packed chunks that continue cached prefixes: the cache rows of every key each chunk attends to
     (positions 0 to its end), their cumulative counts and the longest count."""
     ends = [start + len(t) for t, start, _ in chunks]
-    index = [blocks[p // block_size] * block_size + p % block_size
-             for (_, _, blocks), end in zip(chunks, ends) for p in range(end)]
+    index = [cache_row(blocks, p, block_size) for (_, _, blocks), end in zip(chunks, ends) for p in range(end)]
     total = sum(ends)  # and an empty last sequence, as the queries' cumulative lengths have one (for padding)
     cu_k = torch.tensor([0, *itertools.accumulate(ends), total], dtype=torch.long)
     return torch.tensor(index, dtype=torch.long), cu_k, max(ends)

@@ -591,9 +591,10 @@ class Engine(Admission):
             dev = self.lm.device
             bs = self.cache.block_size
             ids, positions, write, cu, last = kvcache.pack_prompts(chunks, bs, self.cache.scratch)
-            keys = {} if fresh else dict(zip(("kv_index", "cu_k", "max_k"), kvcache.pack_keys(chunks, bs)))
-            if keys:
-                keys["kv_index"], keys["cu_k"] = keys["kv_index"].to(dev), keys["cu_k"].to(dev, torch.int32)
+            keys = {}
+            if not fresh:  # chunks that continue cached prefixes attend to their whole sequences
+                index, cu_k, max_k = kvcache.pack_keys(chunks, bs)
+                keys = dict(kv_index=index.to(dev), cu_k=cu_k.to(dev, torch.int32), max_k=max_k)
             ctx = kvcache.packed_context(self.cache, write.to(dev), positions.to(dev), cu.to(dev, torch.int32),
                                          max(len(t) for t, _, _ in chunks), **keys)
             tokens = [t for t, _, _ in chunks]
@@ -693,7 +694,7 @@ class Engine(Admission):
         bs = self.cache.block_size
         for s in batch:
             p = positions[s.slot] = len(s.prompt) + len(s.generated) + s.inflight - 1
-            write[s.slot] = s.chain.blocks[p // bs] * bs + p % bs
+            write[s.slot] = kvcache.cache_row(s.chain.blocks, p, bs)
             tables[s.slot] = s.chain.blocks
             if s.inflight:
                 take[s.slot] = 1

@@ -58,28 +58,25 @@ async def health(request: Request) -> dict:
 async def metrics(request: Request) -> Response:
     manager: ModelManager = request.app.state.manager
     lines = []
-    for metric, kind, value in (
-        ("codellm_num_requests_running", "gauge", lambda s: s.engine.active()),
-        ("codellm_num_requests_waiting", "gauge", lambda s: max(0, s.engine.pending() - s.engine.active())),
-        ("codellm_kv_cache_usage_perc", "gauge", lambda s: s.engine.stats.kv_used / max(1, s.engine.stats.kv_blocks)),
-        ("codellm_num_preemptions_total", "counter", lambda s: s.engine.stats.preempted),
-        ("codellm_prefix_cache_queries_total", "counter", lambda s: s.engine.stats.prefix_queries),
-        ("codellm_prefix_cache_hits_total", "counter", lambda s: s.engine.stats.prefix_hits),
-        # the same under vLLM's names, which dashboards made for vLLM read
-        ("vllm:kv_cache_usage_perc", "gauge", lambda s: s.engine.stats.kv_used / max(1, s.engine.stats.kv_blocks)),
-        ("vllm:prefix_cache_queries_total", "counter", lambda s: s.engine.stats.prefix_queries),
-        ("vllm:prefix_cache_hits_total", "counter", lambda s: s.engine.stats.prefix_hits),
-        ("vllm:num_preemptions_total", "counter", lambda s: s.engine.stats.preempted),
-        ("codellm_generation_tokens_total", "counter", lambda s: s.engine.stats.decode_tokens),
-        ("codellm_prompt_tokens_total", "counter", lambda s: s.engine.stats.prefill_tokens),
-        ("codellm_request_success_total", "counter", lambda s: s.engine.stats.finished),
-        ("codellm_request_cancelled_total", "counter", lambda s: s.engine.stats.cancelled),
+    # (name, kind, value, also under vLLM's name: dashboards made for vLLM read those)
+    for name, kind, value, twin in (
+        ("num_requests_running", "gauge", lambda s: s.engine.active(), False),
+        ("num_requests_waiting", "gauge", lambda s: max(0, s.engine.pending() - s.engine.active()), False),
+        ("kv_cache_usage_perc", "gauge", lambda s: s.engine.stats.kv_used / max(1, s.engine.stats.kv_blocks), True),
+        ("num_preemptions_total", "counter", lambda s: s.engine.stats.preempted, True),
+        ("prefix_cache_queries_total", "counter", lambda s: s.engine.stats.prefix_queries, True),
+        ("prefix_cache_hits_total", "counter", lambda s: s.engine.stats.prefix_hits, True),
+        ("generation_tokens_total", "counter", lambda s: s.engine.stats.decode_tokens, False),
+        ("prompt_tokens_total", "counter", lambda s: s.engine.stats.prefill_tokens, False),
+        ("request_success_total", "counter", lambda s: s.engine.stats.finished, False),
+        ("request_cancelled_total", "counter", lambda s: s.engine.stats.cancelled, False),
     ):
-        lines.append(f"# TYPE {metric} {kind}")
-        for name, served in manager.loaded().items():
-            if served.engine is None:
-                continue
-            lines.append(f'{metric}{{model_name="{name}"}} {value(served)}')
+        for metric in (f"codellm_{name}", f"vllm:{name}")[:2 if twin else 1]:
+            lines.append(f"# TYPE {metric} {kind}")
+            for model, served in manager.loaded().items():
+                if served.engine is None:
+                    continue
+                lines.append(f'{metric}{{model_name="{model}"}} {value(served)}')
     metric = "codellm_time_to_first_token_seconds"  # engine side: from submission to the first output
     lines.append(f"# TYPE {metric} histogram")
     for name, served in manager.loaded().items():
