@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codellm.engine.loader import load  # noqa: E402
 from codellm.engine.sampling import SamplingParams  # noqa: E402
-from codellm.engine.scheduler import Engine  # noqa: E402
+from codellm.engine.core import Engine  # noqa: E402
 from codellm.registry import Registry  # noqa: E402
 
 def run(engine: Engine, batch: int, steps: int) -> tuple[float, float]:

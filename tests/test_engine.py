@@ -162,7 +162,7 @@ def test_split_kv_decode_kernel_matches_sdpa(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile + CUDA graphs: the GPU fast path")
 def test_compiled_fast_path_matches_hf_generate(loaded):
     """On a GPU, in fp32: the compiled decode step captured in graphs, with fused projections and overlap."""
-    from codellm.engine.scheduler import Engine
+    from codellm.engine.core import Engine
 
     tok = loaded.tokenizer
     prompts = ["def fibonacci(n):\n", "class Stack:\n    def", "x", "import csv\n\ndef read_csv(path):\n    with"]
@@ -174,21 +174,21 @@ def test_compiled_fast_path_matches_hf_generate(loaded):
         refs.append(out[0, len(ids):].tolist())
     engine = Engine(loaded, slots=4, prefill_chunk=6, compile=True)
     try:
-        assert engine.graphs is not None and not engine.graphs.disabled and engine.graphs.forward is not engine.graphs._forward
+        assert engine.runner.graphs is not None and not engine.runner.graphs.disabled and engine.runner.graphs.forward is not engine.runner.graphs._forward
         sinks = [TokenSink() for _ in prompts]
         for i, p in enumerate(prompts):
             engine.submit(tok(p, add_special_tokens=False)["input_ids"],
                           SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), sinks[i])
         assert all(sink.done.wait(300) for sink in sinks)
         assert [s.tokens for s in sinks] == refs
-        assert engine.graphs.forward is not engine.graphs._forward  # no fallback to the uncompiled step
+        assert engine.runner.graphs.forward is not engine.runner.graphs._forward  # no fallback to the uncompiled step
     finally:
         engine.shutdown()
 
 
 @pytest.mark.parametrize("prefill_chunk", [4, 512], ids=["chunked-prefill", "batched-prefill"])
 def test_greedy_matches_hf_generate_with_concurrent_batching(loaded, prefill_chunk):
-    from codellm.engine.scheduler import Engine
+    from codellm.engine.core import Engine
 
     tok = loaded.tokenizer
     prompts = ["def fibonacci(n):\n", "class Stack:\n    def", "for i in range(10):", "import csv\n\ndef read_csv(path):\n    with"]
@@ -218,7 +218,7 @@ def test_greedy_matches_hf_generate_with_concurrent_batching(loaded, prefill_chu
 def test_decode_by_slot_with_free_and_prefilling_slots(loaded):
     """Decode rows are slots: a freed slot in the middle, then a long prompt prefilling into it in chunks,
     must not disturb the neighbours that keep decoding (their keys are read in place)."""
-    from codellm.engine.scheduler import Engine
+    from codellm.engine.core import Engine
 
     tok = loaded.tokenizer
     prompts = ["def fibonacci(n):\n", "class Stack:\n    def", "for i in range(10):",
@@ -245,7 +245,7 @@ def test_pipelined_decode_stop_token_and_slot_reuse(loaded):
     """Greedy tokens are read a step late: a sequence that hits a stop token has one more row decoded on the
     device, which must be dropped, and the next prompt admitted into its slot must not see it. A greedy
     request with log-probabilities in the same batch forces the synchronous path in between."""
-    from codellm.engine.scheduler import Engine
+    from codellm.engine.core import Engine
 
     tok = loaded.tokenizer
     prompts = ["def fibonacci(n):\n", "class Stack:\n    def", "for i in range(10):"]
@@ -282,7 +282,7 @@ def test_stream_body_cleans_up_once_even_when_never_started(loaded):
     import gc
     import time
 
-    from codellm.engine.scheduler import Engine
+    from codellm.engine.core import Engine
     from codellm.engine.streams import AsyncStream, closing
 
     engine = Engine(loaded, slots=2)
@@ -347,7 +347,7 @@ def test_adapter_served_unmerged_matches_peft(served_home, adapter_dir, tiny_dir
     from transformers import AutoModelForCausalLM
 
     from codellm.engine.loader import load
-    from codellm.engine.scheduler import Engine
+    from codellm.engine.core import Engine
     from codellm.registry import Registry
     from codellm.registry import manifest as mt
 
@@ -414,9 +414,9 @@ def test_adapters_of_one_base_share_weights_and_batches(served_home, adapter_dir
         assert all(sink.done.wait(60) for sink in sinks.values())
         assert {name: sink.tokens for name, sink in sinks.items()} == refs
         assert engine.stats.max_batch >= 2 and engine.stats.max_batch >= before
-        if engine.graphs is not None:  # on a GPU the adapters ran inside the captured graphs (multilora)
-            assert engine._graphs_usable and engine.graphs.lora is not None and engine.graphs.graphs
-            assert set(engine.graphs.lora.index) == {served["tiny-lora"].lm.adapter, served["tiny-lora2"].lm.adapter}
+        if engine.runner.graphs is not None:  # on a GPU the adapters ran inside the captured graphs (multilora)
+            assert engine.runner.graphs_usable and engine.runner.graphs.lora is not None and engine.runner.graphs.graphs
+            assert set(engine.runner.graphs.lora.index) == {served["tiny-lora"].lm.adapter, served["tiny-lora2"].lm.adapter}
     finally:
         manager.close()
 

@@ -99,7 +99,7 @@ def test_engine_isolates_a_sequence_that_fails_in_its_step(served_home):
     the other sequences in its batch go on."""
     from codellm.engine.loader import load
     from codellm.engine.sampling import SamplingParams
-    from codellm.engine.scheduler import Engine
+    from codellm.engine.core import Engine
     from codellm.registry import Registry
 
     lm = load(Registry(served_home), "tiny-coder")

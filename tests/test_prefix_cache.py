@@ -126,7 +126,7 @@ def small(lm):
 def test_preemption_recomputes_and_gives_the_same_tokens(small):
     """Four sequences that together need three times the pool: the newest are preempted and computed again
     later (partly from what is still cached), and every token is what a pool big enough gives."""
-    from codellm.engine.scheduler import Engine
+    from codellm.engine.core import Engine
 
     tok = small.tokenizer
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in
@@ -151,7 +151,7 @@ def test_preemption_recomputes_and_gives_the_same_tokens(small):
 def test_cancelled_streams_give_every_block_back(small):
     """A storm of streams, cancelled at all stages (queued, prefilling, decoding, preempted), on a pool too
     small for all of them: afterwards no block is held and the engine still answers."""
-    from codellm.engine.scheduler import Engine
+    from codellm.engine.core import Engine
 
     tok = small.tokenizer
     prompt = tok("def quicksort(items):\n    if len(items) <= 1:\n", add_special_tokens=False)["input_ids"]
@@ -185,7 +185,7 @@ def test_cancelled_streams_give_every_block_back(small):
 def test_a_long_stream_and_many_short_ones_share_the_pool(small):
     """Memory follows real lengths: in the KV memory of about one whole context (where a slot cache holds one
     sequence), eight short streams run at once."""
-    from codellm.engine.scheduler import Engine
+    from codellm.engine.core import Engine
 
     tok = small.tokenizer
     prompt = tok("x = 1\n", add_special_tokens=False)["input_ids"]

@@ -11,7 +11,8 @@ from codellm.engine import memory
 from codellm.engine.loader import LoadedModel
 from codellm.engine.sampling import SamplingParams, checked
 from codellm.engine.remote import EngineProcess
-from codellm.engine.scheduler import Engine
+from codellm.engine.client import EngineClient
+from codellm.engine.core import Engine
 from codellm.registry import ModelName, Registry
 
 log = logging.getLogger("codellm.engine")
@@ -48,7 +49,7 @@ class LoadOptions:
 @dataclass
 class Served:
     lm: LoadedModel
-    engine: Engine | EngineProcess | None  # None for encoders (embedding and rerank models)
+    engine: EngineClient | None  # None for encoders (embedding and rerank models)
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
 
@@ -62,7 +63,7 @@ class Served:
         """Its engine stopped (the engine process was killed, say): it must be loaded again."""
         return self.engine is not None and not self.engine.alive
 
-    def generator(self) -> Engine:
+    def generator(self) -> EngineClient:
         """The engine, or a clear 400 when this model cannot generate text."""
         if self.engine is None:
             from codellm.errors import InvalidRequest
@@ -128,7 +129,7 @@ class Group:
     (a base and all its adapters): loading another adapter costs only reading it."""
 
     key: str
-    engine: Engine | None
+    engine: EngineClient | None
     nbytes: int
 
 
@@ -217,7 +218,7 @@ class ModelManager:
         memory.freeze_heap()
         return served
 
-    def _start_engine(self, entry, weights) -> Engine | EngineProcess:
+    def _start_engine(self, entry, weights) -> EngineClient:
         from codellm.engine import loader
 
         o = self.options

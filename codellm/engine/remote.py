@@ -1,4 +1,4 @@
-"""The engine in a process of its own, behind the same API as ``Engine``.
+"""The engine in a process of its own, behind the same client interface as ``core.Engine``.
 
 An engine thread and an HTTP event loop in one process share one GIL: at hundreds of streams the step
 loop's host work (building each step, reading tokens, detokenizing, stop strings) and the server's
@@ -8,8 +8,8 @@ detokenizer live there; this process keeps the tokenizer and templates to build 
 receives each step's outputs as one message, which the server's event loop (``serve_on``; elsewhere a
 receiver thread) hands to the per-request sinks.
 
-Messages are plain tuples over a ``multiprocessing`` pipe between two processes of ours (token ids,
-sampling parameters, output text), never weights.
+Messages are typed msgspec Structs, encoded as MessagePack, over a ``multiprocessing`` pipe: token ids,
+sampling parameters, output text and counters, never weights, never pickles.
 """
 
 from __future__ import annotations
@@ -23,30 +23,125 @@ import threading
 import time
 from typing import Any
 
+import msgspec
+
+from codellm import errors
+from codellm.engine.client import Admission, Handle
 from codellm.engine.loader import LoadedModel
-from codellm.engine.sampling import SamplingParams, TokenLogprob
-from codellm.engine.scheduler import Admission, Handle, Output, Sink, Stats, _json_state
+from codellm.engine.outputs import Output, Sink, Stats
+from codellm.engine.sampling import SamplingParams
+from codellm.engine.sequence import json_state
 from codellm.errors import CodellmError
 
 log = logging.getLogger("codellm.engine")
 
-_STATS = ("steps", "decode_tokens", "prefill_tokens", "max_batch", "finished", "cancelled", "preempted", "prefix_queries",
-          "prefix_hits", "kv_blocks", "kv_used")
+
+# -- messages ---------------------------------------------------------------------------------
+class Add(msgspec.Struct, tag="add", array_like=True):
+    rid: int
+    prompt: list[int]
+    params: SamplingParams
+    n: int
+    prompt_logprobs: bool
+    model: str  # the model view (a base or one of its adapters)
 
 
-def _pack(rid: int, out: Output) -> tuple:
-    lps = [(i.token_id, i.logprob, i.top) for i in out.logprobs] if out.logprobs else None
-    return (rid, out.index, out.text, out.token_ids, out.finish_reason, out.prompt_tokens, out.completion_tokens,
-            lps, out.prompt_logprobs, out.error, out.stop, out.cached_tokens)
+class Cancel(msgspec.Struct, tag="cancel", array_like=True):
+    rid: int
 
 
-def _unpack(item: tuple) -> tuple[int, Output]:
-    rid, index, text, ids, reason, n_prompt, n_done, lps, prompt_lps, error, stop, cached = item
-    out = Output(index=index, text=text, token_ids=ids, finish_reason=reason, prompt_tokens=n_prompt,
-                 completion_tokens=n_done, prompt_logprobs=prompt_lps, error=error, stop=stop, cached_tokens=cached)
-    if lps:
-        out.logprobs = [TokenLogprob(t, lp, top) for t, lp, top in lps]
-    return rid, out
+class Attach(msgspec.Struct, tag="attach", array_like=True):
+    call: int
+    model: str
+
+
+class Embed(msgspec.Struct, tag="embed", array_like=True):
+    call: int
+    model: str
+    texts: list[str]
+    truncate: bool
+
+
+class Stop(msgspec.Struct, tag="stop", array_like=True):
+    pass
+
+
+class Failure(msgspec.Struct, array_like=True):
+    """A typed error (``codellm.errors``) on its way across: raised again on the other side as the same class."""
+
+    kind: str
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "Failure":
+        if isinstance(exc, CodellmError):
+            return cls(type(exc).__name__, exc.message, exc.param, exc.code)
+        return cls("CodellmError", f"{type(exc).__name__}: {exc}")
+
+    def error(self) -> CodellmError:
+        kind = getattr(errors, self.kind, CodellmError)
+        if not (isinstance(kind, type) and issubclass(kind, CodellmError)):
+            kind = CodellmError
+        return kind(self.message, param=self.param, code=self.code)
+
+
+class Ready(msgspec.Struct, tag="ready", array_like=True):
+    device: str
+    dtype: str
+    max_len: int
+    slots: int
+    kv_bytes: int
+
+
+class Failed(msgspec.Struct, tag="failed", array_like=True):
+    failure: Failure
+
+
+class Delivery(msgspec.Struct, array_like=True):
+    rid: int
+    out: Output
+
+
+class Outputs(msgspec.Struct, tag="out", array_like=True):
+    items: list[Delivery]
+    stats: Stats
+    active: int
+
+
+class Reply(msgspec.Struct, tag="reply", array_like=True):
+    call: int
+    value: Any = None
+    failure: Failure | None = None
+
+
+ToChild = Add | Cancel | Attach | Embed | Stop
+ToParent = Ready | Failed | Outputs | Reply
+
+
+class Channel:
+    """One end of the pipe, speaking messages: ``send`` is safe from several threads."""
+
+    def __init__(self, conn, incoming):
+        self.conn = conn
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(incoming)
+        self._lock = threading.Lock()
+
+    def send(self, message: msgspec.Struct) -> None:
+        data = self._encoder.encode(message)
+        with self._lock:
+            self.conn.send_bytes(data)
+
+    def recv(self):
+        return self._decoder.decode(self.conn.recv_bytes())
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return self.conn.poll(timeout)
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
 
 
 def read_on(loop, conn, callback) -> None:
@@ -65,43 +160,46 @@ class EngineProcess(Admission):
 
     def __init__(self, registry, entry, weights, *, load: dict[str, Any], engine: dict[str, Any], view: dict[str, Any],
                  max_queue: int = 256):
+        import torch
+
         from codellm.engine import loader
 
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot cross a fork
-        self._conn, child = ctx.Pipe()
+        conn, child = ctx.Pipe()
+        self._channel = Channel(conn, ToParent)
         self.process = ctx.Process(target=_child_main, name=f"codellm-engine:{entry.name.short}", daemon=True,
                                    args=(child, str(registry.home), str(entry.name), load, engine, view,
                                          logging.getLogger("codellm").getEffectiveLevel()))
         self.process.start()
         child.close()
         ready = self._wait_ready()
-        self.lm: LoadedModel = loader.view(registry, entry, weights, None, ready["device"], ready["dtype"], **view)
-        self.lm.max_len = ready["max_len"]
-        self.slots: int = ready["slots"]
-        self.kv_bytes: int = ready["kv_bytes"]
+        self.lm: LoadedModel = loader.view(registry, entry, weights, None, torch.device(ready.device),
+                                           getattr(torch, ready.dtype), **view)
+        self.lm.max_len = ready.max_len
+        self.slots: int = ready.slots
+        self.kv_bytes: int = ready.kv_bytes
         self.stats = Stats()
         self._active = 0
         self._init_admission(max_queue)
         self._sinks: dict[int, list] = {}  # request id -> [sink, sequences not finished]
-        self._replies: dict[int, Any] = {}
+        self._replies: dict[int, Reply] = {}
         self._replied = threading.Condition()
         self._ids = itertools.count(1)
-        self._send_lock = threading.Lock()
         self._dead: str | None = None
         self._reader: Any = None  # what reads the child's messages: an event loop (serve_on) or a thread, from first use
         self._reader_lock = threading.Lock()
         self._poller: Any = None  # the loop reader's readiness check, made on first use
         self._name = entry.name.short
 
-    def _wait_ready(self) -> dict:
-        while not self._conn.poll(0.5):
+    def _wait_ready(self) -> Ready:
+        while not self._channel.poll(0.5):
             if not self.process.is_alive():
                 raise CodellmError(f"the engine process exited while loading (exit code {self.process.exitcode})")
-        kind, payload = self._conn.recv()
-        if kind == "error":
+        message = self._channel.recv()
+        if isinstance(message, Failed):
             self.process.join(10)
-            raise payload
-        return payload
+            raise message.failure.error()
+        return message
 
     def serve_on(self, loop) -> None:
         """Read the child's messages on ``loop`` (the server's asyncio loop) rather than in a thread of their own.
@@ -112,7 +210,7 @@ class EngineProcess(Admission):
             if self._reader is not None:
                 return
             self._reader = loop
-        read_on(loop, self._conn, self._pump)
+        read_on(loop, self._channel.conn, self._pump)
 
     def _ensure_reader(self) -> None:
         if self._reader is None:
@@ -121,7 +219,7 @@ class EngineProcess(Admission):
                     self._reader = threading.Thread(target=self._receive, name=f"engine-io:{self._name}", daemon=True)
                     self._reader.start()
 
-    # -- the Engine API ------------------------------------------------------------------
+    # -- the client interface --------------------------------------------------------------
     @property
     def alive(self) -> bool:
         return self._dead is None and self.process.is_alive()
@@ -134,13 +232,13 @@ class EngineProcess(Admission):
         lm = lm or self.lm
         if self._dead:
             raise CodellmError(self._dead)
-        _json_state(params)  # a bad JSON prefix is the caller's error, raised here rather than in the child
+        json_state(params)  # a bad JSON prefix is the caller's error, raised here rather than in the child
         self._ensure_reader()
         self._reserve(prompt, n, lm, params)
         rid = next(self._ids)
         self._sinks[rid] = [self._timed(sink), n]
         try:
-            self._send(("add", rid, list(prompt), params, n, prompt_logprobs, lm.name))
+            self._send(Add(rid, list(prompt), params, n, prompt_logprobs, lm.name))
         except BaseException:
             self._sinks.pop(rid, None)
             self._released(n)
@@ -150,17 +248,18 @@ class EngineProcess(Admission):
     def cancel(self, handle: Handle) -> None:
         for rid in handle.seqs:
             if rid in self._sinks:
-                self._send(("cancel", rid))
+                self._send(Cancel(rid))
 
     def attach_adapter(self, registry, entry) -> tuple[None, str]:
-        return None, self._call("attach", str(entry.name))
+        return None, self._call(lambda call: Attach(call, str(entry.name)))
 
     def embed(self, lm: LoadedModel, texts: list[str], *, truncate: bool = True) -> tuple[list[list[float]], int]:
-        return self._call("embed", lm.name, texts, truncate)
+        vectors, tokens = self._call(lambda call: Embed(call, lm.name, texts, truncate))
+        return vectors, tokens
 
     def shutdown(self) -> None:
         try:
-            self._send(("stop",))
+            self._send(Stop())
         except (OSError, CodellmError):
             pass
         self.process.join(15)
@@ -169,32 +268,32 @@ class EngineProcess(Admission):
             self.process.join(5)
 
     # -- plumbing --------------------------------------------------------------------------
-    def _send(self, message: tuple) -> None:
-        with self._send_lock:
-            try:
-                self._conn.send(message)
-            except (OSError, ValueError) as exc:
-                raise CodellmError(self._dead or f"the engine process is gone: {exc}") from None
+    def _send(self, message: msgspec.Struct) -> None:
+        try:
+            self._channel.send(message)
+        except (OSError, ValueError) as exc:
+            raise CodellmError(self._dead or f"the engine process is gone: {exc}") from None
 
-    def _call(self, kind: str, *args, timeout: float = 600.0):
-        """A request the child answers (attaching an adapter): wait for its reply."""
+    def _call(self, message, timeout: float = 600.0):
+        """A request the child answers (attaching an adapter, embedding): wait for its reply."""
         self._ensure_reader()
         call = next(self._ids)
-        self._send((kind, call, *args))
+        sent = message(call)
+        self._send(sent)
         deadline = time.monotonic() + timeout
         with self._replied:
             while call not in self._replies:
                 if self._dead or not self._replied.wait(max(0.0, deadline - time.monotonic())):
-                    raise CodellmError(self._dead or f"the engine process did not answer {kind!r}")
-            ok, value = self._replies.pop(call)
-        if not ok:
-            raise value
-        return value
+                    raise CodellmError(self._dead or f"the engine process did not answer {type(sent).__name__.lower()}")
+            reply = self._replies.pop(call)
+        if reply.failure is not None:
+            raise reply.failure.error()
+        return reply.value
 
     def _receive(self) -> None:
         try:
             while True:
-                self._handle(self._conn.recv())
+                self._handle(self._channel.recv())
         except (EOFError, OSError):
             pass
         self._gone()
@@ -204,25 +303,22 @@ class EngineProcess(Admission):
         builds a selector per call; one ``select.poll`` object made once answers the same question for less."""
         if self._poller is None:
             self._poller = select.poll()
-            self._poller.register(self._conn.fileno(), select.POLLIN)
+            self._poller.register(self._channel.fileno(), select.POLLIN)
         try:
             while self._poller.poll(0):
-                self._handle(self._conn.recv())
+                self._handle(self._channel.recv())
         except (EOFError, OSError):
-            self._reader.remove_reader(self._conn.fileno())
+            self._reader.remove_reader(self._channel.fileno())
             self._gone()
 
-    def _handle(self, message: tuple) -> None:
-        kind, *payload = message
-        if kind == "out":
-            items, stats, self._active = payload
-            for name, value in zip(_STATS, stats):
-                setattr(self.stats, name, value)
-            for item in items:
-                self._deliver(*_unpack(item))
-        elif kind == "reply":
+    def _handle(self, message) -> None:
+        if isinstance(message, Outputs):
+            self.stats, self._active = message.stats, message.active
+            for item in message.items:
+                self._deliver(item.rid, item.out)
+        elif isinstance(message, Reply):
             with self._replied:
-                self._replies[payload[0]] = (payload[1], payload[2])
+                self._replies[message.call] = message
                 self._replied.notify_all()
 
     def _gone(self) -> None:
@@ -255,23 +351,18 @@ class _Outbox:
     """Outputs from the engine thread, sent by a thread of their own: everything that piled up while the
     last message was being sent goes in the next one (about one message per step)."""
 
-    def __init__(self, conn, engine):
-        self.conn, self.engine = conn, engine
-        self.items: list[tuple] = []
+    def __init__(self, channel: Channel, engine):
+        self.channel, self.engine = channel, engine
+        self.items: list[Delivery] = []
         self.cond = threading.Condition()
-        self.send_lock = threading.Lock()
         threading.Thread(target=self._run, name="engine-outbox", daemon=True).start()
 
     def sink(self, rid: int) -> Sink:
         def put(out: Output) -> None:
             with self.cond:
-                self.items.append(_pack(rid, out))
+                self.items.append(Delivery(rid, out))
                 self.cond.notify()
         return put
-
-    def send(self, message: tuple) -> None:
-        with self.send_lock:
-            self.conn.send(message)
 
     def _run(self) -> None:
         while True:
@@ -279,20 +370,19 @@ class _Outbox:
                 while not self.items:
                     self.cond.wait()
                 items, self.items = self.items, []
-            s = self.engine.stats
             try:
-                self.send(("out", items, tuple(getattr(s, name) for name in _STATS), self.engine.active()))
+                stats = msgspec.structs.replace(self.engine.stats, batch_sizes={})  # (a histogram the parent does not show)
+                self.channel.send(Outputs(items, stats, self.engine.active()))
             except (OSError, ValueError):
                 return
 
 
-def _reply(outbox: _Outbox, call: int, fn, *args, **kwargs) -> None:
+def _reply(channel: Channel, call: int, fn, *args, **kwargs) -> None:
     """Run ``fn`` and send its result, or its error, as the reply to ``call``."""
     try:
-        outbox.send(("reply", call, True, fn(*args, **kwargs)))
+        channel.send(Reply(call, fn(*args, **kwargs)))
     except Exception as exc:
-        outbox.send(("reply", call, False, exc if isinstance(exc, CodellmError) else
-                     CodellmError(f"{type(exc).__name__}: {exc}")))
+        channel.send(Reply(call, failure=Failure.of(exc)))
 
 
 def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_opts: dict, level: int) -> None:
@@ -300,32 +390,31 @@ def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_
     import torch
 
     from codellm.engine import loader, memory
-    from codellm.engine.scheduler import Engine
+    from codellm.engine.core import Engine
     from codellm.registry import Registry
 
     torch.set_grad_enabled(False)
+    channel = Channel(conn, ToChild)
     handles: dict[int, Handle] = {}
     stopped = threading.Event()
 
-    def handle(kind: str, *args) -> None:
+    def handle(message) -> None:
         nonlocal handles
-        if kind == "add":
-            rid, prompt, params, n, prompt_logprobs, model = args
-            sink = outbox.sink(rid)
+        if isinstance(message, Add):
+            sink = outbox.sink(message.rid)
             try:
-                handles[rid] = engine.submit(prompt, params, sink, n=n, prompt_logprobs=prompt_logprobs,
-                                             lm=views.get(model, base))
+                handles[message.rid] = engine.submit(message.prompt, message.params, sink, n=message.n,
+                                                     prompt_logprobs=message.prompt_logprobs,
+                                                     lm=views.get(message.model, base))
             except Exception as exc:  # checked in the parent already; should it still fail, say so
-                for index in range(n):
+                for index in range(message.n):
                     sink(Output(index=index, finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
-        elif kind == "cancel":
-            handle = handles.pop(args[0], None)
-            if handle is not None:
-                handle.cancel()
-        elif kind == "attach":
-            call, model = args
-
-            def attach(model=model):
+        elif isinstance(message, Cancel):
+            found = handles.pop(message.rid, None)
+            if found is not None:
+                found.cancel()
+        elif isinstance(message, Attach):
+            def attach(model=message.model):
                 entry = registry.get(model)
                 weights_model, adapter = engine.attach_adapter(registry, entry)
                 for v in views.values():
@@ -334,11 +423,11 @@ def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_
                                            max_len_cap=base.max_len, **view_opts)
                 return adapter
 
-            _reply(outbox, call, attach)
-        elif kind == "embed":  # beside the step loop, as in one process
-            threading.Thread(target=_reply, args=(outbox, args[0], engine.embed, views.get(args[1], base), args[2]),
-                             kwargs={"truncate": args[3]}, daemon=True).start()
-        elif kind == "stop":
+            _reply(channel, message.call, attach)
+        elif isinstance(message, Embed):  # beside the step loop, as in one process
+            threading.Thread(target=_reply, args=(channel, message.call, engine.embed, views.get(message.model, base),
+                                                  message.texts), kwargs={"truncate": message.truncate}, daemon=True).start()
+        elif isinstance(message, Stop):
             stopped.set()
         if len(handles) > 4 * engine.max_queue:  # forget finished requests' handles now and then
             handles = {rid: h for rid, h in handles.items() if not all(s.finished for s in h.seqs)}
@@ -349,8 +438,8 @@ def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_
         if stopped.is_set():
             return
         try:
-            while conn.poll(timeout):
-                handle(*conn.recv())
+            while channel.poll(timeout):
+                handle(channel.recv())
                 timeout = 0.0
         except (EOFError, OSError):  # the parent is gone
             stopped.set()
@@ -365,12 +454,11 @@ def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_
             torch.set_num_threads(1)
         memory.freeze_heap()
     except BaseException as exc:
-        conn.send(("error", exc if isinstance(exc, CodellmError) else CodellmError(f"{type(exc).__name__}: {exc}")))
+        channel.send(Failed(Failure.of(exc)))
         return
     views: dict[str, LoadedModel] = {str(entry.name): base}
-    outbox = _Outbox(conn, engine)
-    outbox.send(("ready", {"device": dev, "dtype": dtype, "max_len": base.max_len, "slots": engine.slots,
-                         "kv_bytes": engine.kv_bytes}))
+    outbox = _Outbox(channel, engine)
+    channel.send(Ready(str(dev), str(dtype).removeprefix("torch."), base.max_len, engine.slots, engine.kv_bytes))
     try:
         stopped.wait()
     finally:

@@ -4,7 +4,6 @@ seeds, and log-probabilities. Rows share the work where their parameters allow."
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Annotated
 
 import msgspec
@@ -74,11 +73,12 @@ def generator(seed: int | None, offset: int = 0, device: torch.device | str = "c
     return torch.Generator(device=device).manual_seed((seed + offset) & ((1 << 64) - 1))
 
 
-@dataclass
-class TokenLogprob:
+class TokenLogprob(msgspec.Struct, array_like=True):
+    """A chosen token's log-probability and the most likely alternatives (it crosses the engine process's pipe)."""
+
     token_id: int
     logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
+    top: list[tuple[int, float]] = []
 
 
 def _penalize(row: torch.Tensor, params: SamplingParams, history: list[int]) -> None:

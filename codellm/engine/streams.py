@@ -13,7 +13,8 @@ import threading
 import weakref
 from typing import AsyncIterator, Callable
 
-from codellm.engine.scheduler import Engine, Handle, Output
+from codellm.engine.client import EngineClient, Handle
+from codellm.engine.outputs import Output
 from codellm.engine.sampling import SamplingParams
 
 CHUNKS_PER_S = 8000  # what one event loop writes to its clients and still takes in new requests (NOTES run 21)
@@ -133,7 +134,7 @@ class AsyncStream:
         self.handles: list[Handle] = []
         self.first_at: float | None = None  # perf_counter() when the first output was read (prompt timing)
 
-    def add(self, engine: Engine, prompt: list[int], params: SamplingParams, *, n: int = 1, offset: int = 0,
+    def add(self, engine: EngineClient, prompt: list[int], params: SamplingParams, *, n: int = 1, offset: int = 0,
             prompt_logprobs: bool = False, lm=None) -> "AsyncStream":
         dispatcher = self._dispatcher
 
@@ -211,7 +212,7 @@ def closing(events: AsyncIterator[bytes], cleanup: Callable[[], None]) -> AsyncI
     return gen
 
 
-def iterate(engine: Engine, prompt: list[int], params: SamplingParams, lm=None):
+def iterate(engine: EngineClient, prompt: list[int], params: SamplingParams, lm=None):
     """Blocking iterator of outputs for one sequence; cancels on early exit."""
     q: queue.SimpleQueue[Output] = queue.SimpleQueue()
     handle = engine.submit(prompt, params, q.put, lm=lm)

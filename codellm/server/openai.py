@@ -19,7 +19,7 @@ from codellm import __version__
 from codellm.engine import prompts
 from codellm.engine.manager import ModelManager, Served
 from codellm.engine.sampling import TokenLogprob
-from codellm.engine.scheduler import Output
+from codellm.engine.outputs import Output
 from codellm.engine.streams import AsyncStream, closing
 from codellm.engine.tools import ToolCallParser, check_tools, forced_call, parse_all, tool_format
 from codellm.errors import CodellmError, InvalidName, InvalidRequest, NotFound

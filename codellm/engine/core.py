@@ -1,0 +1,320 @@
+"""Continuous batching: one engine thread per loaded model runs the step loop.
+
+Each step, the ``Scheduler`` plans (admissions and prompt chunks, then the decode batch), the
+``ModelRunner`` computes, and ``outputs`` turns the sampled tokens into text for each request's
+``sink``, a callable run on the engine thread; the server turns those into SSE/NDJSON on its event loop.
+Sequences join and leave at token boundaries; a cancelled one (client gone) gives its row and blocks back
+before the next step, and a step that fails is retried one sequence at a time, so that only the one at
+fault fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Callable
+
+import torch
+
+from codellm.engine import blocks, fusion, memory, outputs
+from codellm.engine.client import Admission, Handle
+from codellm.engine.detok import IncrementalDetokenizer, StopMatcher
+from codellm.engine.loader import LoadedModel
+from codellm.engine.outputs import Output, Sink, Stats
+from codellm.engine.runner import Launched, ModelRunner
+from codellm.engine.sampling import SamplingParams, TokenLogprob, generator
+from codellm.engine.scheduler import PrefillPlan, Scheduler
+from codellm.engine.sequence import Sequence, json_state, stop_ids
+
+log = logging.getLogger("codellm.engine")
+
+
+def default_slots(cuda: bool) -> int:
+    """Sequences decoded together when not set: KV memory is paged, so many short ones fit where few long ones do."""
+    return 256 if cuda else 8
+
+
+class Engine(Admission):
+    def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int | None = None,
+                 cuda_graphs: bool = True, compile: bool = False, overlap: bool = True, fuse: bool = True,
+                 kv_cache_memory: int | None = None, block_size: int = 16, prefix_caching: bool = True,
+                 source: Callable[[float], None] | None = None):
+        self.lm = lm
+        # where new work comes from besides ``submit`` from other threads: called on the engine thread with how long
+        # it may wait (an engine process reads its pipe there, so no reader thread has to win the GIL from this loop)
+        self._source = source
+        if fuse:  # q/k/v and gate/up as one GEMM each in engine steps (no extra memory)
+            fusion.fuse(lm.model)
+        cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
+        cuda = lm.device.type == "cuda"
+        contexts, slots = slots, slots or default_slots(cuda)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        per_token = memory.kv_bytes_per_token(cfg.num_hidden_layers, kv_heads, head_dim, lm.dtype.itemsize)
+        tokens = memory.kv_tokens(cuda, lm.max_len, kv_cache_memory, per_token, block_size, slots=contexts)
+        self.pool = blocks.BlockPool(tokens // block_size, block_size, caching=prefix_caching)
+        self.runner = ModelRunner(lm, blocks=self.pool.num_blocks, block_size=block_size, rows=slots,
+                                  layers=cfg.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim,
+                                  cuda_graphs=cuda_graphs, compile=compile)
+        # prompt tokens per step: a burst of 64 128-token prompts prefills in one forward on a GPU (time to first
+        # token), at the cost of one longer step for streams already decoding
+        self.scheduler = Scheduler(self.pool, slots, prefill_chunk or (8192 if cuda else 512))
+        self.overlap = overlap  # read greedy tokens a step late, while the device runs the next step (see _decode)
+        self._launched: Launched | None = None  # the decode step whose tokens the host has not read
+        self._init_admission(max_queue)
+        self.stats = Stats(kv_blocks=self.pool.num_blocks)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self.step_lock = threading.Lock()  # held while a step runs: hold it to change the model safely
+        self._ready = threading.Event()  # set once decode graphs are captured (compiled): loading ends there
+        self._thread = threading.Thread(target=self._loop, name=f"engine:{lm.name}", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    # -- the client interface (any thread) -------------------------------------------------
+    @property
+    def slots(self) -> int:
+        return self.runner.cache.slots
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.runner.cache.nbytes
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def active(self) -> int:
+        return self.slots - len(self.scheduler.free_slots)
+
+    def submit(self, prompt: list[int], params: SamplingParams, sink: Sink, *, n: int = 1,
+               prompt_logprobs: bool = False, lm: LoadedModel | None = None) -> Handle:
+        """Queue ``n`` sequences for ``prompt``. ``lm`` is the model view asked for (its tokenizer, EOS ids and
+        adapter) when several models share this engine's weights; default: the engine's own."""
+        lm = lm or self.lm
+        self._reserve(prompt, n, lm, params)
+        room = min(lm.max_len, self.lm.max_len) - len(prompt)
+        max_new = min(params.max_tokens, room) if params.max_tokens is not None else room
+        try:
+            seqs = self._sequences(prompt, params, self._timed(sink), n, prompt_logprobs, lm, max_new)
+        except BaseException:
+            self._released(n)
+            raise
+        self._inbox.put(("add", seqs))
+        return Handle(self, seqs)
+
+    def _sequences(self, prompt, params, sink, n, prompt_logprobs, lm, max_new) -> list[Sequence]:
+        ids, strings = stop_ids(lm.tokenizer, lm.eos_ids, params)
+        return [
+            Sequence(
+                index=i, prompt=list(prompt), params=params, sink=sink, max_new=max(0, max_new), stop_ids=ids,
+                detok=IncrementalDetokenizer(lm.tokenizer, prompt), stops=StopMatcher(strings),
+                generator=generator(params.seed, i, self.lm.device),
+                want_prompt_logprobs=prompt_logprobs and i == 0,
+                json=json_state(params), adapter=lm.adapter,
+            )
+            for i in range(n)
+        ]
+
+    def cancel(self, handle: Handle) -> None:
+        self._inbox.put(("cancel", handle.seqs))
+
+    def embed(self, lm: LoadedModel, texts: list[str], *, truncate: bool = True) -> tuple[list[list[float]], int]:
+        """Mean-pooled embeddings from these weights (``embeddings.embed``), beside the step loop."""
+        from codellm.engine.embeddings import embed
+
+        return embed(lm, texts, truncate=truncate)
+
+    def attach_adapter(self, registry, entry) -> tuple[object, str]:
+        """Put ``entry``'s LoRA adapter on the weights between two steps; (the model now, the adapter's name)."""
+        from codellm.engine import loader
+
+        with self.step_lock:
+            model, adapter = loader.attach_adapter(registry, self.lm.model, entry)
+            self.lm.model = model
+            self._complete()  # capturing graphs again overwrites each row's last token on the device: read it first
+            self.runner.use_adapters(model, adapter)
+        return model, adapter
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout=10)
+
+    # -- the loop (engine thread) ----------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            with self.step_lock:
+                self.runner.warmup()
+        finally:
+            self._ready.set()
+        while not self._stop.is_set():
+            try:
+                self._drain(block=self.scheduler.idle)
+                if self._stop.is_set():
+                    break
+                with self.step_lock:
+                    self._step()
+            except Exception:  # never let one bad sequence kill the engine, or the others in its batch
+                log.exception("engine step failed; stepping its sequences one at a time to find the one at fault")
+                self._isolate()
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(seq, "cancelled")
+
+    def _step(self, admit: bool = True) -> None:
+        plan = self.scheduler.schedule_prefill(admit)
+        self.runner.set_rows(plan.rows)
+        self._prefill(plan)
+        decode = self.scheduler.schedule_decode()
+        if decode.preempted:
+            self._complete()  # a preempted sequence resumes from every token it has, the one in flight included
+        self.runner.set_rows(decode.rows)
+        self._decode(decode.batch)
+        self.stats.kv_used = self.pool.used
+        self.stats.preempted = self.scheduler.preempted
+        self.stats.prefix_queries, self.stats.prefix_hits = self.scheduler.prefix_queries, self.scheduler.prefix_hits
+
+    def _isolate(self) -> None:
+        """After a failed step: every running sequence takes one step alone, and only those that fail alone are
+        finished with an error; the others go on as before. The failed step's tokens still on the device are
+        dropped, and each of those sequences computes that position again (writing the same cache entries); a prompt
+        whose first token was lost prefills its last position again."""
+        self._launched = None
+        running = self.scheduler.running
+        for seq in running:
+            seq.inflight = 0
+            if not seq.generated and not seq.prefilling:
+                seq.cached = seq.target - 1
+        for seq in list(running):
+            if seq.finished:
+                continue
+            everyone, self.scheduler.running, failure = self.scheduler.running, [seq], None
+            try:
+                with self.step_lock:
+                    self._step(admit=False)
+                    self._complete()
+            except Exception as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+                self._launched = None
+                seq.inflight = 0
+            finally:
+                alone = self.scheduler.running
+                self.scheduler.running = [s for s in everyone if not s.finished and (s is not seq or s in alone)]
+            if failure is not None:
+                log.error("sequence %d failed on its own and is aborted: %s", seq.id, failure)
+                self._finish(seq, "error", error=failure)
+
+    def _drain(self, block: bool) -> None:
+        if self._source is not None:
+            self._source(0.5 if block and self._inbox.empty() else 0.0)
+            block = False
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, seqs = item
+            if kind == "add":
+                self.scheduler.add(seqs)
+            elif kind == "cancel":
+                for seq in seqs:
+                    seq.cancelled = True
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+        for seq in self.scheduler.cancelled():
+            self._finish(seq, "cancelled")
+
+    def _prefill(self, plan: PrefillPlan) -> None:
+        for chunk in plan.alone:  # prompt logprobs: every position's logits, a forward of its own
+            logits = self.runner.prefill_alone(chunk)
+            self._prefilled([chunk])
+            if logits is not None:
+                self._after_prefill([chunk[0]], logits)
+        if plan.chunks:
+            seqs, logits = self.runner.prefill(plan.chunks)
+            self._prefilled(plan.chunks)
+            if seqs:
+                self._after_prefill(seqs, logits)
+
+    def _prefilled(self, chunks) -> None:
+        self.scheduler.prefilled(chunks)
+        self.stats.prefill_tokens += sum(end - start for _, start, end in chunks)
+
+    def _after_prefill(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Prompts fully in the cache: sample their first tokens (or finish those asked for none). A sequence
+        computed again after a preemption already has its next token."""
+        keep = [i for i, seq in enumerate(seqs) if seq.max_new > 0 and not seq.generated]
+        for seq in seqs:
+            if seq.max_new == 0:
+                self._finish(seq, "length")
+        if keep:
+            self._sample([seqs[i] for i in keep], logits if len(keep) == len(seqs) else logits[keep])
+
+    def _decode(self, batch: list[Sequence]) -> None:
+        """One decode step for ``batch``. When all of it wants the plain argmax, the step's tokens stay on the
+        device and the host reads them one step later, while the device runs the next step: detokenization, stop
+        checks and HTTP work overlap the forward pass. A sequence that stopped is then decoded one step too many,
+        and that token is dropped."""
+        batch = [s for s in batch if s.decodable]  # (reading the tokens in flight may have finished some)
+        piped = [s for s in batch if len(s.generated) + s.inflight < s.max_new]
+        if not piped or not self.overlap or not all(s.pipelined for s in piped):
+            self._complete()  # the host needs every token so far
+            batch = [s for s in batch if s.decodable]
+            if batch:
+                logits = self.runner.decode(batch)
+                self._counted(batch)
+                self._sample(batch, logits)
+            return
+        launched = self.runner.launch(piped)
+        self._counted(piped)
+        self._complete()  # the previous step's tokens, read while the device runs this one
+        self._launched = launched
+
+    def _counted(self, batch: list[Sequence]) -> None:
+        self.stats.steps += 1
+        self.stats.decode_tokens += len(batch)
+        self.stats.max_batch = max(self.stats.max_batch, len(batch))
+        self.stats.batch_sizes[len(batch)] = self.stats.batch_sizes.get(len(batch), 0) + 1
+
+    def _complete(self) -> None:
+        if self._launched is None:
+            return
+        launched, self._launched = self._launched, None
+        live = self.runner.read(launched)
+        self.stats.decode_tokens -= len(launched.rows) - len(live)  # rows decoded past a stop are not output
+        if live:
+            self._emit([s for s, _ in live], [t for _, t in live], [None] * len(live))
+
+    def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> None:
+        tokens, infos = self.runner.sample(batch, logits)
+        outputs.constrain(batch, tokens, infos, logits)
+        self._emit(batch, tokens, infos)
+
+    def _emit(self, batch: list[Sequence], tokens: list[int], infos: list[TokenLogprob | None]) -> None:
+        for seq, token in zip(batch, tokens):
+            seq.generated.append(token)
+            self.scheduler.appended(seq)
+        for seq, out in zip(batch, outputs.process(batch, tokens, infos)):
+            if out.finish_reason is not None:
+                self._finish(seq, out.finish_reason, out)
+            else:
+                seq.sink(out)
+
+    def _finish(self, seq: Sequence, reason: str, out: Output | None = None, error: str | None = None) -> None:
+        if seq.finished:
+            return
+        self.scheduler.finish(seq)
+        self._released()
+        if reason == "cancelled":
+            self.stats.cancelled += 1
+        else:
+            self.stats.finished += 1
+        out = out or outputs.final(seq, reason, error)
+        try:
+            seq.sink(out)
+        except Exception:  # a sink must never break the loop
+            log.exception("sink failed")

@@ -1,0 +1,164 @@
+"""From sampled token ids to what a request hears: the JSON constraint, text, stop strings, finish reasons.
+
+Everything here is host work on sequences; the one tensor it reads is a row of logits, when the JSON
+constraint must pick another token than the sampled one. ``Output`` and ``Stats`` are msgspec Structs
+because they also cross the engine process's pipe (``remote``).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Callable
+
+import msgspec
+
+from codellm.engine.sampling import TokenLogprob
+
+if TYPE_CHECKING:
+    import torch
+
+    from codellm.engine.sequence import Sequence
+
+
+class Output(msgspec.Struct):
+    """One step's news for one sequence (choice ``index`` of its request)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = []
+    logprobs: list[TokenLogprob] = []
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_logprobs: list[float | None] | None = None
+    error: str | None = None
+    stop: str | None = None  # the stop string that ended the choice (finish_reason "stop")
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+
+
+Sink = Callable[[Output], None]
+
+
+class Stats(msgspec.Struct):
+    steps: int = 0
+    decode_tokens: int = 0
+    prefill_tokens: int = 0
+    max_batch: int = 0
+    batch_sizes: dict[int, int] = {}  # decode steps by batch size
+    finished: int = 0
+    cancelled: int = 0
+    preempted: int = 0
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of those, found
+    kv_blocks: int = 0
+    kv_used: int = 0
+
+
+class Histogram:
+    """A Prometheus histogram: counts per upper bound (seconds), their sum and count."""
+
+    BOUNDS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, float("inf"))
+
+    def __init__(self):
+        self.counts = [0] * len(self.BOUNDS)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.BOUNDS, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+
+def final(seq: "Sequence", reason: str, error: str | None = None) -> Output:
+    """The output that ends ``seq`` when nothing else is left to say (cancelled, failed, asked for no tokens)."""
+    return Output(index=seq.index, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated),
+                  cached_tokens=seq.hit, finish_reason=reason, error=error, stop=seq.stops.matched)
+
+
+def constrain(batch: list["Sequence"], tokens: list[int], infos: list[TokenLogprob | None], logits: "torch.Tensor") -> None:
+    """Replace, in place, each JSON-mode sequence's sampled token by the likeliest one that keeps its output a JSON
+    object prefix (its logprob follows the token)."""
+    import torch
+
+    for row, seq in enumerate(batch):
+        if seq.json is None:
+            continue
+        tokens[row] = _json_token(seq, tokens[row], logits[row])
+        if infos[row] is not None and infos[row].token_id != tokens[row]:
+            lp = torch.log_softmax(logits[row].float(), dim=-1)
+            infos[row] = TokenLogprob(tokens[row], float(lp[tokens[row]]), infos[row].top)
+
+
+def _json_token(seq: "Sequence", token: int, logits: "torch.Tensor") -> int:
+    import torch
+
+    tok = seq.detok.tokenizer
+
+    def fits(tid: int) -> bool:
+        if tid in seq.stop_ids:
+            return False
+        text = tok.decode([tid], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return bool(text) and seq.json.clone().feed(text)
+
+    chosen = token if fits(token) else None
+    if chosen is None:
+        order = torch.topk(logits, min(64, logits.shape[-1])).indices.tolist()
+        chosen = next((t for t in order if fits(t)), None)
+    if chosen is None:
+        chosen = next((t for t in torch.argsort(logits, descending=True).tolist() if fits(t)), token)
+    seq.json.feed(tok.decode([chosen], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+    return chosen
+
+
+def process(batch: list["Sequence"], tokens: list[int], infos: list[TokenLogprob | None]) -> list[Output]:
+    """Each sequence's output for its newest token (already appended to ``generated``): its text with stop strings
+    held back or cut, and ``finish_reason`` set when the sequence ends here (stop id, stop string, a complete JSON
+    object, or its token limit)."""
+    pieces = detokenize(batch, tokens)
+    outs = []
+    for seq, token, info, piece in zip(batch, tokens, infos, pieces):
+        out = Output(index=seq.index, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated),
+                     cached_tokens=seq.hit)
+        if seq.prompt_logprobs is not None and len(seq.generated) == 1:
+            out.prompt_logprobs = seq.prompt_logprobs
+        if token in seq.stop_ids:
+            out.finish_reason = "stop"
+            out.text = seq.stops.feed(seq.detok.flush()) + ("" if seq.stops.stopped else seq.stops.flush())
+        else:
+            out.text = seq.stops.feed(piece)
+            out.token_ids = [token]
+            if info is not None:
+                out.logprobs = [info]
+            ended = seq.stops.stopped or (seq.json is not None and seq.json.done)
+            if ended or len(seq.generated) >= seq.max_new:
+                out.text += seq.stops.feed(seq.detok.flush())
+                if not seq.stops.stopped:
+                    out.text += seq.stops.flush()
+                out.finish_reason = "stop" if ended or seq.stops.stopped else "length"
+        out.stop = seq.stops.matched if out.finish_reason else None
+        outs.append(out)
+    return outs
+
+
+def detokenize(batch: list["Sequence"], tokens: list[int]) -> list[str]:
+    """Each sequence's new text, from one batched decode per tokenizer instead of two calls per sequence."""
+    pieces: list[str] = [""] * len(batch)
+    groups: dict[int, list[int]] = {}
+    windows: dict[int, tuple[list[int], list[int]]] = {}
+    for row, (seq, token) in enumerate(zip(batch, tokens)):
+        if token in seq.stop_ids:
+            continue
+        windows[row] = seq.detok.windows(token)
+        groups.setdefault(id(seq.detok.tokenizer), []).append(row)
+    for rows in groups.values():
+        tok = batch[rows[0]].detok.tokenizer
+        flat = [w for row in rows for w in windows[row]]
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is not None:  # a fast tokenizer: its Rust batch decode, without transformers' per-item Python
+            texts = backend.decode_batch(flat, skip_special_tokens=True)  # (3x less host time at 256 rows)
+        else:
+            texts = tok.batch_decode(flat, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        for i, row in enumerate(rows):
+            pieces[row] = batch[row].detok.commit(texts[2 * i], texts[2 * i + 1])
+    return pieces

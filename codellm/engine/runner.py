@@ -1,0 +1,260 @@
+"""Every tensor of a step: the paged KV cache, the CUDA graphs, the forward passes and sampling.
+
+The runner is told what to compute (sequences and token ranges, from the scheduler's plans) and gives
+back logits or token ids; it never decides who runs. Decode steps whose tokens are all the plain argmax
+are *launched*: their tokens stay on the device, where the next step reads its inputs, and the host
+reads them one step later (``read``) while the device runs the next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from codellm.engine import kvcache, multilora
+from codellm.engine.loader import LoadedModel
+from codellm.engine.sampling import TokenLogprob, sample
+from codellm.engine.sequence import Chunk, Sequence
+
+log = logging.getLogger("codellm.engine")
+
+
+class Launched:
+    """A decode step whose tokens the host has not read: its (sequence, row) pairs, the pinned host copy of its
+    tokens and the event that says the copy is done."""
+
+    __slots__ = ("rows", "host", "event")
+
+    def __init__(self, rows: list[tuple[Sequence, int]], host: torch.Tensor, event):
+        self.rows, self.host, self.event = rows, host, event
+
+
+class ModelRunner:
+    def __init__(self, lm: LoadedModel, *, blocks: int, block_size: int, rows: int, layers: int, kv_heads: int,
+                 head_dim: int, cuda_graphs: bool = True, compile: bool = False):
+        self.lm = lm
+        cuda = lm.device.type == "cuda"
+        self.cache = kvcache.PagedCache(
+            layers=layers, blocks=blocks, block_size=block_size, rows=rows, kv_heads=kv_heads,
+            head_dim=head_dim, max_len=lm.max_len, dtype=lm.dtype, device=lm.device,
+        )
+        # each row's last argmax stays on the device, where the next decode step reads its input
+        self.last_tokens = torch.zeros(rows, dtype=torch.long, device=lm.device)
+        self._host_tokens = [torch.zeros(rows, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._flip = 0
+        self.graphs = None
+        if cuda_graphs and cuda:
+            from codellm.engine.cudagraph import GraphRunner
+
+            self.graphs = GraphRunner(lm.model, self.cache, lm.device, self.last_tokens, compile=compile)
+
+    @property
+    def graphs_usable(self) -> bool:
+        """Captured graphs run the steps, attached adapters included once they are stacked into the graphs
+        (``multilora``); only a kind of LoRA the stacks do not cover leaves the model to PEFT's eager path."""
+        return self.graphs is not None and (self.graphs.lora is not None or not self.peft)
+
+    @property
+    def peft(self) -> bool:
+        return bool(getattr(self.lm.model, "peft_config", None))
+
+    def warmup(self) -> None:
+        if self.graphs_usable:
+            self.graphs.warmup()
+
+    def set_rows(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self.cache.set_row(seq.slot, seq.chain.blocks)
+
+    def use_adapters(self, model, adapter: str) -> None:
+        """The weights now carry ``model``'s adapters: stack them into the graphs (captured again), or leave the
+        steps to PEFT's eager path when the stacks cannot hold this kind of LoRA."""
+        if self.graphs is None or self.graphs.disabled:
+            return
+        rows = multilora.install(model, list(model.peft_config), self.lm.dtype)
+        if rows is None:
+            log.warning("adapter %s: this kind of LoRA decodes eagerly (no CUDA graphs)", adapter)
+            self.graphs.lora = None
+        else:
+            self.graphs.use_adapters(rows)
+            log.info("adapters %s decode in CUDA graphs (captured again)", ", ".join(rows.index))
+
+    # -- eager forwards --------------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, tables: list[list[int]], adapters: list[str | None],
+                 all_logits: bool = False) -> torch.Tensor:
+        """One eager forward: row i is the sequence with blocks ``tables[i]``, with adapter ``adapters[i]`` (None: base)."""
+        extra = {}
+        if self.peft:  # rows pick their adapter (PEFT mixed-batch LoRA)
+            extra["adapter_names"] = [a or "__base__" for a in adapters]
+        return self._logits(kvcache.step_context(self.cache, tables, positions), ids, positions.clamp(min=0),
+                            0 if all_logits else 1, **extra)
+
+    def _logits(self, ctx: kvcache.StepContext, ids: torch.Tensor, positions: torch.Tensor, logits_to_keep, **extra) -> torch.Tensor:
+        """The model's logits for ``ids`` at ``positions`` (CPU tensors) inside step ``ctx``, launched eagerly."""
+        dev = self.lm.device
+        if isinstance(logits_to_keep, torch.Tensor):
+            logits_to_keep = logits_to_keep.to(dev)
+        with kvcache.use(ctx), kvcache.attention_backends(dev), torch.inference_mode():
+            return self.lm.model(input_ids=ids.to(dev), position_ids=positions.to(dev), use_cache=False,
+                                 logits_to_keep=logits_to_keep, **extra).logits
+
+    # -- prefill ---------------------------------------------------------------------------
+    def prefill(self, chunks: list[Chunk]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Compute prompt chunks; the sequences whose prompts they complete, and those sequences' next-token
+        logits (still on the device). Chunks are packed end to end in one row, each attending to its cached
+        prefix and itself: through captured graphs when all are fresh prompts, else one eager forward. PEFT's own
+        LoRA (when the graphs cannot hold it) picks adapters per row: left-padded rows instead."""
+        self.cache.sync()
+        if self.peft and not self.graphs_usable:
+            return self._prefill_rows(chunks)
+        if all(start == 0 for _, start, _ in chunks) and self.graphs_usable:
+            # fresh prompts: every group launched before the first tokens are read (one wait)
+            groups = self.graphs.prefill_groups([end for _, _, end in chunks])
+            packed = [self._prefill_packed([chunks[i] for i in group], keep=len(groups) > 1) for group in groups]
+        else:
+            packed = [self._prefill_packed(chunks)]
+        seqs = [seq for group_seqs, _ in packed for seq in group_seqs]
+        if not seqs:
+            return [], None
+        return seqs, torch.cat([logits for group_seqs, logits in packed if group_seqs])
+
+    @staticmethod
+    def _completing(chunks: list[Chunk]) -> list[int]:
+        return [row for row, (seq, _, end) in enumerate(chunks) if end >= seq.target]
+
+    def _prefill_rows(self, chunks: list[Chunk]) -> tuple[list[Sequence], torch.Tensor | None]:
+        width = max(end - start for _, start, end in chunks)
+        ids = torch.zeros((len(chunks), width), dtype=torch.long)
+        positions = torch.full((len(chunks), width), -1, dtype=torch.long)
+        for row, (seq, start, end) in enumerate(chunks):  # left-padded: every row's last token is last
+            ids[row, width - (end - start):] = torch.tensor(seq.known()[start:end])
+            positions[row, width - (end - start):] = torch.arange(start, end)
+        seqs = [seq for seq, _, _ in chunks]
+        logits = self._forward(ids, positions, [s.chain.blocks for s in seqs], [s.adapter for s in seqs])
+        done = self._completing(chunks)
+        return [chunks[r][0] for r in done], (logits[done, -1] if done else None)
+
+    def _prefill_packed(self, chunks: list[Chunk], keep: bool = False) -> tuple[list[Sequence], torch.Tensor | None]:
+        """A captured graph when all chunks are fresh and one fits, else one eager forward. The logits are copied
+        out of the graph's buffer when ``keep`` (another replay follows)."""
+        packed = [(seq.known()[start:end], start, seq.chain.blocks) for seq, start, end in chunks]
+        lora = self.graphs.lora if self.graphs_usable else None
+        adapters = [lora.of(seq.adapter) for seq, _, _ in chunks] if lora else None
+        fresh = all(start == 0 for _, start, _ in packed)
+        logits = self.graphs.prefill(packed, adapters) if self.graphs_usable and fresh else None
+        if logits is None:
+            dev = self.lm.device
+            bs = self.cache.block_size
+            ids, positions, write, cu, last = kvcache.pack_prompts(packed, bs, self.cache.scratch)
+            keys = {}
+            if not fresh:  # chunks that continue cached prefixes attend to their whole sequences
+                index, cu_k, max_k = kvcache.pack_keys(packed, bs)
+                keys = dict(kv_index=index.to(dev), cu_k=cu_k.to(dev, torch.int32), max_k=max_k)
+            ctx = kvcache.packed_context(self.cache, write.to(dev), positions.to(dev), cu.to(dev, torch.int32),
+                                         max(len(t) for t, _, _ in packed), **keys)
+            tokens = [t for t, _, _ in packed]
+            with lora.active(multilora.token_adapters(tokens, adapters, len(ids)).to(dev).view(1, -1)) if lora \
+                    else contextlib.nullcontext():
+                logits = self._logits(ctx, ids.view(1, -1), positions.view(1, -1), last)[0]
+        done = self._completing(chunks)
+        if not done:
+            return [], None
+        if len(done) == len(chunks):  # (a row list indexes through a host-to-device copy: skip it when it can)
+            logits = logits[:len(done)].clone() if keep else logits[:len(done)]
+        else:
+            logits = logits[done]
+        return [chunks[r][0] for r in done], logits
+
+    def prefill_alone(self, chunk: Chunk) -> torch.Tensor | None:
+        """One chunk in a forward of its own, keeping every position's logits: the prompt's log-probabilities are
+        added to the sequence; its next-token logits when the chunk completes its prompt."""
+        seq, start, end = chunk
+        self.cache.sync()
+        ids = torch.tensor([seq.known()[start:end]])
+        positions = torch.arange(start, end).unsqueeze(0)
+        logits = self._forward(ids, positions, [seq.chain.blocks], [seq.adapter], all_logits=True)
+        with torch.inference_mode():
+            lp = torch.log_softmax(logits[0].float(), dim=-1).cpu()
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None]
+        nxt = seq.prompt[start + 1:end + 1]
+        seq.prompt_logprobs += [float(lp[j, t]) for j, t in enumerate(nxt)]
+        return logits[:, -1] if end >= seq.target else None
+
+    # -- decode ----------------------------------------------------------------------------
+    def decode(self, batch: list[Sequence]) -> torch.Tensor:
+        """One decode step, its logits by ``batch`` row (on the device): the host samples."""
+        logits, _ = self._decode_step(batch)
+        rows = [s.slot for s in batch]
+        if rows != list(range(logits.shape[0])):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        return logits
+
+    def launch(self, batch: list[Sequence]) -> Launched:
+        """One decode step whose tokens (the argmax) stay on the device; ``read`` them later."""
+        _, tokens = self._decode_step(batch)
+        host = self._host_tokens[self._flip]
+        self._flip ^= 1
+        host[:tokens.shape[0]].copy_(tokens, non_blocking=True)
+        event = None
+        if tokens.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        for s in batch:
+            s.inflight += 1
+        return Launched([(s, s.slot) for s in batch], host, event)
+
+    @staticmethod
+    def read(step: Launched) -> list[tuple[Sequence, int]]:
+        """A launched step's tokens, for the sequences that had not finished meanwhile (a sequence that stopped a
+        step ago was decoded once too often: that token is dropped)."""
+        if step.event is not None:
+            step.event.synchronize()
+        tokens = step.host.tolist()
+        live = []
+        for seq, slot in step.rows:
+            seq.inflight -= 1
+            if not seq.finished:
+                live.append((seq, tokens[slot]))
+        return live
+
+    def _decode_step(self, batch: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Launch one decode step; (logits, argmax) by row 0..hi-1, still on the device."""
+        # one batch row per block-table row 0..hi-1 (rows are handed out lowest first): attention reads each row's
+        # blocks through the table; rows of free or still-prefilling sequences write to scratch and are dropped
+        self.cache.sync()
+        hi = max(s.slot for s in batch) + 1
+        ids, positions, take, adapters = [0] * hi, [-1] * hi, [0] * hi, [None] * hi
+        write, tables = [self.cache.scratch] * hi, [[] for _ in range(hi)]
+        bs = self.cache.block_size
+        for s in batch:
+            p = positions[s.slot] = len(s.prompt) + len(s.generated) + s.inflight - 1
+            write[s.slot] = kvcache.cache_row(s.chain.blocks, p, bs)
+            tables[s.slot] = s.chain.blocks
+            if s.inflight:
+                take[s.slot] = 1
+            else:
+                ids[s.slot] = s.generated[-1]
+            adapters[s.slot] = s.adapter
+        out = None
+        if self.graphs_usable:
+            lora = self.graphs.lora
+            with torch.inference_mode():  # the fast path: one captured graph replay per step
+                out = self.graphs.run(ids, positions, take, write, [lora.of(a) for a in adapters] if lora else None)
+        if out is None:
+            dev = self.lm.device
+            with torch.inference_mode():
+                inputs = torch.where(torch.tensor(take, dtype=torch.bool).to(dev), self.last_tokens[:hi],
+                                     torch.tensor(ids).to(dev))
+                logits = self._forward(inputs.unsqueeze(1), torch.tensor(positions).unsqueeze(1), tables, adapters)[:, -1]
+                argmax = logits.argmax(dim=-1)
+                self.last_tokens[:hi] = argmax
+            out = (logits, argmax)
+        return out
+
+    @staticmethod
+    def sample(batch: list[Sequence], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        with torch.inference_mode():
+            return sample(logits, [s.params for s in batch], [s.generated for s in batch], [s.generator for s in batch])

@@ -1,0 +1,88 @@
+"""One choice of one request, as the engine tracks it from submission to its last token."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from codellm.engine import blocks
+from codellm.engine.detok import IncrementalDetokenizer, StopMatcher
+from codellm.engine.jsonmode import JsonPrefix
+from codellm.engine.outputs import Sink
+from codellm.engine.sampling import SamplingParams
+from codellm.errors import InvalidRequest
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Sequence:
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    sink: Sink
+    max_new: int
+    stop_ids: set[int]
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    generator: Any = None  # a seeded torch.Generator, or None: the sampler's business
+    want_prompt_logprobs: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+    slot: int | None = None  # its batch row (and block-table row) while running
+    chain: blocks.Chain | None = None  # its KV blocks while running
+    cached: int = 0  # tokens whose keys and values are in the cache
+    target: int = 0  # tokens to have in the cache before decoding: the prompt (after a preemption, all but the last)
+    hit: int = 0  # prompt tokens found in the prefix cache when first admitted
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    finished: bool = False
+    prompt_logprobs: list[float | None] | None = None
+    json: JsonPrefix | None = None
+    adapter: str | None = None
+    inflight: int = 0  # tokens decoded on the device whose ids the host has not read yet
+
+    @property
+    def pipelined(self) -> bool:
+        """Its next token is the plain argmax, picked on the device: the host may read it a step later."""
+        return self.params.plain_greedy and self.json is None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < self.target
+
+    @property
+    def decodable(self) -> bool:
+        return not self.prefilling and not self.finished
+
+    def known(self) -> list[int]:
+        """Every token whose keys and values belong in the cache: the prompt and what was generated."""
+        return self.prompt + self.generated if self.generated else self.prompt
+
+
+Chunk = tuple[Sequence, int, int]  # a sequence and the token range [start, end) of its ``known()`` to compute
+
+
+def json_state(params: SamplingParams) -> JsonPrefix | None:
+    """The JSON-object constraint's state for a request that asked for one (its prefix already fed)."""
+    if not params.json_object:
+        return None
+    state = JsonPrefix()
+    if params.json_prefix and not state.feed(params.json_prefix):
+        raise InvalidRequest("json_prefix is not the start of a JSON object")
+    return state
+
+
+def stop_ids(tokenizer, eos_ids, params: SamplingParams) -> tuple[set[int], list[str]]:
+    """The token ids that end a choice, and the stop strings left to match in text (a stop that is a special
+    token's text is matched as that token)."""
+    ids = set() if params.ignore_eos else set(eos_ids)
+    ids |= set(params.stop_token_ids)
+    strings = []
+    special = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}) or {})
+    for s in params.stop:
+        if s in special:
+            ids.add(tokenizer.convert_tokens_to_ids(s))
+        else:
+            strings.append(s)
+    return ids, strings
