@@ -121,6 +121,15 @@ def test_packed_prefill_matches_each_prompt_alone(tiny_dir, dtype):
         with kvcache.use(ctx):
             continued = model(input_ids=ids.view(1, -1).to(device), position_ids=positions.view(1, -1).to(device),
                               use_cache=False, logits_to_keep=last.to(device)).logits[0]
+        # the same chunks laid out as a captured graph takes them: padding queries and keys, unused rows
+        ids, positions, write, cu, last = kvcache.pack_prompts(more, 4, cache.scratch, width=24, rows=6)
+        kv_index, cu_k, max_k = kvcache.pack_keys(more, 4, cache.scratch, width=40, rows=6)
+        assert cu_k.tolist() == [0, 9, 11, 28, 35, 40, 40, 40] and max_k == 40 and kv_index[35:].eq(cache.scratch).all()
+        ctx = kvcache.packed_context(cache, write.to(device), positions.to(device), cu.to(device, torch.int32), 24,
+                                     kv_index.to(device), cu_k.to(device, torch.int32), max_k)
+        with kvcache.use(ctx):
+            padded = model(input_ids=ids.view(1, -1).to(device), position_ids=positions.view(1, -1).to(device),
+                           use_cache=False, logits_to_keep=last.to(device)).logits[0]
         whole = [model(input_ids=torch.tensor([p + t], device=device)).logits[0, -1] for p, t in zip(prompts, tails)]
         one = _paged(cfg, blocks=12, max_len=32, dtype=dtype, device=device)
         with kvcache.use(kvcache.step_context(one, [[0, 1, 2]], torch.arange(len(prompts[2])).unsqueeze(0))):
@@ -128,6 +137,7 @@ def test_packed_prefill_matches_each_prompt_alone(tiny_dir, dtype):
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
     torch.testing.assert_close(packed[:4], torch.stack(alone), **tol)
     torch.testing.assert_close(continued, torch.stack(whole), **tol)
+    torch.testing.assert_close(padded[:4], torch.stack(whole), **tol)
     for layer in range(cfg.num_hidden_layers):  # the third prompt's keys landed in its blocks, at its positions
         rows = cache.index([tables[2]], 11)[0].to(device)
         torch.testing.assert_close(cache.k[layer][rows], one.k[layer][:11], **tol)

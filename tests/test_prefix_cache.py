@@ -105,6 +105,9 @@ def test_prefix_cache_on_and_off_give_the_same_tokens(served_home, lm):
             ])
             results[caching] = ([s.tokens for s in first + second], [s.cached for s in second])
             assert not any(engine.pool.refs) and engine.active() == 0
+            graphs = engine.runner.graphs
+            if graphs is not None and caching:  # on a GPU, prompts continuing a cached prefix ran in captured graphs
+                assert graphs.prefill_replays["cached"] > 0
         finally:
             manager.close()
     on, off = results[True], results[False]

@@ -8,10 +8,12 @@ step is block-table row i; everything a step changes (token ids, positions, wher
 lives in one static device buffer filled by a single host-to-device copy, and the block table is a static
 buffer the scheduler updates between steps. Rows without a sequence write to the cache's scratch block.
 
-Prefill graphs, one per token-count bucket, run packed prefills of fresh prompts (``kvcache.packed_context``;
-a prompt that continues a cached prefix prefills eagerly):
-up to ``PREFILL_ROWS`` prompts end to end in one row, so a lone 128-token prompt costs one replay
-instead of an eager forward launched from Python (tens of ms, most of a c=1 time to first token).
+Prefill graphs run packed prefills (``kvcache.packed_context``): up to ``PREFILL_ROWS`` prompt chunks end to
+end in one row, so a lone 128-token prompt costs one replay instead of an eager forward launched from
+Python (tens of ms, most of a c=1 time to first token). There is one graph per token-count bucket for
+fresh prompts, which attend to themselves, and one per (tokens, keys) bucket pair for chunks that continue
+a cached prefix: their keys are gathered from the pool through a static index buffer, padded with the
+scratch block, so a prompt that hits the prefix cache is as cheap to launch as a fresh one.
 
 With ``compile=True`` the decode step is first compiled by ``torch.compile`` (inductor fuses the norms,
 rotary embedding and activations of every layer into a few kernels) and the compiled step is what the
@@ -24,6 +26,7 @@ sequence's next step takes its input from there (``take``), so consecutive steps
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 
@@ -35,6 +38,7 @@ log = logging.getLogger("codellm.engine")
 
 PREFILL_ROWS = 64  # prompts one prefill replay takes
 PREFILL_BUCKETS = (64, 128, 256, 512, 1024, 2048)  # its token counts; larger prefills run eagerly (GPU-bound there)
+KEY_BUCKETS = (1024, 4096, 16384, 65536)  # keys a prefill over cached prefixes attends to, all chunks together
 
 
 def _buckets(limit: int, start: int) -> list[int]:
@@ -59,7 +63,13 @@ class GraphRunner:
         # one device buffer for a packed prefill, filled by one copy (its parts: ``_pf_parts``)
         self.pf_width = width
         self.pf = torch.zeros(4 * width + 2 * PREFILL_ROWS + 2, dtype=torch.long, device=device)
-        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # cached-prefix prefills: the pool rows of every key each chunk attends to, then their cumulative counts
+        self.key_buckets = list(KEY_BUCKETS) if width else []
+        self.pk_width = self.key_buckets[-1] if self.key_buckets else 0
+        self.pk = torch.zeros(self.pk_width + PREFILL_ROWS + 2, dtype=torch.long, device=device)
+        # by (tokens, keys); keys 0: fresh prompts, attending to themselves
+        self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prefill_replays: collections.Counter = collections.Counter()  # "fresh" and "cached" prefills replayed
         bmax = self.batch_buckets[-1]
         # ids, positions, take (1: this row's input is ``tokens[row]``), adapter number, cache row of its keys; two
         # host buffers, so a step's inputs are written while the previous step's copy may still be pending
@@ -117,10 +127,13 @@ class GraphRunner:
         return buf[:w], buf[w:2 * w], buf[2 * w:3 * w], buf[3 * w:3 * w + r + 2], buf[3 * w + r + 2:3 * w + 2 * r + 2], \
             buf[3 * w + 2 * r + 2:]
 
-    def _prefill_step(self, n: int) -> torch.Tensor:
+    def _prefill_step(self, n: int, k: int) -> torch.Tensor:
         ids, pos, write, cu, last, adapters = self._pf_parts(self.pf)
         ids, pos, write, cu, adapters = ids[:n], pos[:n], write[:n], cu.to(torch.int32), adapters[:n]
-        ctx = kvcache.packed_context(self.cache, write, pos, cu, n)
+        keys = {}
+        if k:
+            keys = dict(kv_index=self.pk[:k], cu_k=self.pk[self.pk_width:].to(torch.int32), max_k=k)
+        ctx = kvcache.packed_context(self.cache, write, pos, cu, n, **keys)
         with kvcache.attention_backends(self.device), self._adapters(adapters.view(1, n)):
             out = self.model(input_ids=ids.view(1, n), position_ids=pos.view(1, n), use_cache=False,
                              logits_to_keep=last, codellm_step=ctx)
@@ -158,18 +171,23 @@ class GraphRunner:
                             self._uncompiled()
         _, _, write, cu, _, _ = self._pf_parts(self.pf)
         write.fill_(self.cache.scratch)  # prefill graphs: capture-time writes go to the scratch block
+        self.pk[:self.pk_width].fill_(self.cache.scratch)  # and capture-time keys are read from it
+        cu_k = self.pk[self.pk_width:]
         for n in self.prefill_buckets:
-            if self.disabled:
-                break
-            # one sequence of n padding tokens: lengths past this bucket's n would send attention out of bounds
-            cu.fill_(n)
-            cu[0] = 0
-            try:
-                self.prefill_graphs[n] = self._capture(self._prefill_step, n)
-            except Exception:
-                log.exception("capturing the prefill graph failed; prompts prefill eagerly")
-                self.prefill_graphs.clear()
-                break
+            for k in [0] + [k for k in self.key_buckets if k >= n]:
+                if self.disabled:
+                    return
+                # one sequence of n padding tokens (and k keys): lengths past the bucket's would read out of bounds
+                cu.fill_(n)
+                cu[0] = 0
+                cu_k.fill_(k)
+                cu_k[0] = 0
+                try:
+                    self.prefill_graphs[(n, k)] = self._capture(self._prefill_step, n, k)
+                except Exception:
+                    log.exception("capturing a prefill graph failed; prompts prefill eagerly")
+                    self.prefill_graphs.clear()
+                    return
 
     def run(self, ids: list[int], positions: list[int], take: list[int], write: list[int],
             adapters: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -203,30 +221,41 @@ class GraphRunner:
         graph.replay()
         return logits[:n], tokens[:n]
 
-    def prefill_groups(self, lengths: list[int]) -> list[list[int]]:
-        """Prompts of these lengths (in order) cut into groups that each fit one captured prefill graph, as index
-        lists; a prompt longer than every graph goes alone (and prefills eagerly)."""
+    def prefill_groups(self, lengths: list[int], keys: list[int]) -> list[list[int]]:
+        """Chunks of these lengths, attending to this many keys each, (in order) cut into groups that each fit one
+        captured prefill graph, as index lists; a chunk larger than every graph goes alone (and prefills eagerly)."""
         if not self.prefill_graphs:
             return [list(range(len(lengths)))]
         groups: list[list[int]] = []
-        size = 0
-        for i, n in enumerate(lengths):
-            if not groups or size + n > self.pf_width or len(groups[-1]) == PREFILL_ROWS:
+        size = attended = 0
+        for i, (n, k) in enumerate(zip(lengths, keys)):
+            if not groups or size + n > self.pf_width or attended + k > self.pk_width or len(groups[-1]) == PREFILL_ROWS:
                 groups.append([])
-                size = 0
+                size = attended = 0
             groups[-1].append(i)
             size += n
+            attended += k
         return groups
 
     def prefill(self, chunks: list[tuple[list[int], int, list[int]]], adapters: list[int] | None = None) -> torch.Tensor | None:
-        """Next-token logits ([len(chunks), V], on the device) of a packed prefill of fresh prompts (``chunks`` as
-        ``kvcache.pack_prompts`` takes them, each from position 0, with each prompt's adapter number) by one graph
-        replay, or None when no captured graph fits (too many tokens or prompts)."""
+        """Next-token logits ([len(chunks), V], on the device) of a packed prefill (``chunks`` as
+        ``kvcache.pack_prompts`` takes them, with each chunk's adapter number) by one graph replay, or None when no
+        captured graph fits (too many tokens, keys or chunks)."""
         prompts = [tokens for tokens, _, _ in chunks]
         total = sum(len(p) for p in prompts)
         n = next((b for b in self.prefill_buckets if b >= total), None)
-        if n is None or n not in self.prefill_graphs or len(prompts) > PREFILL_ROWS or self.disabled:
+        k = 0
+        if any(start for _, start, _ in chunks):  # continuing cached prefixes: their keys come from the pool
+            attended = sum(start + len(t) for t, start, _ in chunks)
+            k = next((b for b in self.key_buckets if b >= max(attended, n or 0)), None)
+        if n is None or k is None or (n, k) not in self.prefill_graphs or len(prompts) > PREFILL_ROWS or self.disabled:
             return None
+        if k:
+            host_k = torch.empty(self.pk.shape[0], dtype=torch.long, pin_memory=True)
+            index, cu_k, _ = kvcache.pack_keys(chunks, self.cache.block_size, self.cache.scratch, width=k, rows=PREFILL_ROWS)
+            host_k[:k], host_k[self.pk_width:] = index, cu_k
+            self.pk[:k].copy_(host_k[:k], non_blocking=True)
+            self.pk[self.pk_width:].copy_(host_k[self.pk_width:], non_blocking=True)
         host = torch.empty(self.pf.shape[0], dtype=torch.long, pin_memory=True)  # cached pinned block, freed once copied
         h_ids, h_pos, h_write, h_cu, h_last, h_adapters = self._pf_parts(host)
         h_ids[:n], h_pos[:n], h_write[:n], h_cu[:], h_last[:] = kvcache.pack_prompts(
@@ -234,6 +263,7 @@ class GraphRunner:
         if self.lora is not None:
             h_adapters[:n] = multilora.token_adapters(prompts, adapters, n)
         self.pf.copy_(host, non_blocking=True)
-        graph, logits = self.prefill_graphs[n]
+        graph, logits = self.prefill_graphs[(n, k)]
         graph.replay()
+        self.prefill_replays["cached" if k else "fresh"] += 1
         return logits[:len(prompts)]

@@ -104,14 +104,13 @@ class ModelRunner:
     def prefill(self, chunks: list[Chunk]) -> tuple[list[Sequence], torch.Tensor | None]:
         """Compute prompt chunks; the sequences whose prompts they complete, and those sequences' next-token
         logits (still on the device). Chunks are packed end to end in one row, each attending to its cached
-        prefix and itself: through captured graphs when all are fresh prompts, else one eager forward. PEFT's own
+        prefix and itself: through captured graphs where they fit, else one eager forward. PEFT's own
         LoRA (when the graphs cannot hold it) picks adapters per row: left-padded rows instead."""
         self.cache.sync()
         if self.peft and not self.graphs_usable:
             return self._prefill_rows(chunks)
-        if all(start == 0 for _, start, _ in chunks) and self.graphs_usable:
-            # fresh prompts: every group launched before the first tokens are read (one wait)
-            groups = self.graphs.prefill_groups([end for _, _, end in chunks])
+        if self.graphs_usable:  # every group launched before the first tokens are read (one wait)
+            groups = self.graphs.prefill_groups([end - start for _, start, end in chunks], [end for _, _, end in chunks])
             packed = [self._prefill_packed([chunks[i] for i in group], keep=len(groups) > 1) for group in groups]
         else:
             packed = [self._prefill_packed(chunks)]
@@ -137,13 +136,13 @@ class ModelRunner:
         return [chunks[r][0] for r in done], (logits[done, -1] if done else None)
 
     def _prefill_packed(self, chunks: list[Chunk], keep: bool = False) -> tuple[list[Sequence], torch.Tensor | None]:
-        """A captured graph when all chunks are fresh and one fits, else one eager forward. The logits are copied
+        """A captured graph when one fits, else one eager forward. The logits are copied
         out of the graph's buffer when ``keep`` (another replay follows)."""
         packed = [(seq.known()[start:end], start, seq.chain.blocks) for seq, start, end in chunks]
         lora = self.graphs.lora if self.graphs_usable else None
         adapters = [lora.of(seq.adapter) for seq, _, _ in chunks] if lora else None
         fresh = all(start == 0 for _, start, _ in packed)
-        logits = self.graphs.prefill(packed, adapters) if self.graphs_usable and fresh else None
+        logits = self.graphs.prefill(packed, adapters) if self.graphs_usable else None
         if logits is None:
             dev = self.lm.device
             bs = self.cache.block_size
