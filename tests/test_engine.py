@@ -124,7 +124,7 @@ def test_packed_prefill_matches_each_prompt_alone(tiny_dir, dtype):
         # the same chunks laid out as a captured graph takes them: padding queries and keys, unused rows
         ids, positions, write, cu, last = kvcache.pack_prompts(more, 4, cache.scratch, width=24, rows=6)
         kv_index, cu_k, max_k = kvcache.pack_keys(more, 4, cache.scratch, width=40, rows=6)
-        assert cu_k.tolist() == [0, 9, 11, 28, 35, 40, 40, 40] and max_k == 40 and kv_index[35:].eq(cache.scratch).all()
+        assert cu_k.tolist() == [0, 9, 11, 28, 35, 36, 36, 36] and max_k == 40 and kv_index[35:].eq(cache.scratch).all()
         ctx = kvcache.packed_context(cache, write.to(device), positions.to(device), cu.to(device, torch.int32), 24,
                                      kv_index.to(device), cu_k.to(device, torch.int32), max_k)
         with kvcache.use(ctx):

@@ -38,7 +38,7 @@ log = logging.getLogger("codellm.engine")
 
 PREFILL_ROWS = 64  # prompts one prefill replay takes
 PREFILL_BUCKETS = (64, 128, 256, 512, 1024, 2048)  # its token counts; larger prefills run eagerly (GPU-bound there)
-KEY_BUCKETS = (1024, 4096, 16384, 65536)  # keys a prefill over cached prefixes attends to, all chunks together
+KEY_BUCKETS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # keys a prefill over cached prefixes attends to, all chunks together
 
 
 def _buckets(limit: int, start: int) -> list[int]:

@@ -159,13 +159,14 @@ def pack_keys(chunks: list[tuple[list[int], int, list[int]]], block_size: int, s
               width: int | None = None, rows: int | None = None):
     """For packed chunks that continue cached prefixes: the cache rows of every key each chunk attends to
     (positions 0 to its end; ``width`` of them, padding from ``scratch``), their cumulative counts (laid out as
-    ``pack_prompts`` lays out the queries': the padding queries' sequence gets the padding keys) and the longest
-    count (``width`` when padded: an upper bound is all attention needs)."""
+    ``pack_prompts`` lays out the queries': the padding queries' sequence gets one padding key, so that it costs
+    nothing) and the longest count (``width`` when padded: an upper bound is all attention needs)."""
     ends = [start + len(t) for t, start, _ in chunks]
     index = [cache_row(blocks, p, block_size) for (_, _, blocks), end in zip(chunks, ends) for p in range(end)]
     total = sum(ends)
     width, rows = width or total, rows or len(chunks)
-    cu_k = torch.tensor([0, *itertools.accumulate(ends)] + [width] * (rows + 1 - len(ends)), dtype=torch.long)
+    cu_k = torch.tensor([0, *itertools.accumulate(ends)] + [min(total + 1, width)] * (rows + 1 - len(ends)),
+                        dtype=torch.long)
     return torch.tensor(index + [scratch] * (width - total), dtype=torch.long), cu_k, max(ends) if width == total else width
 
 
