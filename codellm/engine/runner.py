@@ -111,8 +111,6 @@ class ModelRunner:
             return self._prefill_rows(chunks)
         if self.graphs_usable:  # every group launched before the first tokens are read (one wait)
             groups = self.graphs.prefill_groups([end - start for _, start, end in chunks], [end for _, _, end in chunks])
-            if len(groups) > 1 and any(start for _, start, _ in chunks):
-                groups = [list(range(len(chunks)))]  # more than a graph holds over cached prefixes: GPU-bound, one forward
             packed = [self._prefill_packed([chunks[i] for i in group], keep=len(groups) > 1) for group in groups]
         else:
             packed = [self._prefill_packed(chunks)]
