@@ -297,7 +297,7 @@ def test_removed_model_leaves_the_server_consistent(served_home, tiny_dir):
         assert ps.status_code == 200 and "doomed:latest" not in [m["name"] for m in ps.json()["models"]]
         chat = httpx.post(srv.url + "/v1/chat/completions", json={"model": "doomed", "messages": [{"role": "user", "content": "x"}]})
         assert chat.status_code == 404
-        assert "doomed" not in [m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"]]
+        assert "doomed:latest" not in [m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"]]
         assert "doomed:latest" not in srv.health()["models"]
     finally:
         srv.stop()

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import Server
+from conftest import Server, run_cli
 
 KEY = "sk-test-key"
 
@@ -48,16 +48,19 @@ def wait_idle(server, timeout=10.0) -> dict:
     raise AssertionError(f"work still running: {server.health()}")
 
 
-def test_models(client, server):
+def test_models(client, server, served_home):
     ids = [m.id for m in client.models.list().data]
-    assert {"tiny-coder", "qwen2.5-coder:0.5b", "tiny-lora"} <= set(ids)
+    # ids are name:tag, as `codellm list` and Ollama show them; bare names still work
+    assert {"tiny-coder:latest", "qwen2.5-coder:0.5b", "tiny-lora:latest"} <= set(ids)
+    listed = run_cli("list", env={"CODELLM_HOME": str(served_home)})
+    assert set(ids) == {line.split()[0] for line in listed.stdout.splitlines()[1:]}
     assert client.models.retrieve("tiny-lora").model_extra["parent"] == "qwen2.5-coder:0.5b"
     prompt = "def fibonacci(n):\n"
-    lora = client.completions.create(model="tiny-lora", prompt=prompt, max_tokens=12, extra_body={"ignore_eos": True})
+    lora = client.completions.create(model="tiny-lora:latest", prompt=prompt, max_tokens=12, extra_body={"ignore_eos": True})
     plain = client.completions.create(model="tiny-coder", prompt=prompt, max_tokens=12, extra_body={"ignore_eos": True})
     assert lora.choices[0].text != plain.choices[0].text  # the adapter is applied (unmerged) on its base
     card = client.models.retrieve("tiny-coder")
-    assert card.id == "tiny-coder" and card.model_extra["max_model_len"] == 256
+    assert card.id == "tiny-coder:latest" and card.model_extra["max_model_len"] == 256
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("gpt-4o")
     assert err.value.body["code"] == "model_not_found"

@@ -437,8 +437,8 @@ async def _completion_events(stream, data: CompletionRequest, rid, created, tok,
 
 def model_card(entry, max_len: int | None = None) -> dict:
     c = entry.manifest.config
-    card = {"id": entry.name.short, "object": "model", "created": int(entry.modified), "owned_by": "codellm",
-            "root": c.source or entry.name.short, "parent": c.base,
+    card = {"id": str(entry.name), "object": "model", "created": int(entry.modified), "owned_by": "codellm",
+            "root": c.source or str(entry.name), "parent": c.base,
             "max_model_len": max_len or c.context_length}
     return card
 
