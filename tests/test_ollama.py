@@ -222,3 +222,44 @@ def test_long_prompts_are_cut_as_ollama_cuts_them(server, client):
     vectors = httpx.post(server.url + "/api/embed", json={"model": "tiny-coder", "input": ["a b", "c"], "dimensions": 8}).json()
     assert [len(v) for v in vectors["embeddings"]] == [8, 8]
     assert all(abs(sum(x * x for x in v) - 1) < 1e-5 for v in vectors["embeddings"])  # normalized again
+
+
+def test_create_from_uploaded_blobs(server, client, home, tiny_dir, adapter_dir):
+    """`ollama create` from files: the client uploads each file as a blob (HEAD, then POST /api/blobs/<digest>) and
+    creates the model from {filename: digest}; an adapter's files come the same way. Uploads that lie about their
+    digest, and creates that name files oddly or blobs never uploaded, are refused and leave nothing behind."""
+    from codellm.registry.blobs import sha256_bytes
+
+    files = {p.name: client.create_blob(p) for p in sorted(tiny_dir.iterdir()) if p.is_file()}
+    adapters = {p.name: client.create_blob(p) for p in sorted(adapter_dir.iterdir()) if p.is_file()}
+    assert httpx.head(f"{server.url}/api/blobs/{files['config.json']}").status_code == 200
+    client.create(model="uploaded", files=files, stream=False)
+    client.create(model="uploaded-lora", from_="uploaded", adapters=adapters, stream=False)
+    again = client.create_blob(tiny_dir / "config.json")  # already there: not written twice
+    assert again == files["config.json"]
+    shown = client.show("uploaded-lora")
+    assert shown.details.parent_model == "uploaded:latest"
+    base = client.generate(model="uploaded", prompt="def add(a, b):", options={"temperature": 0, "num_predict": 8})
+    lora = client.generate(model="uploaded-lora", prompt="def add(a, b):", options={"temperature": 0, "num_predict": 8})
+    same = client.generate(model="qwen2.5-coder:0.5b", prompt="def add(a, b):", options={"temperature": 0, "num_predict": 8})
+    assert base.response == same.response and lora.response != base.response  # the same weights; the adapter applies
+
+    body = b"not what the digest says"
+    wrong = "sha256:" + "0" * 64
+    assert httpx.head(f"{server.url}/api/blobs/{wrong}").status_code == 404
+    r = httpx.post(f"{server.url}/api/blobs/{wrong}", content=body)
+    assert r.status_code == 400 and "digest" in r.json()["error"]
+    assert httpx.head(f"{server.url}/api/blobs/{wrong}").status_code == 404
+    assert httpx.post(f"{server.url}/api/blobs/sha256:../../etc", content=body).status_code in (400, 404)
+    assert httpx.post(f"{server.url}/api/blobs/md5:abc", content=body).status_code == 400
+    assert not list((home / "blobs").glob(".tmp-*"))  # no half-written blob
+    good = sha256_bytes(body)
+    assert httpx.post(f"{server.url}/api/blobs/{good}", content=body).status_code == 201
+    for bad_files, says in (({"../config.json": files["config.json"]}, "invalid file name"),
+                            ({"config.json": wrong}, "upload it first"),
+                            ({"config.json": "sha256:xyz"}, "invalid digest"),
+                            ({"weights.bin": good}, "no config.json")):
+        with pytest.raises(ollama.ResponseError) as err:
+            client.create(model="refused", files=bad_files, stream=False)
+        assert err.value.status_code == 400 and says in str(err.value), (bad_files, str(err.value))
+    assert "refused:latest" not in {m.model for m in client.list().models}

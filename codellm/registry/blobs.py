@@ -148,6 +148,11 @@ class BlobStore:
             self._mark(digest)
         return digest, len(data)
 
+    def writer(self, digest: str) -> "BlobWriter":
+        """A blob written piece by piece (an upload) that must hash to ``digest``: nothing is in the store until
+        ``commit``, and a failed or abandoned write leaves nothing behind."""
+        return BlobWriter(self, check_digest(digest))
+
     def read_bytes(self, digest: str) -> bytes:
         return self.path(digest).read_bytes()
 
@@ -157,3 +162,32 @@ class BlobStore:
 
     def digests(self) -> set[str]:
         return {p.name.replace("-", ":", 1) for p in self.root.glob("sha256-*") if p.is_file()}
+
+
+class BlobWriter:
+    def __init__(self, store: BlobStore, digest: str):
+        self.store, self.digest = store, digest
+        fd, self.tmp = tempfile.mkstemp(dir=store.root, prefix=".tmp-")
+        self.fh = os.fdopen(fd, "wb")
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.fh.write(data)
+        self.size += len(data)
+
+    def commit(self) -> int:
+        """Into the store under its digest, if the content matches it; its size."""
+        self.fh.close()
+        got = "sha256:" + self.hash.hexdigest()
+        if got != self.digest:
+            self.abort()
+            raise Corrupt(f"the content's digest is {got}, not {self.digest}")
+        os.replace(self.tmp, self.store.path(self.digest))
+        self.store._mark(self.digest)
+        return self.size
+
+    def abort(self) -> None:
+        self.fh.close()
+        Path(self.tmp).unlink(missing_ok=True)

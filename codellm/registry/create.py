@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Callable
 
 import msgspec
 
-from codellm.errors import InvalidRequest, ModelfileError, NotFound
+from codellm.errors import CodellmError, InvalidRequest, ModelfileError, NotFound
 from codellm.registry import describe
 from codellm.registry import manifest as mt
 from codellm.registry import modelfile as mfmod
@@ -24,25 +25,53 @@ def import_dir(registry: Registry, directory: Path, *, adapter: bool = False, al
     if not directory.is_dir():
         raise NotFound(f"no such directory: {directory}", code="path_not_found")
     files = {p.name: p for p in sorted(directory.iterdir()) if p.is_file() and _inside(p, directory)}
+    kept = _kept(files, str(directory), adapter, allow_pickle)
+    return [registry.add_layer_file(media, files[name], name) for name, media in kept.items()], \
+        {name: files[name] for name in kept}
+
+
+def import_blobs(registry: Registry, files: dict[str, str], *, adapter: bool = False) -> tuple[list[mt.Layer], dict[str, Path]]:
+    """Layers from blobs already in the store (uploaded through ``/api/blobs``), as ``{filename: digest}``."""
+    for name, digest in files.items():
+        if not isinstance(name, str) or not _PLAIN.fullmatch(name) or name in (".", ".."):
+            raise InvalidRequest(f"invalid file name {name!r}: a plain file name is expected", param="files")
+        try:
+            found = registry.blobs.has(digest)
+        except CodellmError:
+            raise InvalidRequest(f"invalid digest {digest!r} for {name}", param="files") from None
+        if not found:
+            raise InvalidRequest(f"blob {digest} for {name} is not on the server: upload it first (POST /api/blobs/{digest})",
+                                 param="files")
+    paths = {name: registry.blobs.path(digest) for name, digest in sorted(files.items())}
+    kept = _kept(paths, "the uploaded files", adapter, allow_pickle=False)
+    layers = [mt.Layer(media, files[name], registry.blobs.size(files[name]), name) for name, media in kept.items()]
+    return layers, {name: paths[name] for name in kept}
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9._+-][A-Za-z0-9._+ -]{0,254}")
+
+
+def _kept(files: dict[str, Path], where: str, adapter: bool, allow_pickle: bool) -> dict[str, str]:
+    """The files of a model (or adapter) that the registry keeps, with their media types; a set of files that is not
+    a model (or not an adapter), or that holds only pickle weights, is refused."""
     if adapter and "adapter_config.json" not in files:
-        raise InvalidRequest(f"{directory} is not a PEFT adapter directory (no adapter_config.json)")
+        raise InvalidRequest(f"{where} is not a PEFT adapter (no adapter_config.json)")
     if not adapter and "config.json" not in files:
         if "adapter_config.json" in files:
-            raise InvalidRequest(f"{directory} is an adapter: use ADAPTER, with FROM naming its base model")
-        raise InvalidRequest(f"{directory} has no config.json: not a transformers model directory")
+            raise InvalidRequest(f"{where} is an adapter: use ADAPTER, with FROM naming its base model")
+        raise InvalidRequest(f"{where} has no config.json: not a transformers model")
     pickles = [n for n in files if describe.is_pickle(n)]
     if pickles and not any(n.endswith(".safetensors") for n in files) and not allow_pickle:
-        raise InvalidRequest(f"{directory} has only pickle weights ({pickles[0]}); convert to safetensors or allow pickle")
-    layers, kept = [], {}
-    for name, path in files.items():
+        raise InvalidRequest(f"{where} has only pickle weights ({pickles[0]}); convert to safetensors or allow pickle")
+    kept = {}
+    for name in files:
         media = describe.media_type_of(name, adapter=adapter)
         if media is None or media == mt.CODE or (describe.is_pickle(name) and not allow_pickle):
             continue
         if adapter and media != mt.ADAPTER:
             continue
-        layers.append(registry.add_layer_file(media, path, name))
-        kept[name] = path
-    return layers, kept
+        kept[name] = media
+    return kept
 
 
 def _inside(path: Path, directory: Path) -> bool:
@@ -78,14 +107,22 @@ def create(
     allow_paths: bool = True,
     pull: PullFn | None = None,
     status: Callable[[str], None] = lambda s: None,
+    files: dict[str, str] | None = None,
+    adapter_files: dict[str, str] | None = None,
 ) -> Entry:
+    """``files`` and ``adapter_files`` (``{filename: digest}``, blobs already in the store) stand for a FROM
+    directory and an ADAPTER directory, as Ollama's create from uploaded files sends them."""
     target = ModelName.parse(name)
     src = modelfile.from_
     base_name: str | None = None
-    if _is_path(src) or (allow_paths and not is_valid(src) and (base_dir or Path.cwd()).joinpath(src).is_dir()):
+    if files:
+        status("importing the uploaded files")
+        layers, paths = import_blobs(registry, files)
+        config = describe.describe(paths, source="upload")
+    elif _is_path(src) or (allow_paths and not is_valid(src) and (base_dir or Path.cwd()).joinpath(src).is_dir()):
         status(f"importing {src}")
-        layers, files = import_dir(registry, _resolve_path(src, base_dir, allow_paths))
-        config = describe.describe(files, source="local")
+        layers, paths = import_dir(registry, _resolve_path(src, base_dir, allow_paths))
+        config = describe.describe(paths, source="local")
     else:
         if registry.exists(src) if is_valid(src) else False:
             base = registry.get(src)
@@ -97,9 +134,13 @@ def create(
         base_name = str(base.name)
         layers = list(base.manifest.layers)
         config = msgspec.structs.replace(base.manifest.config)
-        if base.manifest.is_adapter and modelfile.adapters:
+        if base.manifest.is_adapter and (modelfile.adapters or adapter_files):
             raise ModelfileError("FROM names an adapter; an adapter cannot take more ADAPTERs")
 
+    if adapter_files:
+        status("adding the uploaded adapter")
+        new, _ = import_blobs(registry, adapter_files, adapter=True)
+        layers = [layer for layer in layers if layer.media_type != mt.ADAPTER] + new
     for adapter in modelfile.adapters:
         status(f"adding adapter {adapter}")
         if _is_path(adapter) or not is_valid(adapter):
@@ -129,7 +170,7 @@ def create(
         replace(mt.MESSAGES, msgspec.json.encode(modelfile.messages))
     for text in modelfile.licenses:
         layers.append(registry.add_layer_bytes(mt.LICENSE, text.encode()))
-    if base_name and modelfile.adapters and not config.base:
+    if base_name and (modelfile.adapters or adapter_files) and not config.base:
         config.base = base_name
     status("writing manifest")
     return registry.save(target, mt.Manifest(config=config, layers=_dedupe(layers)))

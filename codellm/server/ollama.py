@@ -442,22 +442,75 @@ async def create(request: Request, data: CreateRequest) -> Response:
         if data.modelfile:
             mf = mfmod.parse(data.modelfile)
         else:
-            if not data.from_:
-                raise OllamaError(400, "neither 'from' nor 'modelfile' was given")
+            if not data.from_ and not data.files:
+                raise OllamaError(400, "neither 'from', 'files' nor 'modelfile' was given")
             params = {}
             for key, value in (data.parameters or {}).items():
                 params[key] = [mfmod.coerce_parameter(key, v) for v in value] if isinstance(value, list) else mfmod.coerce_parameter(key, value)
-            mf = mfmod.Modelfile(from_=data.from_, parameters=params, template=data.template, system=data.system,
+            mf = mfmod.Modelfile(from_=data.from_ or "", parameters=params, template=data.template, system=data.system,
                                  messages=[mfmod.Message(m.role, m.content) for m in data.messages or []],
                                  licenses=[data.license] if isinstance(data.license, str) else list(data.license or []))
     except CodellmError as exc:
         raise OllamaError(400, exc.message) from None
 
     def job(progress):
-        # a remote client may not make the server read local paths: names only
-        return do_create(reg, name, mf, allow_paths=False, status=progress.status)
+        # a remote client may not make the server read local paths: names, or files it uploaded (/api/blobs)
+        return do_create(reg, name, mf, allow_paths=False, status=progress.status, files=data.files,
+                         adapter_files=data.adapters)
 
     return await _progress_job(request, job, data.stream)
+
+
+BLOB_FLUSH = 4 << 20  # bytes an upload gathers before a worker thread writes them
+
+
+def _blob_digest(digest: str) -> str:
+    from codellm.registry.blobs import check_digest
+
+    try:
+        return check_digest(digest)
+    except CodellmError:
+        raise OllamaError(400, f"invalid digest {digest!r}: sha256:<64 hex digits> expected") from None
+
+
+@head("/api/blobs/{digest:str}", summary="Is this blob on the server? (Ollama)")
+async def blob_exists(request: Request, digest: str) -> None:
+    if not _manager(request).registry.blobs.has(_blob_digest(digest)):
+        raise OllamaError(404, f"blob {digest} not found")
+
+
+@post("/api/blobs/{digest:str}", summary="Upload a blob, for /api/create's files (Ollama)", request_max_body_size=None)
+async def upload_blob(request: Request, digest: str) -> Response:
+    """The body is hashed as it arrives and written by a worker thread, a few MiB at a time; it enters the blob
+    store only whole and matching its digest, so an upload cut short or lying about its content leaves nothing."""
+    store = _manager(request).registry.blobs
+    if store.has(_blob_digest(digest)):
+        return Response(None, status_code=200)
+    writer = await asyncio.to_thread(store.writer, digest)
+    committed = False
+    try:
+        pending: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= BLOB_FLUSH:
+                await asyncio.to_thread(writer.write, b"".join(pending))
+                pending, size = [], 0
+        await asyncio.to_thread(writer.write, b"".join(pending))
+        try:
+            await asyncio.to_thread(writer.commit)
+        except CodellmError as exc:
+            raise OllamaError(400, exc.message) from None
+        committed = True
+    except OSError as exc:
+        if disk_full(exc) is None:
+            raise
+        raise OllamaError(507, disk_full(exc)) from None
+    finally:
+        if not committed:
+            writer.abort()
+    return Response(None, status_code=201)
 
 
 @post("/api/copy", status_code=200, summary="Copy a model (Ollama)")
@@ -537,5 +590,6 @@ async def embeddings(request: Request, data: EmbeddingsRequest) -> dict:
     return {"embedding": vectors[0]}
 
 
-ROUTES = [root, root_head, version, tags, show, generate, chat, pull, create, copy, remove, ps, embed, embeddings]
+ROUTES = [root, root_head, version, tags, show, generate, chat, pull, create, blob_exists, upload_blob, copy, remove, ps,
+          embed, embeddings]
 EXCEPTION_HANDLERS = {OllamaError: ollama_error}

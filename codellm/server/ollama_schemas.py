@@ -81,7 +81,8 @@ class CreateRequest(Named, kw_only=True):
     system: str | None = None
     messages: list[Message] | None = None
     license: str | list[str] | None = None
-    adapters: dict[str, str] | None = None
+    files: dict[str, str] | None = None  # filename -> digest of a blob uploaded through /api/blobs
+    adapters: dict[str, str] | None = None  # the same, for an adapter's files
     stream: bool = True
 
 
