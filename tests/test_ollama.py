@@ -120,6 +120,10 @@ def test_pull_with_progress_create_copy_delete(server, client):
     statuses = [p for p in client.pull("acme/tiny-coder", stream=True)]
     assert statuses[0].status.startswith("pulling manifest") and statuses[-1].status == "success"
     assert any(p.digest and p.total and p.completed == p.total for p in statuses)
+    shown = {p.status for p in statuses}
+    assert {"verifying sha256 digest", "writing manifest"} <= shown  # Ollama's own status lines
+    assert any(s.startswith("pulling ") and len(s) == len("pulling ") + 12 for s in shown)  # LFS weights: their digest
+    assert "pulling tokenizer_config.json" in shown  # a file in git: its whole name
     assert "acme/tiny-coder:latest" in {m.model for m in client.list().models}
     assert client.pull("acme/tiny-coder", stream=False).status == "success"
     client.create(model="terse", from_="tiny-coder", system="You are terse.", parameters={"temperature": 0.1}, stream=False)

@@ -247,7 +247,7 @@ def pull(
         for f in [f for f in chosen if f.media_type in heavy]:
             by_name[f.path] = fetch(f)
 
-        progress.status("verifying sha256 digests and writing manifest")
+        progress.status("verifying sha256 digest")  # Ollama's status lines, which its clients show as they are
         config = describe.describe(by_name, source=target.repo, revision=sha)  # family and FIM from the catalog
         config.trust_remote_code = trust_remote_code
         layers = []
@@ -256,6 +256,7 @@ def pull(
                 digest, size = registry.blobs.add_file(by_name[f.path], move=by_name[f.path].is_relative_to(staging),
                                                        digest=f.digest)
                 layers.append(mt.Layer(f.media_type, digest, size, f.path))
+            progress.status("writing manifest")
             entry = registry.save(target.name, mt.Manifest(config=config, layers=layers))
         shutil.rmtree(staging, ignore_errors=True)
         progress.status("success")

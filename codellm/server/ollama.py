@@ -376,8 +376,10 @@ class _Progress:
         pass
 
     def _file(self, file, completed: int) -> None:
-        key = file.digest or file.path
-        self._put({"status": f"pulling {key.removeprefix('sha256:')[:12]}", "digest": key, "total": file.size,
+        # as Ollama: "pulling" and the digest's first 12 hex digits; a small file the hub keeps in git has no sha256
+        # until it is here, so its whole name stands in (never cut: two names may share their first characters)
+        shown = file.digest.removeprefix("sha256:")[:12] if file.digest else file.path
+        self._put({"status": f"pulling {shown}", "digest": file.digest or file.path, "total": file.size,
                    "completed": min(completed, file.size)})
 
     def advance(self, file, nbytes: int) -> None:
