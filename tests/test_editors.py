@@ -279,3 +279,60 @@ def test_tool_choice_required_or_named_forces_a_call(server, client):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
     bad = httpx.post(url, json={"model": MODEL, "messages": messages, "tool_choice": "required"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
+
+
+CITY_TOOL = {"type": "function", "function": {
+    "name": "forecast", "description": "Weather forecast for a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+                   "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]},
+                                  "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
+
+
+def test_structured_outputs_hold_their_schema(server, client):
+    """Forced tool calls, ``response_format: json_schema`` (the SDK's ``parse`` with a pydantic model) and Ollama's
+    ``format`` schema: the output is JSON that satisfies the schema, sampled or greedy; a schema the grammar engine
+    cannot enforce is refused with a 400 in each API's shape."""
+    import pydantic
+
+    for seed in (1, 2, 3):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
+                                           tools=[CITY_TOOL], tool_choice={"type": "function", "function": {"name": "forecast"}},
+                                           max_tokens=60, temperature=1.0, seed=seed)
+        call = r.choices[0].message.tool_calls[0]
+        args = json.loads(call.function.arguments)
+        assert call.function.name == "forecast" and set(args) == {"city", "days"}, args
+        assert args["city"] in ("Paris", "Oslo", "Lima") and isinstance(args["days"], int) and 1 <= args["days"] <= 7
+
+    class Stack(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+        name: str = pydantic.Field(max_length=12)
+        depth: int
+        ok: bool
+
+    for seed in (1, 2):
+        parsed = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Describe a stack."}],
+                                               response_format=Stack, max_tokens=80, temperature=0.9, seed=seed)
+        message = parsed.choices[0].message
+        assert parsed.choices[0].finish_reason == "stop" and isinstance(message.parsed, Stack), message.content
+        assert len(message.parsed.name) <= 12
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["lang", "lines"],
+              "properties": {"lang": {"type": "string", "enum": ["python", "go"]}, "lines": {"type": "integer"}}}
+    answer = ollama.Client(host=server.url).chat(model=MODEL, messages=[{"role": "user", "content": "Which language?"}],
+                                                 format=schema, options={"temperature": 0.8, "seed": 3, "num_predict": 60})
+    data = json.loads(answer.message.content)
+    assert set(data) == {"lang", "lines"} and data["lang"] in ("python", "go") and isinstance(data["lines"], int)
+
+    unsupported = {"type": "object", "properties": {"when": {"type": "string", "format": "no-such-format"}}}
+    bad = httpx.post(server.url + "/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": unsupported, "strict": True}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+    assert "unsupported JSON schema" in bad.json()["error"]["message"]
+    bad = httpx.post(server.url + "/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+    bad = httpx.post(server.url + "/api/chat", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                     "format": {"$ref": "http://evil.example/schema.json"}, "stream": False})
+    assert bad.status_code == 400 and "unsupported JSON schema" in bad.json()["error"]

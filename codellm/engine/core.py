@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from codellm.engine import blocks, fusion, memory, outputs
+from codellm.engine import blocks, fusion, grammar, memory, outputs
 from codellm.engine.client import Admission, Handle
 from codellm.engine.detok import IncrementalDetokenizer, StopMatcher
 from codellm.engine.loader import LoadedModel
@@ -25,7 +25,7 @@ from codellm.engine.outputs import Output, Sink, Stats
 from codellm.engine.runner import Launched, ModelRunner
 from codellm.engine.sampling import SamplingParams, TokenLogprob, generator
 from codellm.engine.scheduler import PrefillPlan, Scheduler
-from codellm.engine.sequence import Sequence, json_state, stop_ids
+from codellm.engine.sequence import Sequence, constraint, stop_ids
 
 log = logging.getLogger("codellm.engine")
 
@@ -112,7 +112,7 @@ class Engine(Admission):
                 detok=IncrementalDetokenizer(lm.tokenizer, prompt), stops=StopMatcher(strings),
                 generator=generator(params.seed, i, self.lm.device),
                 want_prompt_logprobs=prompt_logprobs and i == 0,
-                json=json_state(params), adapter=lm.adapter,
+                constraint=constraint(params, lm.tokenizer, ids), adapter=lm.adapter,
             )
             for i in range(n)
         ]
@@ -290,8 +290,13 @@ class Engine(Admission):
             self._emit([s for s, _ in live], [t for _, t in live], [None] * len(live))
 
     def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> None:
+        constraints = [s.constraint for s in batch]
+        if any(constraints):  # tokens the grammars do not allow next cannot be sampled
+            grammar.mask(constraints, logits)
         tokens, infos = self.runner.sample(batch, logits)
-        outputs.constrain(batch, tokens, infos, logits)
+        for seq, token in zip(batch, tokens):
+            if seq.constraint is not None:
+                seq.constraint.accept(token)
         self._emit(batch, tokens, infos)
 
     def _emit(self, batch: list[Sequence], tokens: list[int], infos: list[TokenLogprob | None]) -> None:

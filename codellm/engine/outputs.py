@@ -1,7 +1,6 @@
-"""From sampled token ids to what a request hears: the JSON constraint, text, stop strings, finish reasons.
+"""From sampled token ids to what a request hears: text, stop strings, finish reasons.
 
-Everything here is host work on sequences; the one tensor it reads is a row of logits, when the JSON
-constraint must pick another token than the sampled one. ``Output`` and ``Stats`` are msgspec Structs
+Everything here is host work on sequences, no tensors. ``Output`` and ``Stats`` are msgspec Structs
 because they also cross the engine process's pipe (``remote``).
 """
 
@@ -15,8 +14,6 @@ import msgspec
 from codellm.engine.sampling import TokenLogprob
 
 if TYPE_CHECKING:
-    import torch
-
     from codellm.engine.sequence import Sequence
 
 
@@ -76,45 +73,10 @@ def final(seq: "Sequence", reason: str, error: str | None = None) -> Output:
                   cached_tokens=seq.hit, finish_reason=reason, error=error, stop=seq.stops.matched)
 
 
-def constrain(batch: list["Sequence"], tokens: list[int], infos: list[TokenLogprob | None], logits: "torch.Tensor") -> None:
-    """Replace, in place, each JSON-mode sequence's sampled token by the likeliest one that keeps its output a JSON
-    object prefix (its logprob follows the token)."""
-    import torch
-
-    for row, seq in enumerate(batch):
-        if seq.json is None:
-            continue
-        tokens[row] = _json_token(seq, tokens[row], logits[row])
-        if infos[row] is not None and infos[row].token_id != tokens[row]:
-            lp = torch.log_softmax(logits[row].float(), dim=-1)
-            infos[row] = TokenLogprob(tokens[row], float(lp[tokens[row]]), infos[row].top)
-
-
-def _json_token(seq: "Sequence", token: int, logits: "torch.Tensor") -> int:
-    import torch
-
-    tok = seq.detok.tokenizer
-
-    def fits(tid: int) -> bool:
-        if tid in seq.stop_ids:
-            return False
-        text = tok.decode([tid], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return bool(text) and seq.json.clone().feed(text)
-
-    chosen = token if fits(token) else None
-    if chosen is None:
-        order = torch.topk(logits, min(64, logits.shape[-1])).indices.tolist()
-        chosen = next((t for t in order if fits(t)), None)
-    if chosen is None:
-        chosen = next((t for t in torch.argsort(logits, descending=True).tolist() if fits(t)), token)
-    seq.json.feed(tok.decode([chosen], skip_special_tokens=False, clean_up_tokenization_spaces=False))
-    return chosen
-
-
 def process(batch: list["Sequence"], tokens: list[int], infos: list[TokenLogprob | None]) -> list[Output]:
     """Each sequence's output for its newest token (already appended to ``generated``): its text with stop strings
-    held back or cut, and ``finish_reason`` set when the sequence ends here (stop id, stop string, a complete JSON
-    object, or its token limit)."""
+    held back or cut, and ``finish_reason`` set when the sequence ends here (stop id, stop string, the end of its
+    grammar, or its token limit)."""
     pieces = detokenize(batch, tokens)
     outs = []
     for seq, token, info, piece in zip(batch, tokens, infos, pieces):
@@ -130,7 +92,7 @@ def process(batch: list["Sequence"], tokens: list[int], infos: list[TokenLogprob
             out.token_ids = [token]
             if info is not None:
                 out.logprobs = [info]
-            ended = seq.stops.stopped or (seq.json is not None and seq.json.done)
+            ended = seq.stops.stopped or (seq.constraint is not None and seq.constraint.done)
             if ended or len(seq.generated) >= seq.max_new:
                 out.text += seq.stops.feed(seq.detok.flush())
                 if not seq.stops.stopped:

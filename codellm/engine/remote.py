@@ -30,7 +30,7 @@ from codellm.engine.client import Admission, Handle
 from codellm.engine.loader import LoadedModel
 from codellm.engine.outputs import Output, Sink, Stats
 from codellm.engine.sampling import SamplingParams
-from codellm.engine.sequence import json_state
+from codellm.engine.sequence import constraint, stop_ids
 from codellm.errors import CodellmError
 
 log = logging.getLogger("codellm.engine")
@@ -232,7 +232,8 @@ class EngineProcess(Admission):
         lm = lm or self.lm
         if self._dead:
             raise CodellmError(self._dead)
-        json_state(params)  # a bad JSON prefix is the caller's error, raised here rather than in the child
+        constraint(params, lm.tokenizer, stop_ids(lm.tokenizer, lm.eos_ids, params)[0])  # a grammar or its prefix that
+        # cannot be used is the caller's error, raised here rather than in the child
         self._ensure_reader()
         self._reserve(prompt, n, lm, params)
         rid = next(self._ids)

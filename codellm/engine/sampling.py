@@ -36,8 +36,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     stop_token_ids: Annotated[list[_TokenId], Meta(max_length=64)] = []
     ignore_eos: bool = False
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # None: none; 0: the sampled token's; k: also the top k
-    json_object: bool = False  # constrain the output to one JSON object (response_format json_object)
-    json_prefix: str = ""  # with json_object: the object's text already written before the output (a forced tool call)
+    grammar: str = ""  # the output must follow this llguidance grammar (``engine.grammar``: JSON schemas, tool calls)
+    grammar_prefix: str = ""  # with grammar: its text already written before the output (a forced tool call's start)
 
     @property
     def greedy(self) -> bool:

@@ -8,10 +8,9 @@ from typing import Any
 
 from codellm.engine import blocks
 from codellm.engine.detok import IncrementalDetokenizer, StopMatcher
-from codellm.engine.jsonmode import JsonPrefix
+from codellm.engine.grammar import Constraint
 from codellm.engine.outputs import Sink
 from codellm.engine.sampling import SamplingParams
-from codellm.errors import InvalidRequest
 
 _ids = itertools.count(1)
 
@@ -38,14 +37,14 @@ class Sequence:
     cancelled: bool = False
     finished: bool = False
     prompt_logprobs: list[float | None] | None = None
-    json: JsonPrefix | None = None
+    constraint: Constraint | None = None  # the grammar its output follows
     adapter: str | None = None
     inflight: int = 0  # tokens decoded on the device whose ids the host has not read yet
 
     @property
     def pipelined(self) -> bool:
         """Its next token is the plain argmax, picked on the device: the host may read it a step later."""
-        return self.params.plain_greedy and self.json is None
+        return self.params.plain_greedy and self.constraint is None
 
     @property
     def prefilling(self) -> bool:
@@ -63,14 +62,12 @@ class Sequence:
 Chunk = tuple[Sequence, int, int]  # a sequence and the token range [start, end) of its ``known()`` to compute
 
 
-def json_state(params: SamplingParams) -> JsonPrefix | None:
-    """The JSON-object constraint's state for a request that asked for one (its prefix already fed)."""
-    if not params.json_object:
+def constraint(params: SamplingParams, tokenizer, stop: set[int]) -> Constraint | None:
+    """The grammar state of a choice that asked for one, its prefix already taken in (InvalidRequest when the
+    grammar or the prefix cannot be used)."""
+    if not params.grammar:
         return None
-    state = JsonPrefix()
-    if params.json_prefix and not state.feed(params.json_prefix):
-        raise InvalidRequest("json_prefix is not the start of a JSON object")
-    return state
+    return Constraint(tokenizer, params.grammar, params.grammar_prefix, tuple(sorted(stop)))
 
 
 def stop_ids(tokenizer, eos_ids, params: SamplingParams) -> tuple[set[int], list[str]]:

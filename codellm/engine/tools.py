@@ -57,11 +57,16 @@ def tool_format(template: str | None, family: str | None) -> str:
     return {"llama": "llama3", "codestral": "mistral"}.get(family or "", "hermes")
 
 
+def args_key(fmt: str) -> str:
+    """The key under which a call object of this format holds its arguments."""
+    return "parameters" if fmt == "llama3" else "arguments"
+
+
 def forced_call(fmt: str, name: str | None) -> tuple[str, str, str]:
     """(head, object start, tail) of a tool call the output is made to be (``tool_choice`` "required" or a named
     function): head + object start go at the start of the assistant's turn, the model completes the JSON object
     (constrained), and head + object start + output + tail parse as one call. Without a name the model picks it."""
-    key = "parameters" if fmt == "llama3" else "arguments"
+    key = args_key(fmt)
     head, tail = {"hermes": ("<tool_call>\n", "\n</tool_call>"), "llama3": ("", ""), "mistral": ("[TOOL_CALLS][", "]")}[fmt]
     start = f'{{"name": {json.dumps(name, ensure_ascii=False)}, "{key}": {{' if name else '{"name": "'
     return head, start, tail

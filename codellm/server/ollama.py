@@ -17,7 +17,7 @@ import msgspec
 from litestar import Request, Response, delete, get, head, post
 from litestar.response import Stream
 
-from codellm.engine import prompts
+from codellm.engine import grammar, prompts
 from codellm.engine.manager import PARAM_MAP, ModelManager, Served, options_to_overrides, parse_keep_alive
 from codellm.engine.streams import AsyncStream, closing
 from codellm.server.openai import watch_disconnect
@@ -207,10 +207,13 @@ def _sampling(served: Served, data: GenerateRequest | ChatRequest) -> Any:
     except CodellmError as exc:
         raise OllamaError(400, exc.message) from None
     fmt = data.format
-    if fmt == "json" or isinstance(fmt, dict):
-        params.json_object = True
-    elif fmt not in (None, ""):
+    if fmt not in (None, "", "json") and not isinstance(fmt, dict):
         raise OllamaError(400, f"invalid format {fmt!r}: use \"json\" or a JSON schema")
+    if fmt:
+        try:
+            params.grammar = grammar.json_schema(fmt if isinstance(fmt, dict) else None, param="format")
+        except CodellmError as exc:
+            raise OllamaError(400, exc.message) from None
     return params
 
 

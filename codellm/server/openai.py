@@ -21,7 +21,8 @@ from codellm.engine.manager import ModelManager, Served
 from codellm.engine.sampling import TokenLogprob
 from codellm.engine.outputs import Output
 from codellm.engine.streams import AsyncStream, closing
-from codellm.engine.tools import ToolCallParser, check_tools, forced_call, parse_all, tool_format
+from codellm.engine import grammar
+from codellm.engine.tools import ToolCallParser, args_key, check_tools, forced_call, parse_all, tool_format
 from codellm.errors import CodellmError, InvalidName, InvalidRequest, NotFound
 from codellm.server.errors import error_body
 from codellm.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields, dumps
@@ -201,10 +202,12 @@ async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -
     logprobs = (data.top_logprobs or 0) if data.logprobs else None
     max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
     params = served.sampling(sampling_overrides(data, max_tokens, logprobs))
-    if data.response_format and data.response_format.type in ("json_object", "json_schema"):
-        params.json_object = True
-    if forced is not None:
-        params.json_object, params.json_prefix = True, start
+    if data.response_format and data.response_format.type == "json_object":
+        params.grammar = grammar.json_schema(None)
+    elif data.response_format and data.response_format.type == "json_schema":
+        params.grammar = grammar.json_schema(response_schema(data.response_format.json_schema))
+    if forced is not None:  # the call's arguments follow the tool's parameter schema
+        params.grammar, params.grammar_prefix = grammar.tool_call(tools, forced or None, args_key(fmt)), start
     stream = AsyncStream().add(served.generator(), prompt, params, n=data.n, lm=lm)
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     tok = lm.tokenizer
@@ -241,6 +244,15 @@ async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -
         "system_fingerprint": FINGERPRINT, "choices": choices,
         "usage": usage(len(prompt), completion, cached_tokens({i: o[-1].cached_tokens for i, o in enumerate(results)}, data.n)),
     })
+
+
+def response_schema(spec: dict | None) -> dict:
+    """The schema of ``response_format: json_schema`` (``{"name", "schema", "strict"}``): required, as OpenAI
+    requires it."""
+    schema = (spec or {}).get("schema")
+    if not isinstance(schema, dict):
+        raise InvalidRequest("response_format.json_schema.schema must be a JSON schema object", param="response_format")
+    return schema
 
 
 def _forced_tool(choice, tools: list | None) -> str | None:

@@ -87,7 +87,12 @@ def document(app: Litestar, generated: dict[str, Any]) -> dict[str, Any]:
                 op["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[body]}}}
             ollama = path.startswith("/api/")
             public = body is None and method == "get" and path in ("/health", "/metrics", "/api/version")
-            if public:
+            if path.startswith("/api/blobs/"):  # a digest to check, and for POST a raw body to store
+                codes = {400, 401, 403, 404, 500} | ({507} if method == "post" else set())
+                if method == "post":
+                    op["requestBody"] = {"required": True, "content": {
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+            elif public:
                 codes = _PUBLIC
             elif body is None:  # a GET: nothing to validate
                 codes = {401, 403, 500} | ({404} if "{" in path else set())

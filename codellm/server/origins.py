@@ -27,6 +27,7 @@ DEFAULT_ORIGINS = (
     "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*",
 )
 JSON_TYPES = ("application/json",)
+OCTETS = "application/octet-stream"
 FORM_TYPE = "application/x-www-form-urlencoded"  # curl -d's default
 
 
@@ -88,7 +89,8 @@ def check(policy: Policy, method: str, headers: dict[str, str], has_body: bool) 
     if has_body and method in ("POST", "PUT", "PATCH", "DELETE"):
         media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         browser = origin is not None or "sec-fetch-site" in headers or "sec-fetch-mode" in headers
-        if media in JSON_TYPES or media.endswith("+json") or (media in ("", FORM_TYPE) and not browser):
+        # raw bytes (a blob upload) too, from programs: a browser cannot send them cross-site without a preflight
+        if media in JSON_TYPES or media.endswith("+json") or (media in ("", FORM_TYPE, OCTETS) and not browser):
             return None
         return 415, f"unsupported content type {media or 'none'!r}: send the body as application/json"
     return None

@@ -13,10 +13,10 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from codellm.engine import prompts
+from codellm.engine import grammar, prompts
 from codellm.engine.manager import Served
 from codellm.engine.streams import AsyncStream
-from codellm.engine.tools import ToolCall, ToolCallParser, check_tools, forced_call, tool_format
+from codellm.engine.tools import ToolCall, ToolCallParser, args_key, check_tools, forced_call, tool_format
 from codellm.errors import InvalidRequest
 
 
@@ -134,7 +134,8 @@ async def generate(served: Served, turn: ChatTurn) -> Generation:
     ids, fmt, lead, start, tail = await prompt_of(served, turn)
     engine.check_prompt(len(ids), served.lm)
     params = served.sampling(turn.sampling)
-    if lead:  # the model completes the call's JSON object, constrained
-        params.json_object, params.json_prefix = True, start
+    if lead:  # the model completes the call's JSON object, its arguments held to the tool's parameter schema
+        params.grammar = grammar.tool_call(check_tools(turn.tools), turn.forced or None, args_key(fmt))
+        params.grammar_prefix = start
     stream = AsyncStream().add(engine, ids, params, lm=served.lm)
     return Generation(stream, len(ids), fmt, lead, tail, turn.parallel_calls)

@@ -1,0 +1,119 @@
+"""Structured output that holds: JSON schemas, as token masks, through a grammar engine (llguidance).
+
+A request asks for JSON (``response_format``, Ollama's ``format``, a forced tool call); the server turns
+that into a grammar here, once, and a schema the engine cannot enforce is refused with a 400 rather than
+answered with JSON that only looks constrained. Each constrained sequence then carries a ``Constraint``:
+before its token is sampled the logits of every token the grammar does not allow next are masked, and the
+sampled token advances the grammar. Separators are fixed (``", "`` and ``": "``, no other whitespace), the
+way ``json.dumps`` writes and the way a forced tool call's opening text is written, so output stays
+compact and a model cannot pad it with whitespace until its token limit.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from codellm.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    import torch
+
+ANY_OBJECT: dict = {"type": "object"}
+_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+
+
+def json_schema(schema: dict | None, *, param: str = "response_format") -> str:
+    """The grammar of one JSON value matching ``schema`` (None: any JSON object)."""
+    import llguidance
+
+    if schema is not None and not isinstance(schema, dict):
+        raise InvalidRequest("a JSON schema must be an object", param=param)
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema or ANY_OBJECT, overrides=_OPTIONS)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(f"unsupported JSON schema: {exc}", param=param) from None
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise InvalidRequest(f"unsupported JSON schema: {error}", param=param)
+    return grammar
+
+
+def tool_call(tools: list[dict], name: str | None, key: str) -> str:
+    """The grammar of one call object, ``{"name": ..., key: {...}}``: the named tool, or any of ``tools``, with its
+    arguments held to that tool's parameter schema."""
+    options = []
+    for tool in tools:
+        fn = tool.get("function") or tool
+        if name and fn.get("name") != name:
+            continue
+        options.append({"type": "object", "additionalProperties": False, "required": ["name", key],
+                        "properties": {"name": {"const": fn.get("name")}, key: fn.get("parameters") or ANY_OBJECT}})
+    if not options:
+        raise InvalidRequest(f"no tool named {name!r}", param="tool_choice")
+    return json_schema(options[0] if len(options) == 1 else {"anyOf": options}, param="tools")
+
+
+_TOKENIZERS: dict[tuple, tuple[Any, Any]] = {}
+_LOCK = threading.Lock()
+
+
+def _tokenizer(tokenizer, eos: tuple[int, ...]):
+    """llguidance's view of a tokenizer (its token trie), built once per tokenizer and end-of-sequence set."""
+    import llguidance.hf
+
+    key = (id(tokenizer), eos)
+    with _LOCK:
+        found = _TOKENIZERS.get(key)
+        if found is None or found[0] is not tokenizer:
+            found = _TOKENIZERS[key] = (tokenizer, llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer),
+                                                                                 eos_token=list(eos) or None))
+    return found[1]
+
+
+class Constraint:
+    """One sequence's place in its grammar: which tokens may come next, advanced by each token it takes."""
+
+    def __init__(self, tokenizer, grammar: str, prefix: str = "", eos: tuple[int, ...] = ()):
+        import llguidance
+
+        self.tokenizer = _tokenizer(tokenizer, eos)
+        try:
+            self.matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        except (ValueError, RuntimeError) as exc:
+            raise InvalidRequest(f"unsupported grammar: {exc}") from None
+        if prefix and not self.matcher.consume_tokens(self.tokenizer.tokenize_str(prefix)):
+            raise InvalidRequest("the output's start does not fit its grammar")
+        if self.matcher.is_error():
+            raise InvalidRequest(f"unsupported grammar: {self.matcher.get_error()}")
+
+    @property
+    def done(self) -> bool:
+        """Nothing more may follow (or the grammar failed): the sequence ends here."""
+        return self.matcher.is_stopped()
+
+    def accept(self, token: int) -> bool:
+        return self.matcher.consume_token(token)
+
+
+def mask(constraints: list[Constraint], logits: "torch.Tensor") -> None:
+    """Set, in place, the logits of row i to -inf wherever ``constraints[i]`` allows no token (rows without one:
+    None, left as they are)."""
+    import torch
+    import llguidance.torch as lt
+
+    rows = [i for i, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return
+    vocab = logits.shape[-1]
+    allowed = torch.zeros((len(rows), vocab), dtype=torch.bool)  # past the tokenizer's vocabulary: never
+    shifts = torch.arange(32, dtype=torch.int32)
+    for j, i in enumerate(rows):  # (rows may come from different tokenizers: a mask each)
+        words = lt.allocate_token_bitmask(1, constraints[i].tokenizer.vocab_size)
+        lt.fill_next_token_bitmask(constraints[i].matcher, words, 0)
+        bits = ((words[0].unsqueeze(-1) >> shifts) & 1).view(-1)  # one bit a token, lowest first
+        n = min(vocab, bits.numel())
+        allowed[j, :n] = bits[:n].bool()
+    index = torch.tensor(rows, device=logits.device)
+    with torch.inference_mode():  # (the logits are inference tensors)
+        logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
