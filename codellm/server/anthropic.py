@@ -13,11 +13,11 @@ from typing import Annotated, Any, AsyncIterator, Literal
 
 import msgspec
 from litestar import Request, Response, Router, post
-from litestar.exceptions import HTTPException, ValidationException
 from litestar.response import Stream
 from msgspec import Meta, Struct
 
 from codellm.errors import CodellmError, InvalidRequest, QueueFull
+from codellm.server.errors import Shape, handlers
 from codellm.server.openai import SSE_HEADERS, _released, release, served_model
 from codellm.server.pipeline import ChatTurn, Delta, block_text, collect, generate, prompt_of
 from codellm.server.schemas import Seed
@@ -231,35 +231,18 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
 
 
-def error_response(status: int, message: str, headers: dict | None = None) -> Response:
-    kind = _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-    return Response({"type": "error", "error": {"type": kind, "message": message}}, status_code=status,
-                    headers=headers or {})
+class AnthropicShape(Shape):
+    """``{"type": "error", "error": {"type", "message"}}``, the type named after the status."""
+
+    def body(self, status, message, type_, code=None, param=None) -> dict:
+        kind = _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
+
+    def headers(self, exc) -> dict:
+        return {"Retry-After": "1"} if isinstance(exc, QueueFull) else {}
+
+    def invalid(self, detail, param) -> dict:
+        return self.body(400, f"{param}: {detail}" if param else detail, "invalid_request_error")
 
 
-def _codellm(request: Request, exc: CodellmError) -> Response:
-    return error_response(exc.status, exc.message, {"Retry-After": "1"} if isinstance(exc, QueueFull) else None)
-
-
-def _validation(request: Request, exc: ValidationException) -> Response:
-    extra = exc.extra if isinstance(exc.extra, list) else []
-    detail = str(exc.detail)
-    if extra and isinstance(extra[0], dict):
-        key = str(extra[0].get("key") or "").removeprefix("$.").removeprefix("data.")
-        detail = f"{key}: {extra[0].get('message') or detail}" if key else str(extra[0].get("message") or detail)
-    return error_response(400, detail)
-
-
-def _http(request: Request, exc: HTTPException) -> Response:
-    return error_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
-
-
-def _internal(request: Request, exc: Exception) -> Response:
-    import logging
-
-    logging.getLogger("codellm.server").exception("unhandled error on %s", request.url.path)
-    return error_response(500, f"internal error: {type(exc).__name__}")
-
-
-ROUTER = Router(path="/v1", route_handlers=[messages, count_tokens], exception_handlers={
-    CodellmError: _codellm, ValidationException: _validation, HTTPException: _http, Exception: _internal})
+ROUTER = Router(path="/v1", route_handlers=[messages, count_tokens], exception_handlers=handlers(AnthropicShape()))

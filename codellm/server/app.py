@@ -135,8 +135,8 @@ def create_app(
     policy = Policy(bind=bind, allowed_hosts=tuple(allowed_hosts or ()), cors_origins=tuple(cors_origins or ()))
     app = Litestar(
         middleware=[DefineMiddleware(OriginGuard, policy=policy, refuse=refuse)],
-        route_handlers=[health, metrics, *openai.ROUTES, *editors.ROUTES, *ollama.ROUTES, *responses.ROUTES, anthropic.ROUTER],
-        exception_handlers={**HANDLERS, **ollama.EXCEPTION_HANDLERS},
+        route_handlers=[health, metrics, *openai.ROUTES, *editors.ROUTES, ollama.ROUTER, *responses.ROUTES, anthropic.ROUTER],
+        exception_handlers=HANDLERS,
         guards=[api_key_guard],
         cors_config=CORSConfig(allow_origins=cors_origins, allow_headers=["*"], allow_methods=["*"]) if cors_origins else None,
         openapi_config=OpenAPIConfig(title="codellm", version=__version__, path="/schema"),

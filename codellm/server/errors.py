@@ -1,4 +1,5 @@
-"""Every failure leaves the server as OpenAI's error object, with the right status, in one place."""
+"""Every failure leaves the server as its API's error object, with the right status: one set of exception
+handlers per dialect (``handlers``), installed on that dialect's router (Anthropic's writes its own)."""
 
 from __future__ import annotations
 
@@ -46,53 +47,81 @@ async def refuse(scope, send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-def codellm_error(request: Request, exc: CodellmError) -> Response:
-    if _ollama(request):  # Ollama's shape; a full queue is 503 there
-        status = 503 if isinstance(exc, QueueFull) else exc.status
-        return _response(status, {"error": exc.message})
-    headers = {}
-    if isinstance(exc, QueueFull):
-        headers["Retry-After"] = "1"
-    elif exc.status >= 500 or exc.status == 409:
-        headers["x-should-retry"] = "false"
-    return _response(exc.status, error_body(exc.message, exc.type, exc.code, exc.param), headers)
+class Shape:
+    """How one API dialect writes an error; each router answers in its own (``handlers``)."""
+
+    queue_full_status = 429
+
+    def body(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
+        return error_body(message, type_, code, param)
+
+    def headers(self, exc: CodellmError) -> dict:
+        if isinstance(exc, QueueFull):
+            return {"Retry-After": "1"}
+        return {"x-should-retry": "false"} if exc.status >= 500 or exc.status == 409 else {}
+
+    def invalid(self, detail: str, param: str | None) -> dict:
+        return error_body(detail, "invalid_request_error", "invalid_request", param)
 
 
-def validation_error(request: Request, exc: ValidationException) -> Response:
-    param, detail = None, exc.detail
-    extra = exc.extra if isinstance(exc.extra, list) else []
-    if extra and isinstance(extra[0], dict):
-        key = str(extra[0].get("key") or "")
-        param = key.removeprefix("$.").removeprefix("data.") or None
-        detail = extra[0].get("message") or detail
-    if "JSON" in str(exc.detail) and not extra:
-        detail = f"request body is not valid JSON: {exc.detail}"
-    if _ollama(request):
-        return _response(400, {"error": f"{detail} (at {param})" if param else str(detail)})
-    return _response(400, error_body(str(detail), "invalid_request_error", "invalid_request", param))
+class OllamaShape(Shape):
+    """``{"error": message}``; a full queue is 503 there."""
+
+    queue_full_status = 503
+
+    def body(self, status, message, type_, code=None, param=None) -> dict:
+        return {"error": message}
+
+    def headers(self, exc) -> dict:
+        return {}
+
+    def invalid(self, detail, param) -> dict:
+        return {"error": f"{detail} (at {param})" if param else detail}
 
 
-def http_error(request: Request, exc: HTTPException) -> Response:
-    status = exc.status_code
-    if _ollama(request):
-        return _response(status, {"error": str(exc.detail)}, dict(exc.headers or {}))
-    kind = {401: "authentication_error", 404: "invalid_request_error", 405: "invalid_request_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
-    headers = dict(exc.headers or {})
-    return _response(status, error_body(str(exc.detail), kind, None), headers)
+OPENAI, OLLAMA = Shape(), OllamaShape()
 
 
-def internal_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s", request.url.path)
-    if _ollama(request):
-        return _response(500, {"error": f"internal error: {type(exc).__name__}"})
-    return _response(500, error_body(f"internal error: {type(exc).__name__}", "server_error", "internal_error"),
-                     {"x-should-retry": "false"})
+def handlers(shape: Shape) -> dict:
+    """Exception handlers that answer every failure in ``shape``."""
+
+    def codellm_error(request: Request, exc: CodellmError) -> Response:
+        status = shape.queue_full_status if isinstance(exc, QueueFull) else exc.status
+        return _response(status, shape.body(status, exc.message, exc.type, exc.code, exc.param), shape.headers(exc))
+
+    def validation_error(request: Request, exc: ValidationException) -> Response:
+        param, detail = None, exc.detail
+        extra = exc.extra if isinstance(exc.extra, list) else []
+        if extra and isinstance(extra[0], dict):
+            key = str(extra[0].get("key") or "")
+            param = key.removeprefix("$.").removeprefix("data.") or None
+            detail = extra[0].get("message") or detail
+        if "JSON" in str(exc.detail) and not extra:
+            detail = f"request body is not valid JSON: {exc.detail}"
+        return _response(400, shape.invalid(str(detail), param))
+
+    def http_error(request: Request, exc: HTTPException) -> Response:
+        status = exc.status_code
+        kind = {401: "authentication_error", 404: "invalid_request_error", 405: "invalid_request_error"}.get(
+            status, "invalid_request_error" if status < 500 else "server_error")
+        return _response(status, shape.body(status, str(exc.detail), kind), dict(exc.headers or {}))
+
+    def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path)
+        message = f"internal error: {type(exc).__name__}"
+        return _response(500, shape.body(500, message, "server_error", "internal_error"), shape.headers(CodellmError(message)))
+
+    return {CodellmError: codellm_error, ValidationException: validation_error, HTTPException: http_error,
+            Exception: internal_error}
 
 
-HANDLERS = {
-    CodellmError: codellm_error,
-    ValidationException: validation_error,
-    HTTPException: http_error,
-    Exception: internal_error,
-}
+OLLAMA_HANDLERS = handlers(OLLAMA)
+_OPENAI_HANDLERS = handlers(OPENAI)
+
+
+def _unrouted(request: Request, exc: HTTPException) -> Response:
+    """No route matched (404, 405), so no router chose a shape: the path's prefix says whose client asked."""
+    return OLLAMA_HANDLERS[HTTPException](request, exc) if _ollama(request) else _OPENAI_HANDLERS[HTTPException](request, exc)
+
+
+HANDLERS = {**_OPENAI_HANDLERS, HTTPException: _unrouted}  # the app's: OpenAI's shape, where no router says otherwise

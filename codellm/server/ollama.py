@@ -14,12 +14,13 @@ from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 import msgspec
-from litestar import Request, Response, delete, get, head, post
+from litestar import Request, Response, Router, delete, get, head, post
 from litestar.response import Stream
 
 from codellm.engine import grammar, prompts
 from codellm.engine.manager import PARAM_MAP, ModelManager, Served, options_to_overrides, parse_keep_alive
 from codellm.engine.streams import AsyncStream, closing
+from codellm.server.errors import OLLAMA_HANDLERS
 from codellm.server.openai import watch_disconnect
 from codellm.engine.tools import ToolCallParser, check_tools, tool_format
 from codellm.errors import CodellmError, InvalidName, NotFound, QueueFull, disk_full
@@ -595,6 +596,6 @@ async def embeddings(request: Request, data: EmbeddingsRequest) -> dict:
     return {"embedding": vectors[0]}
 
 
-ROUTES = [root, root_head, version, tags, show, generate, chat, pull, create, blob_exists, upload_blob, copy, remove, ps,
-          embed, embeddings]
-EXCEPTION_HANDLERS = {OllamaError: ollama_error}
+ROUTER = Router(path="/", route_handlers=[root, root_head, version, tags, show, generate, chat, pull, create, blob_exists,
+                                          upload_blob, copy, remove, ps, embed, embeddings],
+                exception_handlers={**OLLAMA_HANDLERS, OllamaError: ollama_error})
