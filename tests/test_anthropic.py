@@ -136,3 +136,69 @@ def test_errors_have_anthropics_shape(client, server):
         "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]})
     assert image.status_code == 400 and "image" in image.json()["error"]["message"]
+
+
+def _sse_events(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for frame in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in frame.splitlines() if ": " in line)
+        events.append((lines.get("event"), json.loads(lines["data"])))
+    return events
+
+
+def test_claude_code_requests_replayed(server):
+    """What Claude Code sends, as it sends it: `?beta=true`, `anthropic-beta` and `anthropic-version` headers, the
+    key as x-api-key, system blocks and message blocks with `cache_control`, `metadata.user_id`, tools with a
+    `$schema` in their input schema beside a server tool, `thinking` enabled, `max_tokens` far past the context,
+    `temperature` 1, streamed; then the tool result goes back and count_tokens is asked. Each answer is a complete
+    Anthropic event stream."""
+    headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01", "content-type": "application/json",
+               "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,fine-grained-tool-streaming-2025-05-14",
+               "user-agent": "claude-cli/2.0.0 (external, cli)", "x-app": "cli"}
+    schema = {**TOOL["input_schema"], "$schema": "http://json-schema.org/draft-07/schema#"}
+    body = {
+        "model": MODEL, "max_tokens": 32000, "temperature": 1, "stream": True,
+        "metadata": {"user_id": "user_abc_account__session_123"},
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "system": [{"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude.",
+                    "cache_control": {"type": "ephemeral"}},
+                   {"type": "text", "text": "You are an interactive CLI tool that helps users with software "
+                                            "engineering tasks.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "<system-reminder>\nAs you answer, use the tools.\n</system-reminder>"},
+            {"type": "text", "text": WEATHER_QUESTION, "cache_control": {"type": "ephemeral"}}]}],
+        "tools": [{"name": TOOL["name"], "description": TOOL["description"], "input_schema": schema},
+                  {"type": "web_search_20250305", "name": "web_search", "max_uses": 8}],
+    }
+    url = server.url + "/v1/messages?beta=true"
+    r = httpx.post(url, json=body, headers=headers, timeout=120)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+    events = _sse_events(r.text)
+    kinds = [e for e, _ in events]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "message_delta" in kinds
+    assert kinds.count("content_block_start") == kinds.count("content_block_stop") >= 1
+    uses = [d["content_block"] for e, d in events if e == "content_block_start" and d["content_block"]["type"] == "tool_use"]
+    final = next(d for e, d in events if e == "message_delta")
+    assert final["delta"]["stop_reason"] in ("tool_use", "end_turn")  # (under this prompt the tiny model may not call)
+    args = "".join(d["delta"]["partial_json"] for e, d in events
+                   if e == "content_block_delta" and d["delta"]["type"] == "input_json_delta")
+    if uses:
+        assert final["delta"]["stop_reason"] == "tool_use" and uses[0]["name"] == TOOL["name"]
+        assert isinstance(json.loads(args), dict)
+    else:  # the history Claude Code would send after a call
+        uses, args = [{"id": "toolu_01A09q90qw90lq917835lq9", "name": TOOL["name"]}], '{"city": "Paris"}'
+
+    body["messages"] += [
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "", "signature": "sig"},
+                                          {"type": "tool_use", "id": uses[0]["id"], "name": uses[0]["name"],
+                                           "input": json.loads(args)}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0]["id"],
+                                      "content": [{"type": "text", "text": "Sunny, 21 C"}],
+                                      "cache_control": {"type": "ephemeral"}}]}]
+    again = _sse_events(httpx.post(url, json=body, headers=headers, timeout=120).text)
+    assert again[0][0] == "message_start" and again[-1][0] == "message_stop"
+    delta = next(d for e, d in again if e == "message_delta")
+    assert delta["usage"]["cache_read_input_tokens"] > 0  # the first turn's prefix was reused
+    counted = httpx.post(server.url + "/v1/messages/count_tokens?beta=true", headers=headers, json={
+        k: body[k] for k in ("model", "system", "messages", "tools")})
+    assert counted.status_code == 200 and counted.json()["input_tokens"] > 0

@@ -74,8 +74,10 @@ def test_function_calling_and_previous_response_id(client):
 def test_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model=MODEL, input="x", previous_response_id="resp_nope")
+    with pytest.raises(openai.BadRequestError):  # a hosted tool is left out (nothing here runs it): no tool to force
+        client.responses.create(model=MODEL, input="x", tools=[{"type": "web_search"}], tool_choice="required")
     with pytest.raises(openai.BadRequestError):
-        client.responses.create(model=MODEL, input="x", tools=[{"type": "web_search"}])
+        client.responses.create(model=MODEL, input="x", tools=[{"type": "computer"}])  # a kind of tool not known at all
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model=MODEL, input="x", tools=[TOOL], tool_choice={"type": "function", "name": "nope"})
     with pytest.raises(openai.NotFoundError):
@@ -96,3 +98,53 @@ def test_the_store_is_bounded():
     expired.put("r", [], {})
     with pytest.raises(NotFound):
         expired.get("r")
+
+
+def _events(text: str) -> list[tuple[str, dict]]:
+    import json
+
+    out = []
+    for frame in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in frame.splitlines() if ": " in line)
+        out.append((lines.get("event"), json.loads(lines["data"])))
+    return out
+
+
+def test_codex_requests_replayed(server):
+    """What Codex sends, as it sends it: long `instructions`, user items with `input_text`, function tools with
+    `strict: false` beside hosted ones, `reasoning`, `store: false`, `include`, `prompt_cache_key`, `text.verbosity`,
+    `parallel_tool_calls: false`, streamed; then the next turn re-sends everything with the call, its output and a
+    reasoning item. Each answer is a complete semantic event stream."""
+    import httpx
+
+    shell = {"type": "function", "name": "shell", "description": "Runs a shell command and returns its output.",
+             "strict": False, "parameters": {"type": "object", "additionalProperties": False, "required": ["command"],
+                                             "properties": {"command": {"type": "array", "items": {"type": "string"}},
+                                                            "workdir": {"type": "string"}, "timeout_ms": {"type": "number"}}}}
+    body = {"model": MODEL, "instructions": "You are Codex, a coding agent running in a terminal. " * 20,
+            "input": [{"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "<environment_context>\n  <cwd>/repo</cwd>\n</environment_context>"}]},
+                {"type": "message", "role": "user", "content": [{"type": "input_text", "text": WEATHER_QUESTION}]}],
+            "tools": [shell, TOOL, {"type": "web_search"}], "tool_choice": "auto", "parallel_tool_calls": False,
+            "reasoning": {"effort": "medium", "summary": "auto"}, "store": False, "stream": True,
+            "include": ["reasoning.encrypted_content"], "prompt_cache_key": "0b6d1e8e-5d0f-4c1e-9a55-1c1d2b7e9f10",
+            "text": {"verbosity": "medium"}}
+    headers = {"authorization": "Bearer unused", "originator": "codex_cli_rs", "session_id": "0b6d1e8e",
+               "openai-beta": "responses=experimental", "accept": "text/event-stream"}
+    r = httpx.post(server.url + "/v1/responses", json=body, headers=headers, timeout=120)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+    events = _events(r.text)
+    kinds = [e for e, _ in events]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
+    assert kinds.count("response.output_item.added") == kinds.count("response.output_item.done") >= 1
+    output = events[-1][1]["response"]["output"]
+    calls = [o for o in output if o["type"] == "function_call"]
+    call = calls[0] if calls else {"type": "function_call", "call_id": "call_1", "name": "shell",
+                                   "arguments": '{"command": ["ls"]}'}
+    body["input"] += [{"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "opaque"},
+                      {k: call[k] for k in ("type", "call_id", "name", "arguments")},
+                      {"type": "function_call_output", "call_id": call["call_id"], "output": "Sunny, 21 C"}]
+    again = _events(httpx.post(server.url + "/v1/responses", json=body, headers=headers, timeout=120).text)
+    assert again[0][0] == "response.created" and again[-1][0] in ("response.completed", "response.incomplete")
+    usage = again[-1][1]["response"]["usage"]
+    assert usage["input_tokens_details"]["cached_tokens"] > 0  # the instructions and first turn came from the cache

@@ -104,9 +104,16 @@ def _tools(data: CountTokensRequest) -> tuple[list[dict] | None, str | None, boo
         if choice.type in ("any", "tool"):
             raise InvalidRequest(f"tool_choice {choice.type!r} needs tools", param="tool_choice")
         return None, None, True
+    # server tools (web search, code execution: a ``type`` other than custom) run on Anthropic's side, and nothing
+    # here runs them: they are left out, as a model here could only call them into the void
+    own = [t for t in data.tools if t.type in (None, "custom")]
     tools = [{"type": "function", "function": {"name": t.name, "description": t.description or "",
-                                               "parameters": t.input_schema or {"type": "object"}}} for t in data.tools]
-    names = [t.name for t in data.tools]
+                                               "parameters": t.input_schema or {"type": "object"}}} for t in own] or None
+    names = [t.name for t in own]
+    if tools is None:
+        if choice.type in ("any", "tool"):
+            raise InvalidRequest(f"tool_choice {choice.type!r} needs tools this server can run", param="tool_choice")
+        return None, None, True
     forced = None
     if choice.type == "any":
         forced = names[0] if len(names) == 1 else ""

@@ -95,9 +95,16 @@ def _items(items: list[dict]) -> list[dict]:
     return out
 
 
+# tools that OpenAI's platform runs itself, which clients such as Codex list beside their function tools
+HOSTED_TOOLS = {"web_search", "web_search_preview", "file_search", "code_interpreter", "image_generation",
+                "computer_use_preview", "mcp", "local_shell"}
+
+
 def _tools(data: ResponsesRequest) -> tuple[list[dict] | None, str | None]:
     tools = []
     for i, tool in enumerate(data.tools or []):
+        if tool.get("type") in HOSTED_TOOLS:  # run by OpenAI's servers, not by a model: nothing here can run them
+            continue
         if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
             raise InvalidRequest(f"tools.{i}: only function tools are supported ({{type: function, name, ...}})",
                                  param="tools")
