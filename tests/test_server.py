@@ -468,3 +468,43 @@ def test_explicit_nulls_mean_the_defaults(server):
     r = httpx.post(server.url + "/v1/completions", headers=server.headers,
                    json={"model": "tiny-coder", "prompt": "x", "max_tokens": 4, "echo": None, "n": None, "stream": None})
     assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
+
+
+def test_lora_adapters_loaded_and_unloaded_while_serving(served_home, adapter_dir):
+    """vLLM's runtime LoRA routes: off by default; on, an adapter from a PEFT directory (from this machine) or a
+    registry adapter becomes a model at once, listed and served on its base like the same adapter created ahead
+    of time; unloading it removes it again. Wrong names and repeats are refused in OpenAI's shape."""
+    plain = Server(served_home, "--slots", "4", "--num-ctx", "256", "--model", "qwen2.5-coder:0.5b", "--engine-thread")
+    try:
+        r = httpx.post(plain.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(adapter_dir)})
+        assert r.status_code == 403 and "--allow-lora-updates" in r.json()["error"]["message"]
+    finally:
+        plain.stop()
+    srv = Server(served_home, "--slots", "4", "--num-ctx", "256", "--model", "qwen2.5-coder:0.5b", "--engine-thread",
+                 "--allow-lora-updates")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        ask = dict(prompt="def fibonacci(n):\n", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        r = httpx.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": "live-lora", "lora_path": str(adapter_dir)})
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'live-lora' added successfully."
+        assert "live-lora:latest" in [m.id for m in client.models.list().data]
+        live = client.completions.create(model="live-lora", **ask).choices[0].text
+        assert live == client.completions.create(model="tiny-lora", **ask).choices[0].text  # the same adapter, same text
+        assert live != client.completions.create(model="qwen2.5-coder:0.5b", **ask).choices[0].text
+        r = httpx.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": "live-lora", "lora_path": str(adapter_dir)})
+        assert r.status_code == 400 and "already been loaded" in r.json()["error"]["message"]
+        r = httpx.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": "from-registry", "lora_path": "tiny-lora"})
+        assert r.status_code == 200
+        assert client.completions.create(model="from-registry", **ask).choices[0].text == live
+        r = httpx.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": "tiny-coder"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
+        for name in ("live-lora", "from-registry"):
+            r = httpx.post(srv.url + "/v1/unload_lora_adapter", json={"lora_name": name})
+            assert r.status_code == 200 and "removed successfully" in r.text
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="live-lora", **ask)
+        r = httpx.post(srv.url + "/v1/unload_lora_adapter", json={"lora_name": "tiny-lora"})  # not added at run time
+        assert r.status_code == 404 and r.json()["error"]["code"] == "lora_not_found"
+        assert "tiny-lora:latest" in [m.id for m in client.models.list().data]
+    finally:
+        srv.stop()

@@ -292,9 +292,12 @@ def _interval(ctx, param, value: str) -> float | None:
               help="Least milliseconds between two chunks of one stream; tokens in between go together. 0 sends "
                    "every token as it comes; 'auto' grows with the number of open streams (up to 50 ms at 400), so "
                    "that hundreds of streams do not keep the server from reading new requests.")
+@click.option("--allow-lora-updates", is_flag=True, envvar="CODELLM_ALLOW_LORA_UPDATES",
+              help="Let clients add and remove LoRA adapters while serving (vLLM's /v1/load_lora_adapter and "
+                   "/v1/unload_lora_adapter); a directory path only from this machine.")
 @engine_options
 def serve(host, port, api_key, models, cors, allowed_hosts, log_level, keep_alive, max_loaded, memory_limit, stream_interval,
-          **engine):
+          allow_lora_updates, **engine):
     """Serve registry models over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/embeddings,
     /v1/models) and Ollama's (/api/chat, /api/generate, /api/tags, /api/show, /api/pull, /api/ps, ...),
     with /health, /metrics and the OpenAPI schema at /schema."""
@@ -320,7 +323,7 @@ def serve(host, port, api_key, models, cors, allowed_hosts, log_level, keep_aliv
     click.echo(f"codellm {__version__} serving on http://{host}:{port} (models: {', '.join(e.name.short for e in reg.list())})", err=True)
     hosts = [h.strip() for value in allowed_hosts for h in value.split(",") if h.strip()]
     uvicorn.run(create_app(manager, api_key=api_key, cors_origins=list(cors) or None, stream_interval=stream_interval,
-                           bind=host, allowed_hosts=hosts),
+                           bind=host, allowed_hosts=hosts, lora_updates=allow_lora_updates),
                 host=host, port=port,
                 log_level=log_level, timeout_graceful_shutdown=5)
 

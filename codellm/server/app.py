@@ -18,7 +18,7 @@ from codellm.engine.manager import LoadOptions, ModelManager
 from codellm.engine.streams import pace_streams
 from codellm.errors import Unauthorized
 from codellm.registry import Registry
-from codellm.server import anthropic, editors, ollama, openai, openapi, responses
+from codellm.server import adapters, anthropic, editors, ollama, openai, openapi, responses
 from codellm.server.errors import HANDLERS, refuse
 from codellm.server.origins import OriginGuard, Policy
 from codellm.server.request import Request as CodellmRequest
@@ -127,15 +127,17 @@ def create_app(
     stream_interval: float | None = None,
     bind: str = "127.0.0.1",
     allowed_hosts: list[str] | None = None,
+    lora_updates: bool = False,
 ) -> Litestar:
     """``stream_interval``: least seconds between two chunks of a stream (0: every token as it comes; None:
     automatic, growing with the number of open streams: see ``streams.auto_interval``). ``bind``: the address
-    the server listens on, which decides the Host names it answers (see ``origins``)."""
+    the server listens on, which decides the Host names it answers (see ``origins``). ``lora_updates``: allow
+    adding and removing LoRA adapters at run time (``adapters``)."""
     manager = manager or ModelManager(Registry(), LoadOptions())
     policy = Policy(bind=bind, allowed_hosts=tuple(allowed_hosts or ()), cors_origins=tuple(cors_origins or ()))
     app = Litestar(
         middleware=[DefineMiddleware(OriginGuard, policy=policy, refuse=refuse)],
-        route_handlers=[health, metrics, *openai.ROUTES, *editors.ROUTES, ollama.ROUTER, *responses.ROUTES, anthropic.ROUTER],
+        route_handlers=[health, metrics, *openai.ROUTES, *editors.ROUTES, ollama.ROUTER, *responses.ROUTES, *adapters.ROUTES, anthropic.ROUTER],
         exception_handlers=HANDLERS,
         guards=[api_key_guard],
         cors_config=CORSConfig(allow_origins=cors_origins, allow_headers=["*"], allow_methods=["*"]) if cors_origins else None,
@@ -149,5 +151,7 @@ def create_app(
     app.state.manager = manager
     app.state.responses = responses.Store()  # what previous_response_id refers to
     app.state.stream_interval = stream_interval
+    app.state.lora_updates = lora_updates
+    app.state.runtime_adapters = set()  # adapters /v1/load_lora_adapter added (and unload may remove)
     app.state.api_key = api_key if api_key is not None else os.environ.get("CODELLM_API_KEY") or None
     return app
