@@ -112,7 +112,7 @@ class Engine(Admission):
                 detok=IncrementalDetokenizer(lm.tokenizer, prompt), stops=StopMatcher(strings),
                 generator=generator(params.seed, i, self.lm.device),
                 want_prompt_logprobs=prompt_logprobs and i == 0,
-                constraint=constraint(params, lm.tokenizer, ids), adapter=lm.adapter,
+                constraint=constraint(params, lm.tokenizer, lm.eos_ids), adapter=lm.adapter,
             )
             for i in range(n)
         ]

@@ -59,7 +59,8 @@ _LOCK = threading.Lock()
 
 
 def _tokenizer(tokenizer, eos: tuple[int, ...]):
-    """llguidance's view of a tokenizer (its token trie), built once per tokenizer and end-of-sequence set."""
+    """llguidance's view of a tokenizer (its token trie), built once per tokenizer and end-of-sequence set: about
+    a second for a 150k vocabulary, which ``warm`` spends off the request path."""
     import llguidance.hf
 
     key = (id(tokenizer), eos)
@@ -69,6 +70,12 @@ def _tokenizer(tokenizer, eos: tuple[int, ...]):
             found = _TOKENIZERS[key] = (tokenizer, llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer),
                                                                                  eos_token=list(eos) or None))
     return found[1]
+
+
+def warm(tokenizer, eos) -> None:
+    """Build ``tokenizer``'s grammar view in the background now (a model just loaded), so that the first request
+    for structured output does not pay for it on the server's event loop."""
+    threading.Thread(target=_tokenizer, args=(tokenizer, tuple(sorted(eos))), name="grammar-warm", daemon=True).start()
 
 
 class Constraint:

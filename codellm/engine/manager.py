@@ -215,6 +215,9 @@ class ModelManager:
         served = Served(lm, engine, group=gkey)
         served.expires_at = None if pin or o.keep_alive is None else time.time() + o.keep_alive
         self._served[key] = served
+        from codellm.engine import grammar
+
+        grammar.warm(lm.tokenizer, lm.eos_ids)
         memory.freeze_heap()
         return served
 

@@ -30,7 +30,7 @@ from codellm.engine.client import Admission, Handle
 from codellm.engine.loader import LoadedModel
 from codellm.engine.outputs import Output, Sink, Stats
 from codellm.engine.sampling import SamplingParams
-from codellm.engine.sequence import constraint, stop_ids
+from codellm.engine.sequence import constraint
 from codellm.errors import CodellmError
 
 log = logging.getLogger("codellm.engine")
@@ -232,7 +232,7 @@ class EngineProcess(Admission):
         lm = lm or self.lm
         if self._dead:
             raise CodellmError(self._dead)
-        constraint(params, lm.tokenizer, stop_ids(lm.tokenizer, lm.eos_ids, params)[0])  # a grammar or its prefix that
+        constraint(params, lm.tokenizer, lm.eos_ids)  # a grammar or its prefix that
         # cannot be used is the caller's error, raised here rather than in the child
         self._ensure_reader()
         self._reserve(prompt, n, lm, params)
@@ -451,6 +451,9 @@ def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_
         model, dev, dtype = loader.load_weights(registry, entry, weights, **load)
         base = loader.view(registry, entry, weights, model, dev, dtype, **view_opts)
         engine = Engine(base, **engine_opts, source=source)  # nothing arrives before "ready" below
+        from codellm.engine import grammar
+
+        grammar.warm(base.tokenizer, base.eos_ids)  # not on the step loop when a first request asks for JSON
         if dev.type == "cuda":  # host tensors here are a few thousand elements: threads only wait on each other
             torch.set_num_threads(1)
         memory.freeze_heap()

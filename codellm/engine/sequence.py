@@ -62,12 +62,12 @@ class Sequence:
 Chunk = tuple[Sequence, int, int]  # a sequence and the token range [start, end) of its ``known()`` to compute
 
 
-def constraint(params: SamplingParams, tokenizer, stop: set[int]) -> Constraint | None:
+def constraint(params: SamplingParams, tokenizer, eos) -> Constraint | None:
     """The grammar state of a choice that asked for one, its prefix already taken in (InvalidRequest when the
-    grammar or the prefix cannot be used)."""
+    grammar or the prefix cannot be used). The grammar, once complete, allows the model's own end tokens."""
     if not params.grammar:
         return None
-    return Constraint(tokenizer, params.grammar, params.grammar_prefix, tuple(sorted(stop)))
+    return Constraint(tokenizer, params.grammar, params.grammar_prefix, tuple(sorted(eos)))
 
 
 def stop_ids(tokenizer, eos_ids, params: SamplingParams) -> tuple[set[int], list[str]]:
