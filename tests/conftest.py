@@ -130,6 +130,15 @@ def cli(home, hub):
     return call
 
 
+def named_events(text: str) -> list[tuple[str | None, dict]]:
+    """(event name, data) of each frame of an SSE body with named events (Anthropic's, the Responses API's)."""
+    events = []
+    for frame in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in frame.splitlines() if ": " in line)
+        events.append((lines.get("event"), json.loads(lines["data"])))
+    return events
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

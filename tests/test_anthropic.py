@@ -10,7 +10,7 @@ import anthropic
 import httpx
 import pytest
 
-from conftest import WEATHER_QUESTION, WEATHER_TOOL, Server
+from conftest import WEATHER_QUESTION, WEATHER_TOOL, Server, named_events
 
 KEY = "sk-ant-test"
 MODEL = "qwen2.5-coder-tools"
@@ -138,14 +138,6 @@ def test_errors_have_anthropics_shape(client, server):
     assert image.status_code == 400 and "image" in image.json()["error"]["message"]
 
 
-def _sse_events(text: str) -> list[tuple[str, dict]]:
-    events = []
-    for frame in text.strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in frame.splitlines() if ": " in line)
-        events.append((lines.get("event"), json.loads(lines["data"])))
-    return events
-
-
 def test_claude_code_requests_replayed(server):
     """What Claude Code sends, as it sends it: `?beta=true`, `anthropic-beta` and `anthropic-version` headers, the
     key as x-api-key, system blocks and message blocks with `cache_control`, `metadata.user_id`, tools with a
@@ -173,7 +165,7 @@ def test_claude_code_requests_replayed(server):
     url = server.url + "/v1/messages?beta=true"
     r = httpx.post(url, json=body, headers=headers, timeout=120)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
-    events = _sse_events(r.text)
+    events = named_events(r.text)
     kinds = [e for e, _ in events]
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "message_delta" in kinds
     assert kinds.count("content_block_start") == kinds.count("content_block_stop") >= 1
@@ -195,7 +187,7 @@ def test_claude_code_requests_replayed(server):
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0]["id"],
                                       "content": [{"type": "text", "text": "Sunny, 21 C"}],
                                       "cache_control": {"type": "ephemeral"}}]}]
-    again = _sse_events(httpx.post(url, json=body, headers=headers, timeout=120).text)
+    again = named_events(httpx.post(url, json=body, headers=headers, timeout=120).text)
     assert again[0][0] == "message_start" and again[-1][0] == "message_stop"
     delta = next(d for e, d in again if e == "message_delta")
     assert delta["usage"]["cache_read_input_tokens"] > 0  # the first turn's prefix was reused

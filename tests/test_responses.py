@@ -7,7 +7,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from conftest import WEATHER_QUESTION, WEATHER_TOOL, Server
+from conftest import WEATHER_QUESTION, WEATHER_TOOL, Server, named_events
 
 MODEL = "qwen2.5-coder-tools"
 TOOL = {"type": "function", **WEATHER_TOOL["function"]}
@@ -100,16 +100,6 @@ def test_the_store_is_bounded():
         expired.get("r")
 
 
-def _events(text: str) -> list[tuple[str, dict]]:
-    import json
-
-    out = []
-    for frame in text.strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in frame.splitlines() if ": " in line)
-        out.append((lines.get("event"), json.loads(lines["data"])))
-    return out
-
-
 def test_codex_requests_replayed(server):
     """What Codex sends, as it sends it: long `instructions`, user items with `input_text`, function tools with
     `strict: false` beside hosted ones, `reasoning`, `store: false`, `include`, `prompt_cache_key`, `text.verbosity`,
@@ -133,7 +123,7 @@ def test_codex_requests_replayed(server):
                "openai-beta": "responses=experimental", "accept": "text/event-stream"}
     r = httpx.post(server.url + "/v1/responses", json=body, headers=headers, timeout=120)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
-    events = _events(r.text)
+    events = named_events(r.text)
     kinds = [e for e, _ in events]
     assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
     assert kinds.count("response.output_item.added") == kinds.count("response.output_item.done") >= 1
@@ -144,7 +134,7 @@ def test_codex_requests_replayed(server):
     body["input"] += [{"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "opaque"},
                       {k: call[k] for k in ("type", "call_id", "name", "arguments")},
                       {"type": "function_call_output", "call_id": call["call_id"], "output": "Sunny, 21 C"}]
-    again = _events(httpx.post(server.url + "/v1/responses", json=body, headers=headers, timeout=120).text)
+    again = named_events(httpx.post(server.url + "/v1/responses", json=body, headers=headers, timeout=120).text)
     assert again[0][0] == "response.created" and again[-1][0] in ("response.completed", "response.incomplete")
     usage = again[-1][1]["response"]["usage"]
     assert usage["input_tokens_details"]["cached_tokens"] > 0  # the instructions and first turn came from the cache

@@ -86,7 +86,7 @@ def process(batch: list["Sequence"], tokens: list[int], infos: list[TokenLogprob
             out.prompt_logprobs = seq.prompt_logprobs
         if token in seq.stop_ids:
             out.finish_reason = "stop"
-            out.text = seq.stops.feed(seq.detok.flush()) + ("" if seq.stops.stopped else seq.stops.flush())
+            out.text = _rest(seq)
         else:
             out.text = seq.stops.feed(piece)
             out.token_ids = [token]
@@ -94,13 +94,18 @@ def process(batch: list["Sequence"], tokens: list[int], infos: list[TokenLogprob
                 out.logprobs = [info]
             ended = seq.stops.stopped or (seq.constraint is not None and seq.constraint.done)
             if ended or len(seq.generated) >= seq.max_new:
-                out.text += seq.stops.feed(seq.detok.flush())
-                if not seq.stops.stopped:
-                    out.text += seq.stops.flush()
+                out.text += _rest(seq)
                 out.finish_reason = "stop" if ended or seq.stops.stopped else "length"
         out.stop = seq.stops.matched if out.finish_reason else None
         outs.append(out)
     return outs
+
+
+def _rest(seq: "Sequence") -> str:
+    """The text a finishing sequence still holds: the detokenizer's last bytes, and the tail kept back for stop
+    strings unless one matched."""
+    text = seq.stops.feed(seq.detok.flush())
+    return text + ("" if seq.stops.stopped else seq.stops.flush())
 
 
 def detokenize(batch: list["Sequence"], tokens: list[int]) -> list[str]:
