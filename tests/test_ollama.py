@@ -180,7 +180,7 @@ def test_keep_alive_ps_stop_and_eviction(server, client, home):
     assert r.returncode == 1 and "not found" in r.stderr
 
 
-def test_embeddings_three_ways(server, client):
+def test_embeddings_three_ways(server, client, tiny_dir):
     e = client.embed(model="tiny-coder", input=["def add(a, b):", "class Stack:"])
     assert len(e.embeddings) == 2 and abs(sum(x * x for x in e.embeddings[0]) - 1) < 1e-4
     legacy = client.embeddings(model="tiny-coder", prompt="def add(a, b):")
@@ -192,6 +192,18 @@ def test_embeddings_three_ways(server, client):
                                                           "encoding_format": "base64"}).json()
     vec = struct.unpack(f"<{len(floats)}f", base64.b64decode(raw["data"][0]["embedding"]))
     assert list(vec) == pytest.approx(floats, abs=1e-6) and raw["usage"]["prompt_tokens"] > 0
+    # token ids, as LangChain's OpenAIEmbeddings sends them: the same vectors as the text they encode
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    ids = [tok("def add(a, b):")["input_ids"], tok("class Stack:")["input_ids"]]
+    by_ids = oa.embeddings.create(model="tiny-coder", input=ids, encoding_format="float")
+    assert [d.embedding for d in by_ids.data] == [pytest.approx(v, abs=1e-5) for v in e.embeddings]
+    one = oa.embeddings.create(model="tiny-coder", input=ids[0], encoding_format="float").data
+    assert len(one) == 1 and one[0].embedding == pytest.approx(e.embeddings[0], abs=1e-5)
+    for bad in ([[len(tok) + 5]], [[1, "x"]], [], [["a"]]):
+        r = httpx.post(server.url + "/v1/embeddings", json={"model": "tiny-coder", "input": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input", (bad, r.text)
 
 
 def test_generate_with_go_template(server):

@@ -15,7 +15,38 @@ from codellm.engine.loader import LoadedModel
 _locks: dict[int, threading.Lock] = {}
 
 
-def embed(lm: LoadedModel, texts: list[str], *, truncate: bool = True) -> tuple[list[list[float]], int]:
+Inputs = list  # texts (str), or token-id lists already tokenized for the model (what LangChain sends by default)
+
+
+def inputs(value) -> Inputs:
+    """An embeddings request's input in any of OpenAI's four shapes (a string, strings, token ids, lists of token
+    ids) as a list of texts or of token-id lists."""
+    from codellm.errors import InvalidRequest
+
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return [value]
+    if isinstance(value, list) and value and (all(isinstance(t, str) for t in value) or all(
+            isinstance(t, list) and t and all(isinstance(i, int) and not isinstance(i, bool) for i in t) for t in value)):
+        return list(value)
+    raise InvalidRequest("input must be a string, a list of strings, a list of token ids, or a list of those lists",
+                         param="input")
+
+
+def token_ids(tokenizer, item, *, add_special_tokens: bool = True) -> list[int]:
+    """The ids of one input: a text tokenized, or token ids checked against the vocabulary."""
+    from codellm.errors import InvalidRequest
+
+    if isinstance(item, str):
+        return tokenizer(item, add_special_tokens=add_special_tokens)["input_ids"]
+    vocab = len(tokenizer)
+    if any(t < 0 or t >= vocab for t in item):
+        raise InvalidRequest(f"input token ids must be integers in [0, {vocab})", param="input")
+    return list(item)
+
+
+def embed(lm: LoadedModel, texts: Inputs, *, truncate: bool = True) -> tuple[list[list[float]], int]:
     from codellm.errors import ContextLengthExceeded, InvalidRequest
 
     if not texts:
@@ -24,7 +55,7 @@ def embed(lm: LoadedModel, texts: list[str], *, truncate: bool = True) -> tuple[
     vectors, total = [], 0
     with lock, torch.inference_mode():
         for text in texts:
-            ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"] or [lm.tokenizer.eos_token_id or 0]
+            ids = token_ids(lm.tokenizer, text) or [lm.tokenizer.eos_token_id or 0]
             if len(ids) > lm.max_len:
                 if not truncate:
                     raise ContextLengthExceeded(f"input of {len(ids)} tokens exceeds the context length {lm.max_len}",
@@ -39,7 +70,7 @@ def embed(lm: LoadedModel, texts: list[str], *, truncate: bool = True) -> tuple[
     return vectors, total
 
 
-def embed_served(served, texts: list[str], *, truncate: bool = True) -> tuple[list[list[float]], int]:
+def embed_served(served, texts: Inputs, *, truncate: bool = True) -> tuple[list[list[float]], int]:
     """Embeddings from whatever ``served`` is: an encoder model, or a generative one (mean-pooled)."""
     if served.encoder is not None:
         if not texts:

@@ -27,7 +27,14 @@ class Encoder:
         self.lock = threading.Lock()
 
     def _batch(self, texts, pairs=None, truncate=True):
-        enc = self.tokenizer(texts, pairs, padding=True, truncation=truncate, max_length=self.max_len, return_tensors="pt")
+        if pairs is None and texts and not isinstance(texts[0], str):  # token ids, as the client tokenized them
+            from codellm.engine.embeddings import token_ids
+
+            ids = [token_ids(self.tokenizer, t)[: self.max_len if truncate else None] for t in texts]
+            enc = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        else:
+            enc = self.tokenizer(texts, pairs, padding=True, truncation=truncate, max_length=self.max_len,
+                                 return_tensors="pt")
         if not truncate and enc["input_ids"].shape[1] > self.max_len:
             raise ContextLengthExceeded(f"input exceeds the context length {self.max_len}", param="input")
         return {k: v.to(self.device) for k, v in enc.items()}

@@ -58,7 +58,7 @@ class Attach(msgspec.Struct, tag="attach", array_like=True):
 class Embed(msgspec.Struct, tag="embed", array_like=True):
     call: int
     model: str
-    texts: list[str]
+    texts: list[str | list[int]]
     truncate: bool
 
 

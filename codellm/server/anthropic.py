@@ -16,9 +16,10 @@ from litestar import Request, Response, Router, post
 from litestar.response import Stream
 from msgspec import Meta, Struct
 
-from codellm.errors import CodellmError, InvalidRequest, QueueFull
+from codellm.errors import InvalidRequest, QueueFull
 from codellm.server.errors import Shape, handlers
-from codellm.server.openai import SSE_HEADERS, _released, release, served_model
+from codellm.server.openai import SSE_HEADERS
+from codellm.server.pinning import Pins
 from codellm.server.pipeline import ChatTurn, Delta, block_text, collect, generate, prompt_of
 from codellm.server.schemas import Seed
 
@@ -189,21 +190,14 @@ async def _events(gen, message: dict) -> AsyncIterator[bytes]:
 
 
 @post("/messages", status_code=200, summary="Create a message (Anthropic Messages API)")
-async def messages(request: Request, data: MessagesRequest) -> Response:
-    served = await served_model(request, data.model)
-    try:
-        gen = await generate(served, turn_of(data))
-    except BaseException:
-        release(request, served)
-        raise
+async def messages(request: Request, data: MessagesRequest, pins: Pins) -> Response:
+    served = await pins.get(data.model)
+    gen = await generate(served, turn_of(data))
     message = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": data.model}
     if data.stream:
-        return Stream(_released(request, served, gen.stream, _events(gen, message)), media_type="text/event-stream",
+        return Stream(pins.streamed(served, gen.stream, _events(gen, message)), media_type="text/event-stream",
                       headers=SSE_HEADERS)
-    try:
-        deltas = await collect(request, gen)
-    finally:
-        release(request, served)
+    deltas = await collect(request, gen)
     content: list[dict] = []
     final = Delta("finish", finish="stop", prompt_tokens=gen.prompt_tokens)
     for d in deltas:
@@ -214,8 +208,6 @@ async def messages(request: Request, data: MessagesRequest) -> Response:
                 content.append({"type": "text", "text": d.text})
         elif d.kind == "call":
             content.append(_tool_use(d.call))
-        elif d.finish == "error":
-            raise CodellmError(f"generation failed: {d.error}")
         else:
             final = d
     return Response({**message, "content": content, "stop_reason": _stop_reason(final), "stop_sequence": final.stop,
@@ -223,13 +215,10 @@ async def messages(request: Request, data: MessagesRequest) -> Response:
 
 
 @post("/messages/count_tokens", status_code=200, summary="Count the tokens of a message (Anthropic Messages API)")
-async def count_tokens(request: Request, data: CountTokensRequest) -> dict:
-    served = await served_model(request, data.model)
-    try:
-        tools, forced, _ = _tools(data)
-        ids, *_ = await prompt_of(served, ChatTurn(_messages(data), tools, forced))
-    finally:
-        release(request, served)
+async def count_tokens(request: Request, data: CountTokensRequest, pins: Pins) -> dict:
+    served = await pins.get(data.model)
+    tools, forced, _ = _tools(data)
+    ids, *_ = await prompt_of(served, ChatTurn(_messages(data), tools, forced))
     return {"input_tokens": len(ids)}
 
 

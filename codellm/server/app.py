@@ -18,7 +18,7 @@ from codellm.engine.manager import LoadOptions, ModelManager
 from codellm.engine.streams import pace_streams
 from codellm.errors import Unauthorized
 from codellm.registry import Registry
-from codellm.server import adapters, anthropic, editors, ollama, openai, openapi, responses
+from codellm.server import adapters, anthropic, editors, ollama, openai, openapi, pinning, responses
 from codellm.server.errors import HANDLERS, refuse
 from codellm.server.origins import OriginGuard, Policy
 from codellm.server.request import Request as CodellmRequest
@@ -139,6 +139,7 @@ def create_app(
         middleware=[DefineMiddleware(OriginGuard, policy=policy, refuse=refuse)],
         route_handlers=[health, metrics, *openai.ROUTES, *editors.ROUTES, ollama.ROUTER, *responses.ROUTES, *adapters.ROUTES, anthropic.ROUTER],
         exception_handlers=HANDLERS,
+        dependencies=pinning.DEPENDENCIES,
         guards=[api_key_guard],
         cors_config=CORSConfig(allow_origins=cors_origins, allow_headers=["*"], allow_methods=["*"]) if cors_origins else None,
         openapi_config=OpenAPIConfig(title="codellm", version=__version__, path="/schema"),

@@ -15,12 +15,11 @@ from msgspec import Meta, Struct
 
 from codellm.engine import prompts
 from codellm.engine.manager import Served
-from codellm.engine.streams import AsyncStream
 from codellm.errors import InvalidRequest
+from codellm.server.openai import DONE, FINGERPRINT, SSE_HEADERS, _sse, manager_of, usage
+from codellm.server.pinning import Pins
+from codellm.server.pipeline import Delta, TextTurn, choices, collect, generate
 from codellm.server.schemas import Seed
-from codellm.server.openai import (
-    DONE, FINGERPRINT, SSE_HEADERS, _released, _sse, collect, manager_of, release, served_model, usage,
-)
 
 
 class ExtraChunk(Struct):
@@ -72,47 +71,38 @@ def infill_text(served: Served, prefix: str, suffix: str, extra: list[ExtraChunk
 
 
 @post("/infill", status_code=200, summary="Fill in the middle (llama.cpp server API, as llama.vim sends it)")
-async def infill(request: Request, data: InfillRequest) -> Response:
-    served = await served_model(request, default_model(request, data.model))
-    try:
-        engine = served.generator()
-        lm = served.lm
-        t0 = time.perf_counter()
-        ids = prompts.encode(lm, infill_text(served, data.input_prefix + data.prompt, data.input_suffix, data.input_extra))
-        engine.check_prompt(len(ids), lm)
-        settings = {"n_predict": data.n_predict, "temperature": data.temperature, "top_k": data.top_k, "top_p": data.top_p}
-        if data.n_predict == 0:  # llama.vim's warm-up request: nothing to generate
-            release(request, served)
-            return Response(_infill_body(lm.name, "", 0, len(ids), t0, t0, "limit", settings))
-        params = served.sampling({
-            "temperature": data.temperature, "top_k": data.top_k, "top_p": data.top_p, "min_p": data.min_p,
-            "seed": data.seed, "max_tokens": data.n_predict if data.n_predict > 0 else None,
-            "stop": list(data.stop or []) + [s for s in (lm.fim.stop if lm.fim else ()) if s not in (data.stop or [])],
-        })
-        stream = AsyncStream().add(engine, ids, params, lm=lm)
-    except BaseException:
-        release(request, served)
-        raise
+async def infill(request: Request, data: InfillRequest, pins: Pins) -> Response:
+    served = await pins.get(default_model(request, data.model))
+    engine = served.generator()
+    lm = served.lm
+    t0 = time.perf_counter()
+    ids = prompts.encode(lm, infill_text(served, data.input_prefix + data.prompt, data.input_suffix, data.input_extra))
+    engine.check_prompt(len(ids), lm)
+    settings = {"n_predict": data.n_predict, "temperature": data.temperature, "top_k": data.top_k, "top_p": data.top_p}
+    if data.n_predict == 0:  # llama.vim's warm-up request: nothing to generate
+        return Response(_infill_body(lm.name, "", 0, len(ids), t0, t0, "limit", settings))
+    gen = await generate(served, TextTurn([ids], {
+        "temperature": data.temperature, "top_k": data.top_k, "top_p": data.top_p, "min_p": data.min_p,
+        "seed": data.seed, "max_tokens": data.n_predict if data.n_predict > 0 else None, "stop": data.stop or None,
+    }, fim=True))
+
+    def stop_type(d: Delta) -> str:
+        return "eos" if d.finish == "stop" else "limit"
+
     if data.stream:
         async def events() -> AsyncIterator[bytes]:
-            first = None
-            async for out in stream:
-                first = first or time.perf_counter()
-                if out.finish_reason:
-                    yield _sse(_infill_body(lm.name, out.text, out.completion_tokens, len(ids), t0, first,
-                                            "eos" if out.finish_reason == "stop" else "limit", settings))
-                elif out.text:
-                    yield _sse({"index": 0, "content": out.text, "stop": False})
+            async for d in gen.deltas():
+                if d.kind == "finish":
+                    yield _sse(_infill_body(lm.name, "", d.completion_tokens, len(ids), t0,
+                                            gen.stream.first_at or time.perf_counter(), stop_type(d), settings))
+                elif d.text:
+                    yield _sse({"index": 0, "content": d.text, "stop": False})
 
-        return Stream(_released(request, served, stream, events()), media_type="text/event-stream", headers=SSE_HEADERS)
-    try:
-        results = await collect(request, stream, 1)
-    finally:
-        release(request, served)
-    outs = results[0]
-    first = stream.first_at or time.perf_counter()
-    return Response(_infill_body(lm.name, "".join(o.text for o in outs), outs[-1].completion_tokens, len(ids), t0, first,
-                                 "eos" if outs[-1].finish_reason == "stop" else "limit", settings))
+        return Stream(pins.streamed(served, gen.stream, events()), media_type="text/event-stream", headers=SSE_HEADERS)
+    c = choices(gen, await collect(request, gen))[0]
+    first = gen.stream.first_at or time.perf_counter()
+    return Response(_infill_body(lm.name, c.text, c.final.completion_tokens, len(ids), t0, first, stop_type(c.final),
+                                 settings))
 
 
 def _infill_body(model: str, content: str, predicted: int, evaluated: int, t0: float, first: float, stop_type: str,
@@ -147,43 +137,34 @@ class FimRequest(Struct, kw_only=True):
 
 
 @post("/v1/fim/completions", status_code=200, summary="Fill in the middle (Mistral/Codestral API)")
-async def fim_completions(request: Request, data: FimRequest) -> Response:
-    served = await served_model(request, data.model)
-    try:
-        engine = served.generator()
-        lm = served.lm
-        ids = prompts.encode(lm, prompts.fim_text(lm, data.prompt, data.suffix or ""))
-        engine.check_prompt(len(ids), lm)
-        stop = [data.stop] if isinstance(data.stop, str) else list(data.stop or [])
-        params = served.sampling({"temperature": data.temperature, "top_p": data.top_p, "max_tokens": data.max_tokens,
-                                  "seed": data.random_seed if data.random_seed is not None else data.seed,
-                                  "stop": stop + [s for s in (lm.fim.stop if lm.fim else ()) if s not in stop]})
-        stream = AsyncStream().add(engine, ids, params, lm=lm)
-    except BaseException:
-        release(request, served)
-        raise
+async def fim_completions(request: Request, data: FimRequest, pins: Pins) -> Response:
+    served = await pins.get(data.model)
+    served.generator()
+    lm = served.lm
+    ids = prompts.encode(lm, prompts.fim_text(lm, data.prompt, data.suffix or ""))
+    gen = await generate(served, TextTurn([ids], {
+        "temperature": data.temperature, "top_p": data.top_p, "max_tokens": data.max_tokens,
+        "seed": data.random_seed if data.random_seed is not None else data.seed,
+        "stop": [data.stop] if isinstance(data.stop, str) else data.stop}, fim=True))
     rid, created = f"fim-{uuid.uuid4().hex[:24]}", int(time.time())
     base = {"id": rid, "created": created, "model": data.model, "system_fingerprint": FINGERPRINT}
     if data.stream:
         async def events() -> AsyncIterator[bytes]:
             count = 0
-            async for out in stream:
-                count = out.completion_tokens
-                delta = {"role": "assistant", "content": out.text} if out.text or out.finish_reason else None
-                if delta is not None:
-                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [
-                        {"index": 0, "delta": delta, "finish_reason": out.finish_reason}]})
+            async for d in gen.deltas():
+                count = d.completion_tokens or count
+                if d.kind != "finish" and not d.text:
+                    continue
+                yield _sse({**base, "object": "chat.completion.chunk", "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": d.text}, "finish_reason": d.finish}]})
             yield _sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(len(ids), count)})
             yield DONE
 
-        return Stream(_released(request, served, stream, events()), media_type="text/event-stream", headers=SSE_HEADERS)
-    try:
-        outs = (await collect(request, stream, 1))[0]
-    finally:
-        release(request, served)
+        return Stream(pins.streamed(served, gen.stream, events()), media_type="text/event-stream", headers=SSE_HEADERS)
+    c = choices(gen, await collect(request, gen))[0]
     return Response({**base, "object": "chat.completion", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": "".join(o.text for o in outs)},
-         "finish_reason": outs[-1].finish_reason}], "usage": usage(len(ids), outs[-1].completion_tokens)})
+        {"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.final.finish}],
+        "usage": usage(len(ids), c.final.completion_tokens)})
 
 
 class RerankRequest(Struct, kw_only=True):
@@ -194,21 +175,18 @@ class RerankRequest(Struct, kw_only=True):
     return_documents: bool = True
 
 
-async def _rerank(request: Request, data: RerankRequest) -> dict:
-    served = await served_model(request, data.model)
-    try:
-        texts = [d if isinstance(d, str) else str(d.get("text", "")) for d in data.documents]
-        if not texts:
-            raise InvalidRequest("documents must not be empty", param="documents")
-        if served.encoder is not None:
-            scores, n = await asyncio.to_thread(served.encoder.rerank, data.query, texts)
-        else:  # a generative model: cosine of its mean-pooled embeddings, computed where its weights are
-            from codellm.engine.embeddings import embed_served
+async def _rerank(data: RerankRequest, pins: Pins) -> dict:
+    served = await pins.get(data.model)
+    texts = [d if isinstance(d, str) else str(d.get("text", "")) for d in data.documents]
+    if not texts:
+        raise InvalidRequest("documents must not be empty", param="documents")
+    if served.encoder is not None:
+        scores, n = await asyncio.to_thread(served.encoder.rerank, data.query, texts)
+    else:  # a generative model: cosine of its mean-pooled embeddings, computed where its weights are
+        from codellm.engine.embeddings import embed_served
 
-            vecs, n = await asyncio.to_thread(embed_served, served, [data.query] + texts)
-            scores = [sum(a * b for a, b in zip(vecs[0], v)) for v in vecs[1:]]
-    finally:
-        release(request, served)
+        vecs, n = await asyncio.to_thread(embed_served, served, [data.query] + texts)
+        scores = [sum(a * b for a, b in zip(vecs[0], v)) for v in vecs[1:]]
     order = sorted(range(len(texts)), key=lambda i: -scores[i])[: data.top_n or len(texts)]
     results = [{"index": i, "relevance_score": float(scores[i]),
                 **({"document": {"text": texts[i]}} if data.return_documents else {})} for i in order]
@@ -217,13 +195,13 @@ async def _rerank(request: Request, data: RerankRequest) -> dict:
 
 
 @post("/v1/rerank", status_code=200, summary="Rerank documents for a query")
-async def rerank_v1(request: Request, data: RerankRequest) -> dict:
-    return await _rerank(request, data)
+async def rerank_v1(data: RerankRequest, pins: Pins) -> dict:
+    return await _rerank(data, pins)
 
 
 @post("/rerank", status_code=200, summary="Rerank documents for a query (Jina/vLLM path)")
-async def rerank(request: Request, data: RerankRequest) -> dict:
-    return await _rerank(request, data)
+async def rerank(data: RerankRequest, pins: Pins) -> dict:
+    return await _rerank(data, pins)
 
 
 ROUTES = [infill, fim_completions, rerank_v1, rerank]

@@ -19,10 +19,9 @@ from litestar.response import Stream
 
 from codellm.engine import grammar, prompts
 from codellm.engine.manager import PARAM_MAP, ModelManager, Served, options_to_overrides, parse_keep_alive
-from codellm.engine.streams import AsyncStream, closing
 from codellm.server.errors import OLLAMA_HANDLERS
-from codellm.server.openai import watch_disconnect
-from codellm.engine.tools import ToolCallParser, check_tools, tool_format
+from codellm.server.pinning import Pins
+from codellm.server.pipeline import ChatTurn, Generation, TextTurn, generate, watch_disconnect
 from codellm.errors import CodellmError, InvalidName, NotFound, QueueFull, disk_full
 from codellm.registry import manifest as mt
 from codellm.registry.info import describe_model, parameter_size
@@ -148,10 +147,11 @@ async def show(request: Request, data: ShowRequest) -> dict:
     return out
 
 
-async def _serve(request: Request, name: str, keep_alive) -> tuple[Served, float | None]:
+async def _serve(request: Request, name: str, keep_alive, pins: Pins) -> tuple[Served, float | None]:
+    """The model ``name``, loaded and held for the request; once let go it stays loaded for ``keep_alive``."""
     manager = _manager(request)
     try:
-        served = manager.ready(name)  # loaded already: no manifest read, no thread hop (as openai.served_model)
+        served = manager.ready(name)  # loaded already: no manifest read, no thread hop (as Pins.get)
     except InvalidName:
         served = None
     if served is None:
@@ -166,18 +166,20 @@ async def _serve(request: Request, name: str, keep_alive) -> tuple[Served, float
         served.load_ns = int((time.perf_counter() - started) * 1e9)
     else:
         served.load_ns = 0
+    pins.hold(served, keep)
     return served, keep
 
 
-async def _generator(request: Request, data: GenerateRequest | ChatRequest, action: str) -> tuple[str, Served, Any]:
-    """The model a generate/chat request names, loaded, with its keep_alive; encoders answer 400."""
+async def _generator(request: Request, data: GenerateRequest | ChatRequest, action: str, pins: Pins) -> tuple[Served, Any]:
+    """The model a generate/chat request names, loaded and held for the request, with its keep_alive; encoders
+    answer 400."""
     name = _name_of(data)
-    served, keep = await _serve(request, name, data.keep_alive)
+    served, keep = await _serve(request, name, data.keep_alive, pins)
     if served.engine is None:
         raise OllamaError(400, f'"{name}" does not support {action}')
     if data.think not in (None, False, ""):
         raise OllamaError(400, f'"{name}" does not support thinking')
-    return name, served, keep
+    return served, keep
 
 
 NUM_KEEP = 4  # Ollama's default: the prompt's first tokens kept when its middle is cut
@@ -194,10 +196,8 @@ def _fit(ids: list[int], served: Served, options: dict | None) -> list[int]:
     return ids[:NUM_KEEP] + ids[len(ids) - (limit - room - NUM_KEEP):]
 
 
-def _load_or_unload(request: Request, served: Served, keep: float | None, extra: dict) -> dict:
-    """A request with no prompt/messages just loads the model (or unloads it with keep_alive 0)."""
-    manager = _manager(request)
-    manager.touch(served, keep)
+def _load_or_unload(served: Served, keep: float | None, extra: dict) -> dict:
+    """A request with no prompt/messages just loads the model (or unloads it with keep_alive 0, once let go)."""
     reason = "unload" if keep == 0 and not isinstance(keep, str) else "load"
     return {"model": served.lm.name, "created_at": _now(), **extra, "done": True, "done_reason": reason}
 
@@ -218,29 +218,20 @@ def _sampling(served: Served, data: GenerateRequest | ChatRequest) -> Any:
     return params
 
 
-def _submit(served: Served, ids: list[int], params) -> AsyncStream:
+async def _start(served: Served, turn) -> Generation:
     try:
-        served.generator()
-    except CodellmError as exc:
-        raise OllamaError(400, exc.message) from None
-    try:
-        return AsyncStream().add(served.generator(), ids, params, lm=served.lm)
+        return await generate(served, turn)
     except QueueFull as exc:
         raise OllamaError(503, f"server busy, please try again. maximum pending requests exceeded ({exc.message})") from None
 
 
-async def _run(request: Request, served: Served, keep, stream: AsyncStream, shape, final_extra, want_stream: bool,
-               n_prompt: int, t0: float, tools_fmt: str | None = None):
-    """Drive one generation as NDJSON lines (or one object); keep-alive starts when it ends."""
-    manager = _manager(request)
-    served.active += 1
-
+async def _run(request: Request, served: Served, pins: Pins, gen: Generation, shape, final_extra, want_stream: bool,
+               t0: float):
+    """Answer one generation as NDJSON lines (or one object)."""
     def final(reason: str, count: int, eval_ns: int, prompt_ns: int, extra: dict) -> dict:
         return {"done": True, "done_reason": reason, **extra, "total_duration": int((time.perf_counter() - t0) * 1e9),
-                "load_duration": getattr(served, "load_ns", 0), "prompt_eval_count": n_prompt,
+                "load_duration": getattr(served, "load_ns", 0), "prompt_eval_count": gen.prompt_tokens,
                 "prompt_eval_duration": prompt_ns, "eval_count": count, "eval_duration": eval_ns}
-
-    parser = ToolCallParser(tools_fmt) if tools_fmt else None
 
     def calls_shape(calls: list) -> dict:  # Ollama: tool-call arguments are objects
         body = shape("")
@@ -248,50 +239,40 @@ async def _run(request: Request, served: Served, keep, stream: AsyncStream, shap
         return body
 
     async def lines() -> AsyncIterator[bytes]:
-        first_at, count, text, ids, calls = None, 0, [], [], []
-        async for out in stream:
-            if out.finish_reason == "error":
-                yield _line({"error": f"generation failed: {out.error}"})
+        text, calls = [], []
+        async for d in gen.deltas():
+            if d.finish == "error":
+                yield _line({"error": f"generation failed: {d.error}"})
                 return
-            first_at = first_at or time.perf_counter()
-            count = out.completion_tokens
-            ids += out.token_ids
-            events = [("text", out.text)] if out.text else []
-            if parser is not None:
-                events = (parser.feed(out.text) if out.text else []) + (parser.finish() if out.finish_reason else [])
-            for kind, value in events:
-                if kind == "call":
-                    calls.append(value)
+            if d.kind == "call":
+                calls.append(d.call)
+                if want_stream:
+                    yield _line({"model": served.lm.name, "created_at": _now(), **calls_shape([d.call]), "done": False})
+            elif d.kind == "text":
+                if d.text:
+                    text.append(d.text)
                     if want_stream:
-                        yield _line({"model": served.lm.name, "created_at": _now(), **calls_shape([value]), "done": False})
-                elif value:
-                    text.append(value)
-                    if want_stream:
-                        yield _line({"model": served.lm.name, "created_at": _now(), **shape(value), "done": False})
-            if out.finish_reason:
+                        yield _line({"model": served.lm.name, "created_at": _now(), **shape(d.text), "done": False})
+            else:
                 now = time.perf_counter()
-                prompt_ns = int(((first_at or now) - t0) * 1e9)
-                reason = "length" if out.finish_reason == "length" else "stop"
+                first_at = gen.stream.first_at or now
+                reason = "length" if d.finish == "length" else "stop"
                 body = shape("" if want_stream else "".join(text))
                 if calls and not want_stream:
                     body = calls_shape(calls)
                     body["message"]["content"] = "".join(text)
                 yield _line({"model": served.lm.name, "created_at": _now(), **body,
-                             **final(reason, count, int((now - (first_at or now)) * 1e9), prompt_ns, final_extra(ids))})
+                             **final(reason, d.completion_tokens, int((now - first_at) * 1e9),
+                                     int((first_at - t0) * 1e9), final_extra(d.token_ids))})
 
-    def cleanup() -> None:
-        stream.cancel()
-        served.active -= 1
-        manager.touch(served, keep)
-
-    reply = closing(lines(), cleanup)  # runs cleanup once, however the body ends (even never started)
     if want_stream:
-        return Stream(reply, media_type=NDJSON)
-    watcher = asyncio.create_task(watch_disconnect(request, stream))
+        return Stream(pins.streamed(served, gen.stream, lines()), media_type=NDJSON)
+    watcher = asyncio.create_task(watch_disconnect(request, gen.stream))
     try:
-        chunks = [chunk async for chunk in reply]
+        chunks = [chunk async for chunk in lines()]
     finally:
         watcher.cancel()
+        gen.stream.cancel()
     obj = json.loads(chunks[-1]) if chunks else {"error": "no output"}
     if "error" in obj:
         raise OllamaError(500, obj["error"])
@@ -299,36 +280,27 @@ async def _run(request: Request, served: Served, keep, stream: AsyncStream, shap
 
 
 @post("/api/generate", status_code=200, summary="Generate a completion (Ollama)")
-async def generate(request: Request, data: GenerateRequest) -> Response:
-    name, served, keep = await _generator(request, data, "generate")
+async def generate_route(request: Request, data: GenerateRequest, pins: Pins) -> Response:
+    served, keep = await _generator(request, data, "generate", pins)
     prompt, suffix = data.prompt, data.suffix
     if not prompt and not suffix:
-        return Response(_load_or_unload(request, served, keep, {"response": ""}))
+        return Response(_load_or_unload(served, keep, {"response": ""}))
     lm = served.lm
     t0 = time.perf_counter()
-    try:
-        if suffix is not None and suffix != "":
-            ids = prompts.encode(lm, prompts.fim_text(lm, prompt, suffix))
-        elif data.raw:
-            ids = prompts.encode(lm, prompt)
-        elif data.template:
-            ids = prompts.encode(lm, prompts.go_template(data.template, system=data.system or lm.system or "",
-                                                         prompt=prompt))
-        else:
-            msgs = ([{"role": "system", "content": data.system}] if data.system else []) + [{"role": "user", "content": prompt}]
-            ids = await prompts.render_off_loop(len(prompt) + len(data.system or ""), prompts.chat_prompt, lm, msgs) \
-                if getattr(lm.tokenizer, "chat_template", None) else prompts.encode(lm, prompt)
-        ids = _fit(list(data.context or []) + ids, served, data.options)
-        served.generator().check_prompt(len(ids), served.lm)
-    except CodellmError as exc:
-        raise OllamaError(exc.status if exc.status < 500 else 500, exc.message) from None
-    params = _sampling(served, data)
-    if suffix and lm.fim:
-        params.stop = list(params.stop) + [s for s in lm.fim.stop if s not in params.stop]
-    stream = _submit(served, ids, params)
-    prompt_ids = list(ids)
-    return await _run(request, served, keep, stream, lambda text: {"response": text},
-                      lambda out_ids: {"context": prompt_ids + out_ids}, data.stream, len(ids), t0)
+    if suffix is not None and suffix != "":
+        ids = prompts.encode(lm, prompts.fim_text(lm, prompt, suffix))
+    elif data.raw:
+        ids = prompts.encode(lm, prompt)
+    elif data.template:
+        ids = prompts.encode(lm, prompts.go_template(data.template, system=data.system or lm.system or "", prompt=prompt))
+    else:
+        msgs = ([{"role": "system", "content": data.system}] if data.system else []) + [{"role": "user", "content": prompt}]
+        ids = await prompts.render_off_loop(len(prompt) + len(data.system or ""), prompts.chat_prompt, lm, msgs) \
+            if getattr(lm.tokenizer, "chat_template", None) else prompts.encode(lm, prompt)
+    ids = _fit(list(data.context or []) + ids, served, data.options)
+    gen = await _start(served, TextTurn([ids], _sampling(served, data), fim=bool(suffix)))
+    return await _run(request, served, pins, gen, lambda text: {"response": text},
+                      lambda out_ids: {"context": ids + out_ids}, data.stream, t0)
 
 
 def _message(m) -> dict:
@@ -342,24 +314,16 @@ def _message(m) -> dict:
 
 
 @post("/api/chat", status_code=200, summary="Chat (Ollama)")
-async def chat(request: Request, data: ChatRequest) -> Response:
-    name, served, keep = await _generator(request, data, "chat")
+async def chat(request: Request, data: ChatRequest, pins: Pins) -> Response:
+    served, keep = await _generator(request, data, "chat", pins)
     if not data.messages:
-        return Response(_load_or_unload(request, served, keep, {"message": {"role": "assistant", "content": ""}}))
+        return Response(_load_or_unload(served, keep, {"message": {"role": "assistant", "content": ""}}))
     t0 = time.perf_counter()
-    messages = [_message(m) for m in data.messages]
-    try:
-        check_tools(data.tools)
-        size = sum(len(m.content) for m in data.messages) + (len(msgspec.json.encode(data.tools)) if data.tools else 0)
-        ids = _fit(await prompts.render_off_loop(size, prompts.chat_prompt, served.lm, messages, tools=data.tools),
-                   served, data.options)
-        served.generator().check_prompt(len(ids), served.lm)
-    except CodellmError as exc:
-        raise OllamaError(exc.status if exc.status < 500 else 500, exc.message) from None
-    stream = _submit(served, ids, _sampling(served, data))
-    tools_fmt = tool_format(served.lm.tokenizer.chat_template, served.lm.config.family) if data.tools else None
-    return await _run(request, served, keep, stream, lambda text: {"message": {"role": "assistant", "content": text}},
-                      lambda out_ids: {}, data.stream, len(ids), t0, tools_fmt)
+    turn = ChatTurn([_message(m) for m in data.messages], data.tools, sampling=_sampling(served, data),
+                    fit=lambda ids: _fit(ids, served, data.options))
+    gen = await _start(served, turn)
+    return await _run(request, served, pins, gen, lambda text: {"message": {"role": "assistant", "content": text}},
+                      lambda out_ids: {}, data.stream, t0)
 
 
 class _Progress:
@@ -567,35 +531,25 @@ def _inputs(value, key: str) -> list[str]:
 
 
 @post("/api/embed", status_code=200, summary="Embeddings (Ollama)")
-async def embed(request: Request, data: EmbedRequest) -> dict:
+async def embed(request: Request, data: EmbedRequest, pins: Pins) -> dict:
     from codellm.engine.embeddings import embed_served, shorten
 
-    name = _name_of(data)
-    served, keep = await _serve(request, name, data.keep_alive)
+    served, _ = await _serve(request, _name_of(data), data.keep_alive, pins)
     t0 = time.perf_counter()
-    try:
-        vectors, n = await asyncio.to_thread(embed_served, served, _inputs(data.input, "input"), truncate=data.truncate)
-    except CodellmError as exc:
-        raise OllamaError(exc.status, exc.message) from None
-    finally:
-        _manager(request).touch(served, keep)
+    vectors, n = await asyncio.to_thread(embed_served, served, _inputs(data.input, "input"), truncate=data.truncate)
     return {"model": served.lm.name, "embeddings": shorten(vectors, data.dimensions), "total_duration": int((time.perf_counter() - t0) * 1e9),
             "load_duration": getattr(served, "load_ns", 0), "prompt_eval_count": n}
 
 
 @post("/api/embeddings", status_code=200, summary="Embedding of one prompt (Ollama, legacy)")
-async def embeddings(request: Request, data: EmbeddingsRequest) -> dict:
+async def embeddings(request: Request, data: EmbeddingsRequest, pins: Pins) -> dict:
     from codellm.engine.embeddings import embed_served
 
-    name = _name_of(data)
-    served, keep = await _serve(request, name, data.keep_alive)
-    try:
-        vectors, _ = await asyncio.to_thread(embed_served, served, _inputs(data.prompt, "prompt")[:1])
-    finally:
-        _manager(request).touch(served, keep)
+    served, _ = await _serve(request, _name_of(data), data.keep_alive, pins)
+    vectors, _ = await asyncio.to_thread(embed_served, served, _inputs(data.prompt, "prompt")[:1])
     return {"embedding": vectors[0]}
 
 
-ROUTER = Router(path="/", route_handlers=[root, root_head, version, tags, show, generate, chat, pull, create, blob_exists,
+ROUTER = Router(path="/", route_handlers=[root, root_head, version, tags, show, generate_route, chat, pull, create, blob_exists,
                                           upload_blob, copy, remove, ps, embed, embeddings],
                 exception_handlers={**OLLAMA_HANDLERS, OllamaError: ollama_error})

@@ -16,15 +16,15 @@ from litestar import Request, Response, get, post
 from litestar.response import Stream
 
 from codellm import __version__
-from codellm.engine import prompts
-from codellm.engine.manager import ModelManager, Served
+from codellm.engine import grammar, prompts
+from codellm.engine.manager import ModelManager
 from codellm.engine.sampling import TokenLogprob
-from codellm.engine.outputs import Output
-from codellm.engine.streams import AsyncStream, closing
-from codellm.engine import grammar
-from codellm.engine.tools import ToolCallParser, args_key, check_tools, forced_call, parse_all, tool_format
-from codellm.errors import CodellmError, InvalidName, InvalidRequest, NotFound
+from codellm.engine.streams import AsyncStream
+from codellm.engine.tools import check_tools
+from codellm.errors import InvalidName, InvalidRequest, NotFound
 from codellm.server.errors import error_body
+from codellm.server.pinning import Pins
+from codellm.server.pipeline import ChatTurn, Generation, TextTurn, choices, collect, generate
 from codellm.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingFields, dumps
 
 FINGERPRINT = f"codellm-{__version__}"
@@ -33,25 +33,6 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def manager_of(request: Request) -> ModelManager:
     return request.app.state.manager
-
-
-async def served_model(request: Request, name: str) -> Served:
-    """The loaded model, counted as busy until ``release``: keep-alive never unloads it mid-request."""
-    manager = manager_of(request)
-    try:
-        served = manager.ready(name)  # loaded already: no disk, no thread hop
-        if served is None:
-            manager.registry.get(name)
-            served = await asyncio.to_thread(manager.get, name)
-    except (InvalidName, NotFound):
-        raise NotFound(f"The model `{name}` does not exist.", param="model") from None
-    served.active += 1
-    return served
-
-
-def release(request: Request, served: Served) -> None:
-    served.active -= 1
-    manager_of(request).touch(served)
 
 
 def sampling_overrides(data: SamplingFields, max_tokens: int | None, logprobs: int | None) -> dict:
@@ -75,11 +56,6 @@ def sampling_overrides(data: SamplingFields, max_tokens: int | None, logprobs: i
 def usage(prompt: int, completion: int, cached: int = 0) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-def cached_tokens(by_choice: dict[int, int], n: int) -> int:
-    """Prompt tokens read from the prefix cache, once per prompt (its first choice's count) of ``n`` choices each."""
-    return sum(count for index, count in by_choice.items() if index % n == 0)
 
 
 def _token_text(tok, token_id: int) -> str:
@@ -111,29 +87,6 @@ def completion_logprobs(tok, infos: list[TokenLogprob], prompt: list[tuple[int, 
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-async def watch_disconnect(request: Request, stream: AsyncStream) -> None:
-    """Non-streaming requests: cancel the generation if the client hangs up while waiting."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            stream.cancel()
-            return
-
-
-async def collect(request: Request, stream: AsyncStream, choices: int) -> list[list[Output]]:
-    results: list[list[Output]] = [[] for _ in range(choices)]
-    watcher = asyncio.create_task(watch_disconnect(request, stream))
-    try:
-        async for out in stream:
-            results[out.index].append(out)
-            if out.finish_reason == "error":
-                raise CodellmError(f"generation failed: {out.error}")
-    finally:
-        watcher.cancel()
-        stream.cancel()
-    return results
-
-
 async def coalesce(events: AsyncIterator[bytes], stream: AsyncStream) -> AsyncIterator[bytes]:
     """Send events that are ready together in one write: when the event loop falls behind the engine
     (hundreds of streams), each stream catches up in one send instead of one per token."""
@@ -147,16 +100,6 @@ async def coalesce(events: AsyncIterator[bytes], stream: AsyncStream) -> AsyncIt
         yield b"".join(held)
 
 
-def _released(request: Request, served: Served, stream: AsyncStream, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """A stream body that cancels what is still generating and marks its model idle again when it ends, however
-    it ends (see ``closing``)."""
-    def cleanup() -> None:
-        stream.cancel()
-        release(request, served)
-
-    return closing(events, cleanup)
-
-
 def _sse(obj: Any) -> bytes:
     return b"data: " + dumps(obj) + b"\n\n"
 
@@ -164,86 +107,52 @@ def _sse(obj: Any) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
-def _error_event(out: Output) -> bytes:
-    return _sse(error_body(f"generation failed: {out.error}", "server_error", "internal_error"))
+def _error_event(error: str | None) -> bytes:
+    return _sse(error_body(f"generation failed: {error}", "server_error", "internal_error"))
 
 
 @post("/v1/chat/completions", status_code=200, summary="Chat completion (OpenAI)")
-async def chat_completions(request: Request, data: ChatCompletionRequest) -> Response:
-    return await _guarded(request, data, _chat)
-
-
-async def _guarded(request: Request, data, handler) -> Response:
-    """Run ``handler`` with the model counted busy; a failure before a response marks it idle again
-    (a stream marks it idle when it ends)."""
-    served = await served_model(request, data.model)
-    try:
-        return await handler(request, data, served)
-    except BaseException:
-        release(request, served)
-        raise
-
-
-async def _chat(request: Request, data: ChatCompletionRequest, served: Served) -> Response:
-    served.generator()
-    lm = served.lm
-    messages = [msg_to_dict(m) for m in data.messages]
+async def chat_completions(request: Request, data: ChatCompletionRequest, pins: Pins) -> Response:
+    served = await pins.get(data.model)
     tools = check_tools(data.tools) if data.tools and data.tool_choice != "none" else None
-    forced = _forced_tool(data.tool_choice, tools)
-    size = sum(len(str(m.get("content") or "")) for m in messages) + (len(str(tools)) if tools else 0)
-    prompt = await prompts.render_off_loop(size, prompts.chat_prompt, lm, messages, tools=tools)
-    fmt = tool_format(lm.tokenizer.chat_template, lm.config.family) if tools else None
-    lead = tail = ""
-    if forced is not None:  # the turn starts inside a call; the model completes its JSON, constrained
-        head, start, tail = forced_call(fmt, forced or None)
-        prompt = prompt + prompts.encode(lm, head + start, add_special_tokens=False)
-        lead = head + start
-    single_call = data.parallel_tool_calls is False
     logprobs = (data.top_logprobs or 0) if data.logprobs else None
     max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
-    params = served.sampling(sampling_overrides(data, max_tokens, logprobs))
-    if data.response_format and data.response_format.type == "json_object":
-        params.grammar = grammar.json_schema(None)
-    elif data.response_format and data.response_format.type == "json_schema":
-        params.grammar = grammar.json_schema(response_schema(data.response_format.json_schema))
-    if forced is not None:  # the call's arguments follow the tool's parameter schema
-        params.grammar, params.grammar_prefix = grammar.tool_call(tools, forced or None, args_key(fmt)), start
-    stream = AsyncStream().add(served.generator(), prompt, params, n=data.n, lm=lm)
+    turn = ChatTurn([msg_to_dict(m) for m in data.messages], tools, _forced_tool(data.tool_choice, tools),
+                    sampling_overrides(data, max_tokens, logprobs), parallel_calls=data.parallel_tool_calls is not False,
+                    n=data.n, grammar=response_grammar(data.response_format))
+    gen = await generate(served, turn)
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    tok = lm.tokenizer
+    tok = served.lm.tokenizer
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return Stream(_released(request, served, stream, coalesce(_chat_events(stream, data, rid, created, tok, len(prompt),
-                                                                        include_usage, fmt, single_call, lead, tail), stream)),
-                      media_type="text/event-stream", headers=SSE_HEADERS)
-    results = await collect(request, stream, data.n)
-    release(request, served)
-    choices, completion = [], 0
-    for index, outs in enumerate(results):
-        completion += outs[-1].completion_tokens
-        infos = [i for o in outs for i in o.logprobs]
-        text, finish = "".join(o.text for o in outs), outs[-1].finish_reason
-        if lead:
-            text = lead + text + tail
-        message: dict = {"role": "assistant", "content": text}
-        if fmt:
-            content, calls = parse_all(text, fmt)
-            if calls:
-                calls = calls[:1] if single_call else calls
-                message = {"role": "assistant", "content": content.strip() or None, "tool_calls": [
-                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments_json}}
-                    for c in calls]}
-                finish = "tool_calls"
-        choices.append({
-            "index": index, "message": message,
-            "logprobs": chat_logprobs(tok, infos) if logprobs is not None else None,
-            "finish_reason": finish,
-        })
+        events = _chat_events(gen, data, rid, created, tok, include_usage)
+        return Stream(pins.streamed(served, gen.stream, coalesce(events, gen.stream)), media_type="text/event-stream",
+                      headers=SSE_HEADERS)
+    answers = choices(gen, await collect(request, gen))
+    body = []
+    for index, c in enumerate(answers):
+        message: dict = {"role": "assistant", "content": c.text}
+        if c.calls:
+            message = {"role": "assistant", "content": c.text.strip() or None, "tool_calls": [
+                {"id": k.id, "type": "function", "function": {"name": k.name, "arguments": k.arguments_json}}
+                for k in c.calls]}
+        body.append({"index": index, "message": message,
+                     "logprobs": chat_logprobs(tok, c.logprobs) if logprobs is not None else None,
+                     "finish_reason": c.final.finish})
+    completion, cached = gen.counts([c.final for c in answers])
     return Response({
         "id": rid, "object": "chat.completion", "created": created, "model": data.model,
-        "system_fingerprint": FINGERPRINT, "choices": choices,
-        "usage": usage(len(prompt), completion, cached_tokens({i: o[-1].cached_tokens for i, o in enumerate(results)}, data.n)),
+        "system_fingerprint": FINGERPRINT, "choices": body, "usage": usage(gen.prompt_tokens, completion, cached),
     })
+
+
+def response_grammar(fmt) -> str | None:
+    """What ``response_format`` holds the reply to: any JSON object, a JSON schema, or nothing (text)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return grammar.json_schema(None)
+    return grammar.json_schema(response_schema(fmt.json_schema))
 
 
 def response_schema(spec: dict | None) -> dict:
@@ -283,80 +192,43 @@ def msg_to_dict(m) -> dict:
     return out
 
 
-async def _chat_events(stream: AsyncStream, data: ChatCompletionRequest, rid: str, created: int, tok,
-                       n_prompt: int, include_usage: bool, fmt: str | None = None,
-                       single_call: bool = False, lead: str = "", tail: str = "") -> AsyncIterator[bytes]:
-    """SSE chunks of a chat completion; ``lead`` and ``tail`` wrap each choice's text for the tool-call parser
-    (a forced call: see ``forced_call``)."""
+async def _chat_events(gen: Generation, data: ChatCompletionRequest, rid: str, created: int, tok,
+                       include_usage: bool) -> AsyncIterator[bytes]:
+    """SSE chunks of a chat completion: each call as a first delta (id, type, name), then its arguments."""
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": data.model,
             "system_fingerprint": FINGERPRINT}
     extra = {"usage": None} if include_usage else {}
-    completion = [0] * data.n
-    cached: dict[int, int] = {}
-    want_lp = data.logprobs
 
     def chunk(index: int, delta: dict, finish: str | None = None, lp: dict | None = None) -> bytes:
         return _sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}], **extra})
 
     for index in range(data.n):
         yield chunk(index, {"role": "assistant", "content": ""})
-    parsers = [ToolCallParser(fmt) for _ in range(data.n)] if fmt else None
-    calls_sent = [0] * data.n
-
-    def tool_deltas(index: int, events: list) -> list[bytes]:
-        """Text as content deltas; each call as a first delta (id, type, name) then its arguments."""
-        sent = []
-        for kind, value in events:
-            if kind == "text":
-                if value:
-                    sent.append(chunk(index, {"content": value}))
-            elif not (single_call and calls_sent[index]):
-                k = calls_sent[index]
-                calls_sent[index] += 1
-                sent.append(chunk(index, {"tool_calls": [{"index": k, "id": value.id, "type": "function",
-                                                          "function": {"name": value.name, "arguments": ""}}]}))
-                sent.append(chunk(index, {"tool_calls": [{"index": k, "function": {"arguments": value.arguments_json}}]}))
-        return sent
-
-    for index, parser in enumerate(parsers if lead else []):  # a forced call: its opening was in the prompt
-        for event in tool_deltas(index, parser.feed(lead)):
-            yield event
-    async for out in stream:
-        if out.finish_reason == "error":
-            yield _error_event(out)
+    calls = [0] * data.n
+    finals = []
+    async for d in gen.deltas():
+        lp = chat_logprobs(tok, d.logprobs) if data.logprobs and d.logprobs else None
+        if d.kind == "text":
+            yield chunk(d.index, {"content": d.text}, None, lp)
+        elif d.kind == "call":
+            k, calls[d.index] = calls[d.index], calls[d.index] + 1
+            yield chunk(d.index, {"tool_calls": [{"index": k, "id": d.call.id, "type": "function",
+                                                  "function": {"name": d.call.name, "arguments": ""}}]}, None, lp)
+            yield chunk(d.index, {"tool_calls": [{"index": k, "function": {"arguments": d.call.arguments_json}}]})
+        elif d.finish == "error":
+            yield _error_event(d.error)
             return
-        completion[out.index] = out.completion_tokens
-        cached[out.index] = out.cached_tokens
-        lp = chat_logprobs(tok, out.logprobs) if want_lp and out.logprobs else None
-        if parsers is not None:
-            parser = parsers[out.index]
-            text = out.text
-            if out.finish_reason:
-                text += tail
-            events = parser.feed(text) if text else []
-            if out.finish_reason:
-                events += parser.finish()
-            for event in tool_deltas(out.index, events):
-                yield event
-            if out.finish_reason:
-                finish = "tool_calls" if calls_sent[out.index] else out.finish_reason
-                yield chunk(out.index, {}, finish, lp)
-            continue
-        if out.finish_reason:
-            yield chunk(out.index, {"content": out.text} if out.text else {}, out.finish_reason, lp)
-        elif out.text or lp:
-            yield chunk(out.index, {"content": out.text}, None, lp)
+        else:
+            finals.append(d)
+            yield chunk(d.index, {}, d.finish)
     if include_usage:
-        yield _sse({**base, "choices": [], "usage": usage(n_prompt, sum(completion), cached_tokens(cached, data.n))})
+        yield _sse({**base, "choices": [], "usage": usage(gen.prompt_tokens, *gen.counts(finals))})
     yield DONE
 
 
 @post("/v1/completions", status_code=200, summary="Text completion and fill-in-the-middle (OpenAI)")
-async def completions(request: Request, data: CompletionRequest) -> Response:
-    return await _guarded(request, data, _completions)
-
-
-async def _completions(request: Request, data: CompletionRequest, served: Served) -> Response:
+async def completions(request: Request, data: CompletionRequest, pins: Pins) -> Response:
+    served = await pins.get(data.model)
     served.generator()
     lm = served.lm
     raw = data.prompt
@@ -373,77 +245,64 @@ async def _completions(request: Request, data: CompletionRequest, served: Served
         raise InvalidRequest("echo and suffix cannot be used together", param="echo")
     if len(prompt_list) * data.n > 64:
         raise InvalidRequest("at most 64 choices per request", param="n")
-    encoded = [await prompts.render_off_loop((len(p) if isinstance(p, str) else 0) + len(data.suffix or ""), prompts.completion_prompt, lm, p, data.suffix)
-               for p in prompt_list]
-    for ids in encoded:
-        served.generator().check_prompt(len(ids), lm)
-    params = served.sampling(sampling_overrides(data, data.max_tokens if data.max_tokens is not None else 16, data.logprobs))
-    if data.suffix is not None and lm.fim:
-        params.stop = list(params.stop) + [s for s in lm.fim.stop if s not in params.stop]
-    stream = AsyncStream()
-    for p_index, ids in enumerate(encoded):
-        stream.add(served.generator(), ids, params, n=data.n, offset=p_index * data.n, lm=lm,
-                   prompt_logprobs=data.echo and data.logprobs is not None)
+    encoded = [await prompts.render_off_loop((len(p) if isinstance(p, str) else 0) + len(data.suffix or ""),
+                                             prompts.completion_prompt, lm, p, data.suffix) for p in prompt_list]
+    max_tokens = data.max_tokens if data.max_tokens is not None else 16
+    gen = await generate(served, TextTurn(encoded, sampling_overrides(data, max_tokens, data.logprobs), data.n,
+                                          fim=data.suffix is not None, prompt_logprobs=data.echo and data.logprobs is not None))
     # the prompts as text, which only an echo shows
     texts = [p if isinstance(p, str) or not data.echo else lm.tokenizer.decode(p) for p in prompt_list]
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    n_prompt = sum(len(ids) for ids in encoded)
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return Stream(_released(request, served, stream, coalesce(_completion_events(stream, data, rid, created, lm.tokenizer,
-                                                                             texts, encoded, n_prompt, include_usage),
-                                                          stream)),
-                      media_type="text/event-stream", headers=SSE_HEADERS)
-    results = await collect(request, stream, len(prompt_list) * data.n)
-    release(request, served)
-    choices, completion = [], 0
-    for index, outs in enumerate(results):
-        p_index = index // data.n
-        completion += outs[-1].completion_tokens
-        text = "".join(o.text for o in outs)
-        prefix = texts[p_index] if data.echo else ""
+        events = _completion_events(gen, data, rid, created, lm.tokenizer, texts, include_usage)
+        return Stream(pins.streamed(served, gen.stream, coalesce(events, gen.stream)), media_type="text/event-stream",
+                      headers=SSE_HEADERS)
+    answers = choices(gen, await collect(request, gen))
+    body = []
+    for index, c in enumerate(answers):
         lp = None
         if data.logprobs is not None:
-            plp = outs[0].prompt_logprobs if data.echo else None
-            prompt_part = list(zip(encoded[p_index], plp or [])) if plp else []
-            lp = completion_logprobs(lm.tokenizer, [i for o in outs for i in o.logprobs], prompt_part)
-        choices.append({"index": index, "text": prefix + text, "logprobs": lp, "finish_reason": outs[-1].finish_reason})
+            prompt_part = list(zip(gen.prompt_of(index), c.prompt_logprobs)) if data.echo and c.prompt_logprobs else []
+            lp = completion_logprobs(lm.tokenizer, c.logprobs, prompt_part)
+        prefix = texts[index // data.n] if data.echo else ""
+        body.append({"index": index, "text": prefix + c.text, "logprobs": lp, "finish_reason": c.final.finish})
     return Response({
         "id": rid, "object": "text_completion", "created": created, "model": data.model,
-        "system_fingerprint": FINGERPRINT, "choices": choices,
-        "usage": usage(n_prompt, completion, cached_tokens({i: o[-1].cached_tokens for i, o in enumerate(results)}, data.n)),
+        "system_fingerprint": FINGERPRINT, "choices": body,
+        "usage": usage(gen.prompt_tokens, *gen.counts([c.final for c in answers])),
     })
 
 
-async def _completion_events(stream, data: CompletionRequest, rid, created, tok, texts, encoded, n_prompt, include_usage):
+async def _completion_events(gen: Generation, data: CompletionRequest, rid, created, tok, texts, include_usage):
     base = {"id": rid, "object": "text_completion", "created": created, "model": data.model,
             "system_fingerprint": FINGERPRINT}
     extra = {"usage": None} if include_usage else {}
-    completion: dict[int, int] = {}
-    cached: dict[int, int] = {}
     # where each choice's next token starts in its text (the echoed prompt comes first)
-    offset = {i: len(texts[i // data.n]) if data.echo else 0 for i in range(len(texts) * data.n)}
+    offset = {i: len(texts[i // data.n]) if data.echo else 0 for i in range(gen.choices)}
 
     def chunk(index: int, text: str, finish: str | None, lp: dict | None = None) -> bytes:
         return _sse({**base, "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}], **extra})
 
     if data.echo:
-        for index in range(len(texts) * data.n):
+        for index in range(gen.choices):
             yield chunk(index, texts[index // data.n], None)
-    async for out in stream:
-        if out.finish_reason == "error":
-            yield _error_event(out)
+    finals = []
+    async for d in gen.deltas():
+        if d.finish == "error":
+            yield _error_event(d.error)
             return
-        completion[out.index] = out.completion_tokens
-        cached[out.index] = out.cached_tokens
+        if d.kind == "finish":
+            finals.append(d)
+            yield chunk(d.index, "", d.finish)
+            continue
         lp = None
-        if data.logprobs is not None and out.logprobs:
-            lp = completion_logprobs(tok, out.logprobs, start=offset[out.index])
-            offset[out.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-        if out.finish_reason or out.text or lp:
-            yield chunk(out.index, out.text, out.finish_reason, lp)
+        if data.logprobs is not None and d.logprobs:
+            lp = completion_logprobs(tok, d.logprobs, start=offset[d.index])
+            offset[d.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+        yield chunk(d.index, d.text, None, lp)
     if include_usage:
-        yield _sse({**base, "choices": [], "usage": usage(n_prompt, sum(completion.values()), cached_tokens(cached, data.n))})
+        yield _sse({**base, "choices": [], "usage": usage(gen.prompt_tokens, *gen.counts(finals))})
     yield DONE
 
 
@@ -479,19 +338,13 @@ async def get_model(request: Request, model_id: str) -> dict:
 
 
 @post("/v1/embeddings", status_code=200, summary="Embeddings (OpenAI)")
-async def embeddings(request: Request, data: EmbeddingRequest) -> dict:
+async def embeddings(request: Request, data: EmbeddingRequest, pins: Pins) -> dict:
     import struct
 
-    from codellm.engine.embeddings import embed_served, shorten
+    from codellm.engine.embeddings import embed_served, inputs, shorten
 
-    served = await served_model(request, data.model)
-    try:
-        texts = [data.input] if isinstance(data.input, str) else list(data.input)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise InvalidRequest("input must be a string or a list of strings", param="input")
-        vectors, n = await asyncio.to_thread(embed_served, served, texts, truncate=False)
-    finally:
-        release(request, served)
+    served = await pins.get(data.model)
+    vectors, n = await asyncio.to_thread(embed_served, served, inputs(data.input), truncate=False)
     vectors = shorten(vectors, data.dimensions)
     if data.encoding_format == "base64":  # float32 little-endian, what openai-node asks for by default
         items = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]

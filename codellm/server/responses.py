@@ -19,8 +19,9 @@ from litestar import Request, Response, get, post
 from litestar.response import Stream
 from msgspec import Meta, Struct
 
-from codellm.errors import CodellmError, InvalidRequest, NotFound
-from codellm.server.openai import SSE_HEADERS, _released, release, served_model
+from codellm.errors import InvalidRequest, NotFound
+from codellm.server.openai import SSE_HEADERS
+from codellm.server.pinning import Pins
 from codellm.server.pipeline import ChatTurn, Delta, block_text, collect, generate
 from codellm.server.schemas import Seed
 
@@ -189,8 +190,6 @@ def _output(deltas: list[Delta]) -> tuple[list[dict], Delta | None]:
                 output.append(_text_item(d.text))
         elif d.kind == "call":
             output.append(_call_item(d.call))
-        elif d.finish == "error":
-            raise CodellmError(f"generation failed: {d.error}")
         else:
             final = d
     return output, final
@@ -266,25 +265,18 @@ def _store(request: Request) -> Store:
 
 
 @post("/v1/responses", status_code=200, summary="Create a response (OpenAI Responses API)")
-async def create_response(request: Request, data: ResponsesRequest) -> Response:
+async def create_response(request: Request, data: ResponsesRequest, pins: Pins) -> Response:
     store = _store(request)
     history = store.get(data.previous_response_id)[0] if data.previous_response_id else []
     turn = turn_of(data, history)
-    served = await served_model(request, data.model)
-    try:
-        gen = await generate(served, turn)
-    except BaseException:
-        release(request, served)
-        raise
+    served = await pins.get(data.model)
+    gen = await generate(served, turn)
     rid, created = f"resp_{uuid.uuid4().hex[:24]}", int(time.time())
     keep = store if data.store else None
     if data.stream:
-        return Stream(_released(request, served, gen.stream, _events(data, rid, created, gen, keep, turn)),
+        return Stream(pins.streamed(served, gen.stream, _events(data, rid, created, gen, keep, turn)),
                       media_type="text/event-stream", headers=SSE_HEADERS)
-    try:
-        deltas = await collect(request, gen)
-    finally:
-        release(request, served)
+    deltas = await collect(request, gen)
     output, final = _output(deltas)
     body = _response(data, rid, created, output, final, "completed")
     if keep is not None:

@@ -88,7 +88,7 @@ def dumps(obj: Any) -> bytes:
 
 class EmbeddingRequest(Struct, kw_only=True):
     model: str
-    input: str | list[str]
+    input: str | list[Any]  # a string, strings, token ids, or lists of token ids (``embeddings.inputs``)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Meta(ge=1)] | None = None
     user: str | None = None
