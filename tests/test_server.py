@@ -470,17 +470,19 @@ def test_explicit_nulls_mean_the_defaults(server):
     assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
 
 
-def test_lora_adapters_loaded_and_unloaded_while_serving(served_home, adapter_dir):
+@pytest.mark.parametrize("placement", ["--engine-thread", "--engine-process"])
+def test_lora_adapters_loaded_and_unloaded_while_serving(served_home, adapter_dir, placement):
     """vLLM's runtime LoRA routes: off by default; on, an adapter from a PEFT directory (from this machine) or a
     registry adapter becomes a model at once, listed and served on its base like the same adapter created ahead
     of time; unloading it removes it again. Wrong names and repeats are refused in OpenAI's shape."""
-    plain = Server(served_home, "--slots", "4", "--num-ctx", "256", "--model", "qwen2.5-coder:0.5b", "--engine-thread")
-    try:
-        r = httpx.post(plain.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(adapter_dir)})
-        assert r.status_code == 403 and "--allow-lora-updates" in r.json()["error"]["message"]
-    finally:
-        plain.stop()
-    srv = Server(served_home, "--slots", "4", "--num-ctx", "256", "--model", "qwen2.5-coder:0.5b", "--engine-thread",
+    if placement == "--engine-thread":
+        plain = Server(served_home, "--slots", "4", "--num-ctx", "256", "--model", "qwen2.5-coder:0.5b", placement)
+        try:
+            r = httpx.post(plain.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(adapter_dir)})
+            assert r.status_code == 403 and "--allow-lora-updates" in r.json()["error"]["message"]
+        finally:
+            plain.stop()
+    srv = Server(served_home, "--slots", "4", "--num-ctx", "256", "--model", "qwen2.5-coder:0.5b", placement,
                  "--allow-lora-updates")
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
@@ -498,6 +500,24 @@ def test_lora_adapters_loaded_and_unloaded_while_serving(served_home, adapter_di
         assert client.completions.create(model="from-registry", **ask).choices[0].text == live
         r = httpx.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": "tiny-coder"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
+        # base:adapter names the adapter model on its base; an adapter made for another base is refused
+        assert client.completions.create(model="qwen2.5-coder:0.5b:tiny-lora", **ask).choices[0].text == live
+        with pytest.raises(openai.BadRequestError, match="was made for"):
+            client.completions.create(model="tiny-coder:tiny-lora", **ask)
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="qwen2.5-coder:0.5b:no-such-adapter", **ask)
+
+        def adapters_on_base(expected: int | None = None) -> int:
+            """How many adapters the base's weights carry; ``expected``: once they come to that (adapters come off
+            between two steps, in the background)."""
+            deadline = time.monotonic() + 120
+            while True:
+                n = httpx.get(srv.url + "/health").json()["models"]["qwen2.5-coder:0.5b"]["lora_adapters"]
+                if expected is None or n == expected or time.monotonic() > deadline:
+                    return n
+                time.sleep(0.2)
+
+        assert adapters_on_base() == 2  # the directory's copy, and tiny-lora's files (from-registry shares them)
         for name in ("live-lora", "from-registry"):
             r = httpx.post(srv.url + "/v1/unload_lora_adapter", json={"lora_name": name})
             assert r.status_code == 200 and "removed successfully" in r.text
@@ -506,5 +526,10 @@ def test_lora_adapters_loaded_and_unloaded_while_serving(served_home, adapter_di
         r = httpx.post(srv.url + "/v1/unload_lora_adapter", json={"lora_name": "tiny-lora"})  # not added at run time
         assert r.status_code == 404 and r.json()["error"]["code"] == "lora_not_found"
         assert "tiny-lora:latest" in [m.id for m in client.models.list().data]
+        assert adapters_on_base(1) == 1  # tiny-lora still serves its files
+        r = httpx.post(srv.url + "/api/generate", json={"model": "tiny-lora", "keep_alive": 0})
+        assert r.status_code == 200 and r.json()["done_reason"] == "unload"
+        assert adapters_on_base(0) == 0  # off the weights: the base alone, as before
+        assert client.completions.create(model="qwen2.5-coder:0.5b", **ask).choices[0].text != live
     finally:
         srv.stop()

@@ -60,6 +60,11 @@ class EngineClient(Protocol):
 
     def attach_adapter(self, registry, entry) -> tuple[Any, str]: ...
 
+    def detach_adapter(self, adapter: str) -> Any:
+        """Take the adapter named ``adapter`` (as ``attach_adapter`` named it) off the weights; its memory and its
+        rows in the captured graphs go with it. Refused while a sequence uses it. Returns the model in this process
+        now (None when the weights live in another)."""
+
     def shutdown(self) -> None: ...
 
 

@@ -135,7 +135,28 @@ class Engine(Admission):
             self.lm.model = model
             self._complete()  # capturing graphs again overwrites each row's last token on the device: read it first
             self.runner.use_adapters(model, adapter)
+            self.stats.adapters = len(model.peft_config)
         return model, adapter
+
+    def detach_adapter(self, adapter: str):
+        """(See ``EngineClient``.) Returns the model now: the last adapter gone, the bare base again."""
+        from codellm.errors import InvalidRequest
+
+        with self.step_lock:
+            model = self.lm.model
+            if adapter not in (getattr(model, "peft_config", None) or {}):
+                return model
+            if self.scheduler.uses(adapter):
+                raise InvalidRequest(f"adapter {adapter} is in use", code="adapter_in_use")
+            self._complete()
+            if len(model.peft_config) == 1:
+                model = model.unload()  # the LoRA layers out again, the base weights untouched
+            else:
+                model.delete_adapter(adapter)
+            self.lm.model = model
+            self.runner.use_adapters(model, adapter)
+            self.stats.adapters = len(getattr(model, "peft_config", None) or {})
+        return model
 
     def shutdown(self) -> None:
         self._stop.set()

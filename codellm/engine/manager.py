@@ -12,6 +12,7 @@ from codellm.engine.loader import LoadedModel
 from codellm.engine.sampling import SamplingParams, checked
 from codellm.engine.remote import EngineProcess
 from codellm.engine.client import EngineClient
+from codellm.errors import CodellmError
 from codellm.engine.core import Engine
 from codellm.registry import ModelName, Registry
 
@@ -151,6 +152,31 @@ class ModelManager:
 
     def canonical(self, name: str) -> str:
         return str(ModelName.parse(name))
+
+    def resolve(self, name: str) -> str:
+        """The registry model a request's ``model`` means: the name itself, or for ``base:adapter`` (a name that is
+        no model) the adapter model after the last colon, which must have been made FROM ``base``."""
+        from codellm.errors import InvalidName, InvalidRequest
+        from codellm.registry import manifest as mt
+
+        try:
+            if self.registry.exists(name):
+                return name
+        except InvalidName:
+            pass
+        base, sep, adapter = name.rpartition(":")
+        try:
+            if not (sep and self.registry.exists(base) and self.registry.exists(adapter)):
+                return name
+        except InvalidName:
+            return name
+        entry = self.registry.get(adapter)
+        made_on = entry.manifest.config.base
+        if not entry.manifest.layers_of(mt.ADAPTER) or not made_on:
+            raise InvalidRequest(f"`{adapter}` is not an adapter, so `{name}` names no model", param="model")
+        if self.canonical(made_on) != self.canonical(base):
+            raise InvalidRequest(f"adapter `{adapter}` was made for `{made_on}`, not `{base}`", param="model")
+        return str(entry.name)
 
     def loaded(self) -> dict[str, Served]:
         return dict(self._served)
@@ -312,12 +338,35 @@ class ModelManager:
         return gone
 
     def unload(self, name: str) -> bool:
-        """Forget ``name``; its weights leave memory once no other model shares them."""
+        """Forget ``name``; its weights leave memory once no other model shares them, and an adapter comes off the
+        weights it shared (unless another model still serves it)."""
         with self._load_lock:
             served = self._served.pop(self.canonical(name), None)
-            if served and not any(s.group == served.group for s in self._served.values()):
+            if served is None:
+                return False
+            others = [s for s in self._served.values() if s.group == served.group]
+            if not others:
                 self._unload_group(served.group)
-        return served is not None
+            elif served.lm.adapter and not any(s.lm.adapter == served.lm.adapter for s in others):
+                # off the event loop (this may run there): the weights change between two steps, and the graphs
+                # are captured again
+                threading.Thread(target=self._detach, args=(served.lm.adapter, served.group), daemon=True,
+                                 name="detach-adapter").start()
+        return True
+
+    def _detach(self, adapter: str, group: str) -> None:
+        with self._load_lock:  # a load of the same adapter meanwhile waits, and then finds it gone
+            others = [s for s in self._served.values() if s.group == group]
+            if not others or others[0].engine is None or any(s.lm.adapter == adapter for s in others):
+                return
+            try:
+                model = others[0].engine.detach_adapter(adapter)
+            except CodellmError as exc:  # still in use: it stays on the weights until they unload
+                log.warning("adapter %s stays attached: %s", adapter, exc)
+                return
+            if model is not None:
+                for other in others:
+                    other.lm.model = model
 
     def close(self) -> None:
         for gkey in list(self._groups):

@@ -76,7 +76,9 @@ def install(model: nn.Module, names: list[str], dtype: torch.dtype) -> Rows | No
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    if not layers:
+    if not layers or not names:  # none left: every layer back to PEFT's forward, which adds nothing
+        for layer in layers:
+            layer._codellm_rows = None
         return None
     present = [[n for n in names if n in layer.lora_A] for layer in layers]
     if not all(_supported(layer, n) for layer, ns in zip(layers, present) for n in ns):

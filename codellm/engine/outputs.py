@@ -49,6 +49,7 @@ class Stats(msgspec.Struct):
     prefix_hits: int = 0  # of those, found
     kv_blocks: int = 0
     kv_used: int = 0
+    adapters: int = 0  # LoRA adapters on the weights
 
 
 class Histogram:

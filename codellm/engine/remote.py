@@ -55,6 +55,11 @@ class Attach(msgspec.Struct, tag="attach", array_like=True):
     model: str
 
 
+class Detach(msgspec.Struct, tag="detach", array_like=True):
+    call: int
+    model: str
+
+
 class Embed(msgspec.Struct, tag="embed", array_like=True):
     call: int
     model: str
@@ -116,7 +121,7 @@ class Reply(msgspec.Struct, tag="reply", array_like=True):
     failure: Failure | None = None
 
 
-ToChild = Add | Cancel | Attach | Embed | Stop
+ToChild = Add | Cancel | Attach | Detach | Embed | Stop
 ToParent = Ready | Failed | Outputs | Reply
 
 
@@ -253,6 +258,11 @@ class EngineProcess(Admission):
 
     def attach_adapter(self, registry, entry) -> tuple[None, str]:
         return None, self._call(lambda call: Attach(call, str(entry.name)))
+
+    def detach_adapter(self, adapter: str) -> None:
+        left = self._call(lambda call: Detach(call, adapter))
+        self.stats = msgspec.structs.replace(self.stats, adapters=left)
+        return None
 
     def embed(self, lm: LoadedModel, texts: list[str], *, truncate: bool = True) -> tuple[list[list[float]], int]:
         vectors, tokens = self._call(lambda call: Embed(call, lm.name, texts, truncate))
@@ -425,6 +435,16 @@ def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_
                 return adapter
 
             _reply(channel, message.call, attach)
+        elif isinstance(message, Detach):
+            def detach(adapter=message.model):
+                weights_model = engine.detach_adapter(adapter)
+                for name in [k for k, v in views.items() if v.adapter == adapter]:
+                    del views[name]
+                for v in views.values():
+                    v.model = weights_model
+                return engine.stats.adapters
+
+            _reply(channel, message.call, detach)
         elif isinstance(message, Embed):  # beside the step loop, as in one process
             threading.Thread(target=_reply, args=(channel, message.call, engine.embed, views.get(message.model, base),
                                                   message.texts), kwargs={"truncate": message.truncate}, daemon=True).start()

@@ -73,13 +73,14 @@ class ModelRunner:
         steps to PEFT's eager path when the stacks cannot hold this kind of LoRA."""
         if self.graphs is None or self.graphs.disabled:
             return
-        rows = multilora.install(model, list(model.peft_config), self.lm.dtype)
-        if rows is None:
+        names = list(getattr(model, "peft_config", None) or {})
+        rows = multilora.install(model, names, self.lm.dtype)
+        if rows is None and names:
             log.warning("adapter %s: this kind of LoRA decodes eagerly (no CUDA graphs)", adapter)
             self.graphs.lora = None
-        else:
+        else:  # no adapters left (rows None): the base graphs, captured again
             self.graphs.use_adapters(rows)
-            log.info("adapters %s decode in CUDA graphs (captured again)", ", ".join(rows.index))
+            log.info("adapters %s decode in CUDA graphs (captured again)", ", ".join(names) or "(none)")
 
     # -- eager forwards --------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, tables: list[list[int]], adapters: list[str | None],

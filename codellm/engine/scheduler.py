@@ -55,6 +55,9 @@ class Scheduler:
     def add(self, seqs: list[Sequence]) -> None:
         self.waiting.extend(seqs)
 
+    def uses(self, adapter: str) -> bool:
+        return any(s.adapter == adapter for s in list(self.waiting) + self.running)
+
     def cancelled(self) -> list[Sequence]:
         """The sequences marked cancelled, waiting or running: the engine finishes them."""
         return [s for s in list(self.waiting) + self.running if s.cancelled]

@@ -47,7 +47,7 @@ async def health(request: Request) -> dict:
         name: {"slots": s.engine.slots, "active": s.engine.active(), "queued": s.engine.pending(),
                "max_batch": s.engine.stats.max_batch, "steps": s.engine.stats.steps,
                "decode_tokens": s.engine.stats.decode_tokens, "cancelled": s.engine.stats.cancelled,
-               "kv_blocks": s.engine.stats.kv_blocks, "kv_blocks_used": s.engine.stats.kv_used,
+               "kv_blocks": s.engine.stats.kv_blocks, "lora_adapters": s.engine.stats.adapters, "kv_blocks_used": s.engine.stats.kv_used,
                "prefix_cache_hit_rate": s.engine.stats.prefix_hits / max(1, s.engine.stats.prefix_queries),
                "max_len": s.lm.max_len, "device": str(s.lm.device), "dtype": str(s.lm.dtype).removeprefix("torch.")}
         for name, s in manager.loaded().items() if s.engine is not None

@@ -155,6 +155,7 @@ async def _serve(request: Request, name: str, keep_alive, pins: Pins) -> tuple[S
     except InvalidName:
         served = None
     if served is None:
+        name = manager.resolve(name)  # ``base:adapter`` too
         _entry(request, name)  # unknown or invalid names: Ollama's 404
     try:  # no keep_alive in the request: the server's default, and a model pinned at start stays pinned
         keep = "default" if keep_alive is None else parse_keep_alive(keep_alive, manager.options.keep_alive)

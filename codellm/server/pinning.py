@@ -33,7 +33,11 @@ class Pins:
         manager = self.manager
         try:
             served = manager.ready(name)  # loaded already: no disk, no thread hop
+        except InvalidName:
+            served = None  # perhaps ``base:adapter``
+        try:
             if served is None:
+                name = manager.resolve(name)
                 manager.registry.get(name)
                 served = await asyncio.to_thread(manager.get, name)
         except (InvalidName, NotFound):
