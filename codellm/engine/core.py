@@ -109,7 +109,7 @@ class Engine(Admission):
         return [
             Sequence(
                 index=i, prompt=list(prompt), params=params, sink=sink, max_new=max(0, max_new), stop_ids=ids,
-                detok=IncrementalDetokenizer(lm.tokenizer, prompt), stops=StopMatcher(strings),
+                detok=IncrementalDetokenizer(lm.tokenizer, prompt, params.skip_special_tokens), stops=StopMatcher(strings),
                 generator=generator(params.seed, i, self.lm.device),
                 want_prompt_logprobs=prompt_logprobs and i == 0,
                 constraint=constraint(params, lm.tokenizer, lm.eos_ids), adapter=lm.adapter,

@@ -39,19 +39,43 @@ def json_schema(schema: dict | None, *, param: str = "response_format") -> str:
     return grammar
 
 
-def tool_call(tools: list[dict], name: str | None, key: str) -> str:
-    """The grammar of one call object, ``{"name": ..., key: {...}}``: the named tool, or any of ``tools``, with its
-    arguments held to that tool's parameter schema."""
-    options = []
-    for tool in tools:
-        fn = tool.get("function") or tool
-        if name and fn.get("name") != name:
-            continue
-        options.append({"type": "object", "additionalProperties": False, "required": ["name", key],
-                        "properties": {"name": {"const": fn.get("name")}, key: fn.get("parameters") or ANY_OBJECT}})
-    if not options:
+def tool_call(tools: list[dict], name: str | None, fmt: str, args_token: int | None = None) -> str:
+    """The grammar of the rest of a forced call (after ``tools.forced_call``'s opening): the named tool, or any of
+    ``tools``, with its arguments held to that tool's parameter schema. Mostly one call object,
+    ``{"name": ..., "arguments"/"parameters": {...}}``; in Mistral's ``name[ARGS]{...}`` the name is plain text, and
+    ``[ARGS]`` the tokenizer's special token ``args_token`` where it has one."""
+    from codellm.engine.tools import args_key
+
+    chosen = [(fn.get("name"), fn.get("parameters") or ANY_OBJECT)
+              for fn in ((t.get("function") or t) for t in tools) if not name or fn.get("name") == name]
+    if not chosen:
         raise InvalidRequest(f"no tool named {name!r}", param="tool_choice")
+    if fmt == "mistral_args":
+        return json_schema(chosen[0][1], param="tools") if name else _named_calls(chosen, args_token)
+    key = args_key(fmt)
+    options = [{"type": "object", "additionalProperties": False, "required": ["name", key],
+                "properties": {"name": {"const": n}, key: params}} for n, params in chosen]
     return json_schema(options[0] if len(options) == 1 else {"anyOf": options}, param="tools")
+
+
+def _named_calls(chosen: list[tuple[str, dict]], args_token: int | None) -> str:
+    """``name[ARGS]{arguments}`` for any of the tools (a Lark grammar over llguidance's JSON schemas)."""
+    import json
+
+    import llguidance
+
+    args = f"<[{int(args_token)}]>" if args_token is not None else '"[ARGS]"'
+    rules = [f"t{i}: {json.dumps(n)} {args} %json {json.dumps({**params, 'x-guidance': _OPTIONS})}"
+             for i, (n, params) in enumerate(chosen)]
+    lark = "start: " + " | ".join(f"t{i}" for i in range(len(chosen))) + "\n" + "\n".join(rules) + "\n"
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(f"unsupported JSON schema: {exc}", param="tools") from None
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise InvalidRequest(f"unsupported JSON schema: {error}", param="tools")
+    return grammar
 
 
 _TOKENIZERS: dict[tuple, tuple[Any, Any]] = {}

@@ -118,15 +118,15 @@ def detokenize(batch: list["Sequence"], tokens: list[int]) -> list[str]:
         if token in seq.stop_ids:
             continue
         windows[row] = seq.detok.windows(token)
-        groups.setdefault(id(seq.detok.tokenizer), []).append(row)
-    for rows in groups.values():
+        groups.setdefault((id(seq.detok.tokenizer), seq.detok.skip), []).append(row)
+    for (_, skip), rows in groups.items():
         tok = batch[rows[0]].detok.tokenizer
         flat = [w for row in rows for w in windows[row]]
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is not None:  # a fast tokenizer: its Rust batch decode, without transformers' per-item Python
-            texts = backend.decode_batch(flat, skip_special_tokens=True)  # (3x less host time at 256 rows)
+            texts = backend.decode_batch(flat, skip_special_tokens=skip)  # (3x less host time at 256 rows)
         else:
-            texts = tok.batch_decode(flat, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            texts = tok.batch_decode(flat, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
         for i, row in enumerate(rows):
             pieces[row] = batch[row].detok.commit(texts[2 * i], texts[2 * i + 1])
     return pieces

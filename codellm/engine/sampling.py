@@ -37,6 +37,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     ignore_eos: bool = False
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # None: none; 0: the sampled token's; k: also the top k
     grammar: str = ""  # the output must follow this llguidance grammar (``engine.grammar``: JSON schemas, tool calls)
+    skip_special_tokens: bool = True  # False: special tokens appear in the text (tool-call markers that are tokens)
     grammar_prefix: str = ""  # with grammar: its text already written before the output (a forced tool call's start)
 
     @property

@@ -210,11 +210,37 @@ def bounded(fn: Callable[[], str], seconds: float | None = None) -> str:
         raise TooSlow(f"the prompt template took longer than {seconds:g} s to render", param="template") from None
 
 
+def _nine(call_id) -> str:
+    import hashlib
+
+    text = str(call_id)
+    return text if len(text) == 9 and text.isalnum() else hashlib.sha1(text.encode()).hexdigest()[:9]
+
+
+def mistral_call_ids(messages: list[dict]) -> list[dict]:
+    """Mistral's templates take only tool-call ids of nine letters and digits (what its own API makes); OpenAI and
+    Anthropic clients send longer ones. Each id is written as nine hex digits of its hash, the same for a call and
+    for the result that answers it."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if isinstance(m.get("tool_calls"), list):
+            m["tool_calls"] = [{**c, "id": _nine(c["id"])} if isinstance(c, dict) and "id" in c else c
+                               for c in m["tool_calls"]]
+        if m.get("tool_call_id") is not None:
+            m["tool_call_id"] = _nine(m["tool_call_id"])
+        out.append(m)
+    return out
+
+
 def render_chat(tokenizer, messages: list[dict], *, tools: list | None = None, add_generation_prompt: bool = True) -> str:
     """The tokenizer's chat template applied to ``messages``, as ``apply_chat_template(tokenize=False)`` renders
     it, within the bounds above."""
     template = compile_chat_template(tokenizer.chat_template)
-    context = {**tokenizer.special_tokens_map, "messages": [{k: v for k, v in m.items() if v is not None} for m in messages],
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    if "[TOOL_CALLS]" in tokenizer.chat_template:
+        messages = mistral_call_ids(messages)
+    context = {**tokenizer.special_tokens_map, "messages": messages,
                "tools": tools, "documents": None, "add_generation_prompt": add_generation_prompt}
 
     def render() -> str:

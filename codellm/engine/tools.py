@@ -2,14 +2,16 @@
 tool-call syntax is parsed back out of the generated text, incrementally, so streams can send
 tool-call deltas as soon as a call is complete.
 
-Formats: Hermes ``<tool_call>{json}</tool_call>`` (Qwen2.5 coders and most fine-tunes), Llama 3 JSON
-(``{"name": ..., "parameters": {...}}``, optionally after ``<|python_tag|>``), Mistral
-``[TOOL_CALLS][{...}]``.
+Formats: Hermes ``<tool_call>{json}</tool_call>`` (Qwen2.5 coders and most fine-tunes), Qwen3-Coder's XML inside
+the same markers (``<tool_call><function=name><parameter=p>value</parameter></function></tool_call>``), Llama 3 JSON
+(``{"name": ..., "parameters": {...}}``, optionally after ``<|python_tag|>``), Mistral ``[TOOL_CALLS][{...}]``,
+and Mistral's newer ``[TOOL_CALLS]name[ARGS]{...}`` (Devstral, Mistral Small 3.2).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -49,11 +51,11 @@ def check_tools(tools: list | None, param: str = "tools") -> list | None:
 def tool_format(template: str | None, family: str | None) -> str:
     t = template or ""
     if "<tool_call>" in t:
-        return "hermes"
+        return "qwen3_coder" if "<function=" in t else "hermes"
     if "<|python_tag|>" in t or "ipython" in t:
         return "llama3"
     if "[TOOL_CALLS]" in t:
-        return "mistral"
+        return "mistral_args" if "[ARGS]" in t else "mistral"
     return {"llama": "llama3", "codestral": "mistral"}.get(family or "", "hermes")
 
 
@@ -66,8 +68,11 @@ def forced_call(fmt: str, name: str | None) -> tuple[str, str, str]:
     """(head, object start, tail) of a tool call the output is made to be (``tool_choice`` "required" or a named
     function): head + object start go at the start of the assistant's turn, the model completes the JSON object
     (constrained), and head + object start + output + tail parse as one call. Without a name the model picks it."""
+    if fmt == "mistral_args":  # the name is plain text, then the arguments object (see ``grammar.tool_call``)
+        return ("[TOOL_CALLS]" + name + "[ARGS]", "{", "") if name else ("[TOOL_CALLS]", "", "")
     key = args_key(fmt)
-    head, tail = {"hermes": ("<tool_call>\n", "\n</tool_call>"), "llama3": ("", ""), "mistral": ("[TOOL_CALLS][", "]")}[fmt]
+    head, tail = {"hermes": ("<tool_call>\n", "\n</tool_call>"), "qwen3_coder": ("<tool_call>\n", "\n</tool_call>"),
+                  "llama3": ("", ""), "mistral": ("[TOOL_CALLS][", "]")}[fmt]
     start = f'{{"name": {json.dumps(name, ensure_ascii=False)}, "{key}": {{' if name else '{"name": "'
     return head, start, tail
 
@@ -99,13 +104,47 @@ def _call_from(obj) -> ToolCall | None:
     return ToolCall(obj["name"], args if isinstance(args, dict) else {})
 
 
+_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.S)
+_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.S)
+
+
+def parameter_types(tools: list | None) -> dict[str, dict[str, str]]:
+    """{tool: {parameter: JSON type}}: how to read Qwen3-Coder's untyped parameter values."""
+    out: dict[str, dict[str, str]] = {}
+    for tool in tools or []:
+        fn = tool.get("function") or {}
+        props = (fn.get("parameters") or {}).get("properties") or {}
+        out[fn.get("name", "")] = {k: v.get("type") for k, v in props.items() if isinstance(v, dict)}
+    return out
+
+
+def _xml_call(body: str, types: dict[str, dict[str, str]]) -> ToolCall | None:
+    """``<function=name><parameter=p>value</parameter>...</function>``: strings are written raw, other values as JSON."""
+    found = _FUNCTION.search(body)
+    if not found:
+        return None
+    name, args = found.group(1).strip(), {}
+    for p in _PARAMETER.finditer(found.group(2)):
+        key, raw = p.group(1).strip(), p.group(2)
+        if types.get(name, {}).get(key) == "string":
+            args[key] = raw
+            continue
+        try:
+            args[key] = json.loads(raw)
+        except ValueError:
+            args[key] = raw
+    return ToolCall(name, args)
+
+
 class ToolCallParser:
-    """Feed generated text; get back ("text", str) and ("call", ToolCall) events in order."""
+    """Feed generated text; get back ("text", str) and ("call", ToolCall) events in order. ``tools``: what the
+    request offered, which says how to read formats whose values are untyped."""
 
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
-    def __init__(self, fmt: str):
+    def __init__(self, fmt: str, tools: list | None = None):
         self.fmt = fmt
+        self.types = parameter_types(tools) if fmt == "qwen3_coder" else {}
         self.buffer = ""
         self.in_call = False
         self.json_mode: bool | None = None  # llama3 / mistral: decided by how the output starts
@@ -113,7 +152,7 @@ class ToolCallParser:
 
     def feed(self, text: str) -> list[tuple]:
         self.buffer += text
-        return self._hermes() if self.fmt == "hermes" else self._whole()
+        return self._hermes() if self.fmt in ("hermes", "qwen3_coder") else self._whole()
 
     def _hermes(self) -> list[tuple]:
         events = []
@@ -145,7 +184,7 @@ class ToolCallParser:
             head = self.buffer.lstrip()
             if not head:
                 return []
-            marker = "[TOOL_CALLS]" if self.fmt == "mistral" else "<|python_tag|>"
+            marker = "[TOOL_CALLS]" if self.fmt.startswith("mistral") else "<|python_tag|>"
             if head.startswith(("{", "[")) or head.startswith(marker):
                 self.json_mode = True
             elif marker.startswith(head):
@@ -158,6 +197,9 @@ class ToolCallParser:
         return [("text", out)] if out else []
 
     def _parse_json(self, text: str) -> ToolCall | None:
+        """A call's body: JSON, or Qwen3-Coder's XML (where a forced call, written as JSON, may also stand)."""
+        if self.fmt == "qwen3_coder" and text.lstrip().startswith("<function="):
+            return _xml_call(text, self.types)
         try:
             return _call_from(json.loads(text.strip()))
         except ValueError:
@@ -166,13 +208,15 @@ class ToolCallParser:
     def finish(self) -> list[tuple]:
         """End of output: whatever is held back, as calls where it parses, else as text."""
         rest, self.buffer = self.buffer, ""
-        if self.fmt == "hermes":
+        if self.fmt in ("hermes", "qwen3_coder"):
             if self.in_call:
                 call = self._parse_json(rest)
                 return [("call", call)] if call else [("text", self.OPEN + rest)]
             return [("text", rest)] if rest else []
         if not self.json_mode:
             return [("text", rest)] if rest else []
+        if self.fmt == "mistral_args":
+            return _named_calls(rest)
         body = rest.strip().removeprefix("[TOOL_CALLS]").removeprefix("<|python_tag|>").strip()
         try:
             parsed = json.loads(body)
@@ -189,6 +233,21 @@ class ToolCallParser:
         return [("call", c) for c in calls]
 
 
+def _named_calls(text: str) -> list[tuple]:
+    """``[TOOL_CALLS]name[ARGS]{...}``, one or more: the calls, or all of it as text where any does not parse."""
+    calls = []
+    for part in [p for p in text.strip().split("[TOOL_CALLS]") if p.strip()]:
+        name, sep, args = part.partition("[ARGS]")
+        try:
+            parsed = json.loads(args) if sep else None
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict) or not name.strip():
+            return [("text", text)]
+        calls.append(("call", ToolCall(name.strip(), parsed)))
+    return calls or ([("text", text)] if text else [])
+
+
 def _partial_suffix(text: str, marker: str) -> int:
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if text.endswith(marker[:n]):
@@ -196,8 +255,8 @@ def _partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
-def parse_all(text: str, fmt: str) -> tuple[str, list[ToolCall]]:
-    parser = ToolCallParser(fmt)
+def parse_all(text: str, fmt: str, tools: list | None = None) -> tuple[str, list[ToolCall]]:
+    parser = ToolCallParser(fmt, tools)
     events = parser.feed(text) + parser.finish()
     content = "".join(e[1] for e in events if e[0] == "text")
     return content, [e[1] for e in events if e[0] == "call"]

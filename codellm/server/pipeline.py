@@ -87,6 +87,7 @@ class Generation:
     lead: str = ""  # text the turn starts with (a forced call's opening), given to the parser first
     tail: str = ""  # text that closes the turn (a forced call's end)
     parallel: bool = True
+    tools: list | None = None
 
     @property
     def choices(self) -> int:
@@ -104,7 +105,7 @@ class Generation:
     async def deltas(self) -> AsyncIterator[Delta]:
         """Text, calls and one finish per choice, in the order the engine produced them. The first delta made from
         an engine output carries that output's logprobs (an empty text delta, when its text is held back)."""
-        parsers = {i: ToolCallParser(self.fmt) for i in range(self.choices)} if self.fmt else None
+        parsers = {i: ToolCallParser(self.fmt, self.tools) for i in range(self.choices)} if self.fmt else None
         calls = [0] * self.choices
         ids: list[list[int]] = [[] for _ in range(self.choices)]
         pending = {i: parsers[i].feed(self.lead) for i in range(self.choices)} if parsers and self.lead else {}
@@ -239,8 +240,11 @@ async def generate(served: Served, turn: ChatTurn | TextTurn) -> Generation:
     params = _params(served, turn.sampling)
     if turn.grammar is not None:
         params.grammar = turn.grammar
+    if fmt:  # call markers may be special tokens ([TOOL_CALLS], [ARGS], <|python_tag|>): the parser must see them
+        params.skip_special_tokens = False
     if lead:  # the model completes the call's JSON object, its arguments held to the tool's parameter schema
-        params.grammar = grammars.tool_call(check_tools(turn.tools), turn.forced or None, args_key(fmt))
+        marker = served.lm.tokenizer.get_added_vocab().get("[ARGS]") if fmt == "mistral_args" else None
+        params.grammar = grammars.tool_call(check_tools(turn.tools), turn.forced or None, fmt, marker)
         params.grammar_prefix = start
     stream = AsyncStream().add(engine, ids, params, n=turn.n, lm=served.lm)
-    return Generation(stream, len(ids), [ids], turn.n, fmt, lead, tail, turn.parallel_calls)
+    return Generation(stream, len(ids), [ids], turn.n, fmt, lead, tail, turn.parallel_calls, turn.tools)
