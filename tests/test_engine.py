@@ -554,3 +554,21 @@ def test_pipe_read_on_the_event_loop_takes_messages_larger_than_the_socket_buffe
         loop.close()
         sender.join()
     assert got == messages
+
+
+def test_grammar_views_go_with_their_tokenizer():
+    """The grammar engine's view of a tokenizer (a second or so to build for a large vocabulary) is kept while the
+    tokenizer lives, and goes when the model that owned it is unloaded."""
+    import gc
+
+    from codellm.engine import grammar, tiny
+
+    tok = tiny.build_tokenizer()
+    view = grammar._tokenizer(tok, (1,))
+    assert grammar._tokenizer(tok, (1,)) is view and grammar._tokenizer(tok, (1, 2)) is not view
+    c = grammar.Constraint(tok, grammar.json_schema(None), "", (1,))
+    assert not c.done
+    held = len(grammar._TOKENIZERS)
+    del tok, c
+    gc.collect()
+    assert len(grammar._TOKENIZERS) == held - 1
