@@ -531,5 +531,10 @@ def test_lora_adapters_loaded_and_unloaded_while_serving(served_home, adapter_di
         assert r.status_code == 200 and r.json()["done_reason"] == "unload"
         assert adapters_on_base(0) == 0  # off the weights: the base alone, as before
         assert client.completions.create(model="qwen2.5-coder:0.5b", **ask).choices[0].text != live
+        r = httpx.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": "kept-lora", "lora_path": "tiny-lora"})
+        assert r.status_code == 200
     finally:
         srv.stop()
+    from codellm.registry import Registry
+
+    assert not Registry(served_home).exists("kept-lora")  # added at run time: gone with the server, as in vLLM

@@ -169,6 +169,9 @@ class GraphRunner:
                         else:
                             log.exception("capturing the compiled decode step failed; capturing it uncompiled")
                             self._uncompiled()
+        # the prefill buffer still holds the last real prefill's ids, positions and logit rows when graphs are captured
+        # again (an adapter attached while serving): its values past that prompt are not valid for a larger bucket
+        self.pf.zero_()
         _, _, write, cu, _, _ = self._pf_parts(self.pf)
         write.fill_(self.cache.scratch)  # prefill graphs: capture-time writes go to the scratch block
         self.pk[:self.pk_width].fill_(self.cache.scratch)  # and capture-time keys are read from it

@@ -154,7 +154,7 @@ def sample(
             if g.device == noise.device:
                 noise[j].exponential_(generator=g)
             else:
-                noise[j] = torch.empty(noise.shape[1]).exponential_(generator=g).to(noise.device)
+                noise[j] = torch.empty(noise.shape[1], device=g.device).exponential_(generator=g).to(noise.device)
         chosen[rows] = (probs / noise).argmax(dim=-1).cpu()
     out_ids = chosen.tolist()
     info: list[TokenLogprob | None] = []

@@ -3,7 +3,8 @@
 
 Off unless the server was started with ``--allow-lora-updates``. A loaded adapter becomes a registry model
 named ``lora_name`` (FROM its base, ADAPTER its files), served on its base's weights and engine like any
-other adapter, and listed in ``/v1/models``; unloading forgets it and removes what loading created. The
+other adapter, and listed in ``/v1/models``; unloading forgets it and removes what loading created, and so
+does the server's shutdown. The
 adapter comes from a registry adapter model, or from a PEFT directory on the server's own disk, which only a
 client on this machine (loopback) may name.
 """
@@ -99,6 +100,17 @@ async def load_lora_adapter(request: Request, data: LoadLoRA) -> Response:
         await asyncio.to_thread(_forget, request, data.lora_name)
         raise
     return Response(f"Success: LoRA adapter '{data.lora_name}' added successfully.", media_type="text/plain")
+
+
+def forget_all(app) -> None:
+    """At shutdown: adapters added at run time last as long as the server, as in vLLM; the registry forgets them."""
+    reg = app.state.manager.registry
+    for name in list(app.state.runtime_adapters):
+        try:
+            reg.remove(name)
+        except CodellmError:
+            pass
+    app.state.runtime_adapters.clear()
 
 
 def _forget(request: Request, name: str) -> None:

@@ -144,7 +144,7 @@ def create_app(
         cors_config=CORSConfig(allow_origins=cors_origins, allow_headers=["*"], allow_methods=["*"]) if cors_origins else None,
         openapi_config=OpenAPIConfig(title="codellm", version=__version__, path="/schema"),
         on_startup=[_on_startup],
-        on_shutdown=[_stop_reaper, lambda: manager.close()],
+        on_shutdown=[_stop_reaper, adapters.forget_all, lambda: manager.close()],
         request_class=CodellmRequest,
         debug=False,
     )
