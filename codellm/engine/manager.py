@@ -243,7 +243,7 @@ class ModelManager:
         self._served[key] = served
         from codellm.engine import grammar
 
-        grammar.warm(lm.tokenizer, lm.eos_ids)
+        grammar.warm(lm.tokenizer, lm.eos_ids, wait=pin)
         memory.freeze_heap()
         return served
 

@@ -473,7 +473,7 @@ def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_
         engine = Engine(base, **engine_opts, source=source)  # nothing arrives before "ready" below
         from codellm.engine import grammar
 
-        grammar.warm(base.tokenizer, base.eos_ids)  # not on the step loop when a first request asks for JSON
+        grammar.warm(base.tokenizer, base.eos_ids, wait=True)  # before "ready": not beside the first requests' steps
         if dev.type == "cuda":  # host tensors here are a few thousand elements: threads only wait on each other
             torch.set_num_threads(1)
         memory.freeze_heap()
