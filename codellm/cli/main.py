@@ -542,6 +542,34 @@ def stop(model, url):
     click.echo(f"stopped {model}")
 
 
+@cli.command()
+@click.argument("name")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True,
+              help="hf: a Hugging Face directory that vLLM, SGLang and TGI load as it is.")
+@click.option("--merge", "merge_first", is_flag=True,
+              help="An adapter: merge it into its base first (as `codellm merge`) and export the one model.")
+def export(name, directory, fmt, merge_first):
+    """Write model NAME to DIRECTORY for other engines. An adapter is written beside its base, in DIRECTORY/adapter."""
+    from codellm.registry import manifest as mt
+    from codellm.registry.export import export_hf
+
+    reg = _registry()
+    if merge_first and reg.get(name).manifest.layers_of(mt.ADAPTER):
+        from codellm.trainer.merge import merge as do_merge
+
+        entry, diff = do_merge(reg, name, None, status=lambda s: click.echo(s, err=True))
+        click.echo(f"merged {name} into {entry.name.short} (max logits difference {diff:.3g})", err=True)
+        name = str(entry.name)
+    out = export_hf(reg, name, directory, status=lambda s: click.echo(s, err=True))
+    click.echo(f"exported {name} to {out}")
+    if (out / "adapter").is_dir():
+        click.echo(f"serve it elsewhere: vllm serve {out} --enable-lora --lora-modules "
+                   f"{reg.get(name).name.model}={out / 'adapter'}")
+    else:
+        click.echo(f"serve it elsewhere: vllm serve {out}")
+
+
 def _ks(ctx, param, value: str) -> tuple[int, ...]:
     try:
         ks = tuple(sorted({int(k) for k in value.split(",") if k.strip()}))
