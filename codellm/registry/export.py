@@ -69,8 +69,7 @@ def export_hf(registry: Registry, name: str, directory: str | Path, *,
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         _copy_layers(registry, weights, MODEL_LAYERS, tmp, status)
-        own = [layer for layer in manifest.layers_of(mt.TOKENIZER)] if manifest is not weights else []
-        if own:  # a model with its own tokenizer files over its base's
+        if manifest is not weights and manifest.layers_of(mt.TOKENIZER):  # its own tokenizer files over its base's
             _copy_layers(registry, manifest, frozenset({mt.TOKENIZER}), tmp, status)
         template = chat_template_of(registry, manifest)
         if template:

@@ -18,7 +18,7 @@ from codellm.engine import prompts
 from codellm.engine.manager import Served
 from codellm.engine.sampling import SamplingParams, TokenLogprob
 from codellm.engine.streams import AsyncStream
-from codellm.engine.tools import ToolCall, ToolCallParser, args_key, check_tools, forced_call, tool_format
+from codellm.engine.tools import ToolCall, ToolCallParser, check_tools, forced_call, tool_format
 from codellm.errors import CodellmError, InvalidRequest
 
 
