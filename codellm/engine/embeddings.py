@@ -23,12 +23,12 @@ def inputs(value) -> Inputs:
     ids) as a list of texts or of token-id lists."""
     from codellm.errors import InvalidRequest
 
-    if isinstance(value, str):
+    def ids(item) -> bool:
+        return isinstance(item, list) and bool(item) and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
+
+    if isinstance(value, str) or ids(value):
         return [value]
-    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        return [value]
-    if isinstance(value, list) and value and (all(isinstance(t, str) for t in value) or all(
-            isinstance(t, list) and t and all(isinstance(i, int) and not isinstance(i, bool) for i in t) for t in value)):
+    if isinstance(value, list) and value and (all(isinstance(t, str) for t in value) or all(map(ids, value))):
         return list(value)
     raise InvalidRequest("input must be a string, a list of strings, a list of token ids, or a list of those lists",
                          param="input")

@@ -30,8 +30,16 @@ def json_schema(schema: dict | None, *, param: str = "response_format") -> str:
 
     if schema is not None and not isinstance(schema, dict):
         raise InvalidRequest("a JSON schema must be an object", param=param)
+    return _checked(lambda: llguidance.LLMatcher.grammar_from_json_schema(schema or ANY_OBJECT, overrides=_OPTIONS),
+                    param)
+
+
+def _checked(make, param: str) -> str:
+    """The grammar ``make()`` builds, refused with a 400 where the grammar engine cannot build or enforce it."""
+    import llguidance
+
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema or ANY_OBJECT, overrides=_OPTIONS)
+        grammar = make()
     except (ValueError, TypeError) as exc:
         raise InvalidRequest(f"unsupported JSON schema: {exc}", param=param) from None
     error = llguidance.LLMatcher.validate_grammar(grammar)
@@ -69,14 +77,7 @@ def _named_calls(chosen: list[tuple[str, dict]], args_token: int | None) -> str:
     rules = [f"t{i}: {json.dumps(n)} {args} %json {json.dumps({**params, 'x-guidance': _OPTIONS})}"
              for i, (n, params) in enumerate(chosen)]
     lark = "start: " + " | ".join(f"t{i}" for i in range(len(chosen))) + "\n" + "\n".join(rules) + "\n"
-    try:
-        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
-    except (ValueError, TypeError) as exc:
-        raise InvalidRequest(f"unsupported JSON schema: {exc}", param="tools") from None
-    error = llguidance.LLMatcher.validate_grammar(grammar)
-    if error:
-        raise InvalidRequest(f"unsupported JSON schema: {error}", param="tools")
-    return grammar
+    return _checked(lambda: llguidance.LLMatcher.grammar_from_lark(lark), "tools")
 
 
 _TOKENIZERS: "weakref.WeakKeyDictionary[Any, dict[tuple, Any]]" = weakref.WeakKeyDictionary()  # goes with its model

@@ -57,7 +57,7 @@ class Attach(msgspec.Struct, tag="attach", array_like=True):
 
 class Detach(msgspec.Struct, tag="detach", array_like=True):
     call: int
-    model: str
+    adapter: str  # as ``attach_adapter`` named it
 
 
 class Embed(msgspec.Struct, tag="embed", array_like=True):
@@ -262,7 +262,6 @@ class EngineProcess(Admission):
     def detach_adapter(self, adapter: str) -> None:
         left = self._call(lambda call: Detach(call, adapter))
         self.stats = msgspec.structs.replace(self.stats, adapters=left)
-        return None
 
     def embed(self, lm: LoadedModel, texts: list[str], *, truncate: bool = True) -> tuple[list[list[float]], int]:
         vectors, tokens = self._call(lambda call: Embed(call, lm.name, texts, truncate))
@@ -436,7 +435,7 @@ def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_
 
             _reply(channel, message.call, attach)
         elif isinstance(message, Detach):
-            def detach(adapter=message.model):
+            def detach(adapter=message.adapter):
                 weights_model = engine.detach_adapter(adapter)
                 for name in [k for k, v in views.items() if v.adapter == adapter]:
                     del views[name]

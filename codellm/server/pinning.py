@@ -44,10 +44,6 @@ class Pins:
             raise NotFound(f"The model `{name}` does not exist.", param="model") from None
         return self.hold(served, keep_alive)
 
-    def keep_alive(self, served: Served, keep_alive: object) -> None:
-        """How long ``served`` stays loaded once this request lets go of it (Ollama's ``keep_alive``)."""
-        self._held = [(s, keep_alive if s is served else k) for s, k in self._held]
-
     def hand_over(self, served: Served) -> Callable[[], None]:
         """Move the hold on ``served`` to whoever calls the returned function once (a stream body, when it ends)."""
         for i, (s, keep) in enumerate(self._held):
