@@ -158,7 +158,7 @@ def engine_ttft(url: str) -> dict[str, float]:
     """The server's engine-side time-to-first-token histogram (cumulative buckets, sum, count), summed over models."""
     found: dict[str, float] = {}
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith("codellm_time_to_first_token_seconds"):
+        if line.startswith("vllm:time_to_first_token_seconds"):
             key, value = line.rsplit(" ", 1)
             name = key.split("{")[0].rsplit("_", 1)[-1]
             le = key.split('le="')[1].split('"')[0] if 'le="' in key else ""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -364,21 +366,60 @@ def test_disconnect_before_the_response_starts_frees_slot(server, client):
     assert chat(client, max_tokens=4).choices[0].finish_reason in ("stop", "length")
 
 
+def scrape(server) -> dict[tuple[str, tuple], float]:
+    """/metrics parsed by prometheus_client's own parser: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(server.url + "/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
 def test_metrics(client, server):
-    """Prometheus text, public (no key): counters, gauges and the engine-side time-to-first-token histogram."""
-    chat(client, max_tokens=4)
-    body = httpx.get(server.url + "/metrics", timeout=10).text
-    values = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            values[key] = float(value)
-    label = 'model_name="tiny-coder:latest"'
-    assert values[f"codellm_generation_tokens_total{{{label}}}"] >= 3
-    count = values[f"codellm_time_to_first_token_seconds_count{{{label}}}"]
-    assert count >= 1 and values[f'codellm_time_to_first_token_seconds_bucket{{{label},le="+Inf"}}'] == count
-    assert 0 < values[f"codellm_time_to_first_token_seconds_sum{{{label}}}"] < 60 * count
-    assert "# TYPE codellm_time_to_first_token_seconds histogram" in body
+    """Prometheus text under vLLM's names, public (no key), one series per loaded model whichever process runs its
+    engine: request histograms (time to first token, between tokens, end to end, in the queue, token counts),
+    finished choices by reason, and the engine's gauges and counters. An unloaded model's series go with it."""
+    chat(client, max_tokens=4, extra_body={"ignore_eos": True})
+    chunks = list(client.chat.completions.create(model="tiny-coder", max_tokens=6, stream=True, extra_body={
+        "ignore_eos": True}, messages=[{"role": "user", "content": "write a function"}]))
+    assert chunks
+    m = scrape(server)
+    me = (("model_name", "tiny-coder:latest"),)
+
+    def hist(name):
+        return m[(f"vllm:{name}_count", me)], m[(f"vllm:{name}_sum", me)], m[(f"vllm:{name}_bucket", (("le", "+Inf"), *me))]
+
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
+        count, total, inf = hist(name)
+        assert count >= 2 and inf == count and 0 <= total < 60 * count, name
+    count, total, _ = hist("inter_token_latency_seconds")
+    assert count >= 3 + 5 and total > 0  # at least one gap per token after the first, in both answers
+    count, total, _ = hist("request_generation_tokens")
+    assert count >= 2 and total >= 10
+    assert hist("request_prompt_tokens")[1] > 0
+    assert m[("vllm:request_success_total", (("finished_reason", "length"), *me))] >= 2
+    assert m[("vllm:generation_tokens_total", me)] >= 10 and m[("vllm:prompt_tokens_total", me)] > 0
+    assert m[("vllm:num_requests_running", me)] == 0 and m[("vllm:num_requests_waiting", me)] == 0
+    assert 0 <= m[("vllm:kv_cache_usage_perc", me)] <= 1 and m[("codellm_kv_cache_blocks", me)] > 0
+    # the Grafana dashboard in deploy/ graphs only what is exported
+    import re
+    dashboard = json.loads((Path(__file__).parents[1] / "deploy" / "grafana" / "codellm.json").read_text())
+    queried = {name for panel in dashboard["panels"] for t in panel["targets"]
+               for name in re.findall(r"(?:vllm:|codellm_)[a-z0-9_]+", t["expr"])}
+    assert len(queried) >= 12 and queried <= {name for name, _ in m}, queried - {name for name, _ in m}
+    # a second model gets series of its own; unloading it (Ollama's keep_alive 0) takes them away
+    h = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server.url + "/api/generate", headers=h, timeout=60, json={
+        "model": "qwen2.5-coder:0.5b", "prompt": "x", "stream": False, "options": {"num_predict": 2}})
+    assert r.status_code == 200
+    other = (("model_name", "qwen2.5-coder:0.5b"),)
+    assert scrape(server)[("vllm:time_to_first_token_seconds_count", other)] == 1
+    assert httpx.post(server.url + "/api/generate", headers=h, json={"model": "qwen2.5-coder:0.5b", "keep_alive": 0},
+                      timeout=60).status_code == 200
+    after = scrape(server)
+    assert not [k for k in after if ("model_name", "qwen2.5-coder:0.5b") in k[1]]
+    assert after[("vllm:time_to_first_token_seconds_count", me)] >= 2
 
 
 def test_prefix_cache_reports_cached_tokens(client, server):
@@ -397,15 +438,9 @@ def test_prefix_cache_reports_cached_tokens(client, server):
     assert 32 <= cached < second.usage.prompt_tokens and cached % 16 == 0
     chunks = list(ask("write a heap", stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= cached
-    values = {}
-    for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            values[key] = float(value)
-    label = 'model_name="tiny-coder:latest"'
-    assert values[f"vllm:prefix_cache_hits_total{{{label}}}"] >= 2 * cached
-    assert values[f"vllm:prefix_cache_queries_total{{{label}}}"] >= 3 * first.usage.prompt_tokens
-    assert 0 <= values[f"vllm:kv_cache_usage_perc{{{label}}}"] <= 1
+    m, me = scrape(server), (("model_name", "tiny-coder:latest"),)
+    assert m[("vllm:prefix_cache_hits_total", me)] >= 2 * cached
+    assert m[("vllm:prefix_cache_queries_total", me)] >= 3 * first.usage.prompt_tokens
 
 
 def _engine_children(pid: int) -> list[int]:

@@ -2,7 +2,8 @@
 
 Two engines implement it: ``core.Engine`` (a thread in this process) and ``remote.EngineProcess`` (the
 same engine in a child process). Both run ``Admission`` first, in the caller's process, so a bad or
-unwelcome request is refused the same way, synchronously, before it costs the engine anything.
+unwelcome request is refused the same way, synchronously, before it costs the engine anything, and each choice
+is timed there (``telemetry``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import msgspec
 
 from codellm.engine.loader import LoadedModel
-from codellm.engine.outputs import Histogram, Output, Sink, Stats
+from codellm.engine.outputs import Output, Sink, Stats
 from codellm.engine.sampling import SamplingParams, checked
 from codellm.errors import ContextLengthExceeded, InvalidRequest, QueueFull
 
@@ -33,7 +34,6 @@ class Handle:
 class EngineClient(Protocol):
     lm: LoadedModel  # the model it was loaded for (tokenizer, template, context length)
     stats: Stats
-    ttft: Histogram  # submission to first output, engine side
     max_queue: int
     slots: int  # sequences decoded together at most
     kv_bytes: int
@@ -70,28 +70,16 @@ class EngineClient(Protocol):
 
 class Admission:
     """What every engine front does before a prompt goes in, the same in this process or another: the prompt
-    fits the context, the queue has room; ``_queued`` counts sequences submitted and not yet finished. It also
-    times each sequence from submission to its first output (``ttft``, engine side: the client's time to first
-    token minus this is the HTTP server's share)."""
+    fits the context, the queue has room; ``_queued`` counts sequences submitted and not yet finished."""
 
     lm: LoadedModel
     max_queue: int
+    timed = True  # each choice timed for /metrics (not again in an engine process: its parent does it)
 
     def _init_admission(self, max_queue: int) -> None:
         self.max_queue = max_queue
         self._queued = 0
         self._lock = threading.Lock()
-        self.ttft = Histogram()
-
-    def _timed(self, sink: Sink) -> Sink:
-        start, seen = time.perf_counter(), set()
-
-        def timed(out: Output) -> None:
-            if out.index not in seen:
-                seen.add(out.index)
-                self.ttft.observe(time.perf_counter() - start)
-            sink(out)
-        return timed
 
     def pending(self) -> int:
         with self._lock:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from codellm.engine import blocks, fusion, grammar, memory, outputs
+from codellm.engine import blocks, fusion, grammar, memory, outputs, telemetry
 from codellm.engine.client import Admission, Handle
 from codellm.engine.detok import IncrementalDetokenizer, StopMatcher
 from codellm.engine.loader import LoadedModel
@@ -97,7 +97,7 @@ class Engine(Admission):
         room = min(lm.max_len, self.lm.max_len) - len(prompt)
         max_new = min(params.max_tokens, room) if params.max_tokens is not None else room
         try:
-            seqs = self._sequences(prompt, params, self._timed(sink), n, prompt_logprobs, lm, max_new)
+            seqs = self._sequences(prompt, params, telemetry.timed(sink, lm.name) if self.timed else sink, n, prompt_logprobs, lm, max_new)
         except BaseException:
             self._released(n)
             raise

@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from codellm.engine import memory
+from codellm.engine import memory, telemetry
 from codellm.engine.loader import LoadedModel
 from codellm.engine.sampling import SamplingParams, checked
 from codellm.engine.remote import EngineProcess
@@ -313,6 +313,7 @@ class ModelManager:
     def _unload_group(self, gkey: str) -> None:
         for key in [k for k, s in self._served.items() if s.group == gkey]:
             self._served.pop(key, None)
+            telemetry.forget(key)
         group = self._groups.pop(gkey, None)
         if group and group.engine:
             group.engine.shutdown()
@@ -344,6 +345,7 @@ class ModelManager:
             served = self._served.pop(self.canonical(name), None)
             if served is None:
                 return False
+            telemetry.forget(served.lm.name)
             others = [s for s in self._served.values() if s.group == served.group]
             if not others:
                 self._unload_group(served.group)

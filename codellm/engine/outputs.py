@@ -6,7 +6,6 @@ because they also cross the engine process's pipe (``remote``).
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from typing import TYPE_CHECKING, Callable
 
 import msgspec
@@ -31,6 +30,7 @@ class Output(msgspec.Struct):
     error: str | None = None
     stop: str | None = None  # the stop string that ended the choice (finish_reason "stop")
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    queue_time: float | None = None  # on a choice's first output: seconds it waited for a row and its KV blocks
 
 
 Sink = Callable[[Output], None]
@@ -52,22 +52,6 @@ class Stats(msgspec.Struct):
     adapters: int = 0  # LoRA adapters on the weights
 
 
-class Histogram:
-    """A Prometheus histogram: counts per upper bound (seconds), their sum and count."""
-
-    BOUNDS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, float("inf"))
-
-    def __init__(self):
-        self.counts = [0] * len(self.BOUNDS)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(self.BOUNDS, seconds)] += 1
-        self.sum += seconds
-        self.count += 1
-
-
 def final(seq: "Sequence", reason: str, error: str | None = None) -> Output:
     """The output that ends ``seq`` when nothing else is left to say (cancelled, failed, asked for no tokens)."""
     return Output(index=seq.index, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated),
@@ -83,8 +67,10 @@ def process(batch: list["Sequence"], tokens: list[int], infos: list[TokenLogprob
     for seq, token, info, piece in zip(batch, tokens, infos, pieces):
         out = Output(index=seq.index, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated),
                      cached_tokens=seq.hit)
-        if seq.prompt_logprobs is not None and len(seq.generated) == 1:
-            out.prompt_logprobs = seq.prompt_logprobs
+        if len(seq.generated) == 1:
+            out.queue_time = seq.queue_time
+            if seq.prompt_logprobs is not None:
+                out.prompt_logprobs = seq.prompt_logprobs
         if token in seq.stop_ids:
             out.finish_reason = "stop"
             out.text = _rest(seq)

@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 
 from codellm import errors
+from codellm.engine import telemetry
 from codellm.engine.client import Admission, Handle
 from codellm.engine.loader import LoadedModel
 from codellm.engine.outputs import Output, Sink, Stats
@@ -242,7 +243,7 @@ class EngineProcess(Admission):
         self._ensure_reader()
         self._reserve(prompt, n, lm, params)
         rid = next(self._ids)
-        self._sinks[rid] = [self._timed(sink), n]
+        self._sinks[rid] = [telemetry.timed(sink, lm.name), n]
         try:
             self._send(Add(rid, list(prompt), params, n, prompt_logprobs, lm.name))
         except BaseException:
@@ -470,6 +471,7 @@ def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_
         model, dev, dtype = loader.load_weights(registry, entry, weights, **load)
         base = loader.view(registry, entry, weights, model, dev, dtype, **view_opts)
         engine = Engine(base, **engine_opts, source=source)  # nothing arrives before "ready" below
+        engine.timed = False  # the parent times each choice
         from codellm.engine import grammar
 
         grammar.warm(base.tokenizer, base.eos_ids, wait=True)  # before "ready": not beside the first requests' steps

@@ -15,6 +15,7 @@ per phase of a step.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -90,6 +91,8 @@ class Scheduler:
             seq.chain, seq.cached = got
             seq.target = len(known) - 1 if seq.generated else len(known)
             if not seq.generated:
+                if seq.queue_time is None:
+                    seq.queue_time = time.perf_counter() - seq.arrived
                 seq.hit = seq.cached
                 self.prefix_queries += len(known)
                 self.prefix_hits += seq.cached

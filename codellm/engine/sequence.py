@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,8 @@ class Sequence:
     constraint: Constraint | None = None  # the grammar its output follows
     adapter: str | None = None
     inflight: int = 0  # tokens decoded on the device whose ids the host has not read yet
+    arrived: float = field(default_factory=time.perf_counter)
+    queue_time: float | None = None  # from arrival to its first admission to a row
 
     @property
     def pipelined(self) -> bool:

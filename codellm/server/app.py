@@ -12,8 +12,10 @@ from litestar.handlers import BaseRouteHandler
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.response import Response
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as PROMETHEUS_TEXT
 
 from codellm import __version__
+from codellm.engine import telemetry
 from codellm.engine.manager import LoadOptions, ModelManager
 from codellm.engine.streams import pace_streams
 from codellm.errors import Unauthorized
@@ -54,40 +56,10 @@ async def health(request: Request) -> dict:
     }}
 
 
-@get("/metrics", opt={"public": True}, media_type="text/plain; version=0.0.4", summary="Prometheus metrics")
+@get("/metrics", opt={"public": True}, media_type=PROMETHEUS_TEXT, summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
-    manager: ModelManager = request.app.state.manager
-    lines = []
-    # (name, kind, value, also under vLLM's name: dashboards made for vLLM read those)
-    for name, kind, value, twin in (
-        ("num_requests_running", "gauge", lambda s: s.engine.active(), False),
-        ("num_requests_waiting", "gauge", lambda s: max(0, s.engine.pending() - s.engine.active()), False),
-        ("kv_cache_usage_perc", "gauge", lambda s: s.engine.stats.kv_used / max(1, s.engine.stats.kv_blocks), True),
-        ("num_preemptions_total", "counter", lambda s: s.engine.stats.preempted, True),
-        ("prefix_cache_queries_total", "counter", lambda s: s.engine.stats.prefix_queries, True),
-        ("prefix_cache_hits_total", "counter", lambda s: s.engine.stats.prefix_hits, True),
-        ("generation_tokens_total", "counter", lambda s: s.engine.stats.decode_tokens, False),
-        ("prompt_tokens_total", "counter", lambda s: s.engine.stats.prefill_tokens, False),
-        ("request_success_total", "counter", lambda s: s.engine.stats.finished, False),
-        ("request_cancelled_total", "counter", lambda s: s.engine.stats.cancelled, False),
-    ):
-        for metric in (f"codellm_{name}", f"vllm:{name}")[:2 if twin else 1]:
-            lines.append(f"# TYPE {metric} {kind}")
-            for model, served in manager.loaded().items():
-                if served.engine is None:
-                    continue
-                lines.append(f'{metric}{{model_name="{model}"}} {value(served)}')
-    metric = "codellm_time_to_first_token_seconds"  # engine side: from submission to the first output
-    lines.append(f"# TYPE {metric} histogram")
-    for name, served in manager.loaded().items():
-        if served.engine is None:
-            continue
-        h, label, cumulative = served.engine.ttft, f'model_name="{name}"', 0
-        for bound, count in zip(h.BOUNDS, h.counts):
-            cumulative += count
-            lines.append(f'{metric}_bucket{{{label},le="{"+Inf" if bound == float("inf") else bound}"}} {cumulative}')
-        lines += [f"{metric}_sum{{{label}}} {h.sum}", f"{metric}_count{{{label}}} {h.count}"]
-    return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    """vLLM's metric names and meanings (``engine.telemetry``), one series per loaded model."""
+    return Response(telemetry.exposition(request.app.state.stats_collector), media_type=PROMETHEUS_TEXT)
 
 
 async def _reaper(app: Litestar) -> None:
@@ -150,6 +122,8 @@ def create_app(
     )
     openapi.install(app)
     app.state.manager = manager
+    app.state.stats_collector = telemetry.StatsCollector(
+        lambda: [(name, s.engine) for name, s in manager.loaded().items() if s.engine is not None])
     app.state.responses = responses.Store()  # what previous_response_id refers to
     app.state.stream_interval = stream_interval
     app.state.lora_updates = lora_updates
