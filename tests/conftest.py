@@ -153,7 +153,8 @@ class Server:
         cmd = [sys.executable, "-m", "codellm.cli.main", "serve", "--port", str(self.port), "--log-level", "warning", *args]
         if api_key:
             cmd += ["--api-key", api_key]
-        self.log = open(home / f"server-{self.port}.log", "w")
+        self.log_path = home / f"server-{self.port}.log"
+        self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, env={**os.environ, "CODELLM_HOME": str(home), **(env or {})}, stdout=self.log,
                                      stderr=subprocess.STDOUT)
         deadline = time.time() + 120

@@ -273,6 +273,8 @@ def _interval(ctx, param, value: str) -> float | None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", default=11435, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
 @click.option("--api-key", envvar="CODELLM_API_KEY", help="Require 'Authorization: Bearer KEY' (default: $CODELLM_API_KEY).")
+@click.option("--api-key-file", envvar="CODELLM_API_KEY_FILE", type=click.Path(dir_okay=False),
+              help="Keys that open the API, one 'NAME KEY' a line; logs name the key used. Read again when it changes.")
 @click.option("--model", "models", multiple=True, help="Load these models at start (others load on first use). "
               "'default' means the default model, pulled or built on first use.")
 @click.option("--cors-origin", "cors", multiple=True, help="Allow browser requests from this origin (repeatable, '*' for any; "
@@ -281,6 +283,11 @@ def _interval(ctx, param, value: str) -> float | None:
               help="Also answer requests whose Host header is this name (repeatable, patterns like '*.example.com'). "
                    "Bound to loopback, only loopback names are answered by default, against DNS rebinding.")
 @click.option("--log-level", default="info", type=click.Choice(["critical", "error", "warning", "info", "debug"]), show_default=True)
+@click.option("--log-format", default="text", envvar="CODELLM_LOG_FORMAT", type=click.Choice(["text", "json"]),
+              show_default=True, help="json: one object a line, with each request's id (x-request-id) and key name.")
+@click.option("--max-body-size", default="16MB", show_default=True, help="Largest request body read (413 beyond it).")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0),
+              help="On SIGTERM, seconds for requests in flight to finish while new ones get 503 (0: stop at once).")
 @click.option("--keep-alive", default="5m", show_default=True, envvar="CODELLM_KEEP_ALIVE",
               help="How long a model stays loaded after its last request (Ollama's keep_alive: 5m, 1h, 0, -1 = forever). "
                    "Models named with --model stay loaded.")
@@ -296,20 +303,24 @@ def _interval(ctx, param, value: str) -> float | None:
               help="Let clients add and remove LoRA adapters while serving (vLLM's /v1/load_lora_adapter and "
                    "/v1/unload_lora_adapter); a directory path only from this machine.")
 @engine_options
-def serve(host, port, api_key, models, cors, allowed_hosts, log_level, keep_alive, max_loaded, memory_limit, stream_interval,
-          allow_lora_updates, **engine):
+def serve(host, port, api_key, api_key_file, models, cors, allowed_hosts, log_level, log_format, max_body_size,
+          drain_timeout, keep_alive, max_loaded, memory_limit, stream_interval, allow_lora_updates, **engine):
     """Serve registry models over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/embeddings,
     /v1/models) and Ollama's (/api/chat, /api/generate, /api/tags, /api/show, /api/pull, /api/ps, ...),
     with /health, /metrics and the OpenAPI schema at /schema."""
-    import logging
-
-    import uvicorn
-
     from codellm.engine.defaults import ensure_default
     from codellm.engine.manager import ModelManager
-    from codellm.server import create_app
+    from codellm.engine.memory import parse_size
+    from codellm.errors import CodellmError
+    from codellm.server import create_app, logs, serving
+    from codellm.server.keys import KeyFileError, KeyRing
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(log_level, log_format)
+    try:
+        body_limit = parse_size(max_body_size)
+        keys = KeyRing(api_key, api_key_file)
+    except (CodellmError, KeyFileError) as exc:
+        raise click.UsageError(str(exc)) from exc
     reg = _registry()
     manager = ModelManager(reg, _load_options(keep_alive, max_loaded, memory_limit, **engine))
     names = []
@@ -318,14 +329,14 @@ def serve(host, port, api_key, models, cors, allowed_hosts, log_level, keep_aliv
     for name in names:
         click.echo(f"loading {name}", err=True)
         manager.get(name, pin=True)
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if host not in ("127.0.0.1", "localhost", "::1") and not keys.required:
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
     click.echo(f"codellm {__version__} serving on http://{host}:{port} (models: {', '.join(e.name.short for e in reg.list())})", err=True)
     hosts = [h.strip() for value in allowed_hosts for h in value.split(",") if h.strip()]
-    uvicorn.run(create_app(manager, api_key=api_key, cors_origins=list(cors) or None, stream_interval=stream_interval,
-                           bind=host, allowed_hosts=hosts, lora_updates=allow_lora_updates),
-                host=host, port=port,
-                log_level=log_level, timeout_graceful_shutdown=5)
+    app = create_app(manager, api_key=api_key, api_key_file=api_key_file, cors_origins=list(cors) or None,
+                     stream_interval=stream_interval, bind=host, allowed_hosts=hosts, lora_updates=allow_lora_updates,
+                     max_body_size=body_limit)
+    serving.run(app, host, port, log_level=log_level, drain=drain_timeout)
 
 
 @cli.command()

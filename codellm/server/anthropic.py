@@ -17,7 +17,7 @@ from litestar.response import Stream
 from msgspec import Meta, Struct
 
 from codellm.errors import InvalidRequest, QueueFull
-from codellm.server.errors import Shape, handlers
+from codellm.server.errors import ANTHROPIC_TYPES, Shape, handlers
 from codellm.server.openai import SSE_HEADERS
 from codellm.server.pinning import Pins
 from codellm.server.pipeline import ChatTurn, Delta, block_text, collect, generate, prompt_of
@@ -223,15 +223,13 @@ async def count_tokens(request: Request, data: CountTokensRequest, pins: Pins) -
 
 
 # -- errors in Anthropic's shape, for this router's routes ------------------------------------------------------------
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-          413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
 
 
 class AnthropicShape(Shape):
     """``{"type": "error", "error": {"type", "message"}}``, the type named after the status."""
 
     def body(self, status, message, type_, code=None, param=None) -> dict:
-        kind = _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        kind = ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
         return {"type": "error", "error": {"type": kind, "message": message}}
 
     def headers(self, exc) -> dict:

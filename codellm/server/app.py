@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import os
 
 from litestar import Litestar, Request, get
@@ -21,7 +20,9 @@ from codellm.engine.streams import pace_streams
 from codellm.errors import Unauthorized
 from codellm.registry import Registry
 from codellm.server import adapters, anthropic, editors, ollama, openai, openapi, pinning, responses
+from codellm.server.edge import KEY_NAME, Drain, Edge
 from codellm.server.errors import HANDLERS, refuse
+from codellm.server.keys import KeyRing
 from codellm.server.origins import OriginGuard, Policy
 from codellm.server.request import Request as CodellmRequest
 
@@ -29,23 +30,26 @@ from codellm.server.request import Request as CodellmRequest
 async def api_key_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
     """Async on purpose: Litestar runs a sync guard in a worker thread, a GIL hand-over per request that under
     load held each new request up to the 5 ms switch interval (NOTES run 21)."""
-    key = connection.app.state.api_key
-    if not key or handler.opt.get("public") or connection.scope.get("method") == "OPTIONS":
+    keys: KeyRing = connection.app.state.api_keys
+    if handler.opt.get("public") or connection.scope.get("method") == "OPTIONS" or not keys.required:
         return
     auth = connection.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
     if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
         token = connection.headers.get("x-api-key", "")
-    if not token or not hmac.compare_digest(token.strip().encode(), key.encode()):
+    name = keys.match(token.strip()) if token else None
+    if name is None:
         raise Unauthorized("Incorrect API key provided. Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
                            if token or auth else "Missing API key. Send it as 'Authorization: Bearer <key>' or "
                            "'x-api-key: <key>'.")
+    connection.scope[KEY_NAME] = name  # type: ignore[literal-required]  (the access log names it)
 
 
-@get("/health", opt={"public": True}, summary="Liveness and loaded models")
-async def health(request: Request) -> dict:
+@get("/health", opt={"public": True}, summary="Liveness and loaded models; 503 while draining for shutdown")
+async def health(request: Request) -> Response:
     manager: ModelManager = request.app.state.manager
-    return {"status": "ok", "version": __version__, "models": {
+    draining = request.app.state.drain.draining
+    return Response(status_code=503 if draining else 200, content={"status": "draining" if draining else "ok", "version": __version__, "models": {
         name: {"slots": s.engine.slots, "active": s.engine.active(), "queued": s.engine.pending(),
                "max_batch": s.engine.stats.max_batch, "steps": s.engine.stats.steps,
                "decode_tokens": s.engine.stats.decode_tokens, "cancelled": s.engine.stats.cancelled,
@@ -53,7 +57,7 @@ async def health(request: Request) -> dict:
                "prefix_cache_hit_rate": s.engine.stats.prefix_hits / max(1, s.engine.stats.prefix_queries),
                "max_len": s.lm.max_len, "device": str(s.lm.device), "dtype": str(s.lm.dtype).removeprefix("torch.")}
         for name, s in manager.loaded().items() if s.engine is not None
-    }}
+    }})
 
 
 @get("/metrics", opt={"public": True}, media_type=PROMETHEUS_TEXT, summary="Prometheus metrics")
@@ -100,15 +104,21 @@ def create_app(
     bind: str = "127.0.0.1",
     allowed_hosts: list[str] | None = None,
     lora_updates: bool = False,
+    api_key_file: str | None = None,
+    max_body_size: int = 16 * 2**20,
 ) -> Litestar:
     """``stream_interval``: least seconds between two chunks of a stream (0: every token as it comes; None:
     automatic, growing with the number of open streams: see ``streams.auto_interval``). ``bind``: the address
     the server listens on, which decides the Host names it answers (see ``origins``). ``lora_updates``: allow
-    adding and removing LoRA adapters at run time (``adapters``)."""
+    adding and removing LoRA adapters at run time (``adapters``). ``api_key`` and ``api_key_file`` (default:
+    ``CODELLM_API_KEY``, ``CODELLM_API_KEY_FILE``): the keys asked for (``keys``). ``max_body_size``: the largest
+    request body read, in bytes (a 413 beyond it; blob uploads, streamed to disk, have no limit)."""
     manager = manager or ModelManager(Registry(), LoadOptions())
+    drain = Drain()
     policy = Policy(bind=bind, allowed_hosts=tuple(allowed_hosts or ()), cors_origins=tuple(cors_origins or ()))
     app = Litestar(
-        middleware=[DefineMiddleware(OriginGuard, policy=policy, refuse=refuse)],
+        middleware=[DefineMiddleware(Edge, drain=drain, refuse=refuse), DefineMiddleware(OriginGuard, policy=policy, refuse=refuse)],
+        request_max_body_size=max_body_size,
         route_handlers=[health, metrics, *openai.ROUTES, *editors.ROUTES, ollama.ROUTER, *responses.ROUTES, *adapters.ROUTES, anthropic.ROUTER],
         exception_handlers=HANDLERS,
         dependencies=pinning.DEPENDENCIES,
@@ -118,6 +128,7 @@ def create_app(
         on_startup=[_on_startup],
         on_shutdown=[_stop_reaper, adapters.forget_all, lambda: manager.close()],
         request_class=CodellmRequest,
+        logging_config=None,  # logs.configure (or the embedding program) owns the handlers
         debug=False,
     )
     openapi.install(app)
@@ -128,5 +139,7 @@ def create_app(
     app.state.stream_interval = stream_interval
     app.state.lora_updates = lora_updates
     app.state.runtime_adapters = set()  # adapters /v1/load_lora_adapter added (and unload may remove)
-    app.state.api_key = api_key if api_key is not None else os.environ.get("CODELLM_API_KEY") or None
+    app.state.drain = drain
+    app.state.api_keys = KeyRing(api_key if api_key is not None else os.environ.get("CODELLM_API_KEY") or None,
+                                 api_key_file or os.environ.get("CODELLM_API_KEY_FILE") or None)
     return app

@@ -29,21 +29,28 @@ def _ollama_path(path: str) -> bool:
     return path.startswith("/api/")
 
 
-async def refuse(scope, send, status: int, message: str) -> None:
+# Anthropic names its error types after the status
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+_CODES = {403: "forbidden", 413: "request_too_large", 415: "unsupported_media_type", 503: "unavailable"}
+
+
+async def refuse(scope, send, status: int, message: str, retry_after: int | None = None) -> None:
     """Answer a raw ASGI request with an error in its API's shape (for middleware, before any route runs)."""
     import msgspec
 
     path = scope.get("path", "")
     if _ollama_path(path):
         body = {"error": message}
-    elif path.startswith("/v1/messages"):  # Anthropic's shape
-        body = {"type": "error", "error": {"type": "permission_error" if status == 403 else "invalid_request_error",
-                                           "message": message}}
+    elif path.startswith("/v1/messages"):
+        body = {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
     else:
-        body = error_body(message, "invalid_request_error", {403: "forbidden", 415: "unsupported_media_type"}.get(status))
+        body = error_body(message, "server_error" if status >= 500 else "invalid_request_error", _CODES.get(status))
     data = msgspec.json.encode(body)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
 
 

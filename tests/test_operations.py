@@ -1,0 +1,191 @@
+"""Running codellm for a team: named API keys from a file, request ids and JSON logs, body size limits, and a
+graceful drain on SIGTERM. Real servers on loopback, real clients."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from conftest import Server, run_cli
+
+BODY = {"model": "tiny-coder", "messages": [{"role": "user", "content": "write a function"}], "max_tokens": 4}
+
+
+def access_lines(srv: Server) -> list[dict]:
+    """The server's JSON log lines from codellm.access."""
+    srv.log.flush()
+    lines = []
+    for line in (srv.log_path).read_text().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry["logger"] == "codellm.access":
+                lines.append(entry)
+    return lines
+
+
+def wait_for(predicate, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def test_named_keys_from_a_file_request_ids_and_json_logs(served_home, tmp_path):
+    """Several keys, each named; the logs name the key that opened each request (never the key) and carry its
+    request id, which comes back as x-request-id (the client's own when it sent a sane one). Editing the file
+    adds and revokes keys without a restart; a broken edit keeps the keys read before."""
+    keyfile = tmp_path / "keys"
+    keyfile.write_text("# team keys\nalice sk-alice-0123456789\nci-bot sk-robot-0123456789\n")
+    keyfile.chmod(0o600)
+    srv = Server(served_home, "--slots", "4", "--model", "tiny-coder", "--api-key-file", str(keyfile),
+                 "--log-format", "json", "--log-level", "info")
+    try:
+        url = srv.url + "/v1/chat/completions"
+        for key in ("sk-alice-0123456789", "sk-robot-0123456789"):
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0)
+            assert client.chat.completions.create(**BODY).choices[0].message.content is not None
+        assert httpx.post(url, json=BODY, headers={"Authorization": "Bearer sk-alice-01234567"}).status_code == 401
+        assert httpx.post(url, json=BODY).status_code == 401
+        # Anthropic's clients send x-api-key
+        ac = anthropic.Anthropic(base_url=srv.url, api_key="sk-robot-0123456789", max_retries=0)
+        assert ac.messages.create(model="tiny-coder", max_tokens=4, messages=[{"role": "user", "content": "x"}]).content
+        r = httpx.post(url, json=BODY, headers={"Authorization": "Bearer sk-alice-0123456789",
+                                               "x-request-id": "trace-42/abc"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42/abc"
+        made = httpx.post(url, json=BODY, headers={"Authorization": "Bearer sk-alice-0123456789",
+                                                  "x-request-id": "bad id\twith spaces"})
+        assert made.headers["x-request-id"] != "bad id\twith spaces" and len(made.headers["x-request-id"]) == 32
+        refused = httpx.post(url, json=BODY)
+        assert refused.headers["x-request-id"]  # refusals have ids too
+        lines = wait_for(lambda: [e for e in access_lines(srv) if e.get("request_id") == made.headers["x-request-id"]])
+        entry = lines[0]
+        assert entry["key"] == "alice" and entry["status"] == 200 and entry["path"] == "/v1/chat/completions"
+        assert entry["method"] == "POST" and entry["duration_ms"] > 0 and entry["level"] == "info"
+        logged = srv.log_path.read_text()
+        assert "sk-alice" not in logged and "sk-robot" not in logged
+        assert any(e.get("key") == "ci-bot" and e["path"] == "/v1/messages" for e in access_lines(srv))
+        assert any(e["request_id"] == "trace-42/abc" for e in access_lines(srv))
+        assert any(e["status"] == 401 and "key" not in e for e in access_lines(srv))
+        # revoke alice, add carol: no restart
+        time.sleep(0.01)
+        keyfile.write_text("ci-bot sk-robot-0123456789\ncarol sk-carol-0123456789\n")
+        assert httpx.post(url, json=BODY, headers={"Authorization": "Bearer sk-alice-0123456789"}).status_code == 401
+        assert httpx.post(url, json=BODY, headers={"Authorization": "Bearer sk-carol-0123456789"}).status_code == 200
+        keyfile.write_text("carol\tsk-carol-0123456789 extra words\n")  # broken: the keys before stay
+        assert httpx.post(url, json=BODY, headers={"Authorization": "Bearer sk-carol-0123456789"}).status_code == 200
+        assert httpx.get(srv.url + "/health").status_code == 200  # public
+    finally:
+        srv.stop()
+    keyfile.write_text("alice short\n")
+    bad = run_cli("serve", "--api-key-file", str(keyfile), env={"CODELLM_HOME": str(served_home)})
+    assert bad.returncode == 2 and "line 1" in bad.stderr and "short" not in bad.stderr.replace("shorter", "")
+
+
+def test_body_size_limit_in_each_api_shape(served_home):
+    """A body past --max-body-size is a 413 in its API's shape, with or without Content-Length, and the server
+    goes on serving."""
+    srv = Server(served_home, "--slots", "4", "--model", "tiny-coder", "--max-body-size", "256KB")
+    try:
+        big = "x " * 200_000
+        r = httpx.post(srv.url + "/v1/chat/completions", json={**BODY, "messages": [{"role": "user", "content": big}]})
+        assert r.status_code == 413 and r.json()["error"]["message"]
+        r = httpx.post(srv.url + "/api/chat", json={"model": "tiny-coder", "messages": [{"role": "user", "content": big}]})
+        assert r.status_code == 413 and isinstance(r.json()["error"], str)
+        ac = anthropic.Anthropic(base_url=srv.url, api_key="x", max_retries=0)
+        with pytest.raises(anthropic.APIStatusError) as err:
+            ac.messages.create(model="tiny-coder", max_tokens=4, messages=[{"role": "user", "content": big}])
+        assert err.value.status_code == 413 and err.value.body["error"]["type"] == "request_too_large"
+
+        def chunks():  # no Content-Length: the limit holds while reading
+            yield b'{"model": "tiny-coder", "messages": [{"role": "user", "content": "'
+            for _ in range(64):
+                yield b"y" * 8192
+            yield b'"}]}'
+        r = httpx.post(srv.url + "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        assert client.chat.completions.create(**BODY).choices[0].finish_reason in ("stop", "length")
+    finally:
+        srv.stop()
+
+
+def _stream(srv: Server, tokens: int, got: list, done: threading.Event) -> None:
+    """A long stream, read slowly to its end (or cut) in a thread, so that it lasts seconds however fast the machine
+    (a slow reader holds its request in flight); what arrived goes to ``got``."""
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        for chunk in client.chat.completions.create(**{**BODY, "max_tokens": tokens}, stream=True,
+                                                    extra_body={"ignore_eos": True}):
+            got.append(chunk)
+            time.sleep(0.004)
+    except Exception as exc:  # a cut stream
+        got.append(exc)
+    finally:
+        done.set()
+
+
+def test_sigterm_drains_streams_and_refuses_new_requests(served_home):
+    """On SIGTERM: /health says draining with a 503 (readiness fails), a new request gets a 503 in its API's shape
+    with Retry-After, the stream in flight runs to its end, and then the server exits by itself."""
+    srv = Server(served_home, "--slots", "2", "--num-ctx", "2048", "--model", "tiny-coder", "--drain-timeout", "300")
+    try:
+        got, done = [], threading.Event()
+        threading.Thread(target=_stream, args=(srv, 1500, got, done), daemon=True).start()
+        wait_for(lambda: got)
+        srv.proc.send_signal(signal.SIGTERM)
+        health = wait_for(lambda: (r := httpx.get(srv.url + "/health")).status_code == 503 and r)
+        assert health.json()["status"] == "draining"
+        r = httpx.post(srv.url + "/v1/chat/completions", json=BODY)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "server_error"
+        o = httpx.post(srv.url + "/api/generate", json={"model": "tiny-coder", "prompt": "x", "stream": False})
+        assert o.status_code == 503 and isinstance(o.json()["error"], str)
+        assert not done.is_set()  # the stream was still running through all of this
+        assert done.wait(300)
+        assert not isinstance(got[-1], Exception)
+        finish = [c.choices[0].finish_reason for c in got if c.choices and c.choices[0].finish_reason]
+        assert finish == ["length"]
+        srv.proc.wait(60)
+    finally:
+        srv.stop()
+
+
+def test_drain_deadline_cuts_what_is_left(served_home):
+    """Past --drain-timeout the server exits anyway, cutting the stream still running; a second signal stops it
+    at once."""
+    srv = Server(served_home, "--slots", "2", "--num-ctx", "2048", "--model", "tiny-coder", "--drain-timeout", "1")
+    try:
+        got, done = [], threading.Event()
+        threading.Thread(target=_stream, args=(srv, 2000, got, done), daemon=True).start()
+        wait_for(lambda: got)
+        start = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.wait(60)
+        assert done.wait(60) and time.monotonic() - start < 60
+        assert not [c for c in got if not isinstance(c, Exception) and c.choices and c.choices[0].finish_reason]
+    finally:
+        srv.stop()
+    srv = Server(served_home, "--slots", "2", "--num-ctx", "2048", "--model", "tiny-coder", "--drain-timeout", "300")
+    try:
+        got, done = [], threading.Event()
+        threading.Thread(target=_stream, args=(srv, 2000, got, done), daemon=True).start()
+        with socket.create_connection(("127.0.0.1", srv.port)):  # an idle connection holds nothing up
+            wait_for(lambda: got)
+            srv.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: httpx.get(srv.url + "/health").status_code == 503)
+            srv.proc.send_signal(signal.SIGTERM)
+            srv.proc.wait(60)
+        assert done.wait(60)
+        assert not [c for c in got if not isinstance(c, Exception) and c.choices and c.choices[0].finish_reason]
+    finally:
+        srv.stop()
