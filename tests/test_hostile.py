@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from conftest import Server, TINY_REPO
+from conftest import Server
 
 VICTIM = {"model": "tiny-coder", "messages": [{"role": "user", "content": "write a function"}], "max_tokens": 160,
           "stream": True, "ignore_eos": True}

@@ -312,7 +312,8 @@ def serve(host, port, api_key, api_key_file, models, cors, allowed_hosts, log_le
     from codellm.engine.manager import ModelManager
     from codellm.engine.memory import parse_size
     from codellm.errors import CodellmError
-    from codellm.server import create_app, logs, serving
+    from codellm import logs
+    from codellm.server import create_app, serving
     from codellm.server.keys import KeyFileError, KeyRing
 
     logs.configure(log_level, log_format)

@@ -9,13 +9,12 @@ is timed there (``telemetry``).
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
 from codellm.engine.loader import LoadedModel
-from codellm.engine.outputs import Output, Sink, Stats
+from codellm.engine.outputs import Sink, Stats
 from codellm.engine.sampling import SamplingParams, checked
 from codellm.errors import ContextLengthExceeded, InvalidRequest, QueueFull
 

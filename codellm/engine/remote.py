@@ -397,7 +397,9 @@ def _reply(channel: Channel, call: int, fn, *args, **kwargs) -> None:
 
 
 def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_opts: dict, level: int) -> None:
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from codellm import logs
+
+    logs.configure(level)
     import torch
 
     from codellm.engine import loader, memory

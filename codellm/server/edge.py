@@ -4,7 +4,6 @@ in the request's API shape (a load balancer retries it elsewhere) for all but ``
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import re
 import time
@@ -12,7 +11,8 @@ import uuid
 
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+from codellm.logs import REQUEST_ID
+
 KEY_NAME = "codellm.key"  # the scope entry where the API-key guard leaves the name of the key used
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 UNCOUNTED = ("/health", "/metrics")  # probes and scrapes: answered while draining, not waited for

@@ -1,14 +1,16 @@
-"""Server logs as text or as one JSON object a line (``--log-format json``, for log shippers), every record made
-while a request is handled carrying its ``request_id``."""
+"""Logs as text or as one JSON object a line (``--log-format json``, for log shippers), every record made while a
+request is handled carrying its ``request_id``. Engine processes inherit the format through the environment."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
+import os
 import sys
 from datetime import datetime, timezone
 
-from codellm.server.edge import REQUEST_ID
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 FIELDS = ("request_id", "method", "path", "status", "duration_ms", "key", "client")
 
@@ -44,8 +46,11 @@ class TextFormatter(logging.Formatter):
         return line + (f" [{rid}]" if rid else "") + (f" key={key}" if key else "")
 
 
-def configure(level: str = "info", fmt: str = "text") -> None:
-    """One handler on the root logger (uvicorn's loggers propagate to it: it is started with no config of its own)."""
+def configure(level: str | int = "info", fmt: str | None = None) -> None:
+    """One handler on the root logger (uvicorn's loggers propagate to it: it is started with no config of its own).
+    ``fmt``: text or json (default: ``CODELLM_LOG_FORMAT``, else text)."""
+    fmt = fmt or os.environ.get("CODELLM_LOG_FORMAT") or "text"
+    os.environ["CODELLM_LOG_FORMAT"] = fmt  # for engine processes started from here
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_RequestId())
@@ -53,7 +58,7 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level.upper())
+    root.setLevel(level.upper() if isinstance(level, str) else level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
