@@ -19,11 +19,54 @@ from hubmirror import HubMirror  # noqa: E402
 TINY_REPO = "Qwen/Qwen2.5-Coder-0.5B-Instruct"  # the catalog's qwen2.5-coder:0.5b, served by the mirror
 
 
+MODEL_CACHE = Path(__file__).parent / ".assets" / "models"  # git-ignored; CODELLM_TEST_MODEL_CACHE=0 turns it off
+
+
+def cached_build(out: Path, build, *inputs) -> Path:
+    """``build(directory)``'s model, built once for each hash of the code that builds models here (``engine/tiny.py``
+    and this file), of ``inputs`` and of the library versions, then copied to ``out``: training tiny models is the
+    slowest part of a fresh run, and its results depend on nothing else."""
+    import hashlib
+    import shutil
+
+    import torch
+    import transformers
+
+    from codellm.engine import tiny
+
+    if os.environ.get("CODELLM_TEST_MODEL_CACHE") == "0":
+        return build(out)
+    h = hashlib.sha256()
+    for source in (Path(tiny.__file__), Path(__file__)):
+        h.update(source.read_bytes())
+    h.update(repr((build.__name__, inputs, torch.__version__, transformers.__version__)).encode())
+    cached = MODEL_CACHE / h.hexdigest()[:24]
+    if not (cached / "done").exists():
+        part = MODEL_CACHE / f".{cached.name}.{os.getpid()}"
+        shutil.rmtree(part, ignore_errors=True)
+        build(part / "model")
+        (part / "model" / "done").touch()
+        shutil.rmtree(cached, ignore_errors=True)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part / "model", cached)  # whole or not at all
+        shutil.rmtree(part, ignore_errors=True)
+    shutil.copytree(cached, out, ignore=shutil.ignore_patterns("done"))
+    return out
+
+
+def digest_of(directory: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     from codellm.engine import tiny
 
-    return tiny.build(tmp_path_factory.mktemp("tiny") / "model", steps=300)
+    def tiny_trained(d):
+        return tiny.build(d, steps=300)
+    return cached_build(tmp_path_factory.mktemp("tiny") / "model", tiny_trained)
 
 
 def make_adapter(out: Path, base_dir: Path, seed: int) -> Path:
@@ -210,6 +253,11 @@ WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pari
 def teach_tiny(tiny_dir: Path, prompt: list[int], answer: list[int], out: Path, *, steps: int, loss_below: float) -> Path:
     """The tiny model trained to answer ``prompt`` with ``answer`` (token ids), saved to ``out`` with the tiny model's
     tokenizer and generation config: a real model whose output for one prompt is known."""
+    return cached_build(out, lambda d: _teach(tiny_dir, prompt, answer, d, steps=steps, loss_below=loss_below),
+                        digest_of(tiny_dir), prompt, answer, steps, loss_below)
+
+
+def _teach(tiny_dir: Path, prompt: list[int], answer: list[int], out: Path, *, steps: int, loss_below: float) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -189,3 +189,30 @@ def test_drain_deadline_cuts_what_is_left(served_home):
         assert not [c for c in got if not isinstance(c, Exception) and c.choices and c.choices[0].finish_reason]
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("placement", ["--engine-thread", "--engine-process"])
+def test_refusals_and_health_do_not_wait_for_a_busy_engine(served_home, placement):
+    """With every row busy and the queue full, a 429 (503 for Ollama's routes) and /health are answered while the
+    work in the engine goes on: they wait for nothing the engine holds. (Their latency is a figure for
+    benchmarks/serve_bench.py, not a timed assertion.)"""
+    srv = Server(served_home, "--slots", "1", "--max-queue", "2", "--num-ctx", "2048", "--model", "tiny-coder", placement)
+    try:
+        got, done = [], threading.Event()
+        threading.Thread(target=_stream, args=(srv, 1800, got, done), daemon=True).start()
+        wait_for(lambda: got)
+        queued = threading.Event()
+        threading.Thread(target=lambda: (httpx.post(srv.url + "/v1/chat/completions", timeout=300, json={
+            **BODY, "max_tokens": 1800, "ignore_eos": True}), queued.set()), daemon=True).start()
+        wait_for(lambda: httpx.get(srv.url + "/health").json()["models"]["tiny-coder:latest"]["queued"] == 2)
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            for _ in range(20):
+                r = c.post("/v1/chat/completions", json=BODY)
+                assert r.status_code == 429 and r.headers["retry-after"] == "1"
+                o = c.post("/api/generate", json={"model": "tiny-coder", "prompt": "x", "stream": False})
+                assert o.status_code == 503 and "busy" in o.json()["error"]
+                h = c.get("/health")
+                assert h.status_code == 200 and h.json()["models"]["tiny-coder:latest"]["active"] == 1
+        assert not done.is_set() and not queued.is_set()  # all of it while the engine was busy
+    finally:
+        srv.stop()
