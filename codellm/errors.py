@@ -65,6 +65,14 @@ class QueueFull(CodellmError):
     code = "queue_full"
 
 
+class ReadOnly(CodellmError):
+    """The registry is mounted read-only here (a serving replica): pulls, creates and deletes go to its writer."""
+
+    status = 403
+    type = "permission_error"
+    code = "read_only_registry"
+
+
 class InsufficientMemory(CodellmError):
     """A model does not fit beside the busy ones; retrying at once cannot help."""
 

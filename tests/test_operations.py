@@ -216,3 +216,51 @@ def test_refusals_and_health_do_not_wait_for_a_busy_engine(served_home, placemen
         assert not done.is_set() and not queued.is_set()  # all of it while the engine was busy
     finally:
         srv.stop()
+
+
+def _tree(home) -> dict[str, tuple]:
+    return {str(p.relative_to(home)): (p.is_dir(), p.stat().st_size if p.is_file() else 0, p.lstat().st_mtime_ns)
+            for p in sorted(home.rglob("*"))}
+
+
+def test_read_only_registry_serves_and_writes_nothing(tiny_dir, tmp_path):
+    """A serving replica over a shared registry volume (--read-only): it loads and serves models, in this process
+    or an engine process, and writes nothing under the registry, not a lock, a link directory or a hash record;
+    every route that would write is a 403 in its API's shape. With no model to serve it says why and stops."""
+    from codellm.registry import Registry
+    from codellm.registry.create import create
+    from codellm.registry.modelfile import Modelfile
+
+    home = tmp_path / "shared"
+    reg = Registry(home)
+    create(reg, "tiny-coder", Modelfile(from_=str(tiny_dir), parameters={"temperature": 0.0}))
+    reg.copy("tiny-coder", "other-coder")
+    before = _tree(home)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    srv = Server(logs, "--read-only", "--model", "tiny-coder", "--engine-process", env={"CODELLM_HOME": str(home)})
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        assert client.chat.completions.create(**BODY).choices[0].message.content is not None
+        # another model, loaded on first use in the engine process's sibling (a thread here would do the same)
+        r = httpx.post(srv.url + "/api/generate", timeout=120, json={"model": "other-coder", "prompt": "x",
+                                                                     "stream": False, "options": {"num_predict": 2}})
+        assert r.status_code == 200
+        assert {m["name"] for m in httpx.get(srv.url + "/api/tags").json()["models"]} >= {"tiny-coder:latest"}
+        assert httpx.post(srv.url + "/api/show", json={"model": "tiny-coder"}).status_code == 200
+        for path, body in (("/api/pull", {"model": "qwen2.5-coder:0.5b", "stream": False}),
+                           ("/api/copy", {"source": "tiny-coder", "destination": "copied"}),
+                           ("/api/create", {"model": "made", "from": "tiny-coder", "stream": False})):
+            r = httpx.post(srv.url + path, json=body, timeout=60)
+            assert r.status_code == 403 and "read-only" in r.json()["error"], (path, r.text)
+        r = httpx.request("DELETE", srv.url + "/api/delete", json={"model": "other-coder"})
+        assert r.status_code == 403 and "read-only" in r.json()["error"]
+        digest = "sha256:" + "0" * 64
+        r = httpx.post(srv.url + f"/api/blobs/{digest}", content=b"x", headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 403
+    finally:
+        srv.stop()
+    assert _tree(home) == before
+    empty = tmp_path / "empty"
+    r = run_cli("serve", "--read-only", env={"CODELLM_HOME": str(empty)})
+    assert r.returncode != 0 and "read-only" in r.stderr and not empty.exists()

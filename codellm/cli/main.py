@@ -31,10 +31,10 @@ class Group(click.Group):
             sys.exit(130)
 
 
-def _registry():
+def _registry(read_only: bool | None = None):
     from codellm.registry import Registry
 
-    return Registry()
+    return Registry(read_only=read_only)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -285,6 +285,9 @@ def _interval(ctx, param, value: str) -> float | None:
 @click.option("--log-level", default="info", type=click.Choice(["critical", "error", "warning", "info", "debug"]), show_default=True)
 @click.option("--log-format", default="text", envvar="CODELLM_LOG_FORMAT", type=click.Choice(["text", "json"]),
               show_default=True, help="json: one object a line, with each request's id (x-request-id) and key name.")
+@click.option("--read-only", is_flag=True, default=None, envvar="CODELLM_READ_ONLY",
+              help="Only read the registry (a replica over a shared volume): no writes, no locks; pulls and creates "
+                   "are refused.")
 @click.option("--max-body-size", default="16MB", show_default=True, help="Largest request body read (413 beyond it).")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0),
               help="On SIGTERM, seconds for requests in flight to finish while new ones get 503 (0: stop at once).")
@@ -303,7 +306,7 @@ def _interval(ctx, param, value: str) -> float | None:
               help="Let clients add and remove LoRA adapters while serving (vLLM's /v1/load_lora_adapter and "
                    "/v1/unload_lora_adapter); a directory path only from this machine.")
 @engine_options
-def serve(host, port, api_key, api_key_file, models, cors, allowed_hosts, log_level, log_format, max_body_size,
+def serve(host, port, api_key, api_key_file, models, cors, allowed_hosts, log_level, log_format, read_only, max_body_size,
           drain_timeout, keep_alive, max_loaded, memory_limit, stream_interval, allow_lora_updates, **engine):
     """Serve registry models over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/embeddings,
     /v1/models) and Ollama's (/api/chat, /api/generate, /api/tags, /api/show, /api/pull, /api/ps, ...),
@@ -322,7 +325,7 @@ def serve(host, port, api_key, api_key_file, models, cors, allowed_hosts, log_le
         keys = KeyRing(api_key, api_key_file)
     except (CodellmError, KeyFileError) as exc:
         raise click.UsageError(str(exc)) from exc
-    reg = _registry()
+    reg = _registry(read_only)
     manager = ModelManager(reg, _load_options(keep_alive, max_loaded, memory_limit, **engine))
     names = []
     for name in models or (["default"] if not reg.list() else []):

@@ -21,6 +21,7 @@ def ensure_default(registry: Registry, *, status: Callable[[str], None] = log.in
     for name in (DEFAULT_MODEL, OFFLINE_MODEL):
         if registry.exists(name):
             return name
+    registry.writable()  # a read-only registry without a default: say so, rather than try to make one
     if pull is None:
         from codellm.registry.hub import pull as hub_pull
 

@@ -174,8 +174,8 @@ class EngineProcess(Admission):
         conn, child = ctx.Pipe()
         self._channel = Channel(conn, ToParent)
         self.process = ctx.Process(target=_child_main, name=f"codellm-engine:{entry.name.short}", daemon=True,
-                                   args=(child, str(registry.home), str(entry.name), load, engine, view,
-                                         logging.getLogger("codellm").getEffectiveLevel()))
+                                   args=(child, str(registry.home), registry.read_only, str(entry.name), load, engine,
+                                         view, logging.getLogger("codellm").getEffectiveLevel()))
         self.process.start()
         child.close()
         ready = self._wait_ready()
@@ -396,7 +396,7 @@ def _reply(channel: Channel, call: int, fn, *args, **kwargs) -> None:
         channel.send(Reply(call, failure=Failure.of(exc)))
 
 
-def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_opts: dict, level: int) -> None:
+def _child_main(conn, home: str, read_only: bool, name: str, load: dict, engine_opts: dict, view_opts: dict, level: int) -> None:
     from codellm import logs
 
     logs.configure(level)
@@ -468,7 +468,7 @@ def _child_main(conn, home: str, name: str, load: dict, engine_opts: dict, view_
             stopped.set()
 
     try:
-        registry = Registry(home)
+        registry = Registry(home, read_only=read_only)
         entry, weights = loader.resolve(registry, name)
         model, dev, dtype = loader.load_weights(registry, entry, weights, **load)
         base = loader.view(registry, entry, weights, model, dev, dtype, **view_opts)

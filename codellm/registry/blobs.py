@@ -41,9 +41,20 @@ def check_digest(digest: str) -> str:
 
 
 class BlobStore:
-    def __init__(self, root: Path):
+    """``read_only``: nothing is written; good hashes are remembered in memory instead of in ``.verified/``."""
+
+    def __init__(self, root: Path, *, read_only: bool = False):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        self._good: dict[str, str] = {}  # read-only: digest -> the stamp it had when last hashed good
+        if not read_only:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            from codellm.errors import ReadOnly
+
+            raise ReadOnly(f"the blob store at {self.root} is read-only here (CODELLM_READ_ONLY)")
 
     def path(self, digest: str) -> Path:
         return self.root / check_digest(digest).replace(":", "-")
@@ -59,7 +70,8 @@ class BlobStore:
         if sha256_file(path) == digest:
             self._mark(digest)
             return True
-        path.unlink(missing_ok=True)
+        if not self.read_only:
+            path.unlink(missing_ok=True)
         return False
 
     # A blob's last good hash is recorded with the size and modification time it had then (``.verified/``): a
@@ -77,6 +89,9 @@ class BlobStore:
     def _mark(self, digest: str) -> None:
         stamp = self._stamp(digest)
         if stamp is None:
+            return
+        if self.read_only:
+            self._good[digest] = stamp
             return
         record = self._record(digest)
         try:
@@ -100,7 +115,7 @@ class BlobStore:
             known = self._record(digest).read_text()
         except OSError:
             known = None
-        if known == stamp and not force:
+        if (known == stamp or self._good.get(digest) == stamp) and not force:
             return
         if sha256_file(self.path(digest)) != digest:
             raise Corrupt(f"blob {digest[:19]} is damaged: its content no longer matches its sha256")
@@ -111,6 +126,7 @@ class BlobStore:
 
     def add_file(self, src: str | os.PathLike, *, move: bool = False, digest: str | None = None) -> tuple[str, int]:
         """Store a file under its sha256; returns (digest, size). Identical content is stored once."""
+        self._writable()
         src = Path(src)
         digest = digest or sha256_file(src)
         size = src.stat().st_size
@@ -134,6 +150,7 @@ class BlobStore:
         return digest, size
 
     def add_bytes(self, data: bytes) -> tuple[str, int]:
+        self._writable()
         digest = sha256_bytes(data)
         dest = self.path(digest)
         if not dest.is_file():
@@ -151,12 +168,14 @@ class BlobStore:
     def writer(self, digest: str) -> "BlobWriter":
         """A blob written piece by piece (an upload) that must hash to ``digest``: nothing is in the store until
         ``commit``, and a failed or abandoned write leaves nothing behind."""
+        self._writable()
         return BlobWriter(self, check_digest(digest))
 
     def read_bytes(self, digest: str) -> bytes:
         return self.path(digest).read_bytes()
 
     def remove(self, digest: str) -> None:
+        self._writable()
         self.path(digest).unlink(missing_ok=True)
         self._record(digest).unlink(missing_ok=True)
 

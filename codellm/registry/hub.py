@@ -167,6 +167,7 @@ def pull(
         GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError,
     )
 
+    registry.writable()
     progress = progress or SilentProgress()
     target = resolve(spec, revision)
     api = HfApi(endpoint=endpoint, token=token)

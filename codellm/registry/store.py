@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 from filelock import FileLock
 
-from codellm.errors import Corrupt, InvalidRequest, NotFound
+from codellm.errors import Corrupt, InvalidRequest, NotFound, ReadOnly
 from codellm.registry import manifest as mt
 from codellm.registry.blobs import BlobStore, sha256_bytes
 from codellm.registry.names import ModelName
@@ -39,12 +39,30 @@ class Entry:
         return self.digest.split(":", 1)[1][:12]
 
 
+def read_only_default() -> bool:
+    return os.environ.get("CODELLM_READ_ONLY", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 class Registry:
-    def __init__(self, home: str | os.PathLike | None = None):
+    """``read_only`` (default: ``CODELLM_READ_ONLY``): the registry is only read, by a serving replica over a shared
+    volume that one writer fills. Nothing is written under ``home`` then, not even a lock or a record of a good hash:
+    writes raise ``ReadOnly``, and the directories of links that transformers loads from are made in this process's
+    own temporary directory where the writer has not made them."""
+
+    def __init__(self, home: str | os.PathLike | None = None, *, read_only: bool | None = None):
         self.home = Path(home) if home else default_home()
-        self.blobs = BlobStore(self.home / "blobs")
+        self.read_only = read_only_default() if read_only is None else read_only
+        self.blobs = BlobStore(self.home / "blobs", read_only=self.read_only)
         self.manifests = self.home / "manifests"
-        self.manifests.mkdir(parents=True, exist_ok=True)
+        self._views: Path | None = None  # read-only: where link directories go
+        if not self.read_only:
+            self.manifests.mkdir(parents=True, exist_ok=True)
+
+    def writable(self) -> None:
+        """Raise ``ReadOnly`` unless this registry may be written."""
+        if self.read_only:
+            raise ReadOnly(f"the registry at {self.home} is read-only here (CODELLM_READ_ONLY): pull, create, copy "
+                           "and remove models where it is writable")
 
     # -- names and manifests -------------------------------------------------------------
     def _path(self, name: ModelName) -> Path:
@@ -54,6 +72,7 @@ class Registry:
         return path
 
     def lock(self, key: str) -> FileLock:
+        self.writable()
         locks = self.home / "locks"
         locks.mkdir(exist_ok=True)
         return FileLock(str(locks / (sha256_bytes(key.encode())[7:23] + ".lock")))
@@ -72,6 +91,7 @@ class Registry:
 
     def save(self, name: str | ModelName, manifest: mt.Manifest) -> Entry:
         """Write a manifest atomically, after checking every layer it names is stored."""
+        self.writable()
         parsed = _name(name)
         for layer in manifest.layers:
             if not self.blobs.has(layer.digest):
@@ -205,6 +225,12 @@ class Registry:
         target = root / f"{key}-{sha256_bytes(','.join(sorted(media_types)).encode())[7:15]}"
         if target.is_dir():
             return target
+        if self.read_only:
+            if self._views is None:
+                self._views = Path(tempfile.mkdtemp(prefix="codellm-views-"))
+            root, target = self._views, self._views / target.name
+            if target.is_dir():
+                return target
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
         try:
