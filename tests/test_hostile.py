@@ -504,3 +504,34 @@ def test_a_full_disk_is_one_line_and_leaves_the_registry_whole(hub, tmp_path):
         assert not list((mount / "home" / "blobs").glob(".tmp-*"))
     finally:
         subprocess.run(["umount", str(mount)])
+
+
+def test_template_deadlines_racing_the_end_of_renders_never_hang():
+    """Renders that end just as their deadline passes, on several threads at once: each is an answer or TooSlow,
+    nothing is raised outside a render, and the watchdog keeps working (an interruption that landed while a thread
+    took the watchdog's lock once left it held, and every later chat request hung)."""
+    import threading
+
+    from codellm.engine.templates import TooSlow, bounded
+
+    def render() -> str:
+        return "".join(str(i) for i in range(300))  # about as long as the deadlines below
+
+    outcomes, errors = [], []
+
+    def worker() -> None:
+        for i in range(400):
+            try:
+                outcomes.append(bounded(render, seconds=0.00002 * (i % 20)) is not None)
+            except TooSlow:
+                outcomes.append(False)
+            except BaseException as exc:  # noqa: BLE001 (an interruption escaping a render is the bug)
+                errors.append(exc)
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads) and not errors
+    assert len(outcomes) == 1600 and any(outcomes) and not all(outcomes)
+    assert bounded(render, seconds=5) == render()

@@ -153,13 +153,26 @@ def compile_chat_template(source: str):
                              param="template") from None
 
 
+def _interrupt(thread_id: int) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(TemplateTimeout))
+
+
+def _clear_interrupt() -> None:
+    """Withdraw an interruption of this thread that has not been raised yet (a NULL exception clears it)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), ctypes.c_void_p(0))
+
+
 class _Watchdog:
     """One thread that interrupts renders past their deadline (a timer thread per render would cost a thread
-    start on every chat request). Arming and firing share a lock, and a render disarms before it returns, so
-    an interruption always lands inside the render it was meant for."""
+    start on every chat request). Arming, disarming and firing share a lock, so an interruption is only ever
+    sent while its render is armed; one sent as the render was ending is withdrawn in ``disarm`` before it can be
+    raised outside the render. The lock is a plain ``threading.Lock``: an interruption raised while a thread
+    takes it cannot leave it held (a Condition's Python-level ``__enter__`` could, and did, hang every later
+    render)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
         self._armed: dict[int, tuple[float, int]] = {}  # token -> (deadline, thread id)
         self._tokens = itertools.count()
         self._thread: threading.Thread | None = None
@@ -171,25 +184,28 @@ class _Watchdog:
                 self._thread.start()
             token = next(self._tokens)
             self._armed[token] = (time.monotonic() + seconds, threading.get_ident())
-            self._lock.notify()
-            return token
+        self._wake.set()
+        return token
 
     def disarm(self, token: int) -> bool:
         """False if the deadline had passed and the render was interrupted."""
         with self._lock:
-            return self._armed.pop(token, None) is not None
+            if self._armed.pop(token, None) is not None:
+                return True
+            _clear_interrupt()
+            return False
 
     def _run(self) -> None:
-        with self._lock:
-            while True:
+        while True:
+            with self._lock:
                 now = time.monotonic()
                 for token, (deadline, thread_id) in list(self._armed.items()):
                     if deadline <= now:
                         del self._armed[token]
-                        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
-                                                                   ctypes.py_object(TemplateTimeout))
+                        _interrupt(thread_id)
                 soonest = min((d for d, _ in self._armed.values()), default=None)
-                self._lock.wait(None if soonest is None else max(0.0, soonest - now))
+            self._wake.wait(None if soonest is None else max(0.0, soonest - now))
+            self._wake.clear()
 
 
 _watchdog = _Watchdog()
@@ -203,9 +219,12 @@ def bounded(fn: Callable[[], str], seconds: float | None = None) -> str:
     try:
         token = _watchdog.arm(seconds)
         try:
-            return fn()
+            out = fn()
         finally:
-            _watchdog.disarm(token)
+            interrupted = not _watchdog.disarm(token)
+        if interrupted:  # it ended as its deadline passed: as late as one that was stopped
+            raise TemplateTimeout
+        return out
     except TemplateTimeout:
         raise TooSlow(f"the prompt template took longer than {seconds:g} s to render", param="template") from None
 
