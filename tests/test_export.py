@@ -68,3 +68,75 @@ def test_export_hf_loads_as_it_is(home, tmp_path, tiny_dir, adapter_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-coder-hf", "tiny-lora-hf", "tiny-lora-merged-hf"]
     r = run_cli("export", "no-such-model", str(tmp_path / "x"), env=env)
     assert r.returncode == 1 and not (tmp_path / "x").exists()
+
+
+def test_export_gguf_reads_back_and_writes_an_ollama_modelfile(tmp_path):
+    """A model on Qwen2.5's real vocabulary and chat template, through llama.cpp's own converter: the GGUF computes
+    the model's logits when transformers reads it back, carries the tokenizer and its chat template, and the
+    Modelfile beside it has a Go TEMPLATE that renders conversations as the Jinja template does, the default
+    system prompt, the stop token and the model's PARAMETERs."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import realvocab
+    from codellm.engine.templates import go_template, render_chat
+    from codellm.registry import Registry
+    from codellm.registry.create import create
+    from codellm.registry.modelfile import Modelfile, parse
+
+    realvocab.require_assets()
+    convert = realvocab.LLAMA_CPP / "convert"
+    src = realvocab.build(realvocab.FAMILIES["qwen2.5-coder"], tmp_path / "src")
+    home = tmp_path / "home"
+    create(Registry(home), "qcoder", Modelfile(from_=str(src), parameters={"temperature": 0.2, "top_k": 20}))
+    out = tmp_path / "exported"
+    env = {"CODELLM_HOME": str(home)}
+    r = run_cli("export", "qcoder", str(out), "--format", "gguf", "--gguf-type", "f32", "--llama-cpp", str(convert),
+                env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checked: top-1 agreement 1.000" in r.stderr and "ollama create" in r.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+    reader = gguf.GGUFReader(out / "model.gguf")
+    meta = {f.name: f for f in reader.fields.values()}
+
+    def text(key):
+        f = meta[key]
+        return bytes(f.parts[f.data[0]]).decode()
+    assert text("general.architecture") == "llama" and text("tokenizer.ggml.model") == "gpt2"
+    assert "<|im_start|>" in text("tokenizer.chat_template")
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    read = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src)
+    ids = tok("def quicksort(xs):\n    return xs", add_special_tokens=False)["input_ids"]
+    assert torch.allclose(_logits(original, ids), _logits(read, ids), atol=1e-5)
+
+    mf = parse((out / "Modelfile").read_text())
+    assert mf.from_ == "./model.gguf" and mf.system == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    assert mf.parameters["temperature"] == 0.2 and mf.parameters["top_k"] == 20 and "<|im_end|>" in mf.parameters["stop"]
+    convo = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "sort a list"},
+             {"role": "assistant", "content": "sorted(xs)"}, {"role": "user", "content": "and reverse it"}]
+    ollama = go_template(mf.template, system="Answer in Python.", prompt="sort a list", response="sorted(xs)") + \
+        go_template(mf.template, system="", prompt="and reverse it", response="")
+    assert ollama == render_chat(tok, convo, add_generation_prompt=True)
+    alone = go_template(mf.template, system=mf.system, prompt="sort a list", response="")
+    assert alone == render_chat(tok, convo[1:2], add_generation_prompt=True)
+
+
+def test_export_gguf_refuses_what_it_cannot_write_whole(home, tmp_path):
+    """An adapter must be merged first; a converter that fails leaves no directory and no staging behind; a
+    non-empty directory is never written into."""
+    env = {"CODELLM_HOME": str(home)}
+    r = run_cli("export", "tiny-lora", str(tmp_path / "a"), "--format", "gguf", env=env)
+    assert r.returncode != 0 and "--merge" in r.stderr and not (tmp_path / "a").exists()
+    broken = tmp_path / "llama.cpp"
+    (broken / "gguf-py").mkdir(parents=True)
+    (broken / "convert_hf_to_gguf.py").write_text("import sys\nsys.exit('this converter is broken')\n")
+    r = run_cli("export", "tiny-coder", str(tmp_path / "b"), "--format", "gguf", "--llama-cpp", str(broken), env=env)
+    assert r.returncode != 0 and "this converter is broken" in r.stderr
+    assert not (tmp_path / "b").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "keep").write_text("x")
+    r = run_cli("export", "tiny-coder", str(tmp_path / "c"), "--format", "gguf", "--llama-cpp", str(broken), env=env)
+    assert r.returncode != 0 and "not empty" in r.stderr and (tmp_path / "c" / "keep").read_text() == "x"

@@ -560,23 +560,47 @@ def stop(model, url):
 @cli.command()
 @click.argument("name")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True,
-              help="hf: a Hugging Face directory that vLLM, SGLang and TGI load as it is.")
+@click.option("--format", "fmt", type=click.Choice(["hf", "gguf"]), default="hf", show_default=True,
+              help="hf: a Hugging Face directory that vLLM, SGLang and TGI load as it is. gguf: one GGUF file for "
+                   "llama.cpp and an Ollama Modelfile beside it.")
 @click.option("--merge", "merge_first", is_flag=True,
               help="An adapter: merge it into its base first (as `codellm merge`) and export the one model.")
-def export(name, directory, fmt, merge_first):
-    """Write model NAME to DIRECTORY for other engines. An adapter is written beside its base, in DIRECTORY/adapter."""
+@click.option("--gguf-type", type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0"]), default="auto",
+              show_default=True, help="GGUF weights type (llama.cpp's --outtype).")
+@click.option("--llama-cpp", type=click.Path(exists=True), envvar="CODELLM_LLAMA_CPP",
+              help="A llama.cpp checkout (or llama-cpp-python's sdist) whose converter to use (default: the pinned "
+                   "one, fetched from PyPI once).")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Read the GGUF back and compare its logits with the model's.")
+def export(name, directory, fmt, merge_first, gguf_type, llama_cpp, check):
+    """Write model NAME to DIRECTORY for other engines. An adapter is written beside its base, in DIRECTORY/adapter
+    (hf), or must be merged first (gguf: --merge)."""
     from codellm.registry import manifest as mt
     from codellm.registry.export import export_hf
 
     reg = _registry()
+    say = lambda s: click.echo(s, err=True)  # noqa: E731
     if merge_first and reg.get(name).manifest.layers_of(mt.ADAPTER):
         from codellm.trainer.merge import merge as do_merge
 
-        entry, diff = do_merge(reg, name, None, status=lambda s: click.echo(s, err=True))
+        entry, diff = do_merge(reg, name, None, status=say)
         click.echo(f"merged {name} into {entry.name.short} (max logits difference {diff:.3g})", err=True)
         name = str(entry.name)
-    out = export_hf(reg, name, directory, status=lambda s: click.echo(s, err=True))
+    if fmt == "gguf":
+        from codellm.engine.gguf import export_gguf
+
+        done = export_gguf(reg, name, directory, outtype=gguf_type, llama_cpp=llama_cpp, check=check, status=say)
+        if done.check:
+            click.echo(f"checked: top-1 agreement {done.check['top1_agreement']:.3f}, largest logit difference "
+                       f"{done.check['max_relative_difference']:.2e} of the largest logit", err=True)
+        if done.template is None:
+            say("no Go TEMPLATE reproduces this model's chat template: the Modelfile has none, and Ollama takes the "
+                "chat template inside the GGUF")
+        click.echo(f"exported {name} to {done.gguf}")
+        click.echo(f"serve it elsewhere: ollama create {reg.get(name).name.model} -f {done.modelfile}  |  "
+                   f"llama-server -m {done.gguf}")
+        return
+    out = export_hf(reg, name, directory, status=say)
     click.echo(f"exported {name} to {out}")
     if (out / "adapter").is_dir():
         click.echo(f"serve it elsewhere: vllm serve {out} --enable-lora --lora-modules "
