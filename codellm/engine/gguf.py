@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from codellm.errors import CodellmError, InvalidRequest
 from codellm.registry import manifest as mt
-from codellm.registry.export import export_hf
+from codellm.registry.export import export_hf, staged
 from codellm.registry.llamacpp import convert, converter
 from codellm.registry.store import Registry
 
@@ -183,15 +182,11 @@ def export_gguf(registry: Registry, name: str, directory: str | Path, *, outtype
     if outtype not in OUTTYPES:
         raise InvalidRequest(f"unknown GGUF type {outtype!r}: one of {', '.join(OUTTYPES)}")
     target = Path(directory).resolve()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise InvalidRequest(f"{target} exists and is not empty: export into a new directory")
     entry = registry.get(name)
     if entry.manifest.layers_of(mt.ADAPTER):
         raise InvalidRequest(f"{entry.name.short} is an adapter: a GGUF holds one model, so merge it first (--merge)")
     tool = converter(registry.home, llama_cpp, status=status)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with staged(target) as tmp:
         hf = export_hf(registry, name, tmp / "hf", status=status)
         gguf = convert(tool, hf, tmp / "model.gguf", outtype, status=status)
         result = GGUFExport(target, target / "model.gguf", target / "Modelfile", None)
@@ -210,10 +205,4 @@ def export_gguf(registry: Registry, name: str, directory: str | Path, *, outtype
             "model.gguf", result.template, stop_strings(tokenizer, result.template, eos), params,
             registry.text(entry.manifest, mt.SYSTEM) or default_system, registry.text(entry.manifest, mt.LICENSE)))
         shutil.rmtree(hf)
-        if target.exists():
-            target.rmdir()
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result

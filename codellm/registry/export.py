@@ -15,8 +15,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from codellm.errors import InvalidRequest
 from codellm.registry import manifest as mt
@@ -49,12 +50,29 @@ def _json(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+@contextmanager
+def staged(directory: str | Path) -> Iterator[Path]:
+    """A temporary directory beside ``directory`` (which must not exist, or be empty) to write an export into: it
+    becomes ``directory`` when the block ends, and is removed if the block fails."""
+    target = Path(directory).resolve()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise InvalidRequest(f"{target} exists and is not empty: export into a new directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        if target.exists():
+            target.rmdir()
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def export_hf(registry: Registry, name: str, directory: str | Path, *,
               status: Callable[[str], None] = lambda s: None) -> Path:
     """Write model ``name`` to ``directory`` (which must not exist, or be empty) and return it."""
     target = Path(directory).resolve()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise InvalidRequest(f"{target} exists and is not empty: export into a new directory")
     entry = registry.get(name)
     manifest = entry.manifest
     if manifest.config.task in ("embed", "rerank"):
@@ -65,9 +83,7 @@ def export_hf(registry: Registry, name: str, directory: str | Path, *,
     registry.check(weights, name=entry.name.short, media_types=MODEL_LAYERS)
     if adapter:
         registry.check(manifest, name=entry.name.short, media_types=frozenset({mt.ADAPTER}))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with staged(target) as tmp:
         _copy_layers(registry, weights, MODEL_LAYERS, tmp, status)
         if manifest is not weights and manifest.layers_of(mt.TOKENIZER):  # its own tokenizer files over its base's
             _copy_layers(registry, manifest, frozenset({mt.TOKENIZER}), tmp, status)
@@ -87,10 +103,4 @@ def export_hf(registry: Registry, name: str, directory: str | Path, *,
         if adapter:
             (tmp / "adapter").mkdir()
             _copy_layers(registry, manifest, frozenset({mt.ADAPTER}), tmp / "adapter", status)
-        if target.exists():
-            target.rmdir()
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
