@@ -84,7 +84,9 @@ def test_kubernetes_manifests_render_and_validate(variant, tmp_path):
     monitor = by_kind(docs, "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert all(service["metadata"]["labels"].get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
-    assert monitor["spec"]["endpoints"][0] == {"port": "http", "path": "/metrics", "interval": "15s"}
+    endpoint = monitor["spec"]["endpoints"][0]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    assert endpoint["authorization"]["type"] == "Bearer" and endpoint["authorization"]["credentials"]["key"]
     limits = server["resources"]["limits"]
     if variant == "overlays/gpu":
         assert limits["nvidia.com/gpu"] == 1 and server["args"][-2:] == ["--device", "cuda"]

@@ -370,14 +370,15 @@ def scrape(server) -> dict[tuple[str, tuple], float]:
     """/metrics parsed by prometheus_client's own parser: {(sample name, sorted labels): value}."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    r = httpx.get(server.url + "/metrics", timeout=10)
+    assert httpx.get(server.url + "/metrics", timeout=10).status_code == 401  # what runs here is not public
+    r = httpx.get(server.url + "/metrics", timeout=10, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(r.text) for s in family.samples}
 
 
 def test_metrics(client, server):
-    """Prometheus text under vLLM's names, public (no key), one series per loaded model whichever process runs its
+    """Prometheus text under vLLM's names (behind the API key), one series per loaded model whichever process runs its
     engine: request histograms (time to first token, between tokens, end to end, in the queue, token counts),
     finished choices by reason, and the engine's gauges and counters. An unloaded model's series go with it."""
     chat(client, max_tokens=4, extra_body={"ignore_eos": True})

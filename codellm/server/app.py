@@ -60,7 +60,7 @@ async def health(request: Request) -> Response:
     }})
 
 
-@get("/metrics", opt={"public": True}, media_type=PROMETHEUS_TEXT, summary="Prometheus metrics")
+@get("/metrics", media_type=PROMETHEUS_TEXT, summary="Prometheus metrics (the API key too, where one is set)")
 async def metrics(request: Request) -> Response:
     """vLLM's metric names and meanings (``engine.telemetry``), one series per loaded model."""
     return Response(telemetry.exposition(request.app.state.stats_collector), media_type=PROMETHEUS_TEXT)

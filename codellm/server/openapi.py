@@ -56,7 +56,7 @@ ERRORS = {  # status -> what it means, for every route of a dialect
 }
 _OPENAI = {400, 401, 403, 404, 415, 429, 500, 507}
 _OLLAMA = {400, 401, 403, 404, 415, 500, 503, 507}
-_PUBLIC = {403, 500}  # /health, /metrics, /api/version: no key, no body
+_PUBLIC = {403, 500}  # /health, /api/version: no key, no body
 
 
 def _bodies(app: Litestar) -> dict[tuple[str, str], type]:
@@ -86,7 +86,7 @@ def document(app: Litestar, generated: dict[str, Any]) -> dict[str, Any]:
             if body is not None:
                 op["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[body]}}}
             ollama = path.startswith("/api/")
-            public = body is None and method == "get" and path in ("/health", "/metrics", "/api/version")
+            public = body is None and method == "get" and path in ("/health", "/api/version")
             if path.startswith("/api/blobs/"):  # a digest to check, and for POST a raw body to store
                 codes = {400, 401, 403, 404, 500} | ({507} if method == "post" else set())
                 if method == "post":
