@@ -17,13 +17,14 @@ from typing import Callable
 
 import torch
 
-from codellm.engine import blocks, fusion, grammar, memory, outputs, telemetry
+from codellm.engine import blocks, fusion, grammar, memory, outputs, sampling, speculation, telemetry
 from codellm.engine.client import Admission, Handle
 from codellm.engine.detok import IncrementalDetokenizer, StopMatcher
 from codellm.engine.loader import LoadedModel
 from codellm.engine.outputs import Output, Sink, Stats
 from codellm.engine.runner import Launched, ModelRunner
 from codellm.engine.sampling import SamplingParams, TokenLogprob, generator
+from codellm.engine.speculation import SpeculativeConfig
 from codellm.engine.scheduler import PrefillPlan, Scheduler
 from codellm.engine.sequence import Sequence, constraint, stop_ids
 
@@ -39,8 +40,9 @@ class Engine(Admission):
     def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int | None = None,
                  cuda_graphs: bool = True, compile: bool = False, overlap: bool = True, fuse: bool = True,
                  kv_cache_memory: int | None = None, block_size: int = 16, prefix_caching: bool = True,
-                 source: Callable[[float], None] | None = None):
+                 speculative: SpeculativeConfig | None = None, source: Callable[[float], None] | None = None):
         self.lm = lm
+        self.speculative = speculative  # drafts from prompt lookup, checked in one forward (``speculation``)
         # where new work comes from besides ``submit`` from other threads: called on the engine thread with how long
         # it may wait (an engine process reads its pipe there, so no reader thread has to win the GIL from this loop)
         self._source = source
@@ -113,6 +115,7 @@ class Engine(Admission):
                 generator=generator(params.seed, i, self.lm.device),
                 want_prompt_logprobs=prompt_logprobs and i == 0,
                 constraint=constraint(params, lm.tokenizer, lm.eos_ids), adapter=lm.adapter,
+                speculating=params.speculative,
             )
             for i in range(n)
         ]
@@ -276,6 +279,57 @@ class Engine(Admission):
             self._sample([seqs[i] for i in keep], logits if len(keep) == len(seqs) else logits[keep])
 
     def _decode(self, batch: list[Sequence]) -> None:
+        if self.speculative is not None and len(batch) <= self.speculative.max_batch and \
+                any(s.speculating for s in batch):
+            self._complete()  # drafts look at every token so far (so steps are not overlapped while speculating)
+            batch = [s for s in batch if s.decodable]
+            drafted = self._drafts(batch)
+            if drafted:
+                self._verify(drafted)
+                batch = [s for s in batch if s.decodable and all(s is not d for d, _ in drafted)]
+                if not batch:
+                    return
+        self._decode_one(batch)
+
+    def _drafts(self, batch: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """The sequences that speculate this step, with their drafts (and the KV blocks those need)."""
+        cfg = self.speculative
+        drafted = []
+        for seq in batch:
+            room = seq.max_new - len(seq.generated) - 1  # the token the model adds after the drafts counts too
+            if room <= 0 or not seq.speculating or seq.constraint is not None or seq.params.logprobs is not None:
+                continue
+            seq.spec_steps += 1
+            if seq.spec_steps > cfg.warmup and seq.accepted < cfg.min_gain * seq.spec_steps:
+                seq.speculating = False  # too few drafts found or kept to pay for steps that cannot overlap
+                continue
+            drafts = speculation.propose(seq.known(), min(cfg.num_tokens, room), cfg.ngram_max, cfg.ngram_min)
+            if drafts and self.pool.extend(seq.chain, len(seq.prompt) + len(seq.generated) + len(drafts)):
+                drafted.append((seq, drafts))
+        return drafted
+
+    def _verify(self, drafted: list[tuple[Sequence, list[int]]]) -> None:
+        """One forward over every drafted sequence's drafts; each keeps what the model agrees with (``accept``)
+        and one token more, emitted one by one so that stop strings and token limits end it where they fall."""
+        cfg = self.speculative
+        logits = self.runner.verify(drafted)
+        self.stats.steps += 1
+        for (seq, drafts), rows in zip(drafted, logits):
+            histories = [seq.generated + drafts[:j] for j in range(len(drafts) + 1)]
+            verdict = speculation.accept(drafts, seq.params.greedy, sampling.choices(rows, seq.params, histories),
+                                         seq.generator)
+            seq.drafted += len(drafts)
+            seq.accepted += verdict.accepted
+            self.stats.spec_drafts += 1
+            self.stats.spec_draft_tokens += len(drafts)
+            self.stats.spec_accepted += verdict.accepted
+            for token in verdict.tokens:
+                if seq.finished:
+                    break
+                self.stats.decode_tokens += 1
+                self._emit([seq], [token], [None])
+
+    def _decode_one(self, batch: list[Sequence]) -> None:
         """One decode step for ``batch``. When all of it wants the plain argmax, the step's tokens stay on the
         device and the host reads them one step later, while the device runs the next step: detokenization, stop
         checks and HTTP work overlap the forward pass. A sequence that stopped is then decoded one step too many,

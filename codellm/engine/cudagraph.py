@@ -240,12 +240,17 @@ class GraphRunner:
             attended += k
         return groups
 
-    def prefill(self, chunks: list[tuple[list[int], int, list[int]]], adapters: list[int] | None = None) -> torch.Tensor | None:
+    def prefill(self, chunks: list[tuple[list[int], int, list[int]]], adapters: list[int] | None = None,
+                every: bool = False) -> torch.Tensor | None:
         """Next-token logits ([len(chunks), V], on the device) of a packed prefill (``chunks`` as
         ``kvcache.pack_prompts`` takes them, with each chunk's adapter number) by one graph replay, or None when no
-        captured graph fits (too many tokens, keys or chunks)."""
+        captured graph fits (too many tokens, keys or chunks). With ``every``, the logits of every position, end to
+        end (speculative drafts checked: the graph reads logits at one index a row, so at most as many as its
+        rows)."""
         prompts = [tokens for tokens, _, _ in chunks]
         total = sum(len(p) for p in prompts)
+        if every and total > PREFILL_ROWS:
+            return None
         n = next((b for b in self.prefill_buckets if b >= total), None)
         k = 0
         if any(start for _, start, _ in chunks):  # continuing cached prefixes: their keys come from the pool
@@ -263,10 +268,12 @@ class GraphRunner:
         h_ids, h_pos, h_write, h_cu, h_last, h_adapters = self._pf_parts(host)
         h_ids[:n], h_pos[:n], h_write[:n], h_cu[:], h_last[:] = kvcache.pack_prompts(
             chunks, self.cache.block_size, self.cache.scratch, width=n, rows=PREFILL_ROWS)
+        if every:
+            h_last[:total] = torch.arange(total)
         if self.lora is not None:
             h_adapters[:n] = multilora.token_adapters(prompts, adapters, n)
         self.pf.copy_(host, non_blocking=True)
         graph, logits = self.prefill_graphs[(n, k)]
         graph.replay()
         self.prefill_replays["cached" if k else "fresh"] += 1
-        return logits[:len(prompts)]
+        return logits[:total if every else len(prompts)]

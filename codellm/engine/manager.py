@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from codellm.engine import memory, telemetry
+from codellm.engine.speculation import SpeculativeConfig
 from codellm.engine.loader import LoadedModel
 from codellm.engine.sampling import SamplingParams, checked
 from codellm.engine.remote import EngineProcess
@@ -45,6 +46,7 @@ class LoadOptions:
     cuda_graphs: bool = True  # decode through captured CUDA graphs on GPUs (eager when off, or for adapters)
     compile: bool = True  # torch.compile the graph-captured decode step (GPU only; falls back to plain graphs)
     engine_process: bool | None = None  # each engine in a child process (default: on GPUs), see engine.remote
+    speculative: "SpeculativeConfig | None" = None  # prompt-lookup speculative decoding (engine.speculation)
 
 
 @dataclass
@@ -254,7 +256,8 @@ class ModelManager:
         load = dict(device=o.device, dtype=o.dtype, quantize=o.quantize, trust_remote_code=o.trust_remote_code)
         view = dict(num_ctx=o.num_ctx, quantize=o.quantize, trust_remote_code=o.trust_remote_code)
         engine = dict(slots=o.slots, max_queue=o.max_queue, prefill_chunk=o.prefill_chunk, cuda_graphs=o.cuda_graphs,
-                      compile=o.compile, kv_cache_memory=o.kv_cache_memory, prefix_caching=o.prefix_caching)
+                      compile=o.compile, kv_cache_memory=o.kv_cache_memory, prefix_caching=o.prefix_caching,
+                      speculative=o.speculative)
         separate = o.engine_process
         if separate is None:
             separate = loader.pick_device(o.device, o.dtype)[0].type == "cuda"

@@ -31,6 +31,8 @@ class Output(msgspec.Struct):
     stop: str | None = None  # the stop string that ended the choice (finish_reason "stop")
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     queue_time: float | None = None  # on a choice's first output: seconds it waited for a row and its KV blocks
+    drafted_tokens: int = 0  # speculative drafts checked for this choice so far
+    accepted_tokens: int = 0  # ... and kept
 
 
 Sink = Callable[[Output], None]
@@ -50,12 +52,16 @@ class Stats(msgspec.Struct):
     kv_blocks: int = 0
     kv_used: int = 0
     adapters: int = 0  # LoRA adapters on the weights
+    spec_drafts: int = 0  # speculative verification rows (a sequence's drafts checked in one step)
+    spec_draft_tokens: int = 0
+    spec_accepted: int = 0
 
 
 def final(seq: "Sequence", reason: str, error: str | None = None) -> Output:
     """The output that ends ``seq`` when nothing else is left to say (cancelled, failed, asked for no tokens)."""
     return Output(index=seq.index, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated),
-                  cached_tokens=seq.hit, finish_reason=reason, error=error, stop=seq.stops.matched)
+                  cached_tokens=seq.hit, drafted_tokens=seq.drafted, accepted_tokens=seq.accepted,
+                  finish_reason=reason, error=error, stop=seq.stops.matched)
 
 
 def process(batch: list["Sequence"], tokens: list[int], infos: list[TokenLogprob | None]) -> list[Output]:
@@ -66,7 +72,7 @@ def process(batch: list["Sequence"], tokens: list[int], infos: list[TokenLogprob
     outs = []
     for seq, token, info, piece in zip(batch, tokens, infos, pieces):
         out = Output(index=seq.index, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated),
-                     cached_tokens=seq.hit)
+                     cached_tokens=seq.hit, drafted_tokens=seq.drafted, accepted_tokens=seq.accepted)
         if len(seq.generated) == 1:
             out.queue_time = seq.queue_time
             if seq.prompt_logprobs is not None:

@@ -145,19 +145,7 @@ class ModelRunner:
         fresh = all(start == 0 for _, start, _ in packed)
         logits = self.graphs.prefill(packed, adapters) if self.graphs_usable else None
         if logits is None:
-            dev = self.lm.device
-            bs = self.cache.block_size
-            ids, positions, write, cu, last = kvcache.pack_prompts(packed, bs, self.cache.scratch)
-            keys = {}
-            if not fresh:  # chunks that continue cached prefixes attend to their whole sequences
-                index, cu_k, max_k = kvcache.pack_keys(packed, bs)
-                keys = dict(kv_index=index.to(dev), cu_k=cu_k.to(dev, torch.int32), max_k=max_k)
-            ctx = kvcache.packed_context(self.cache, write.to(dev), positions.to(dev), cu.to(dev, torch.int32),
-                                         max(len(t) for t, _, _ in packed), **keys)
-            tokens = [t for t, _, _ in packed]
-            with lora.active(multilora.token_adapters(tokens, adapters, len(ids)).to(dev).view(1, -1)) if lora \
-                    else contextlib.nullcontext():
-                logits = self._logits(ctx, ids.view(1, -1), positions.view(1, -1), last)[0]
+            logits = self._packed_eager(packed, adapters, fresh)
         done = self._completing(chunks)
         if not done:
             return [], None
@@ -166,6 +154,45 @@ class ModelRunner:
         else:
             logits = logits[done]
         return [chunks[r][0] for r in done], logits
+
+    def _packed_eager(self, packed: list[tuple[list[int], int, list[int]]], adapters, fresh: bool,
+                      every: bool = False) -> torch.Tensor:
+        """One eager forward of packed chunks (tokens, first position, blocks): each chunk's last logits, or with
+        ``every`` the logits of all its positions, end to end."""
+        dev = self.lm.device
+        bs = self.cache.block_size
+        lora = self.graphs.lora if self.graphs_usable else None
+        ids, positions, write, cu, last = kvcache.pack_prompts(packed, bs, self.cache.scratch)
+        keys = {}
+        if not fresh:  # chunks that continue cached prefixes attend to their whole sequences
+            index, cu_k, max_k = kvcache.pack_keys(packed, bs)
+            keys = dict(kv_index=index.to(dev), cu_k=cu_k.to(dev, torch.int32), max_k=max_k)
+        ctx = kvcache.packed_context(self.cache, write.to(dev), positions.to(dev), cu.to(dev, torch.int32),
+                                     max(len(t) for t, _, _ in packed), **keys)
+        tokens = [t for t, _, _ in packed]
+        with lora.active(multilora.token_adapters(tokens, adapters, len(ids)).to(dev).view(1, -1)) if lora \
+                else contextlib.nullcontext():
+            return self._logits(ctx, ids.view(1, -1), positions.view(1, -1), 0 if every else last)[0]
+
+    def verify(self, rows: list[tuple[Sequence, list[int]]]) -> list[torch.Tensor]:
+        """Speculative drafts checked in one forward: for each (sequence, drafts), its last token and its drafts go
+        in at their positions (their keys and values written), and the logits of every one of those positions come
+        back, ``len(drafts) + 1`` rows a sequence. Keys written for drafts that are not kept are overwritten later."""
+        self.cache.sync()
+        packed = [([seq.generated[-1], *drafts], len(seq.prompt) + len(seq.generated) - 1, seq.chain.blocks)
+                  for seq, drafts in rows]
+        if self.peft and not self.graphs_usable:  # PEFT's own mixed-adapter LoRA: one sequence a forward
+            out = []
+            for (seq, _), (tokens, start, blocks) in zip(rows, packed):
+                positions = torch.arange(start, start + len(tokens)).unsqueeze(0)
+                out.append(self._forward(torch.tensor([tokens]), positions, [blocks], [seq.adapter], all_logits=True)[0])
+            return out
+        lora = self.graphs.lora if self.graphs_usable else None
+        adapters = [lora.of(seq.adapter) for seq, _ in rows] if lora else None
+        logits = self.graphs.prefill(packed, adapters, every=True) if self.graphs_usable else None
+        if logits is None:
+            logits = self._packed_eager(packed, adapters, fresh=False, every=True)
+        return list(torch.split(logits, [len(t) for t, _, _ in packed]))
 
     def prefill_alone(self, chunk: Chunk) -> torch.Tensor | None:
         """One chunk in a forward of its own, keeping every position's logits: the prompt's log-probabilities are

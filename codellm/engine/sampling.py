@@ -39,6 +39,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True):
     grammar: str = ""  # the output must follow this llguidance grammar (``engine.grammar``: JSON schemas, tool calls)
     skip_special_tokens: bool = True  # False: special tokens appear in the text (tool-call markers that are tokens)
     grammar_prefix: str = ""  # with grammar: its text already written before the output (a forced tool call's start)
+    speculative: bool = True  # False: no speculative decoding for this request, where the engine offers it
 
     @property
     def greedy(self) -> bool:
@@ -95,6 +96,52 @@ def _penalize(row: torch.Tensor, params: SamplingParams, history: list[int]) -> 
         row[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(row.dtype)
 
 
+def _processed(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]]) -> torch.Tensor:
+    """A copy of float ``logits`` with each row's penalties and logit bias applied."""
+    logits = logits.clone()
+    for i, (p, hist) in enumerate(zip(params, histories)):
+        _penalize(logits[i], p, hist)
+        if p.logit_bias:
+            ids = torch.tensor([k for k in p.logit_bias if 0 <= k < logits.shape[1]], dtype=torch.long)
+            if len(ids):
+                logits[i, ids] += torch.tensor([p.logit_bias[int(k)] for k in ids], dtype=logits.dtype)
+    return logits
+
+
+def _probabilities(sub: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """What sampled rows draw from: temperature, then top-k, min-p and top-p, renormalized."""
+    temp = torch.tensor([p.temperature for p in params], device=sub.device).unsqueeze(1)
+    sub = sub / temp
+    top_k = [p.top_k for p in params]
+    if any(k > 0 for k in top_k):
+        kmax = min(max(top_k), sub.shape[1])
+        kth = torch.topk(sub, kmax, dim=-1).values
+        idx = torch.tensor([min(k, kmax) - 1 if k > 0 else kmax - 1 for k in top_k], device=sub.device)
+        thresh = kth.gather(1, idx.unsqueeze(1))
+        active = torch.tensor([k > 0 for k in top_k], device=sub.device).unsqueeze(1)
+        sub = torch.where(active & (sub < thresh), torch.full_like(sub, float("-inf")), sub)
+    probs = torch.softmax(sub, dim=-1)
+    min_p = torch.tensor([p.min_p for p in params], device=sub.device).unsqueeze(1)
+    if (min_p > 0).any():
+        probs = torch.where(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0, probs)
+    top_p = torch.tensor([p.top_p for p in params], device=sub.device).unsqueeze(1)
+    if (top_p < 1).any():
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        cum = sorted_p.cumsum(dim=-1)
+        drop = (cum - sorted_p) > top_p  # keep the smallest set whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_p)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def choices(logits: torch.Tensor, params: SamplingParams, histories: list[list[int]]) -> torch.Tensor:
+    """One sequence's next-token choice at several positions (row j after ``histories[j]``), as ``sample`` would
+    make it: the processed logits for a greedy sequence (it takes their argmax), else the probabilities it draws
+    from. Speculative decoding checks its drafts against these."""
+    logits = _processed(logits.float(), [params] * len(histories), histories)
+    return logits if params.greedy else _probabilities(logits, [params] * len(histories))
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -107,42 +154,14 @@ def sample(
     logits = logits.float()
     want_logprobs = any(p.logprobs is not None for p in params)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    logits = logits.clone()
-    for i, (p, hist) in enumerate(zip(params, histories)):
-        _penalize(logits[i], p, hist)
-        if p.logit_bias:
-            ids = torch.tensor([k for k in p.logit_bias if 0 <= k < logits.shape[1]], dtype=torch.long)
-            if len(ids):
-                logits[i, ids] += torch.tensor([p.logit_bias[int(k)] for k in ids], dtype=logits.dtype)
+    logits = _processed(logits, params, histories)
     greedy = torch.tensor([p.greedy for p in params])
     chosen = torch.empty(len(params), dtype=torch.long)
     if greedy.any():
         chosen[greedy] = logits[greedy.to(logits.device)].argmax(dim=-1).cpu()
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
-        sub = logits[rows]
-        temp = torch.tensor([params[i].temperature for i in rows], device=sub.device).unsqueeze(1)
-        sub = sub / temp
-        top_k = [params[i].top_k for i in rows]
-        if any(k > 0 for k in top_k):
-            kmax = min(max(top_k), sub.shape[1])
-            kth = torch.topk(sub, kmax, dim=-1).values
-            idx = torch.tensor([min(k, kmax) - 1 if k > 0 else kmax - 1 for k in top_k], device=sub.device)
-            thresh = kth.gather(1, idx.unsqueeze(1))
-            active = torch.tensor([k > 0 for k in top_k], device=sub.device).unsqueeze(1)
-            sub = torch.where(active & (sub < thresh), torch.full_like(sub, float("-inf")), sub)
-        probs = torch.softmax(sub, dim=-1)
-        min_p = torch.tensor([params[i].min_p for i in rows], device=sub.device).unsqueeze(1)
-        if (min_p > 0).any():
-            probs = torch.where(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0, probs)
-        top_p = torch.tensor([params[i].top_p for i in rows], device=sub.device).unsqueeze(1)
-        if (top_p < 1).any():
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            cum = sorted_p.cumsum(dim=-1)
-            drop = (cum - sorted_p) > top_p  # keep the smallest set whose mass reaches top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(1, order, sorted_p)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
+        probs = _probabilities(logits[rows], [params[i] for i in rows])
         # the exponential race: argmax(p / E), E ~ Exp(1), draws token t with probability p[t] (the Gumbel-max trick),
         # on the device for every row at once (a multinomial per row on the host cost ~3 ms a row at a 128k vocabulary)
         noise = torch.empty_like(probs)

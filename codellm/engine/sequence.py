@@ -43,6 +43,10 @@ class Sequence:
     inflight: int = 0  # tokens decoded on the device whose ids the host has not read yet
     arrived: float = field(default_factory=time.perf_counter)
     queue_time: float | None = None  # from arrival to its first admission to a row
+    speculating: bool = True  # drafts are proposed for it (off by request, or once they rarely hold)
+    spec_steps: int = 0  # decode steps taken while speculating
+    drafted: int = 0  # speculative draft tokens checked
+    accepted: int = 0  # ... and kept
 
     @property
     def pipelined(self) -> bool:

@@ -106,6 +106,11 @@ class StatsCollector(Collector):
                                           lambda e: e.stats.prefix_queries),
             "vllm:prefix_cache_hits": ("Prompt tokens found in the prefix cache.", lambda e: e.stats.prefix_hits),
             "codellm_decode_steps": ("Engine steps run.", lambda e: e.stats.steps),
+            "vllm:spec_decode_num_drafts": ("Speculative drafts checked (a sequence's drafts in one step).",
+                                            lambda e: e.stats.spec_drafts),
+            "vllm:spec_decode_num_draft_tokens": ("Speculative draft tokens checked.",
+                                                  lambda e: e.stats.spec_draft_tokens),
+            "vllm:spec_decode_num_accepted_tokens": ("Speculative draft tokens kept.", lambda e: e.stats.spec_accepted),
         }
         engines = list(self.engines())
         for name, (doc, value) in gauges.items():

@@ -49,13 +49,18 @@ def sampling_overrides(data: SamplingFields, max_tokens: int | None, logprobs: i
         temperature=data.temperature, top_p=data.top_p, top_k=data.top_k, min_p=data.min_p, seed=data.seed,
         presence_penalty=data.presence_penalty, frequency_penalty=data.frequency_penalty,
         repetition_penalty=data.repetition_penalty, logit_bias=bias, max_tokens=max_tokens, stop=stop,
-        logprobs=logprobs, ignore_eos=data.ignore_eos or None,
+        logprobs=logprobs, ignore_eos=data.ignore_eos or None, speculative=data.speculative,
     )
 
 
-def usage(prompt: int, completion: int, cached: int = 0) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+def usage(prompt: int, completion: int, cached: int = 0, drafted: int = 0, accepted: int = 0) -> dict:
+    """OpenAI's usage; speculative drafts are counted as its predicted-output tokens are (kept, and not)."""
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}}
+    if drafted:
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                            "rejected_prediction_tokens": drafted - accepted}
+    return out
 
 
 def _token_text(tok, token_id: int) -> str:
@@ -139,10 +144,10 @@ async def chat_completions(request: Request, data: ChatCompletionRequest, pins: 
         body.append({"index": index, "message": message,
                      "logprobs": chat_logprobs(tok, c.logprobs) if logprobs is not None else None,
                      "finish_reason": c.final.finish})
-    completion, cached = gen.counts([c.final for c in answers])
     return Response({
         "id": rid, "object": "chat.completion", "created": created, "model": data.model,
-        "system_fingerprint": FINGERPRINT, "choices": body, "usage": usage(gen.prompt_tokens, completion, cached),
+        "system_fingerprint": FINGERPRINT, "choices": body,
+        "usage": usage(gen.prompt_tokens, *gen.counts([c.final for c in answers])),
     })
 
 

@@ -54,6 +54,7 @@ class SamplingFields(Struct, kw_only=True):
     seed: Seed | None = None
     user: str | None = None
     ignore_eos: bool | None = False
+    speculative: bool | None = None  # False: no speculative decoding for this request (where the server offers it)
 
     def __post_init__(self) -> None:
         """An explicit null means the default (the OpenAI spec allows null here; wrappers forward None)."""

@@ -1,0 +1,92 @@
+"""Speculative decoding by prompt lookup: what a code assistant writes is often already in its context (an edit
+re-emits the file it was given, an agent quotes the tool output it just read), so the tokens that followed the
+last n tokens the previous time they appeared are proposed as the next ones, and the model checks them all in
+one forward pass.
+
+Pure host work on token lists, no tensors but the probability rows ``accept`` is given:
+
+- ``propose``: up to k draft tokens, from the latest earlier occurrence of the longest suffix (n_max down to
+  n_min tokens) found in the prompt and what was generated;
+- ``accept``: which drafts the model keeps, given its distributions at each draft position. Greedy rows keep
+  the drafts that equal the argmax, then the argmax where they differ: token for token the output without
+  speculation. Sampled rows use rejection sampling against the draft's point mass: draft ``d`` is kept with
+  probability p(d); on rejection the token is drawn from p with ``d`` removed; after every draft is kept one more
+  is drawn from the last distribution. The output's distribution is the model's, unchanged.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+
+import msgspec
+import torch
+
+
+class SpeculativeConfig(msgspec.Struct, frozen=True):
+    method: str = "ngram"
+    num_tokens: int = 4  # drafts proposed at most per step
+    ngram_max: int = 4  # the longest suffix looked up
+    ngram_min: int = 2
+    max_batch: int = 32  # speculate only while this few sequences decode: larger batches are compute-bound
+    # a sequence stops speculating once, after ``warmup`` steps, its kept drafts add fewer than ``min_gain`` tokens
+    # a step on average: a step that speculates cannot overlap the host's work with the device's
+    min_gain: float = 0.5
+    warmup: int = 16
+
+
+def propose(tokens: list[int], k: int, n_max: int = 4, n_min: int = 2) -> list[int]:
+    """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix of ``tokens`` (between
+    ``n_max`` and ``n_min`` tokens long); [] where none recurs."""
+    if k <= 0 or len(tokens) <= n_min:
+        return []
+    data = array("i", tokens).tobytes()  # a C-speed search over 4-byte tokens
+    size = data.__len__() // len(tokens)
+    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+        tail = data[-n * size:]
+        end = len(data) - size  # an occurrence must end before the last token: the suffix itself is not one
+        while True:
+            at = data.rfind(tail, 0, end)
+            if at < 0:
+                break
+            if at % size == 0:
+                start = at // size + n
+                return tokens[start:start + k]
+            end = at + len(tail) - 1
+    return []
+
+
+@dataclass
+class Verdict:
+    tokens: list[int]  # the tokens to emit: the kept drafts, then one the model chose
+    accepted: int  # drafts kept
+
+
+def accept(drafts: list[int], greedy: bool, rows: torch.Tensor, generator: torch.Generator | None = None) -> Verdict:
+    """``rows`` [len(drafts) + 1, V]: the model's next-token choice at each draft position (greedy: processed
+    logits, whose argmax it picks; sampled: probabilities, each row summing to 1)."""
+    if greedy:
+        best = rows.argmax(dim=-1).tolist()
+        kept = 0
+        while kept < len(drafts) and drafts[kept] == best[kept]:
+            kept += 1
+        return Verdict(drafts[:kept] + [best[kept]], kept)
+    probs = rows.float().cpu()
+    u = torch.rand(len(drafts) + 1, generator=generator if generator is not None and generator.device.type == "cpu"
+                   else None)
+    for j, d in enumerate(drafts):
+        p = probs[j]
+        if u[j] < p[d]:
+            continue
+        rest = p.clone()
+        rest[d] = 0.0
+        total = rest.sum()
+        if total <= 0:  # p was all on d: a rejection cannot happen, but float error said so
+            continue
+        return Verdict(drafts[:j] + [_draw(rest / total, generator)], j)
+    return Verdict(drafts + [_draw(probs[len(drafts)], generator)], len(drafts))
+
+
+def _draw(p: torch.Tensor, generator: torch.Generator | None) -> int:
+    g = generator if generator is not None and generator.device.type == "cpu" else None
+    return int(torch.multinomial(p, 1, generator=g))
