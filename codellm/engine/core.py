@@ -311,7 +311,6 @@ class Engine(Admission):
     def _verify(self, drafted: list[tuple[Sequence, list[int]]]) -> None:
         """One forward over every drafted sequence's drafts; each keeps what the model agrees with (``accept``)
         and one token more, emitted one by one so that stop strings and token limits end it where they fall."""
-        cfg = self.speculative
         logits = self.runner.verify(drafted)
         self.stats.steps += 1
         for (seq, drafts), rows in zip(drafted, logits):
