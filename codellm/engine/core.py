@@ -313,10 +313,18 @@ class Engine(Admission):
         and one token more, emitted one by one so that stop strings and token limits end it where they fall."""
         logits = self.runner.verify(drafted)
         self.stats.steps += 1
-        for (seq, drafts), rows in zip(drafted, logits):
-            histories = [seq.generated + drafts[:j] for j in range(len(drafts) + 1)]
-            verdict = speculation.accept(drafts, seq.params.greedy, sampling.choices(rows, seq.params, histories),
-                                         seq.generator)
+        plain = [i for i, (seq, _) in enumerate(drafted) if seq.params.plain_greedy]
+        best = torch.cat([logits[i] for i in plain]).argmax(dim=-1).tolist() if plain else []  # one sync for all
+        argmax, at = {}, 0
+        for i in plain:
+            argmax[i], at = best[at:at + len(drafted[i][1]) + 1], at + len(drafted[i][1]) + 1
+        for i, ((seq, drafts), rows) in enumerate(zip(drafted, logits)):
+            if i in argmax:
+                verdict = speculation.keep_agreeing(drafts, argmax[i])
+            else:
+                histories = [seq.generated + drafts[:j] for j in range(len(drafts) + 1)]
+                verdict = speculation.accept(drafts, seq.params.greedy, sampling.choices(rows, seq.params, histories),
+                                             seq.generator)
             seq.drafted += len(drafts)
             seq.accepted += verdict.accepted
             self.stats.spec_drafts += 1

@@ -189,10 +189,26 @@ class ModelRunner:
             return out
         lora = self.graphs.lora if self.graphs_usable else None
         adapters = [lora.of(seq.adapter) for seq, _ in rows] if lora else None
-        logits = self.graphs.prefill(packed, adapters, every=True) if self.graphs_usable else None
-        if logits is None:
-            logits = self._packed_eager(packed, adapters, fresh=False, every=True)
-        return list(torch.split(logits, [len(t) for t, _, _ in packed]))
+        from codellm.engine.cudagraph import PREFILL_ROWS
+
+        parts, groups, group, size = [], [], [], 0
+        for i, (tokens, _, _) in enumerate(packed):  # a graph reads at most PREFILL_ROWS positions' logits
+            if group and size + len(tokens) > PREFILL_ROWS:
+                groups.append(group)
+                group, size = [], 0
+            group.append(i)
+            size += len(tokens)
+        groups.append(group)
+        for group in groups:
+            chunk = [packed[i] for i in group]
+            sub = [adapters[i] for i in group] if adapters else None
+            logits = self.graphs.prefill(chunk, sub, every=True) if self.graphs_usable else None
+            if logits is None:
+                logits = self._packed_eager(chunk, sub, fresh=False, every=True)
+            elif len(groups) > 1:
+                logits = logits.clone()  # the graph's buffer is written again by the next replay
+            parts.append(logits)
+        return list(torch.split(torch.cat(parts) if len(parts) > 1 else parts[0], [len(t) for t, _, _ in packed]))
 
     def prefill_alone(self, chunk: Chunk) -> torch.Tensor | None:
         """One chunk in a forward of its own, keeping every position's logits: the prompt's log-probabilities are

@@ -66,11 +66,7 @@ def accept(drafts: list[int], greedy: bool, rows: torch.Tensor, generator: torch
     """``rows`` [len(drafts) + 1, V]: the model's next-token choice at each draft position (greedy: processed
     logits, whose argmax it picks; sampled: probabilities, each row summing to 1)."""
     if greedy:
-        best = rows.argmax(dim=-1).tolist()
-        kept = 0
-        while kept < len(drafts) and drafts[kept] == best[kept]:
-            kept += 1
-        return Verdict(drafts[:kept] + [best[kept]], kept)
+        return keep_agreeing(drafts, rows.argmax(dim=-1).tolist())
     probs = rows.float().cpu()
     u = torch.rand(len(drafts) + 1, generator=generator if generator is not None and generator.device.type == "cpu"
                    else None)
@@ -85,6 +81,14 @@ def accept(drafts: list[int], greedy: bool, rows: torch.Tensor, generator: torch
             continue
         return Verdict(drafts[:j] + [_draw(rest / total, generator)], j)
     return Verdict(drafts + [_draw(probs[len(drafts)], generator)], len(drafts))
+
+
+def keep_agreeing(drafts: list[int], best: list[int]) -> Verdict:
+    """Greedy: the drafts that equal the model's choices ``best`` (one a position), then its choice where they part."""
+    kept = 0
+    while kept < len(drafts) and drafts[kept] == best[kept]:
+        kept += 1
+    return Verdict(drafts[:kept] + [best[kept]], kept)
 
 
 def _draw(p: torch.Tensor, generator: torch.Generator | None) -> int:
