@@ -18,7 +18,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import serve_bench  # noqa: E402
 
 
 def examples(tokenizer, files: list[Path], length: int, rng: random.Random) -> list[tuple[str, str]]:
@@ -126,19 +128,6 @@ async def workload(url: str, prompts: list[tuple[str, int]], concurrency: int) -
     return {**totals, "seconds": round(wall, 2), "tokens_per_s": round(totals["tokens"] / wall, 1)}
 
 
-def serve(home: Path, port: int, args: list[str]) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "codellm.cli.main", "serve", "--port", str(port), "--model", "copier",
-                             "--log-level", "warning", *args], env={**os.environ, "CODELLM_HOME": str(home)})
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit("server exited")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--concurrency", default="1,8,32")
@@ -175,7 +164,7 @@ def main() -> None:
     for name, extra in (("off", []), ("ngram", ["--speculative", "ngram", "--num-speculative-tokens",
                                                 str(args.num_speculative_tokens)])):
         port = 11600 + random.randint(0, 300)
-        proc = serve(home, port, extra)
+        proc = serve_bench.start_server(home, "copier", port, slots=32, num_ctx=2048, extra=extra)
         try:
             url = f"http://127.0.0.1:{port}"
             asyncio.run(workload(url, prompts[:4], 4))  # warm-up
