@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -43,6 +44,10 @@ class Engine(Admission):
                  speculative: SpeculativeConfig | None = None, source: Callable[[float], None] | None = None):
         self.lm = lm
         self.speculative = speculative  # drafts from prompt lookup, checked in one forward (``speculation``)
+        self._pace = speculation.Pace()
+        self._paced: tuple[bool, int] | None = None  # this step's decode: (speculated, batch size), to time it
+        self._step_end = 0.0
+        self._prefilled_now = False
         # where new work comes from besides ``submit`` from other threads: called on the engine thread with how long
         # it may wait (an engine process reads its pipe there, so no reader thread has to win the GIL from this loop)
         self._source = source
@@ -188,7 +193,18 @@ class Engine(Admission):
             self._finish(seq, "cancelled")
 
     def _step(self, admit: bool = True) -> None:
+        """A step, timed where it decoded and did not prefill: how fast steps that speculate go, against steps
+        that do not, decides whether the next ones do (``speculation.Pace``)."""
+        tokens, self._paced = self.stats.decode_tokens, None
+        self._run_step(admit)
+        now = time.perf_counter()
+        if self._paced is not None and not self._prefilled_now and now - self._step_end < 1.0:
+            self._pace.record(*self._paced, self.stats.decode_tokens - tokens, now - self._step_end)
+        self._step_end = now
+
+    def _run_step(self, admit: bool) -> None:
         plan = self.scheduler.schedule_prefill(admit)
+        self._prefilled_now = bool(plan.chunks or plan.alone)
         self.runner.set_rows(plan.rows)
         self._prefill(plan)
         decode = self.scheduler.schedule_decode()
@@ -281,6 +297,8 @@ class Engine(Admission):
     def _decode(self, batch: list[Sequence]) -> None:
         if self.speculative is not None and len(batch) <= self.speculative.max_batch and \
                 any(s.speculating for s in batch):
+            self._paced = (self._pace.choose(len(batch)), len(batch))
+        if self._paced and self._paced[0]:
             self._complete()  # drafts look at every token so far (so steps are not overlapped while speculating)
             batch = [s for s in batch if s.decodable]
             drafted = self._drafts(batch)
