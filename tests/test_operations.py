@@ -210,8 +210,15 @@ def test_refusals_and_health_do_not_wait_for_a_busy_engine(served_home, placemen
         threading.Thread(target=_stream, args=(srv, 1800, got, done), daemon=True).start()
         wait_for(lambda: got)
         queued = threading.Event()
-        threading.Thread(target=lambda: (httpx.post(srv.url + "/v1/chat/completions", timeout=300, json={
-            **BODY, "max_tokens": 1800, "ignore_eos": True}), queued.set()), daemon=True).start()
+
+        def wait_in_queue() -> None:
+            try:
+                httpx.post(srv.url + "/v1/chat/completions", timeout=300, json={**BODY, "max_tokens": 1800,
+                                                                                 "ignore_eos": True})
+                queued.set()
+            except httpx.HTTPError:  # the server stopped at the end of the test
+                pass
+        threading.Thread(target=wait_in_queue, daemon=True).start()
         wait_for(lambda: httpx.get(srv.url + "/health").json()["models"]["tiny-coder:latest"]["queued"] == 2)
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             for _ in range(20):
