@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# two workers (pytest-xdist): most tests wait on a real server on loopback, so two keep two cores busy
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${CODELLM_TEST_WORKERS:-2}" "$@"

@@ -44,11 +44,13 @@ def cached_build(out: Path, build, *inputs) -> Path:
     if not (cached / "done").exists():
         part = MODEL_CACHE / f".{cached.name}.{os.getpid()}"
         shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
         build(part / "model")
         (part / "model" / "done").touch()
-        shutil.rmtree(cached, ignore_errors=True)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(part / "model", cached)  # whole or not at all
+        try:
+            os.replace(part / "model", cached)  # whole or not at all
+        except OSError:  # another test worker put it there first
+            pass
         shutil.rmtree(part, ignore_errors=True)
     shutil.copytree(cached, out, ignore=shutil.ignore_patterns("done"))
     return out

@@ -10,6 +10,8 @@ end-of-turn token.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,9 +89,12 @@ def base_tokenizer(vocab: str):
     if not (saved / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(LLAMA_CPP / "vocab", gguf_file=f"ggml-vocab-{vocab}.gguf")
         tok.chat_template = None
-        tmp = saved.with_name(saved.name + ".tmp")
+        tmp = saved.with_name(f"{saved.name}.tmp{os.getpid()}")  # test workers may convert the same one at once
         tok.save_pretrained(tmp)
-        tmp.replace(saved)
+        try:
+            tmp.replace(saved)
+        except OSError:  # another worker's copy is there already
+            shutil.rmtree(tmp, ignore_errors=True)
     return AutoTokenizer.from_pretrained(saved)
 
 
