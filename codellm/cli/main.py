@@ -348,7 +348,7 @@ def serve(host, port, api_key, api_key_file, models, cors, allowed_hosts, log_le
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
     click.echo(f"codellm {__version__} serving on http://{host}:{port} (models: {', '.join(e.name.short for e in reg.list())})", err=True)
     hosts = [h.strip() for value in allowed_hosts for h in value.split(",") if h.strip()]
-    app = create_app(manager, api_key=api_key, api_key_file=api_key_file, cors_origins=list(cors) or None,
+    app = create_app(manager, api_keys=keys, cors_origins=list(cors) or None,
                      stream_interval=stream_interval, bind=host, allowed_hosts=hosts, lora_updates=allow_lora_updates,
                      max_body_size=body_limit)
     serving.run(app, host, port, log_level=log_level, drain=drain_timeout)

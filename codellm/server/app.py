@@ -105,13 +105,14 @@ def create_app(
     allowed_hosts: list[str] | None = None,
     lora_updates: bool = False,
     api_key_file: str | None = None,
+    api_keys: KeyRing | None = None,
     max_body_size: int = 16 * 2**20,
 ) -> Litestar:
     """``stream_interval``: least seconds between two chunks of a stream (0: every token as it comes; None:
     automatic, growing with the number of open streams: see ``streams.auto_interval``). ``bind``: the address
     the server listens on, which decides the Host names it answers (see ``origins``). ``lora_updates``: allow
     adding and removing LoRA adapters at run time (``adapters``). ``api_key`` and ``api_key_file`` (default:
-    ``CODELLM_API_KEY``, ``CODELLM_API_KEY_FILE``): the keys asked for (``keys``). ``max_body_size``: the largest
+    ``CODELLM_API_KEY``, ``CODELLM_API_KEY_FILE``): the keys asked for (``keys``), or ``api_keys``, read already. ``max_body_size``: the largest
     request body read, in bytes (a 413 beyond it; blob uploads, streamed to disk, have no limit)."""
     manager = manager or ModelManager(Registry(), LoadOptions())
     drain = Drain()
@@ -140,6 +141,7 @@ def create_app(
     app.state.lora_updates = lora_updates
     app.state.runtime_adapters = set()  # adapters /v1/load_lora_adapter added (and unload may remove)
     app.state.drain = drain
-    app.state.api_keys = KeyRing(api_key if api_key is not None else os.environ.get("CODELLM_API_KEY") or None,
-                                 api_key_file or os.environ.get("CODELLM_API_KEY_FILE") or None)
+    app.state.api_keys = api_keys if api_keys is not None else KeyRing(
+        api_key if api_key is not None else os.environ.get("CODELLM_API_KEY") or None,
+        api_key_file or os.environ.get("CODELLM_API_KEY_FILE") or None)
     return app
