@@ -1,13 +1,16 @@
-"""Speculative decoding on an edit workload: codellm with `--speculative ngram` against itself without, same model,
-same client, same sitting.
+"""Speculative decoding on an edit workload: codellm with `--speculative ngram` and with `--draft` against itself
+without, same model, same client, same sitting.
 
-    python benchmarks/spec_bench.py --concurrency 1,8,32          # trains the copier first (GPU: ~1 minute)
+    python benchmarks/spec_bench.py --concurrency 1,8,32                       # a small target (CPU: minutes)
+    python benchmarks/spec_bench.py --shape llama3.2-1b --concurrency 1,8,32   # the 1B shape (H200: ~3 minutes)
 
-Random weights would keep no draft, so the target is made to do what an edit does: a small model (the tiny
-tokenizer, a Qwen2 shape of --hidden x --layers) is trained for --steps steps on standard-library Python files,
-each followed by an instruction to rename one of its identifiers and the file again with that name changed.
-The workload is files it was not trained on, with the same kind of instruction; each answer re-emits most of its
-prompt. Reports output tokens/s per concurrency for both servers, the ratio, and the share of drafts kept.
+Random weights would keep no draft, so the models are made to do what an edit does: each is trained on
+standard-library Python files, each followed by an instruction to rename one of its identifiers and the file again
+with that name changed. The target has the body of --shape (`small`: a Qwen2 shape of --hidden x --layers) over the
+tiny tokenizer and is trained for --steps steps; the draft model is the small shape trained the same way, for
+`--speculative draft`. The workload is files neither was trained on, with the same kind of instruction; each answer
+re-emits most of its prompt. Reports output tokens/s per concurrency for each way, its ratio to speculation off,
+and the share of drafts kept.
 """
 
 from __future__ import annotations
@@ -53,9 +56,11 @@ def examples(tokenizer, files: list[Path], length: int, rng: random.Random) -> l
     return out
 
 
-def train_copier(directory: Path, steps: int, hidden: int, layers: int, length: int, seed: int = 0) -> Path:
+def train_copier(directory: Path, steps: int, shape: dict, length: int, seed: int = 0, lr: float = 1e-3) -> Path:
+    """A model of ``shape`` (LlamaConfig fields, the vocabulary left out) trained on the rename task, saved with the
+    tiny tokenizer."""
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     from codellm.engine import tiny
 
@@ -66,16 +71,16 @@ def train_copier(directory: Path, steps: int, hidden: int, layers: int, length: 
     data = examples(tok, train_files, length, rng)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),
-                      max_position_embeddings=4096, tie_word_embeddings=True, eos_token_id=eos,
-                      pad_token_id=tok.pad_token_id)
+    shape = {k: v for k, v in shape.items() if k != "vocab_size"}
+    cfg = LlamaConfig(vocab_size=len(tok), **{**shape, "max_position_embeddings": 4096}, eos_token_id=eos,
+                      pad_token_id=tok.pad_token_id, bos_token_id=None)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = Qwen2ForCausalLM(cfg).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    model = LlamaForCausalLM(cfg).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     batch = 16
     model.train()
+    started = time.perf_counter()
     for step in range(steps):
         rows = [rng.choice(data) for _ in range(batch)]
         seqs, labels = [], []
@@ -95,15 +100,21 @@ def train_copier(directory: Path, steps: int, hidden: int, layers: int, length: 
         sched.step()
         opt.zero_grad()
         if step % 50 == 0 or step == steps - 1:
-            print(f"step {step} loss {loss.item():.3f}", flush=True)
+            print(f"{directory.name} step {step} loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
     model.generation_config = GenerationConfig(eos_token_id=[eos], pad_token_id=tok.pad_token_id)
-    model.to("cpu").save_pretrained(directory)
+    model.to(torch.bfloat16 if dev == "cuda" else torch.float32).to("cpu").save_pretrained(directory)
     tok.save_pretrained(directory)
     cfg_path = directory / "tokenizer_config.json"
     tc = json.loads(cfg_path.read_text())
     tc["tokenizer_class"] = "PreTrainedTokenizerFast"
     cfg_path.write_text(json.dumps(tc))
     return directory
+
+
+def small_shape(hidden: int, layers: int) -> dict:
+    return dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128), tie_word_embeddings=True)
 
 
 async def workload(url: str, prompts: list[tuple[str, int]], concurrency: int) -> dict:
@@ -131,13 +142,17 @@ async def workload(url: str, prompts: list[tuple[str, int]], concurrency: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--shape", default="small", help="the target's body: small, or a serve_bench shape (llama3.2-1b)")
+    ap.add_argument("--steps", type=int, default=400, help="training steps of the target")
+    ap.add_argument("--lr", type=float, default=None, help="the target's peak learning rate (default: 1e-3 small, 3e-4 else)")
+    ap.add_argument("--draft-steps", type=int, default=400)
+    ap.add_argument("--hidden", type=int, default=512, help="the small shape")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--length", type=int, default=256, help="tokens of file per prompt")
     ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--ways", default="off,ngram,draft", help="speculation off, by prompt lookup, by the draft model")
     ap.add_argument("--num-speculative-tokens", type=int, default=4)
-    ap.add_argument("--home", type=Path, help="a registry that already holds `copier` (skips training)")
+    ap.add_argument("--home", type=Path, help="a registry that may hold `copier` and `copier-draft` already")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -149,9 +164,16 @@ def main() -> None:
 
     home = args.home or Path(tempfile.mkdtemp(prefix="spec-bench-"))
     reg = Registry(home)
-    if not reg.exists("copier"):
-        model = train_copier(Path(tempfile.mkdtemp()) / "copier", args.steps, args.hidden, args.layers, args.length)
-        create(reg, "copier", Modelfile(from_=str(model)))
+    ways = args.ways.split(",")
+    small = small_shape(args.hidden, args.layers)
+    target = small if args.shape == "small" else serve_bench.SHAPES[args.shape]
+    built = [("copier", target, args.steps, args.lr or (1e-3 if args.shape == "small" else 3e-4))]
+    if "draft" in ways:
+        built.append(("copier-draft", small, args.draft_steps, 1e-3))
+    for name, shape, steps, lr in built:
+        if not reg.exists(name):
+            model = train_copier(Path(tempfile.mkdtemp()) / name, steps, shape, args.length, lr=lr)
+            create(reg, name, Modelfile(from_=str(model)))
     tok = tiny.build_tokenizer()
     files = sorted(Path(os.__file__).parent.glob("*.py"))
     held_out = [f for i, f in enumerate(files) if i % 10 == 0]
@@ -159,12 +181,13 @@ def main() -> None:
     random.Random(2).shuffle(pairs)
     prompts = [(p, len(tok(a, add_special_tokens=False)["input_ids"]) + 8) for p, a in pairs[:args.requests]]
     levels = [int(c) for c in args.concurrency.split(",")]
-    results = {"workload": {"requests": len(prompts), "prompt_tokens_mean": round(sum(
+    results = {"shape": args.shape, "workload": {"requests": len(prompts), "prompt_tokens_mean": round(sum(
         len(tok(p)["input_ids"]) for p, _ in prompts) / len(prompts), 1)}, "runs": {}}
-    for name, extra in (("off", []), ("ngram", ["--speculative", "ngram", "--num-speculative-tokens",
-                                                str(args.num_speculative_tokens)])):
+    k = ["--num-speculative-tokens", str(args.num_speculative_tokens)]
+    flags = {"off": [], "ngram": ["--speculative", "ngram", *k], "draft": ["--draft", "copier-draft", *k]}
+    for name in ways:
         port = 11600 + random.randint(0, 300)
-        proc = serve_bench.start_server(home, "copier", port, slots=32, num_ctx=2048, extra=extra)
+        proc = serve_bench.start_server(home, "copier", port, slots=32, num_ctx=2048, extra=flags[name])
         try:
             url = f"http://127.0.0.1:{port}"
             asyncio.run(workload(url, prompts[:4], 4))  # warm-up
@@ -173,16 +196,23 @@ def main() -> None:
             proc.terminate()
             proc.wait(60)
         print(name, json.dumps(results["runs"][name]), flush=True)
+    spec = [w for w in ways if w != "off"]
     for c in levels:
-        off, on = results["runs"]["off"][c], results["runs"]["ngram"][c]
-        on["speedup"] = round(on["tokens_per_s"] / off["tokens_per_s"], 2)
-        on["kept"] = round(on["accepted"] / max(1, on["drafted"]), 3)
+        for way in spec:
+            on = results["runs"][way][c]
+            if "off" in results["runs"]:
+                on["speedup"] = round(on["tokens_per_s"] / results["runs"]["off"][c]["tokens_per_s"], 2)
+            on["kept"] = round(on["accepted"] / max(1, on["drafted"]), 3)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"spec_edit{args.tag}.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| streams | off tok/s | ngram tok/s | speedup | drafts kept |", "|---|---|---|---|---|"]
+    head = "| streams | " + " | ".join(f"{w} tok/s" for w in ways) + " | " + " | ".join(
+        f"{w} speedup | {w} kept" for w in spec) + " |"
+    lines = [head, "|" + "---|" * (1 + len(ways) + 2 * len(spec))]
     for c in levels:
-        off, on = results["runs"]["off"][c], results["runs"]["ngram"][c]
-        lines.append(f"| {c} | {off['tokens_per_s']:,} | {on['tokens_per_s']:,} | {on['speedup']} | {on['kept']:.0%} |")
+        runs = results["runs"]
+        cells = [f"{runs[w][c]['tokens_per_s']:,}" for w in ways]
+        cells += [f"{runs[w][c].get('speedup', '-')} | {runs[w][c]['kept']:.0%}" for w in spec]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
     (args.out / f"spec_edit{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

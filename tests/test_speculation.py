@@ -1,6 +1,6 @@
-"""Speculative decoding by prompt lookup: greedy output token for token the same with it and without, sampled
-output distributed the same, on a tiny model taught to copy its prompt (so that drafts are mostly kept) and on
-the plain tiny model (so that they are mostly not)."""
+"""Speculative decoding, by prompt lookup and by a draft model: greedy output token for token the same with it and
+without, sampled output distributed the same, on a tiny model taught to copy its prompt (so that drafts are mostly
+kept) and on the plain tiny model (so that they are mostly not)."""
 
 from __future__ import annotations
 
@@ -54,14 +54,19 @@ def _ids(tok) -> list[int]:
     return tok(SNIPPET, add_special_tokens=False)["input_ids"]
 
 
-def _engine(home, name: str, spec: bool, **kw):
+def _engine(home, name: str, spec: bool | str, draft: str | None = None, config: dict | None = None, **kw):
+    """An engine for ``name``: speculating by prompt lookup (``spec`` True or "ngram"), with the ``draft`` model
+    ("draft"), or not at all (False)."""
     from codellm.engine.core import Engine
-    from codellm.engine.loader import load
+    from codellm.engine.loader import load, load_draft
     from codellm.engine.speculation import SpeculativeConfig
     from codellm.registry import Registry
 
-    lm = load(Registry(home), name)
-    return lm, Engine(lm, slots=4, speculative=SpeculativeConfig(num_tokens=4) if spec else None, **kw)
+    reg = Registry(home)
+    lm = load(reg, name)
+    method = "ngram" if spec is True else spec
+    cfg = SpeculativeConfig(method=method, num_tokens=4, draft=draft, **(config or {})) if spec else None
+    return lm, Engine(lm, slots=4, speculative=cfg, draft=load_draft(reg, cfg, lm), **kw)
 
 
 def _run(engine, prompt: list[int], params, n: int = 1, lm=None):
@@ -118,10 +123,12 @@ def test_rejection_sampling_keeps_the_models_distribution():
     assert accept([4, 1], True, torch.tensor([[0.0, 0, 0, 0, 9], [0, 0, 3, 0, 1], [7, 0, 0, 0, 0]])).tokens == [4, 2]
 
 
-@pytest.mark.parametrize("name", ["copier", "tiny-coder"])
-def test_greedy_output_is_the_same_token_for_token(copy_home, name):
-    """Drafts mostly kept (copier) or mostly not (tiny-coder): the same tokens and text as without speculation,
-    for a token limit that falls inside an accepted run, a stop string inside one, and two choices at once."""
+@pytest.mark.parametrize("name,method,draft", [("copier", "ngram", None), ("tiny-coder", "ngram", None),
+                                               ("copier", "draft", "copier"), ("copier", "draft", "tiny-coder")])
+def test_greedy_output_is_the_same_token_for_token(copy_home, name, method, draft):
+    """Drafts mostly kept (copier by prompt lookup, or drafting for itself) or mostly not (tiny-coder, or drafting for
+    the copier): the same tokens and text as without speculation, for a token limit that falls inside an accepted
+    run, a stop string inside one, and two choices at once."""
     from codellm.engine.sampling import SamplingParams
 
     prompt = _ids(_engine_tokenizer(copy_home))
@@ -135,13 +142,16 @@ def test_greedy_output_is_the_same_token_for_token(copy_home, name):
         want = [_run(plain, prompt, params, n) for params, n in cases]
     finally:
         plain.shutdown()
-    lm, spec = _engine(copy_home, name, spec=True)
+    lm, spec = _engine(copy_home, name, spec=method, draft=draft)
     try:
         got = [_run(spec, prompt, params, n) for params, n in cases]
         for w, g in zip(want, got):
             assert [(ids, text, o.finish_reason) for ids, text, o in w] == [(ids, text, o.finish_reason) for ids, text, o in g]
         assert len(got[0][0][0]) == 41 and got[1][0][2].finish_reason == "stop" and got[1][0][1] == text[:text.index(stop)]
-        if name == "copier":  # the copy is in the prompt: most drafts hold, and steps are saved
+        assert spec.stats.spec_draft_tokens > 0
+        if draft == "tiny-coder":  # a draft that writes something else: few of its drafts hold
+            assert spec.stats.spec_accepted < 0.5 * spec.stats.spec_draft_tokens
+        if name == "copier" and draft != "tiny-coder":  # the copy is in the prompt: most drafts hold, steps are saved
             last = got[0][0][2]
             assert last.drafted_tokens > 0 and last.accepted_tokens >= 0.7 * last.drafted_tokens
             assert spec.stats.spec_accepted > 0 and spec.stats.steps < plain.stats.steps
@@ -151,17 +161,18 @@ def test_greedy_output_is_the_same_token_for_token(copy_home, name):
         spec.shutdown()
 
 
-def test_rows_with_different_adapters_speculate_together(copy_home):
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_rows_with_different_adapters_speculate_together(copy_home, method):
     """The copier and the copier under a LoRA adapter, in one batch: each verified under its own weights, each
-    the same as without speculation."""
+    the same as without speculation (a draft model drafts for both under its own weights)."""
     from codellm.engine.sampling import SamplingParams
     from codellm.registry import Registry
 
     prompt = _ids(_engine_tokenizer(copy_home))
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     results = {}
-    for spec in (False, True):
-        base, engine = _engine(copy_home, "copier", spec=spec)
+    for spec in (False, method):
+        base, engine = _engine(copy_home, "copier", spec=spec, draft="copier" if spec == "draft" else None)
         try:
             model, adapter = engine.attach_adapter(Registry(copy_home), Registry(copy_home).get("copier-lora"))
             view = _adapter_view(base, model, adapter)
@@ -177,7 +188,48 @@ def test_rows_with_different_adapters_speculate_together(copy_home):
             results[spec] = got
         finally:
             engine.shutdown()
-    assert results[True] == results[False] and results[False]["base"] != results[False]["lora"]
+    assert results[method] == results[False] and results[False]["base"] != results[False]["lora"]
+
+
+def test_a_draft_catches_up_on_what_it_did_not_see(copy_home):
+    """Two streams, where at most one speculates at a time: while both decode, neither drafts; once the short one
+    ends, the draft model takes in the tokens the long one decoded meanwhile (a packed prefill, more than its check
+    rows hold) and drafts on. Both outputs are the same as without speculation."""
+    from codellm.engine.sampling import SamplingParams
+
+    prompt = _ids(_engine_tokenizer(copy_home))
+    long, short = (SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (60, 12))
+    outputs = {}
+    for spec in (False, "draft"):
+        _, engine = _engine(copy_home, "copier", spec=spec, draft="copier", config={"max_batch": 1})
+        try:
+            got = {}
+            threads = [threading.Thread(target=lambda k=k, p=p: got.__setitem__(k, _run(engine, prompt, p)[0][0]))
+                       for k, p in (("long", long), ("short", short))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            outputs[spec] = got
+            if spec:
+                assert engine.stats.spec_accepted > 0
+        finally:
+            engine.shutdown()
+    assert outputs["draft"] == outputs[False] and len(outputs[False]["long"]) == 60
+
+
+def test_a_draft_of_another_vocabulary_is_refused():
+    from codellm.engine import tiny
+    from codellm.engine.drafter import check_vocabulary
+    from codellm.engine.loader import LoadedModel
+    from codellm.errors import InvalidRequest
+
+    def model(name, size):
+        return LoadedModel(name=name, manifest=None, model=None, tokenizer=tiny.build_tokenizer(size), device=None,
+                           dtype=None, max_len=64)
+    check_vocabulary(model("a", 512), model("b", 512))
+    with pytest.raises(InvalidRequest, match="vocabulary"):
+        check_vocabulary(model("a", 512), model("b", 400))
 
 
 def _engine_tokenizer(home):
@@ -195,15 +247,16 @@ def _adapter_view(base, model, adapter: str):
     return dataclasses.replace(base, model=model, adapter=adapter, name=f"{base.name}+{adapter}")
 
 
-def test_sampled_output_keeps_its_distribution(copy_home):
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_sampled_output_keeps_its_distribution(copy_home, method):
     """At temperature 1 the second and third tokens over 150 seeds are distributed alike with speculation and
     without (the unit test above checks the rule exactly; this checks the engine applies it)."""
     from codellm.engine.sampling import SamplingParams
 
     prompt = _ids(_engine_tokenizer(copy_home))
     seen = {}
-    for spec in (False, True):
-        _, engine = _engine(copy_home, "tiny-coder", spec=spec)
+    for spec in (False, method):
+        _, engine = _engine(copy_home, "tiny-coder", spec=spec, draft="copier" if spec == "draft" else None)
         try:
             counts = Counter()
             for seed in range(150):
@@ -213,27 +266,77 @@ def test_sampled_output_keeps_its_distribution(copy_home):
             seen[spec] = counts
         finally:
             engine.shutdown()
-    keys = set(seen[True]) | set(seen[False])
-    tv = 0.5 * sum(abs(seen[True][k] - seen[False][k]) for k in keys) / 150
+    keys = set(seen[method]) | set(seen[False])
+    tv = 0.5 * sum(abs(seen[method][k] - seen[False][k]) for k in keys) / 150
     assert tv < 0.35, tv
 
 
-@pytest.mark.parametrize("placement", ["--engine-thread", "--engine-process"])
-def test_server_reports_speculation_in_usage_and_metrics(copy_home, placement):
-    """`serve --speculative ngram`: usage counts kept and rejected drafts as OpenAI counts predicted outputs, and
-    /metrics has vLLM's speculative-decoding counters."""
-    srv = Server(copy_home, "--speculative", "ngram", "--model", "copier", "--slots", "4", placement)
+@pytest.mark.parametrize("placement,how", [("--engine-thread", "ngram"), ("--engine-process", "ngram"),
+                                           ("--engine-process", "--draft"), ("--engine-thread", "PARAMETER draft")])
+def test_server_reports_speculation_in_usage_and_metrics(copy_home, placement, how):
+    """`serve --speculative ngram`, `serve --draft MODEL`, or a Modelfile's PARAMETER draft: usage counts kept and
+    rejected drafts as OpenAI counts predicted outputs, and /metrics has vLLM's speculative-decoding counters."""
+    model, flags = "copier", {"ngram": ["--speculative", "ngram"], "--draft": ["--draft", "copier"]}.get(how, [])
+    if how == "PARAMETER draft":
+        from codellm.registry import Registry
+        from codellm.registry.create import create
+        from codellm.registry.modelfile import parse
+
+        reg = Registry(copy_home)
+        if not reg.exists("copier-drafted"):
+            create(reg, "copier-drafted", parse("FROM copier\nPARAMETER draft copier\n"))
+        model = "copier-drafted"
+    srv = Server(copy_home, *flags, "--model", model, "--slots", "4", placement)
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
-        r = client.completions.create(model="copier", prompt=SNIPPET, max_tokens=60, temperature=0)
+        r = client.completions.create(model=model, prompt=SNIPPET, max_tokens=60, temperature=0)
         details = r.usage.completion_tokens_details
         assert details.accepted_prediction_tokens > 0 and details.rejected_prediction_tokens >= 0
         assert r.choices[0].text.startswith(SNIPPET[:20])
-        off = client.completions.create(model="copier", prompt=SNIPPET, max_tokens=60, temperature=0,
+        off = client.completions.create(model=model, prompt=SNIPPET, max_tokens=60, temperature=0,
                                         extra_body={"speculative": False})
         assert off.choices[0].text == r.choices[0].text and off.usage.completion_tokens_details is None
         metrics = httpx.get(srv.url + "/metrics").text
         accepted = [line for line in metrics.splitlines() if line.startswith("vllm:spec_decode_num_accepted_tokens_total")]
         assert accepted and float(accepted[0].rsplit(" ", 1)[1]) >= details.accepted_prediction_tokens
+    finally:
+        srv.stop()
+
+
+def test_every_dialect_can_turn_speculation_off(copy_home):
+    """OpenAI's chat, completions and Responses, Anthropic's Messages and Ollama's generate and chat: a request
+    that says ``speculative: false`` (Ollama: in its options) checks no drafts, and one that does not, does."""
+    import anthropic
+    import ollama
+
+    def drafted() -> float:
+        lines = httpx.get(srv.url + "/metrics").text.splitlines()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                   if line.startswith("vllm:spec_decode_num_draft_tokens_total"))
+
+    srv = Server(copy_home, "--speculative", "ngram", "--model", "copier", "--slots", "4", "--engine-thread")
+    try:
+        oa = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        an = anthropic.Anthropic(base_url=srv.url, api_key="x", max_retries=0)
+        ol = ollama.Client(host=srv.url)
+        chat = [{"role": "user", "content": SNIPPET}]
+        off = {"speculative": False}
+        requests = [
+            lambda: oa.completions.create(model="copier", prompt=SNIPPET, max_tokens=30, temperature=0, extra_body=off),
+            lambda: oa.chat.completions.create(model="copier", messages=chat, max_tokens=30, temperature=0, extra_body=off),
+            lambda: oa.responses.create(model="copier", input=SNIPPET, max_output_tokens=30, temperature=0, extra_body=off),
+            lambda: an.messages.create(model="copier", messages=chat, max_tokens=30, extra_body=off),
+            lambda: ol.generate(model="copier", prompt=SNIPPET, raw=True, options={"num_predict": 30, "temperature": 0,
+                                                                                 "speculative": False}),
+            lambda: ol.chat(model="copier", messages=chat, options={"num_predict": 30, "temperature": 0, "speculative": False}),
+        ]
+        before = drafted()
+        for request in requests:
+            request()
+        assert drafted() == before
+        ol.generate(model="copier", prompt=SNIPPET, raw=True, options={"num_predict": 30, "temperature": 0})
+        assert drafted() > before
+        with pytest.raises(ollama.ResponseError):
+            ol.generate(model="copier", prompt=SNIPPET, options={"speculative": "sometimes"})
     finally:
         srv.stop()

@@ -220,14 +220,19 @@ def create(name, path):
     click.echo(f"created {entry.name.short} ({entry.id})")
 
 
-def _load_options(keep_alive="-1", max_loaded=3, memory_limit=None, kv_cache_memory=None, speculative="off",
-                  num_speculative_tokens=4, **engine):
+def _load_options(keep_alive="-1", max_loaded=3, memory_limit=None, kv_cache_memory=None, speculative=None,
+                  num_speculative_tokens=4, draft=None, **engine):
     """LoadOptions from the ``engine_options`` flags (``engine``) and a command's own."""
     from codellm.engine.manager import LoadOptions, parse_keep_alive
     from codellm.engine.memory import parse_size
     from codellm.engine.speculation import SpeculativeConfig
 
-    spec = None if speculative == "off" else SpeculativeConfig(method=speculative, num_tokens=num_speculative_tokens)
+    if speculative is None:
+        speculative = "draft" if draft else "off"
+    if (speculative == "draft") != bool(draft):
+        raise click.UsageError("--draft MODEL names the draft model of --speculative draft, and only of it")
+    spec = None if speculative == "off" else SpeculativeConfig(method=speculative, num_tokens=num_speculative_tokens,
+                                                               draft=draft)
     return LoadOptions(keep_alive=parse_keep_alive(keep_alive, 300.0), max_loaded=max_loaded,
                        memory_limit=parse_size(memory_limit), kv_cache_memory=parse_size(kv_cache_memory),
                        speculative=spec, **engine)
@@ -252,11 +257,15 @@ def engine_options(f):
         click.option("--compile/--no-compile", default=True, show_default=True,
                      help="torch.compile the GPU decode step before capturing it (fused kernels, ~1.3x decode "
                      "throughput; about 30 s more at load)."),
-        click.option("--speculative", type=click.Choice(["off", "ngram"]), default="off", show_default=True,
-                     help="Speculative decoding: ngram proposes the tokens that followed the same text earlier in the "
-                     "prompt or the answer (edits, renames, quoted tool output) and checks them in one forward; the "
-                     "output is the same (greedy) or distributed the same (sampled). A request opts out with "
-                     "\"speculative\": false."),
+        click.option("--speculative", type=click.Choice(["off", "ngram", "draft"]), default=None,
+                     help="Speculative decoding (default off, or draft with --draft): ngram proposes the tokens that "
+                     "followed the same text earlier in the prompt or the answer (edits, renames, quoted tool output); "
+                     "draft lets a small model of the same vocabulary propose them. Either way the model checks them "
+                     "in one forward, and the output is the same (greedy) or distributed the same (sampled). A "
+                     "request opts out with \"speculative\": false; a Modelfile's PARAMETER draft picks that "
+                     "model's draft."),
+        click.option("--draft", metavar="MODEL", help="The draft model of --speculative draft, from the registry, "
+                     "e.g. qwen2.5-coder:0.5b for a 7B Qwen coder."),
         click.option("--num-speculative-tokens", type=click.IntRange(1, 16), default=4, show_default=True,
                      help="Drafts proposed at most per step."),
         click.option("--engine-process/--engine-thread", default=None,

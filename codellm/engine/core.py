@@ -18,8 +18,9 @@ from typing import Callable
 
 import torch
 
-from codellm.engine import blocks, fusion, grammar, memory, outputs, sampling, speculation, telemetry
+from codellm.engine import blocks, drafter, fusion, grammar, memory, outputs, sampling, speculation, telemetry
 from codellm.engine.client import Admission, Handle
+from codellm.engine.drafter import Drafter
 from codellm.engine.detok import IncrementalDetokenizer, StopMatcher
 from codellm.engine.loader import LoadedModel
 from codellm.engine.outputs import Output, Sink, Stats
@@ -41,9 +42,11 @@ class Engine(Admission):
     def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int | None = None,
                  cuda_graphs: bool = True, compile: bool = False, overlap: bool = True, fuse: bool = True,
                  kv_cache_memory: int | None = None, block_size: int = 16, prefix_caching: bool = True,
-                 speculative: SpeculativeConfig | None = None, source: Callable[[float], None] | None = None):
+                 speculative: SpeculativeConfig | None = None, draft: LoadedModel | None = None,
+                 source: Callable[[float], None] | None = None):
         self.lm = lm
-        self.speculative = speculative  # drafts from prompt lookup, checked in one forward (``speculation``)
+        # drafts from prompt lookup or from a draft model (``draft``), checked in one forward (``speculation``)
+        self.speculative = speculative
         self._pace = speculation.Pace()
         self._paced: tuple[bool, int] | None = None  # this step's decode: (speculated, batch size), to time it
         self._step_end = 0.0
@@ -61,9 +64,17 @@ class Engine(Admission):
         per_token = memory.kv_bytes_per_token(cfg.num_hidden_layers, kv_heads, head_dim, lm.dtype.itemsize)
         tokens = memory.kv_tokens(cuda, lm.max_len, kv_cache_memory, per_token, block_size, slots=contexts)
         self.pool = blocks.BlockPool(tokens // block_size, block_size, caching=prefix_caching)
+        verify_rows = speculative.verify_rows if speculative is not None else 0
         self.runner = ModelRunner(lm, blocks=self.pool.num_blocks, block_size=block_size, rows=slots,
                                   layers=cfg.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim,
-                                  cuda_graphs=cuda_graphs, compile=compile)
+                                  cuda_graphs=cuda_graphs, compile=compile, verify_rows=verify_rows)
+        self.drafter: Drafter | None = None
+        if speculative is not None and speculative.method == "draft":
+            if draft is None:
+                raise ValueError("draft-model speculation needs the draft model")
+            drafter.check_vocabulary(lm, draft)
+            self.drafter = Drafter(draft, blocks=self.pool.num_blocks, block_size=block_size, rows=slots,
+                                   verify_rows=verify_rows, cuda_graphs=cuda_graphs, compile=compile)
         # prompt tokens per step: a burst of 64 128-token prompts prefills in one forward on a GPU (time to first
         # token), at the cost of one longer step for streams already decoding
         self.scheduler = Scheduler(self.pool, slots, prefill_chunk or (8192 if cuda else 512))
@@ -86,7 +97,7 @@ class Engine(Admission):
 
     @property
     def kv_bytes(self) -> int:
-        return self.runner.cache.nbytes
+        return self.runner.cache.nbytes + (self.drafter.kv_bytes if self.drafter else 0)
 
     @property
     def alive(self) -> bool:
@@ -177,6 +188,8 @@ class Engine(Admission):
         try:
             with self.step_lock:
                 self.runner.warmup()
+                if self.drafter is not None:
+                    self.drafter.warmup()
         finally:
             self._ready.set()
         while not self._stop.is_set():
@@ -205,16 +218,21 @@ class Engine(Admission):
     def _run_step(self, admit: bool) -> None:
         plan = self.scheduler.schedule_prefill(admit)
         self._prefilled_now = bool(plan.chunks or plan.alone)
-        self.runner.set_rows(plan.rows)
+        self._set_rows(plan.rows)
         self._prefill(plan)
         decode = self.scheduler.schedule_decode()
         if decode.preempted:
             self._complete()  # a preempted sequence resumes from every token it has, the one in flight included
-        self.runner.set_rows(decode.rows)
+        self._set_rows(decode.rows)
         self._decode(decode.batch)
         self.stats.kv_used = self.pool.used
         self.stats.preempted = self.scheduler.preempted
         self.stats.prefix_queries, self.stats.prefix_hits = self.scheduler.prefix_queries, self.scheduler.prefix_hits
+
+    def _set_rows(self, seqs: list[Sequence]) -> None:
+        self.runner.set_rows(seqs)
+        if self.drafter is not None:
+            self.drafter.set_rows(seqs)
 
     def _isolate(self) -> None:
         """After a failed step: every running sequence takes one step alone, and only those that fail alone are
@@ -225,6 +243,7 @@ class Engine(Admission):
         running = self.scheduler.running
         for seq in running:
             seq.inflight = 0
+            seq.draft_cached = 0  # the draft computes it all again, should it speculate
             if not seq.generated and not seq.prefilling:
                 seq.cached = seq.target - 1
         for seq in list(running):
@@ -269,6 +288,8 @@ class Engine(Admission):
             self._finish(seq, "cancelled")
 
     def _prefill(self, plan: PrefillPlan) -> None:
+        if self.drafter is not None:  # the draft's cache holds the prompts too
+            self.drafter.prefill(plan.alone + plan.chunks)
         for chunk in plan.alone:  # prompt logprobs: every position's logits, a forward of its own
             logits = self.runner.prefill_alone(chunk)
             self._prefilled([chunk])
@@ -312,7 +333,7 @@ class Engine(Admission):
     def _drafts(self, batch: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
         """The sequences that speculate this step, with their drafts (and the KV blocks those need)."""
         cfg = self.speculative
-        drafted = []
+        wanted = []
         for seq in batch:
             room = seq.max_new - len(seq.generated) - 1  # the token the model adds after the drafts counts too
             if room <= 0 or not seq.speculating or seq.constraint is not None or seq.params.logprobs is not None:
@@ -321,28 +342,40 @@ class Engine(Admission):
             if seq.spec_steps > cfg.warmup and seq.accepted < cfg.min_gain * seq.spec_steps:
                 seq.speculating = False  # too few drafts found or kept to pay for steps that cannot overlap
                 continue
-            drafts = speculation.propose(seq.known(), min(cfg.num_tokens, room), cfg.ngram_max, cfg.ngram_min)
-            if drafts and self.pool.extend(seq.chain, len(seq.prompt) + len(seq.generated) + len(drafts)):
-                drafted.append((seq, drafts))
+            wanted.append((seq, min(cfg.num_tokens, room)))
+        if self.drafter is None:
+            proposed = [(seq, speculation.propose(seq.known(), k, cfg.ngram_max, cfg.ngram_min)) for seq, k in wanted]
+        else:  # the draft model writes keys as far as it drafts: the blocks first
+            wanted = [(seq, k) for seq, k in wanted if self.pool.extend(seq.chain, seq.length + k)]
+            if not wanted:
+                return []
+            self._set_rows([seq for seq, _ in wanted])
+            proposed = list(zip([seq for seq, _ in wanted], self.drafter.propose(wanted)))
+        drafted = [(seq, drafts) for seq, drafts in proposed
+                   if drafts and self.pool.extend(seq.chain, seq.length + len(drafts))]
+        self._set_rows([seq for seq, _ in drafted])
         return drafted
 
     def _verify(self, drafted: list[tuple[Sequence, list[int]]]) -> None:
         """One forward over every drafted sequence's drafts; each keeps what the model agrees with (``accept``)
         and one token more, emitted one by one so that stop strings and token limits end it where they fall."""
-        logits = self.runner.verify(drafted)
+        logits, argmax = self.runner.verify(
+            [(seq, [seq.generated[-1], *drafts], seq.length - 1) for seq, drafts in drafted])
         self.stats.steps += 1
-        plain = [i for i, (seq, _) in enumerate(drafted) if seq.params.plain_greedy]
-        best = torch.cat([logits[i] for i in plain]).argmax(dim=-1).tolist() if plain else []  # one sync for all
-        argmax, at = {}, 0
-        for i in plain:
-            argmax[i], at = best[at:at + len(drafted[i][1]) + 1], at + len(drafted[i][1]) + 1
-        for i, ((seq, drafts), rows) in enumerate(zip(drafted, logits)):
-            if i in argmax:
-                verdict = speculation.keep_agreeing(drafts, argmax[i])
+        best = argmax.tolist() if any(seq.params.plain_greedy for seq, _ in drafted) else None  # one wait for all
+        at = 0
+        for seq, drafts in drafted:
+            n = len(drafts) + 1
+            known = seq.length
+            if seq.params.plain_greedy:
+                verdict = speculation.keep_agreeing(drafts, best[at:at + n])
             else:
-                histories = [seq.generated + drafts[:j] for j in range(len(drafts) + 1)]
-                verdict = speculation.accept(drafts, seq.params.greedy, sampling.choices(rows, seq.params, histories),
-                                             seq.generator)
+                histories = [seq.generated + drafts[:j] for j in range(n)]
+                verdict = speculation.accept(drafts, seq.params.greedy,
+                                             sampling.choices(logits[at:at + n], seq.params, histories), seq.generator)
+            at += n
+            if self.drafter is not None:
+                self.drafter.kept(seq, known, verdict.accepted)
             seq.drafted += len(drafts)
             seq.accepted += verdict.accepted
             self.stats.spec_drafts += 1

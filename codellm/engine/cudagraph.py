@@ -22,6 +22,11 @@ Prefill graphs are not compiled: compiling prompt shapes made loading minutes sl
 
 The decode step ends with the argmax of every row, written to a per-slot buffer on the device: a greedy
 sequence's next step takes its input from there (``take``), so consecutive steps need no host round trip.
+
+Speculative drafts are checked by the same captured step, in a lane of its own (``Lane``): each draft position is
+a row, with its sequence's block-table row gathered on the device, so a sequence's k drafts and its last token are
+k + 1 rows that write their keys before any row attends (attention writes a layer's keys first): row j sees the
+drafts before it. Checking four drafts of one stream is a replay of the batch-8 step, about a decode step's cost.
 """
 
 from __future__ import annotations
@@ -41,6 +46,21 @@ PREFILL_BUCKETS = (64, 128, 256, 512, 1024, 2048)  # its token counts; larger pr
 KEY_BUCKETS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # keys a prefill over cached prefixes attends to, all chunks together
 
 
+class Lane:
+    """One family of captured decode steps: its batch buckets, input buffers (ids, positions, take, adapter number,
+    cache row of the keys, block-table row), the per-row argmax it writes, and its graphs. The decode lane's row i is
+    table row i; the verify lane reads each row's table row from its inputs."""
+
+    def __init__(self, rows: int, device: torch.device, tokens: torch.Tensor, gather: bool):
+        self.buckets = _buckets(rows, 1)
+        bmax = self.buckets[-1]
+        self.tokens, self.gather = tokens, gather
+        self.staging = torch.zeros((2, 6, bmax), dtype=torch.long, pin_memory=True)  # two: one may still be copying
+        self.flip = 0
+        self.packed = torch.zeros((6, bmax), dtype=torch.long, device=device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
 def _buckets(limit: int, start: int) -> list[int]:
     out, b = [], start
     while b < limit:
@@ -51,10 +71,13 @@ def _buckets(limit: int, start: int) -> list[int]:
 
 class GraphRunner:
     def __init__(self, model, cache: kvcache.PagedCache, device: torch.device, tokens: torch.Tensor, *, min_kv: int = 128,
-                 compile: bool = False):
+                 compile: bool = False, verify_rows: int = 0):
         self.model, self.cache, self.device = model, cache, device
-        self.tokens = tokens  # [slots] each slot's last argmax, on the device: the next step can read its input there
-        self.batch_buckets = _buckets(cache.slots, 1)
+        # tokens: [slots] each slot's last argmax, on the device: the next step can read its input there
+        self.lanes = {"decode": Lane(cache.slots, device, tokens, gather=False)}
+        if verify_rows:  # speculative drafts, a row each (``verify``)
+            self.lanes["verify"] = Lane(verify_rows, device, torch.zeros(verify_rows, dtype=torch.long, device=device),
+                                        gather=True)
         self.kernel = decode_attention.probe(device, cache.k[0].shape[-1])
         kv_all = cache.max_len + 1
         self.kv_buckets = [kv_all] if self.kernel else _buckets(kv_all, min(min_kv, kv_all))
@@ -70,15 +93,8 @@ class GraphRunner:
         # by (tokens, keys); keys 0: fresh prompts, attending to themselves
         self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_replays: collections.Counter = collections.Counter()  # "fresh" and "cached" prefills replayed
-        bmax = self.batch_buckets[-1]
-        # ids, positions, take (1: this row's input is ``tokens[row]``), adapter number, cache row of its keys; two
-        # host buffers, so a step's inputs are written while the previous step's copy may still be pending
-        self.staging = torch.zeros((2, 5, bmax), dtype=torch.long, pin_memory=True)
-        self._flip = 0
-        self.packed = torch.zeros((5, bmax), dtype=torch.long, device=device)
         self.keys = torch.arange(cache.max_len + 1, device=device)
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.disabled = False
         self.lora: multilora.Rows | None = None  # unmerged adapters in the graphs (``use_adapters``)
         self.compiled = compile
@@ -96,25 +112,28 @@ class GraphRunner:
         """Drop every graph; later captures are of the plain step, into a new memory pool (the old graphs' pool
         goes with them, and capturing into it again fails an allocator assertion)."""
         self.forward, self.compiled = self._forward, False
-        self.graphs.clear()
+        for lane in self.lanes.values():
+            lane.graphs.clear()
         self.prefill_graphs.clear()
         self.pool = torch.cuda.graph_pool_handle()
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, take: torch.Tensor,
-                 ctx: kvcache.StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, take: torch.Tensor, ctx: kvcache.StepContext,
+                 tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = ids.shape[0]
-        ids = torch.where(take.bool(), self.tokens[:b].view(b, 1), ids)
+        ids = torch.where(take.bool(), tokens[:b].view(b, 1), ids)
         logits = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, codellm_step=ctx).logits[:, -1]
         nxt = logits.argmax(dim=-1)
-        self.tokens[:b].copy_(nxt)
+        tokens[:b].copy_(nxt)
         return logits, nxt
 
-    def _step(self, b: int, kv: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, pos, take, adapters, write = (self.packed[i, :b].view(b, 1) for i in range(5))
+    def _step(self, b: int, kv: int, lane: str = "decode") -> tuple[torch.Tensor, torch.Tensor]:
+        ln = self.lanes[lane]
+        ids, pos, take, adapters, write, row = (ln.packed[i, :b].view(b, 1) for i in range(6))
         mask = None if self.kernel else self.keys[:kv].view(1, 1, 1, -1) <= pos[:, None, :, None]
-        ctx = kvcache.StepContext(self.cache, write, pos, kv, mask, table=self.cache.table[:b])
+        table = self.cache.table.index_select(0, row.view(b)) if ln.gather else self.cache.table[:b]
+        ctx = kvcache.StepContext(self.cache, write, pos, kv, mask, table=table)
         with kvcache.attention_backends(self.device), self._adapters(adapters):  # never cuDNN (see attention_backends)
-            return self.forward(ids, pos, take, ctx)
+            return self.forward(ids, pos, take, ctx, ln.tokens)
 
     def _adapters(self, ids: torch.Tensor):
         """LoRA layers read each row's (token's) adapter number from ``ids`` while a step is captured."""
@@ -155,20 +174,23 @@ class GraphRunner:
     def warmup(self) -> None:
         """Capture every bucket now (seconds at load) rather than stalling streams mid-generation. A compiled
         step that fails to capture falls back to the plain one; a plain one that fails leaves decoding eager."""
-        self.packed.zero_()
-        self.packed[4].fill_(self.cache.scratch)  # capture-time writes land in the scratch block
-        for b in self.batch_buckets:
-            for kv in self.kv_buckets:
-                while (b, kv) not in self.graphs and not self.disabled:
-                    try:
-                        self.graphs[(b, kv)] = self._capture(self._step, b, kv)
-                    except Exception:
-                        if not self.compiled:
-                            log.exception("CUDA graph capture failed; decoding eagerly")
-                            self.disabled = True
-                        else:
-                            log.exception("capturing the compiled decode step failed; capturing it uncompiled")
-                            self._uncompiled()
+        for name, lane in self.lanes.items():
+            lane.packed.zero_()
+            lane.packed[4].fill_(self.cache.scratch)  # capture-time writes land in the scratch block
+            lane.packed[5].fill_(self.cache.slots)  # and the table row they read is the all-scratch one
+            for b in lane.buckets:
+                for kv in self.kv_buckets:
+                    while (b, kv) not in lane.graphs and not self.disabled:
+                        try:
+                            lane.graphs[(b, kv)] = self._capture(self._step, b, kv, name)
+                        except Exception:
+                            if not self.compiled:
+                                log.exception("CUDA graph capture failed; decoding eagerly")
+                                self.disabled = True
+                            else:
+                                log.exception("capturing the compiled decode step failed; capturing it uncompiled")
+                                self._uncompiled()
+                                return self.warmup()
         # the prefill buffer still holds the last real prefill's ids, positions and logit rows when graphs are captured
         # again (an adapter attached while serving): its values past that prompt are not valid for a larger bucket
         self.pf.zero_()
@@ -193,34 +215,38 @@ class GraphRunner:
                     return
 
     def run(self, ids: list[int], positions: list[int], take: list[int], write: list[int],
-            adapters: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+            adapters: list[int] | None = None, rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(logits [n, V], argmax [n]) on the device for one decode step whose row i is block-table row i (position
         -1: no sequence there; take 1: the input is the row's last argmax, still on the device; ``write``: the cache
         row of each row's new keys; ``adapters``: each row's adapter number, see ``use_adapters``), or None when the
-        graph path cannot run it. Nothing here waits for the device."""
-        if self.disabled:
+        graph path cannot run it. With ``rows`` (each row's block-table row), the verify lane runs it instead: a
+        speculative draft a row. Nothing here waits for the device."""
+        if self.disabled or (rows is not None and "verify" not in self.lanes):
             return None
+        name = "decode" if rows is None else "verify"
+        lane = self.lanes[name]
         n = len(ids)
-        b = next((x for x in self.batch_buckets if x >= n), None)
+        b = next((x for x in lane.buckets if x >= n), None)
         kv = next((x for x in self.kv_buckets if x >= max(positions) + 1), None)
         if b is None or kv is None:
             return None
         scratch = self.cache.scratch
-        staging = self.staging[self._flip]
-        self._flip ^= 1
+        staging = lane.staging[lane.flip]
+        lane.flip ^= 1
         pad = [0] * (b - n)
         staging[:, :b] = torch.tensor([ids + pad, [max(p, 0) for p in positions] + pad, take + pad,
-                                       (adapters or [0] * n) + pad, write + [scratch] * (b - n)])
-        self.packed[:, :b].copy_(staging[:, :b], non_blocking=True)
+                                       (adapters or [0] * n) + pad, write + [scratch] * (b - n),
+                                       (rows or [0] * n) + [self.cache.slots] * (b - n)])
+        lane.packed[:, :b].copy_(staging[:, :b], non_blocking=True)
         key = (b, kv)
-        if key not in self.graphs:
+        if key not in lane.graphs:
             try:
-                self.graphs[key] = self._capture(self._step, b, kv)
+                lane.graphs[key] = self._capture(self._step, b, kv, name)
             except Exception:  # a model or kernel that cannot be captured: stay eager
                 log.exception("CUDA graph capture failed; decoding eagerly from now on")
                 self.disabled = True
                 return None
-        graph, (logits, tokens) = self.graphs[key]
+        graph, (logits, tokens) = lane.graphs[key]
         graph.replay()
         return logits[:n], tokens[:n]
 
@@ -240,17 +266,12 @@ class GraphRunner:
             attended += k
         return groups
 
-    def prefill(self, chunks: list[tuple[list[int], int, list[int]]], adapters: list[int] | None = None,
-                every: bool = False) -> torch.Tensor | None:
+    def prefill(self, chunks: list[tuple[list[int], int, list[int]]], adapters: list[int] | None = None) -> torch.Tensor | None:
         """Next-token logits ([len(chunks), V], on the device) of a packed prefill (``chunks`` as
         ``kvcache.pack_prompts`` takes them, with each chunk's adapter number) by one graph replay, or None when no
-        captured graph fits (too many tokens, keys or chunks). With ``every``, the logits of every position, end to
-        end (speculative drafts checked: the graph reads logits at one index a row, so at most as many as its
-        rows)."""
+        captured graph fits (too many tokens, keys or chunks)."""
         prompts = [tokens for tokens, _, _ in chunks]
         total = sum(len(p) for p in prompts)
-        if every and total > PREFILL_ROWS:
-            return None
         n = next((b for b in self.prefill_buckets if b >= total), None)
         k = 0
         if any(start for _, start, _ in chunks):  # continuing cached prefixes: their keys come from the pool
@@ -268,12 +289,10 @@ class GraphRunner:
         h_ids, h_pos, h_write, h_cu, h_last, h_adapters = self._pf_parts(host)
         h_ids[:n], h_pos[:n], h_write[:n], h_cu[:], h_last[:] = kvcache.pack_prompts(
             chunks, self.cache.block_size, self.cache.scratch, width=n, rows=PREFILL_ROWS)
-        if every:
-            h_last[:total] = torch.arange(total)
         if self.lora is not None:
             h_adapters[:n] = multilora.token_adapters(prompts, adapters, n)
         self.pf.copy_(host, non_blocking=True)
         graph, logits = self.prefill_graphs[(n, k)]
         graph.replay()
         self.prefill_replays["cached" if k else "fresh"] += 1
-        return logits[:total if every else len(prompts)]
+        return logits[:len(prompts)]

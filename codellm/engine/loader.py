@@ -196,3 +196,19 @@ def load(
         model, adapter = attach_adapter(registry, model, entry)
     return view(registry, entry, weights, model, dev, torch_dtype, num_ctx=num_ctx, quantize=quantize, adapter=adapter,
                 trust_remote_code=trust_remote_code)
+
+
+def load_draft(registry: Registry, speculative, target: LoadedModel, *, trust_remote_code: bool = False,
+               **_) -> LoadedModel | None:
+    """The draft model of ``target``'s speculative decoding (``speculative.draft``), on the target's device and in
+    its dtype, for as long a context as the target's; None unless the speculation is by a draft model."""
+    if speculative is None or speculative.method != "draft":
+        return None
+    if not speculative.draft:
+        raise InvalidRequest("draft-model speculation needs a draft model (--draft MODEL)", param="draft")
+    try:
+        return load(registry, speculative.draft, device=str(target.device), dtype=str(target.dtype).removeprefix("torch."),
+                    num_ctx=target.max_len, trust_remote_code=trust_remote_code)
+    except NotFound:
+        raise NotFound(f"draft model '{speculative.draft}' of {target.name} is not in the registry "
+                       f"(codellm pull {speculative.draft})") from None

@@ -46,7 +46,7 @@ class LoadOptions:
     cuda_graphs: bool = True  # decode through captured CUDA graphs on GPUs (eager when off, or for adapters)
     compile: bool = True  # torch.compile the graph-captured decode step (GPU only; falls back to plain graphs)
     engine_process: bool | None = None  # each engine in a child process (default: on GPUs), see engine.remote
-    speculative: "SpeculativeConfig | None" = None  # prompt-lookup speculative decoding (engine.speculation)
+    speculative: "SpeculativeConfig | None" = None  # speculative decoding (engine.speculation, engine.drafter)
 
 
 @dataclass
@@ -224,12 +224,16 @@ class ModelManager:
             return self._load_encoder(key, entry, pin)
         entry, weights = loader.resolve(self.registry, entry)
         self.registry.check(weights, name=entry.name.short)  # before anything of it is read: a clear error if damaged
-        gkey = loader.weights_identity(weights, o.device, o.dtype, o.quantize)
+        spec = self._speculation(entry, weights)
+        draft = spec.draft if spec is not None and spec.method == "draft" else None
+        gkey = loader.weights_identity(weights, o.device, o.dtype, o.quantize, *([draft] if draft else []))
         group = self._groups.get(gkey)
         if group is None:
             need = memory.estimate(self.registry, weights, o)
+            if draft:
+                need += memory.estimate(self.registry, loader.resolve(self.registry, draft)[1], o, kv_cache=False)
             self._make_room(need)
-            group = self._groups[gkey] = Group(gkey, self._start_engine(entry, weights), need)
+            group = self._groups[gkey] = Group(gkey, self._start_engine(entry, weights, spec), need)
         engine = group.engine
         adapter = None
         if entry.manifest.layers_of(mt.ADAPTER):  # goes in between two steps
@@ -249,7 +253,19 @@ class ModelManager:
         memory.freeze_heap()
         return served
 
-    def _start_engine(self, entry, weights) -> EngineClient:
+    def _speculation(self, entry, weights) -> SpeculativeConfig | None:
+        """The server's speculative decoding, or by the draft model this model's Modelfile names (PARAMETER draft)."""
+        import msgspec
+
+        spec = self.options.speculative
+        draft = {**self.registry.params(weights), **self.registry.params(entry.manifest)}.get("draft")
+        if not draft:
+            return spec
+        if spec is None:
+            return SpeculativeConfig(method="draft", draft=draft)
+        return msgspec.structs.replace(spec, method="draft", draft=draft)
+
+    def _start_engine(self, entry, weights, spec: SpeculativeConfig | None) -> EngineClient:
         from codellm.engine import loader
 
         o = self.options
@@ -257,7 +273,7 @@ class ModelManager:
         view = dict(num_ctx=o.num_ctx, quantize=o.quantize, trust_remote_code=o.trust_remote_code)
         engine = dict(slots=o.slots, max_queue=o.max_queue, prefill_chunk=o.prefill_chunk, cuda_graphs=o.cuda_graphs,
                       compile=o.compile, kv_cache_memory=o.kv_cache_memory, prefix_caching=o.prefix_caching,
-                      speculative=o.speculative)
+                      speculative=spec)
         separate = o.engine_process
         if separate is None:
             separate = loader.pick_device(o.device, o.dtype)[0].type == "cuda"
@@ -268,7 +284,8 @@ class ModelManager:
                 process.serve_on(self._loop)
             return process
         model, dev, dtype = loader.load_weights(self.registry, entry, weights, **load)
-        return Engine(loader.view(self.registry, entry, weights, model, dev, dtype, **view), **engine)
+        base = loader.view(self.registry, entry, weights, model, dev, dtype, **view)
+        return Engine(base, draft=loader.load_draft(self.registry, spec, base, **load), **engine)
 
     def _load_encoder(self, key: str, entry, pin: bool) -> Served:
         from codellm.engine import loader

@@ -472,7 +472,8 @@ def _child_main(conn, home: str, read_only: bool, name: str, load: dict, engine_
         entry, weights = loader.resolve(registry, name)
         model, dev, dtype = loader.load_weights(registry, entry, weights, **load)
         base = loader.view(registry, entry, weights, model, dev, dtype, **view_opts)
-        engine = Engine(base, **engine_opts, source=source)  # nothing arrives before "ready" below
+        draft = loader.load_draft(registry, engine_opts.get("speculative"), base, **load)
+        engine = Engine(base, **engine_opts, draft=draft, source=source)  # nothing arrives before "ready" below
         engine.timed = False  # the parent times each choice
         from codellm.engine import grammar
 

@@ -33,7 +33,7 @@ class Launched:
 
 class ModelRunner:
     def __init__(self, lm: LoadedModel, *, blocks: int, block_size: int, rows: int, layers: int, kv_heads: int,
-                 head_dim: int, cuda_graphs: bool = True, compile: bool = False):
+                 head_dim: int, cuda_graphs: bool = True, compile: bool = False, verify_rows: int = 0):
         self.lm = lm
         cuda = lm.device.type == "cuda"
         self.cache = kvcache.PagedCache(
@@ -48,7 +48,8 @@ class ModelRunner:
         if cuda_graphs and cuda:
             from codellm.engine.cudagraph import GraphRunner
 
-            self.graphs = GraphRunner(lm.model, self.cache, lm.device, self.last_tokens, compile=compile)
+            self.graphs = GraphRunner(lm.model, self.cache, lm.device, self.last_tokens, compile=compile,
+                                      verify_rows=verify_rows)
 
     @property
     def graphs_usable(self) -> bool:
@@ -155,10 +156,8 @@ class ModelRunner:
             logits = logits[done]
         return [chunks[r][0] for r in done], logits
 
-    def _packed_eager(self, packed: list[tuple[list[int], int, list[int]]], adapters, fresh: bool,
-                      every: bool = False) -> torch.Tensor:
-        """One eager forward of packed chunks (tokens, first position, blocks): each chunk's last logits, or with
-        ``every`` the logits of all its positions, end to end."""
+    def _packed_eager(self, packed: list[tuple[list[int], int, list[int]]], adapters, fresh: bool) -> torch.Tensor:
+        """One eager forward of packed chunks (tokens, first position, blocks): each chunk's last logits."""
         dev = self.lm.device
         bs = self.cache.block_size
         lora = self.graphs.lora if self.graphs_usable else None
@@ -172,43 +171,38 @@ class ModelRunner:
         tokens = [t for t, _, _ in packed]
         with lora.active(multilora.token_adapters(tokens, adapters, len(ids)).to(dev).view(1, -1)) if lora \
                 else contextlib.nullcontext():
-            return self._logits(ctx, ids.view(1, -1), positions.view(1, -1), 0 if every else last)[0]
+            return self._logits(ctx, ids.view(1, -1), positions.view(1, -1), last)[0]
 
-    def verify(self, rows: list[tuple[Sequence, list[int]]]) -> list[torch.Tensor]:
-        """Speculative drafts checked in one forward: for each (sequence, drafts), its last token and its drafts go
-        in at their positions (their keys and values written), and the logits of every one of those positions come
-        back, ``len(drafts) + 1`` rows a sequence. Keys written for drafts that are not kept are overwritten later."""
+    def verify(self, runs: list[tuple[Sequence, list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens of several sequences at given positions, a row each: (logits [rows, V], argmax [rows]) on the device,
+        for runs of (sequence, tokens, first position), end to end. Every token's keys and values are written, and
+        each attends to its sequence up to itself: speculative drafts checked in one step (the last token and its
+        drafts), or a draft model catching up on the tokens it has not seen. Keys written for drafts that are not
+        kept are overwritten later. Through the captured verify lane where it fits, else eagerly."""
         self.cache.sync()
-        packed = [([seq.generated[-1], *drafts], len(seq.prompt) + len(seq.generated) - 1, seq.chain.blocks)
-                  for seq, drafts in rows]
-        if self.peft and not self.graphs_usable:  # PEFT's own mixed-adapter LoRA: one sequence a forward
-            out = []
-            for (seq, _), (tokens, start, blocks) in zip(rows, packed):
-                positions = torch.arange(start, start + len(tokens)).unsqueeze(0)
-                out.append(self._forward(torch.tensor([tokens]), positions, [blocks], [seq.adapter], all_logits=True)[0])
-            return out
-        lora = self.graphs.lora if self.graphs_usable else None
-        adapters = [lora.of(seq.adapter) for seq, _ in rows] if lora else None
-        from codellm.engine.cudagraph import PREFILL_ROWS
-
-        parts, groups, group, size = [], [], [], 0
-        for i, (tokens, _, _) in enumerate(packed):  # a graph reads at most PREFILL_ROWS positions' logits
-            if group and size + len(tokens) > PREFILL_ROWS:
-                groups.append(group)
-                group, size = [], 0
-            group.append(i)
-            size += len(tokens)
-        groups.append(group)
-        for group in groups:
-            chunk = [packed[i] for i in group]
-            sub = [adapters[i] for i in group] if adapters else None
-            logits = self.graphs.prefill(chunk, sub, every=True) if self.graphs_usable else None
-            if logits is None:
-                logits = self._packed_eager(chunk, sub, fresh=False, every=True)
-            elif len(groups) > 1:
-                logits = logits.clone()  # the graph's buffer is written again by the next replay
-            parts.append(logits)
-        return list(torch.split(torch.cat(parts) if len(parts) > 1 else parts[0], [len(t) for t, _, _ in packed]))
+        bs = self.cache.block_size
+        ids, positions, write, table_rows, tables, adapters = [], [], [], [], [], []
+        for seq, tokens, start in runs:
+            blocks = seq.chain.blocks
+            for j, token in enumerate(tokens):
+                ids.append(token)
+                positions.append(start + j)
+                write.append(kvcache.cache_row(blocks, start + j, bs))
+                table_rows.append(seq.slot)
+                tables.append(blocks)
+                adapters.append(seq.adapter)
+        out = None
+        if self.graphs_usable:
+            lora = self.graphs.lora
+            with torch.inference_mode():
+                out = self.graphs.run(ids, positions, [0] * len(ids), write,
+                                      [lora.of(a) for a in adapters] if lora else None, rows=table_rows)
+        if out is None:
+            with torch.inference_mode():
+                logits = self._forward(torch.tensor(ids).view(-1, 1), torch.tensor(positions).view(-1, 1), tables,
+                                       adapters)[:, -1]
+                out = (logits, logits.argmax(dim=-1))
+        return out
 
     def prefill_alone(self, chunk: Chunk) -> torch.Tensor | None:
         """One chunk in a forward of its own, keeping every position's logits: the prompt's log-probabilities are
@@ -263,8 +257,10 @@ class ModelRunner:
                 live.append((seq, tokens[slot]))
         return live
 
-    def _decode_step(self, batch: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Launch one decode step; (logits, argmax) by row 0..hi-1, still on the device."""
+    def _decode_step(self, batch: list[Sequence], at: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Launch one decode step; (logits, argmax) by row 0..hi-1, still on the device. With ``at`` (a position for
+        each sequence), every row's input is its last argmax on the device, put at that position: a draft model's
+        steps, each feeding the next."""
         # one batch row per block-table row 0..hi-1 (rows are handed out lowest first): attention reads each row's
         # blocks through the table; rows of free or still-prefilling sequences write to scratch and are dropped
         self.cache.sync()
@@ -272,11 +268,11 @@ class ModelRunner:
         ids, positions, take, adapters = [0] * hi, [-1] * hi, [0] * hi, [None] * hi
         write, tables = [self.cache.scratch] * hi, [[] for _ in range(hi)]
         bs = self.cache.block_size
-        for s in batch:
-            p = positions[s.slot] = len(s.prompt) + len(s.generated) + s.inflight - 1
+        for i, s in enumerate(batch):
+            p = positions[s.slot] = at[i] if at is not None else len(s.prompt) + len(s.generated) + s.inflight - 1
             write[s.slot] = kvcache.cache_row(s.chain.blocks, p, bs)
             tables[s.slot] = s.chain.blocks
-            if s.inflight:
+            if s.inflight or at is not None:
                 take[s.slot] = 1
             else:
                 ids[s.slot] = s.generated[-1]

@@ -47,6 +47,7 @@ class Sequence:
     spec_steps: int = 0  # decode steps taken while speculating
     drafted: int = 0  # speculative draft tokens checked
     accepted: int = 0  # ... and kept
+    draft_cached: int = 0  # tokens whose keys the draft model's cache holds (``drafter``)
 
     @property
     def pipelined(self) -> bool:
@@ -60,6 +61,11 @@ class Sequence:
     @property
     def decodable(self) -> bool:
         return not self.prefilling and not self.finished
+
+    @property
+    def length(self) -> int:
+        """len(known()), without building the list."""
+        return len(self.prompt) + len(self.generated)
 
     def known(self) -> list[int]:
         """Every token whose keys and values belong in the cache: the prompt and what was generated."""

@@ -25,8 +25,9 @@ import torch
 
 
 class SpeculativeConfig(msgspec.Struct, frozen=True):
-    method: str = "ngram"
+    method: str = "ngram"  # "ngram": prompt lookup; "draft": a small model of the same vocabulary (``drafter``)
     num_tokens: int = 4  # drafts proposed at most per step
+    draft: str | None = None  # the draft model's registry name (method "draft")
     ngram_max: int = 4  # the longest suffix looked up
     ngram_min: int = 2
     max_batch: int = 32  # never speculate with more sequences decoding than this
@@ -35,18 +36,26 @@ class SpeculativeConfig(msgspec.Struct, frozen=True):
     min_gain: float = 0.5
     warmup: int = 16
 
+    @property
+    def verify_rows(self) -> int:
+        """Rows the widest check takes: every sequence that may speculate at once, its last token and its drafts."""
+        return self.max_batch * (self.num_tokens + 1)
+
 
 class Pace:
-    """Whether speculating pays at a batch size, learnt from the engine's own steps: the tokens a second of steps
-    that speculated and of steps that did not, per batch size (rounded up to a power of two), as moving averages.
-    The better way is taken, and the other tried again every ``explore`` steps, since what pays changes with the
-    traffic: on a GPU a step of a few sequences costs about the same with five tokens each as with one, on a CPU
-    it costs five times as much."""
+    """Whether speculating pays at a batch size, learnt from the engine's own steps: windows of ``window`` steps of
+    one way (speculating or not) are timed whole, per batch size (rounded up to a power of two), and their tokens a
+    second kept as moving averages. Whole windows, because a plain step overlaps the host's work with the device's:
+    its device time is paid in the step after it, which a step-by-step clock would charge to whichever step comes
+    next. The first step of a window is not timed for the same reason. The better way is taken, and the other
+    tried again every ``explore`` windows, since what pays changes with the traffic: on a GPU a step of a few
+    sequences costs about the same with five tokens each as with one, on a CPU five times as much."""
 
-    def __init__(self, explore: int = 32):
-        self.explore = explore
+    def __init__(self, window: int = 8, explore: int = 16):
+        self.window, self.explore = window, explore
         self.rate: dict[tuple[bool, int], float] = {}
-        self.count: Counter = Counter()
+        self._open: dict[int, list] = {}  # by bucket: [speculating, steps left, tokens, seconds] of its window
+        self.windows: Counter = Counter()
 
     @staticmethod
     def bucket(n: int) -> int:
@@ -54,17 +63,32 @@ class Pace:
 
     def choose(self, n: int) -> bool:
         b = self.bucket(n)
-        self.count[b] += 1
-        spec, plain = self.rate.get((True, b)), self.rate.get((False, b))
-        if spec is None or plain is None:
-            return spec is None  # each way once, speculating first
-        best = spec >= plain
-        return (not best) if self.count[b] % self.explore == 0 else best
+        win = self._open.get(b)
+        if win is None or win[1] <= 0:
+            self.windows[b] += 1
+            spec, plain = self.rate.get((True, b)), self.rate.get((False, b))
+            if spec is None or plain is None:
+                way = spec is None  # each way once, speculating first
+            else:
+                best = spec >= plain
+                way = (not best) if self.windows[b] % self.explore == 0 else best
+            win = self._open[b] = [way, self.window + 1, 0, 0.0]
+        return win[0]
 
     def record(self, speculated: bool, n: int, tokens: int, seconds: float) -> None:
-        key = (speculated, self.bucket(n))
-        rate = tokens / max(seconds, 1e-6)
-        self.rate[key] = rate if key not in self.rate else 0.8 * self.rate[key] + 0.2 * rate
+        """A step of ``n`` sequences that took ``seconds`` and output ``tokens``."""
+        b = self.bucket(n)
+        win = self._open.get(b)
+        if win is None or win[0] != speculated or win[1] <= 0:
+            return
+        win[1] -= 1
+        if win[1] < self.window:  # not the window's first step
+            win[2] += tokens
+            win[3] += seconds
+        if win[1] == 0:
+            key = (speculated, b)
+            rate = win[2] / max(win[3], 1e-6)
+            self.rate[key] = rate if key not in self.rate else 0.7 * self.rate[key] + 0.3 * rate
 
 
 def propose(tokens: list[int], k: int, n_max: int = 4, n_min: int = 2) -> list[int]:

@@ -19,6 +19,7 @@ PARAMETER_TYPES: dict[str, type] = {
     "repeat_penalty": float, "repeat_last_n": int, "presence_penalty": float, "frequency_penalty": float,
     "seed": int, "stop": str, "mirostat": int, "mirostat_eta": float, "mirostat_tau": float,
     "penalize_newline": bool, "use_mmap": bool,
+    "draft": str,  # the draft model of its speculative decoding: a smaller model of the same vocabulary
 }
 ROLES = ("system", "user", "assistant", "tool")
 INSTRUCTIONS = ("from", "parameter", "template", "system", "message", "adapter", "license")

@@ -59,6 +59,7 @@ class MessagesRequest(CountTokensRequest, kw_only=True):
     stream: bool = False
     metadata: dict[str, Any] | None = None
     seed: Seed | None = None  # not Anthropic's: for reproducible runs against this server
+    speculative: bool | None = None  # not Anthropic's: False turns speculative decoding off for this request
 
 
 # -- requests into a chat turn --------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def _tools(data: CountTokensRequest) -> tuple[list[dict] | None, str | None, boo
 def turn_of(data: MessagesRequest) -> ChatTurn:
     tools, forced, parallel = _tools(data)
     sampling = {"max_tokens": data.max_tokens, "temperature": data.temperature, "top_p": data.top_p,
-                "top_k": data.top_k, "stop": data.stop_sequences, "seed": data.seed}
+                "top_k": data.top_k, "stop": data.stop_sequences, "seed": data.seed, "speculative": data.speculative}
     return ChatTurn(_messages(data), tools, forced, sampling, parallel)
 
 

@@ -205,7 +205,10 @@ def _load_or_unload(served: Served, keep: float | None, extra: dict) -> dict:
 
 def _sampling(served: Served, data: GenerateRequest | ChatRequest) -> Any:
     try:
-        params = served.sampling(options_to_overrides(data.options or {}), base=OLLAMA_DEFAULTS, names=OPTION_NAMES)
+        overrides = options_to_overrides(data.options or {})
+        if (data.options or {}).get("speculative") is not None:  # not Ollama's: False turns speculative decoding off
+            overrides["speculative"] = data.options["speculative"]
+        params = served.sampling(overrides, base=OLLAMA_DEFAULTS, names=OPTION_NAMES)
     except CodellmError as exc:
         raise OllamaError(400, exc.message) from None
     fmt = data.format

@@ -43,6 +43,7 @@ class ResponsesRequest(Struct, kw_only=True):
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     seed: Seed | None = None  # not OpenAI's: for reproducible runs against this server
+    speculative: bool | None = None  # False: no speculative decoding for this request (as on the other OpenAI routes)
 
 
 class Store:
@@ -136,7 +137,7 @@ def turn_of(data: ResponsesRequest, history: list[dict]) -> ChatTurn:
     messages += [{"role": "user", "content": data.input}] if isinstance(data.input, str) else _items(data.input)
     tools, forced = _tools(data)
     sampling = {"max_tokens": data.max_output_tokens, "temperature": data.temperature, "top_p": data.top_p,
-                "seed": data.seed}
+                "seed": data.seed, "speculative": data.speculative}
     return ChatTurn(messages, tools, forced, sampling, data.parallel_tool_calls is not False)
 
 
