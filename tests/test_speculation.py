@@ -148,7 +148,8 @@ def test_greedy_output_is_the_same_token_for_token(copy_home, name, method, draf
         for w, g in zip(want, got):
             assert [(ids, text, o.finish_reason) for ids, text, o in w] == [(ids, text, o.finish_reason) for ids, text, o in g]
         assert len(got[0][0][0]) == 41 and got[1][0][2].finish_reason == "stop" and got[1][0][1] == text[:text.index(stop)]
-        assert spec.stats.spec_draft_tokens > 0
+        if method == "draft" or name == "copier":  # (the plain model's answer may repeat nothing of its prompt)
+            assert spec.stats.spec_draft_tokens > 0
         if draft == "tiny-coder":  # a draft that writes something else: few of its drafts hold
             assert spec.stats.spec_accepted < 0.5 * spec.stats.spec_draft_tokens
         if name == "copier" and draft != "tiny-coder":  # the copy is in the prompt: most drafts hold, steps are saved
