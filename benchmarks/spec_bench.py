@@ -117,9 +117,24 @@ def small_shape(hidden: int, layers: int) -> dict:
                 num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128), tie_word_embeddings=True)
 
 
+def spec_counters(url: str) -> tuple[float, float]:
+    """(draft tokens checked, kept) from a server's /metrics, under vLLM's names (codellm exports the same)."""
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return 0.0, 0.0
+    got = {}
+    for line in text.splitlines():
+        for name in ("vllm:spec_decode_num_draft_tokens_total", "vllm:spec_decode_num_accepted_tokens_total"):
+            if line.startswith(name):
+                got[name] = got.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return got.get("vllm:spec_decode_num_draft_tokens_total", 0.0), got.get("vllm:spec_decode_num_accepted_tokens_total", 0.0)
+
+
 async def workload(url: str, prompts: list[tuple[str, int]], concurrency: int) -> dict:
     queue = list(prompts)
     totals = {"tokens": 0, "drafted": 0, "accepted": 0}
+    drafted, accepted = spec_counters(url)
 
     async def client() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=600) as c:
@@ -136,6 +151,9 @@ async def workload(url: str, prompts: list[tuple[str, int]], concurrency: int) -
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     wall = time.perf_counter() - start
+    if not totals["drafted"]:  # a server that reports drafts only in its metrics (vLLM)
+        d, a = spec_counters(url)
+        totals["drafted"], totals["accepted"] = int(d - drafted), int(a - accepted)
     return {**totals, "seconds": round(wall, 2), "tokens_per_s": round(totals["tokens"] / wall, 1)}
 
 
@@ -153,6 +171,9 @@ def main() -> None:
     ap.add_argument("--ways", default="off,ngram,draft", help="speculation off, by prompt lookup, by the draft model")
     ap.add_argument("--num-speculative-tokens", type=int, default=4)
     ap.add_argument("--home", type=Path, help="a registry that may hold `copier` and `copier-draft` already")
+    ap.add_argument("--url", help="measure the server already running there instead (another engine serving the "
+                    "copier as `copier`: `python -c 'from codellm.registry import Registry; "
+                    "print(Registry(HOME).model_dir(\"copier\"))'` is its directory), under --ways' one name")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -187,14 +208,16 @@ def main() -> None:
     flags = {"off": [], "ngram": ["--speculative", "ngram", *k], "draft": ["--draft", "copier-draft", *k]}
     for name in ways:
         port = 11600 + random.randint(0, 300)
-        proc = serve_bench.start_server(home, "copier", port, slots=32, num_ctx=2048, extra=flags[name])
+        proc = None if args.url else serve_bench.start_server(home, "copier", port, slots=32, num_ctx=2048,
+                                                              extra=flags[name])
         try:
-            url = f"http://127.0.0.1:{port}"
+            url = args.url or f"http://127.0.0.1:{port}"
             asyncio.run(workload(url, prompts[:4], 4))  # warm-up
             results["runs"][name] = {c: asyncio.run(workload(url, prompts, c)) for c in levels}
         finally:
-            proc.terminate()
-            proc.wait(60)
+            if proc is not None:
+                proc.terminate()
+                proc.wait(60)
         print(name, json.dumps(results["runs"][name]), flush=True)
     spec = [w for w in ways if w != "off"]
     for c in levels:
