@@ -156,8 +156,10 @@ class ModelRunner:
             logits = logits[done]
         return [chunks[r][0] for r in done], logits
 
-    def _packed_eager(self, packed: list[tuple[list[int], int, list[int]]], adapters, fresh: bool) -> torch.Tensor:
-        """One eager forward of packed chunks (tokens, first position, blocks): each chunk's last logits."""
+    def _packed_eager(self, packed: list[tuple[list[int], int, list[int]]], adapters, fresh: bool,
+                      every: bool = False) -> torch.Tensor:
+        """One eager forward of packed chunks (tokens, first position, blocks): each chunk's last logits, or with
+        ``every`` the logits of all its positions, end to end."""
         dev = self.lm.device
         bs = self.cache.block_size
         lora = self.graphs.lora if self.graphs_usable else None
@@ -171,7 +173,7 @@ class ModelRunner:
         tokens = [t for t, _, _ in packed]
         with lora.active(multilora.token_adapters(tokens, adapters, len(ids)).to(dev).view(1, -1)) if lora \
                 else contextlib.nullcontext():
-            return self._logits(ctx, ids.view(1, -1), positions.view(1, -1), last)[0]
+            return self._logits(ctx, ids.view(1, -1), positions.view(1, -1), 0 if every else last)[0]
 
     def verify(self, runs: list[tuple[Sequence, list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens of several sequences at given positions, a row each: (logits [rows, V], argmax [rows]) on the device,
@@ -197,10 +199,16 @@ class ModelRunner:
             with torch.inference_mode():
                 out = self.graphs.run(ids, positions, [0] * len(ids), write,
                                       [lora.of(a) for a in adapters] if lora else None, rows=table_rows)
-        if out is None:
+        if out is None:  # eagerly: packed, each run attending to its sequence once (rows would gather it per row)
             with torch.inference_mode():
-                logits = self._forward(torch.tensor(ids).view(-1, 1), torch.tensor(positions).view(-1, 1), tables,
-                                       adapters)[:, -1]
+                if self.peft and not self.graphs_usable:  # PEFT's own LoRA picks adapters by row
+                    logits = self._forward(torch.tensor(ids).view(-1, 1), torch.tensor(positions).view(-1, 1), tables,
+                                           adapters)[:, -1]
+                else:
+                    lora = self.graphs.lora if self.graphs_usable else None
+                    logits = self._packed_eager([(tokens, start, seq.chain.blocks) for seq, tokens, start in runs],
+                                                [lora.of(seq.adapter) for seq, _, _ in runs] if lora else None,
+                                                fresh=False, every=True)
                 out = (logits, logits.argmax(dim=-1))
         return out
 
