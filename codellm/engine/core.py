@@ -24,7 +24,7 @@ from codellm.engine.drafter import Drafter
 from codellm.engine.detok import IncrementalDetokenizer, StopMatcher
 from codellm.engine.loader import LoadedModel
 from codellm.engine.outputs import Output, Sink, Stats
-from codellm.engine.runner import Launched, ModelRunner
+from codellm.engine.runner import Launched, ModelRunner, kv_shape
 from codellm.engine.sampling import SamplingParams, TokenLogprob, generator
 from codellm.engine.speculation import SpeculativeConfig
 from codellm.engine.scheduler import PrefillPlan, Scheduler
@@ -56,17 +56,15 @@ class Engine(Admission):
         self._source = source
         if fuse:  # q/k/v and gate/up as one GEMM each in engine steps (no extra memory)
             fusion.fuse(lm.model)
-        cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
         cuda = lm.device.type == "cuda"
         contexts, slots = slots, slots or default_slots(cuda)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        per_token = memory.kv_bytes_per_token(cfg.num_hidden_layers, kv_heads, head_dim, lm.dtype.itemsize)
+        layers, kv_heads, head_dim = kv_shape(lm.model)
+        per_token = memory.kv_bytes_per_token(layers, kv_heads, head_dim, lm.dtype.itemsize)
         tokens = memory.kv_tokens(cuda, lm.max_len, kv_cache_memory, per_token, block_size, slots=contexts)
         self.pool = blocks.BlockPool(tokens // block_size, block_size, caching=prefix_caching)
         verify_rows = speculative.verify_rows if speculative is not None else 0
         self.runner = ModelRunner(lm, blocks=self.pool.num_blocks, block_size=block_size, rows=slots,
-                                  layers=cfg.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim,
+                                  layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                                   cuda_graphs=cuda_graphs, compile=compile, verify_rows=verify_rows)
         self.drafter: Drafter | None = None
         if speculative is not None and speculative.method == "draft":

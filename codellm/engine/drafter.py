@@ -20,14 +20,9 @@ from __future__ import annotations
 import torch
 
 from codellm.engine.loader import LoadedModel
-from codellm.engine.runner import ModelRunner
+from codellm.engine.runner import ModelRunner, kv_shape
 from codellm.engine.sequence import Chunk, Sequence
 from codellm.errors import InvalidRequest
-
-
-def text_config(model):
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
 def check_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
@@ -41,10 +36,8 @@ class Drafter:
     def __init__(self, lm: LoadedModel, *, blocks: int, block_size: int, rows: int, verify_rows: int,
                  cuda_graphs: bool = True, compile: bool = False):
         self.lm = lm
-        cfg = text_config(lm.model)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.runner = ModelRunner(lm, blocks=blocks, block_size=block_size, rows=rows, layers=cfg.num_hidden_layers,
+        layers, kv_heads, head_dim = kv_shape(lm.model)
+        self.runner = ModelRunner(lm, blocks=blocks, block_size=block_size, rows=rows, layers=layers,
                                   kv_heads=kv_heads, head_dim=head_dim, cuda_graphs=cuda_graphs, compile=compile,
                                   verify_rows=verify_rows)
         self.verify_rows = verify_rows

@@ -31,6 +31,13 @@ class Launched:
         self.rows, self.host, self.event = rows, host, event
 
 
+def kv_shape(model) -> tuple[int, int, int]:
+    """(layers, key/value heads, head size) of a transformers model's text stack: what its KV cache is made of."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim
+
+
 class ModelRunner:
     def __init__(self, lm: LoadedModel, *, blocks: int, block_size: int, rows: int, layers: int, kv_heads: int,
                  head_dim: int, cuda_graphs: bool = True, compile: bool = False, verify_rows: int = 0):
