@@ -117,24 +117,29 @@ def small_shape(hidden: int, layers: int) -> dict:
                 num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128), tie_word_embeddings=True)
 
 
-def spec_counters(url: str) -> tuple[float, float]:
-    """(draft tokens checked, kept) from a server's /metrics, under vLLM's names (codellm exports the same)."""
+COUNTERS = {"drafted": "vllm:spec_decode_num_draft_tokens_total", "accepted": "vllm:spec_decode_num_accepted_tokens_total",
+            "steps": "codellm_decode_steps_total"}
+
+
+def spec_counters(url: str) -> dict[str, float]:
+    """Draft tokens checked and kept from a server's /metrics, under vLLM's names (codellm exports the same), and
+    codellm's engine steps (absent elsewhere)."""
     try:
         text = httpx.get(url + "/metrics", timeout=10).text
     except httpx.HTTPError:
-        return 0.0, 0.0
-    got = {}
+        text = ""
+    got = dict.fromkeys(COUNTERS, 0.0)
     for line in text.splitlines():
-        for name in ("vllm:spec_decode_num_draft_tokens_total", "vllm:spec_decode_num_accepted_tokens_total"):
+        for key, name in COUNTERS.items():
             if line.startswith(name):
-                got[name] = got.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    return got.get("vllm:spec_decode_num_draft_tokens_total", 0.0), got.get("vllm:spec_decode_num_accepted_tokens_total", 0.0)
+                got[key] += float(line.rsplit(" ", 1)[1])
+    return got
 
 
 async def workload(url: str, prompts: list[tuple[str, int]], concurrency: int) -> dict:
     queue = list(prompts)
     totals = {"tokens": 0, "drafted": 0, "accepted": 0}
-    drafted, accepted = spec_counters(url)
+    before = spec_counters(url)
 
     async def client() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=600) as c:
@@ -151,10 +156,13 @@ async def workload(url: str, prompts: list[tuple[str, int]], concurrency: int) -
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     wall = time.perf_counter() - start
+    after = spec_counters(url)
     if not totals["drafted"]:  # a server that reports drafts only in its metrics (vLLM)
-        d, a = spec_counters(url)
-        totals["drafted"], totals["accepted"] = int(d - drafted), int(a - accepted)
-    return {**totals, "seconds": round(wall, 2), "tokens_per_s": round(totals["tokens"] / wall, 1)}
+        totals["drafted"], totals["accepted"] = (int(after[k] - before[k]) for k in ("drafted", "accepted"))
+    steps = after["steps"] - before["steps"]
+    extra = {"steps": int(steps), "ms_per_step": round(1000 * wall / steps, 3),
+             "tokens_per_step": round(totals["tokens"] / steps, 2)} if steps else {}
+    return {**totals, "seconds": round(wall, 2), "tokens_per_s": round(totals["tokens"] / wall, 1), **extra}
 
 
 def main() -> None:

@@ -96,6 +96,31 @@ def test_prompt_lookup_proposes_what_followed_last_time():
     assert propose([0x01000000, 0x02000000, 0, 1, 2, 77, 1, 2], k=1, n_max=2) == [77]  # ... sit across 3 tokens)
 
 
+def test_pace_takes_the_faster_way_per_batch_size_and_keeps_checking():
+    """Windows of steps timed whole: at 4 sequences speculating yields twice the tokens a second, at 32 half. The
+    32-sequence bucket is first seen after the 16 one lost, so it starts without speculating."""
+    from codellm.engine.speculation import Pace
+
+    pace = Pace(window=4, explore=4)
+
+    def run(n: int, windows: int, spec_rate: float, plain_rate: float) -> Counter:
+        ways = Counter()
+        for _ in range(windows * (pace.window + 1)):
+            way = pace.choose(n)
+            ways[way] += 1
+            pace.record(way, n, int(1000 * (spec_rate if way else plain_rate)), 1.0)
+        return ways
+
+    small = run(4, 40, spec_rate=2.0, plain_rate=1.0)
+    assert small[True] > 0.8 * sum(small.values()) and small[False] > 0  # the faster way, the other still tried
+    mid = run(16, 40, spec_rate=0.5, plain_rate=1.0)
+    assert mid[False] > 0.9 * sum(mid.values())  # more than 25% behind: tried four times as rarely
+    big = run(32, 8, spec_rate=0.5, plain_rate=1.0)
+    assert big[True] <= pace.window + 1  # one window of exploring at most, not one of learning first
+    flip = run(32, 80, spec_rate=3.0, plain_rate=1.0)  # the traffic changed: speculating pays now
+    assert flip[True] > flip[False]
+
+
 def test_rejection_sampling_keeps_the_models_distribution():
     """Whatever the draft, the first token emitted is distributed as the model's p, and the second (after a kept
     draft) as its next distribution: 40,000 seeded trials against the exact probabilities."""

@@ -321,9 +321,12 @@ class Engine(Admission):
             self._complete()  # drafts look at every token so far (so steps are not overlapped while speculating)
             batch = [s for s in batch if s.decodable]
             drafted = self._drafts(batch)
-            if drafted:
-                self._verify(drafted)
-                batch = [s for s in batch if s.decodable and all(s is not d for d, _ in drafted)]
+            if drafted:  # the sequences that found no drafts ride along with none: one forward for the step
+                checked = {id(seq) for seq, _ in drafted}
+                riders = [(s, []) for s in batch if s.pipelined and id(s) not in checked]
+                self._verify(drafted + riders)
+                checked.update(id(seq) for seq, _ in riders)
+                batch = [s for s in batch if s.decodable and id(s) not in checked]
                 if not batch:
                     return
         self._decode_one(batch)
@@ -355,8 +358,9 @@ class Engine(Admission):
         return drafted
 
     def _verify(self, drafted: list[tuple[Sequence, list[int]]]) -> None:
-        """One forward over every drafted sequence's drafts; each keeps what the model agrees with (``accept``)
-        and one token more, emitted one by one so that stop strings and token limits end it where they fall."""
+        """One forward over every drafted sequence's drafts (and sequences with none, decoded in the same pass);
+        each keeps what the model agrees with (``accept``) and one token more, emitted one by one so that stop
+        strings and token limits end it where they fall."""
         logits, argmax = self.runner.verify(
             [(seq, [seq.generated[-1], *drafts], seq.length - 1) for seq, drafts in drafted])
         self.stats.steps += 1
@@ -372,13 +376,14 @@ class Engine(Admission):
                 verdict = speculation.accept(drafts, seq.params.greedy,
                                              sampling.choices(logits[at:at + n], seq.params, histories), seq.generator)
             at += n
-            if self.drafter is not None:
-                self.drafter.kept(seq, known, verdict.accepted)
-            seq.drafted += len(drafts)
-            seq.accepted += verdict.accepted
-            self.stats.spec_drafts += 1
-            self.stats.spec_draft_tokens += len(drafts)
-            self.stats.spec_accepted += verdict.accepted
+            if drafts:
+                if self.drafter is not None:
+                    self.drafter.kept(seq, known, verdict.accepted)
+                seq.drafted += len(drafts)
+                seq.accepted += verdict.accepted
+                self.stats.spec_drafts += 1
+                self.stats.spec_draft_tokens += len(drafts)
+                self.stats.spec_accepted += verdict.accepted
             for token in verdict.tokens:
                 if seq.finished:
                     break

@@ -48,8 +48,10 @@ class Pace:
     second kept as moving averages. Whole windows, because a plain step overlaps the host's work with the device's:
     its device time is paid in the step after it, which a step-by-step clock would charge to whichever step comes
     next. The first step of a window is not timed for the same reason. The better way is taken, and the other
-    tried again every ``explore`` windows, since what pays changes with the traffic: on a GPU a step of a few
-    sequences costs about the same with five tokens each as with one, on a CPU five times as much."""
+    tried again every ``explore`` windows (four times as rarely when it was more than 25% behind), since what pays
+    changes with the traffic: on a GPU a step of a few sequences costs about the same with five tokens each as with
+    one, on a CPU five times as much. A larger batch pays less for speculating than a smaller one, so a batch size
+    not yet measured starts without it where a smaller one found it did not pay."""
 
     def __init__(self, window: int = 8, explore: int = 16):
         self.window, self.explore = window, explore
@@ -67,13 +69,27 @@ class Pace:
         if win is None or win[1] <= 0:
             self.windows[b] += 1
             spec, plain = self.rate.get((True, b)), self.rate.get((False, b))
-            if spec is None or plain is None:
-                way = spec is None  # each way once, speculating first
+            if spec is not None and plain is not None:
+                best, gap = spec >= plain, max(spec, plain) / max(min(spec, plain), 1e-9)
+            elif spec is None and self._verdict_below(b) is False:
+                best, gap = False, 1.0  # it lost with fewer sequences: it loses with more, until tried here
             else:
-                best = spec >= plain
-                way = (not best) if self.windows[b] % self.explore == 0 else best
+                best, gap = None, 1.0
+            if best is None:
+                way = spec is None  # each way once, speculating first
+            else:  # the loser is tried again, the less often the further behind it was
+                every = self.explore if gap < 1.25 else 4 * self.explore
+                way = (not best) if self.windows[b] % every == 0 else best
             win = self._open[b] = [way, self.window + 1, 0, 0.0]
         return win[0]
+
+    def _verdict_below(self, b: int) -> bool | None:
+        """Whether speculating won at the largest smaller batch size measured both ways (None: none was)."""
+        for smaller in sorted((s for w, s in self.rate if s < b), reverse=True):
+            spec, plain = self.rate.get((True, smaller)), self.rate.get((False, smaller))
+            if spec is not None and plain is not None:
+                return spec >= plain
+        return None
 
     def record(self, speculated: bool, n: int, tokens: int, seconds: float) -> None:
         """A step of ``n`` sequences that took ``seconds`` and output ``tokens``."""
