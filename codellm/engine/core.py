@@ -347,25 +347,30 @@ class Engine(Admission):
         if self.drafter is None:
             proposed = [(seq, speculation.propose(seq.known(), k, cfg.ngram_max, cfg.ngram_min)) for seq, k in wanted]
         else:  # the draft model writes keys as far as it drafts: the blocks first
-            wanted = [(seq, k) for seq, k in wanted if self.pool.extend(seq.chain, seq.length + k)]
+            wanted = [(seq, k) for seq, k in wanted if self._extend(seq, seq.length + k)]
             if not wanted:
                 return []
-            self._set_rows([seq for seq, _ in wanted])
             proposed = list(zip([seq for seq, _ in wanted], self.drafter.propose(wanted)))
-        drafted = [(seq, drafts) for seq, drafts in proposed
-                   if drafts and self.pool.extend(seq.chain, seq.length + len(drafts))]
-        self._set_rows([seq for seq, _ in drafted])
-        return drafted
+        return [(seq, drafts) for seq, drafts in proposed if drafts and self._extend(seq, seq.length + len(drafts))]
+
+    def _extend(self, seq: Sequence, tokens: int) -> bool:
+        """``seq``'s blocks made to cover ``tokens`` positions (False: the pool is out of them), its table row set
+        again where that took a block."""
+        before = len(seq.chain.blocks)
+        if not self.pool.extend(seq.chain, tokens):
+            return False
+        if len(seq.chain.blocks) != before:
+            self._set_rows([seq])
+        return True
 
     def _verify(self, drafted: list[tuple[Sequence, list[int]]]) -> None:
         """One forward over every drafted sequence's drafts (and sequences with none, decoded in the same pass);
-        each keeps what the model agrees with (``accept``) and one token more, emitted one by one so that stop
-        strings and token limits end it where they fall."""
+        each keeps what the model agrees with (``accept``) and one token more (``_emit_runs``)."""
         logits, argmax = self.runner.verify(
             [(seq, [seq.generated[-1], *drafts], seq.length - 1) for seq, drafts in drafted])
         self.stats.steps += 1
         best = argmax.tolist() if any(seq.params.plain_greedy for seq, _ in drafted) else None  # one wait for all
-        at = 0
+        at, runs = 0, []
         for seq, drafts in drafted:
             n = len(drafts) + 1
             known = seq.length
@@ -384,11 +389,8 @@ class Engine(Admission):
                 self.stats.spec_drafts += 1
                 self.stats.spec_draft_tokens += len(drafts)
                 self.stats.spec_accepted += verdict.accepted
-            for token in verdict.tokens:
-                if seq.finished:
-                    break
-                self.stats.decode_tokens += 1
-                self._emit([seq], [token], [None])
+            runs.append((seq, verdict.tokens))
+        self._emit_runs(runs)
 
     def _decode_one(self, batch: list[Sequence]) -> None:
         """One decode step for ``batch``. When all of it wants the plain argmax, the step's tokens stay on the
@@ -436,14 +438,37 @@ class Engine(Admission):
         self._emit(batch, tokens, infos)
 
     def _emit(self, batch: list[Sequence], tokens: list[int], infos: list[TokenLogprob | None]) -> None:
+        for seq, out in zip(batch, self._outputs(batch, tokens, infos)):
+            self._deliver(seq, out)
+
+    def _emit_runs(self, runs: list[tuple[Sequence, list[int]]]) -> None:
+        """Several tokens for each sequence (a check's verdicts), taken one position at a time across all of them, so
+        that each position is one batched pass; a stop string or token limit ends a sequence where it falls, and each
+        sequence hears one output for its tokens together."""
+        merged: dict[int, tuple[Sequence, Output]] = {}
+        for j in range(max((len(tokens) for _, tokens in runs), default=0)):
+            batch = [(seq, tokens[j]) for seq, tokens in runs if j < len(tokens) and not seq.finished and not (
+                id(seq) in merged and merged[id(seq)][1].finish_reason is not None)]
+            if not batch:
+                break
+            seqs = [seq for seq, _ in batch]
+            self.stats.decode_tokens += len(seqs)
+            for seq, out in zip(seqs, self._outputs(seqs, [t for _, t in batch], [None] * len(seqs))):
+                merged[id(seq)] = (seq, outputs.merge(merged[id(seq)][1], out) if id(seq) in merged else out)
+        for seq, out in merged.values():
+            self._deliver(seq, out)
+
+    def _outputs(self, batch: list[Sequence], tokens: list[int], infos: list[TokenLogprob | None]) -> list[Output]:
         for seq, token in zip(batch, tokens):
             seq.generated.append(token)
             self.scheduler.appended(seq)
-        for seq, out in zip(batch, outputs.process(batch, tokens, infos)):
-            if out.finish_reason is not None:
-                self._finish(seq, out.finish_reason, out)
-            else:
-                seq.sink(out)
+        return outputs.process(batch, tokens, infos)
+
+    def _deliver(self, seq: Sequence, out: Output) -> None:
+        if out.finish_reason is not None:
+            self._finish(seq, out.finish_reason, out)
+        else:
+            seq.sink(out)
 
     def _finish(self, seq: Sequence, reason: str, out: Output | None = None, error: str | None = None) -> None:
         if seq.finished:

@@ -94,6 +94,14 @@ def process(batch: list["Sequence"], tokens: list[int], infos: list[TokenLogprob
     return outs
 
 
+def merge(first: Output, then: Output) -> Output:
+    """One output saying what two consecutive ones of the same choice say (several tokens of one step)."""
+    return msgspec.structs.replace(
+        then, text=first.text + then.text, token_ids=first.token_ids + then.token_ids,
+        logprobs=first.logprobs + then.logprobs, prompt_logprobs=first.prompt_logprobs or then.prompt_logprobs,
+        queue_time=first.queue_time if first.queue_time is not None else then.queue_time)
+
+
 def _rest(seq: "Sequence") -> str:
     """The text a finishing sequence still holds: the detokenizer's last bytes, and the tail kept back for stop
     strings unless one matched."""
