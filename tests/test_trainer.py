@@ -342,36 +342,15 @@ def test_checkpoint_only_the_first_layers(tiny_dir, alpaca_file):
 
 def test_compiled_layers_match_eager(tiny_dir, alpaca_file):
     """``--compile`` (each decoder layer through torch.compile, gradient checkpointing on) computes the same
-    loss and adapter gradients as the eager layers."""
-    import torch
-    from transformers import AutoTokenizer
+    loss and adapter gradients as the eager layers. In a fresh interpreter, as ``codellm train --compile`` runs:
+    torch.compile's caches and hooks are process-wide, and what other tests in this worker left there is not what
+    a user's run starts with."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    from codellm.trainer.loop import TrainConfig, load_for_training
-    from codellm.trainer.loss import CausalLMLoss, collate
-    from codellm.trainer.prompts import encode
-
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    examples, _, _ = load_examples(alpaca_file)
-    batch = collate([encode(e, tok, "chat", 256)[:2] for e in examples], tok.pad_token_id)
-
-    def run(compile):
-        torch.manual_seed(0)
-        model = load_for_training(tiny_dir, TrainConfig(r=4, alpha=8, dropout=0.0, compile=compile), torch.device("cpu"), None)
-        with torch.no_grad():  # B starts at zero: make the adapters contribute
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(std=0.5)
-        model.train()
-        loss = CausalLMLoss(model)(*batch)
-        loss.backward()
-        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    from torch._dynamo.utils import counters
-
-    ref_loss, ref_grads = run(False)
-    loss, grads = run(True)
-    assert counters["stats"]["unique_graphs"] > 0  # compiled, not silently eager
-    assert loss == pytest.approx(ref_loss, rel=1e-4)
-    assert grads.keys() == ref_grads.keys() and len(grads) > 0
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+    script = Path(__file__).with_name("compile_check.py")
+    r = subprocess.run([sys.executable, str(script), str(tiny_dir), str(alpaca_file)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "compiled graphs:" in r.stdout and "same loss and gradients" in r.stdout, r.stdout
