@@ -572,3 +572,41 @@ def test_grammar_views_go_with_their_tokenizer():
     del tok, c
     gc.collect()
     assert len(grammar._TOKENIZERS) == held - 1
+
+
+def test_side_by_side_attention_is_the_block_diagonal_one():
+    """Packed runs attended side by side (padded to the longest, a pass each over its own keys) give what one
+    block-diagonal causal mask over all of them gives: fresh prompts, runs continuing longer keys, a padding run,
+    empty rows, grouped heads; a long run beside short ones keeps the one mask."""
+    import itertools
+
+    import torch
+
+    from codellm.engine import kvcache
+
+    torch.manual_seed(0)
+
+    def both(cu, cu_k, hq=4, hkv=2, d=8):
+        n, nk = cu[-1], cu_k[-1]
+        q, k, v = torch.randn(1, hq, n, d), torch.randn(1, hkv, nk, d), torch.randn(1, hkv, nk, d)
+        ctx = kvcache.StepContext(None, torch.zeros(1, n, dtype=torch.long), torch.zeros(1, n, dtype=torch.long),
+                                  max(b - a for a, b in zip(cu, cu[1:])), cu=torch.tensor(cu), cu_k=torch.tensor(cu_k))
+        layout = kvcache.segments(cu, cu_k, n, nk)
+        side = kvcache._segment_attention(layout, q, k, v, 0.3) if layout else None
+        ctx.kv_index = torch.arange(nk)  # (keys read from an identity pool: the same keys, by the packed path)
+        ctx.cache = type("Pool", (), {"k": [k[0].transpose(0, 1)], "v": [v[0].transpose(0, 1)]})()
+        ctx.memo["segments"] = ()  # no layout: the one mask
+        ref = kvcache._packed_attention(ctx, 0, q, k, v, 0.3)
+        return layout, side, ref
+
+    # checks of 1-6 tokens continuing 9-40 keys, a padding run of 3 queries with one key, two empty rows
+    queries, keys = [6, 1, 5, 6, 2, 6, 4, 6, 3], [40, 9, 26, 31, 12, 33, 38, 25, 1]
+    cu = [0, *itertools.accumulate(queries), sum(queries), sum(queries)]
+    cu_k = [0, *itertools.accumulate(keys), sum(keys), sum(keys)]
+    layout, side, ref = both(cu, cu_k)
+    assert layout is not None
+    torch.testing.assert_close(side.transpose(1, 2), ref, rtol=1e-5, atol=1e-5)
+    fresh = [0, *itertools.accumulate([5, 4, 7, 1, 6, 5, 7, 3])]  # fresh prompts: each run is its own keys
+    layout, side, ref = both(fresh, fresh, hq=2, hkv=2)
+    torch.testing.assert_close(side.transpose(1, 2), ref, rtol=1e-5, atol=1e-5)
+    assert kvcache.segments([0, 500, 502, 504], [0, 500, 502, 504], 504, 504) is None  # a long prompt beside two short

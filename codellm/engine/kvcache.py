@@ -111,6 +111,18 @@ def cache_row(blocks: list[int], position: int, block_size: int) -> int:
     return blocks[position // block_size] * block_size + position % block_size
 
 
+def cache_rows(blocks: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """The pool rows of positions ``start`` to ``end`` (exclusive): a range per block, not a call per position."""
+    rows: list[int] = []
+    while start < end:
+        block, offset = divmod(start, block_size)
+        n = min(block_size - offset, end - start)
+        base = blocks[block] * block_size + offset
+        rows.extend(range(base, base + n))
+        start += n
+    return rows
+
+
 def step_context(cache: PagedCache, tables: list[list[int]], positions: torch.Tensor) -> StepContext:
     """An eager step over rows of tokens: row i holds the sequence with blocks ``tables[i]``, at ``positions``
     (a CPU tensor in which -1 marks padding). Keys are gathered from the pool for each row."""
@@ -146,9 +158,8 @@ def pack_prompts(chunks: list[tuple[list[int], int, list[int]]], block_size: int
     ids = torch.tensor([t for p, _, _ in chunks for t in p] + [0] * pad, dtype=torch.long)
     pos = [start + i for (_, start, _), n in zip(chunks, lengths) for i in range(n)]
     positions = torch.tensor(pos + [0] * pad, dtype=torch.long)
-    write = torch.tensor([cache_row(blocks, p, block_size)
-                          for (_, start, blocks), n in zip(chunks, lengths) for p in range(start, start + n)]
-                         + [scratch] * pad, dtype=torch.long)
+    write = torch.tensor([r for (_, start, blocks), n in zip(chunks, lengths)
+                          for r in cache_rows(blocks, start, start + n, block_size)] + [scratch] * pad, dtype=torch.long)
     ends = list(itertools.accumulate(lengths))
     cu = torch.tensor([0, *ends] + [width] * (rows + 1 - len(ends)), dtype=torch.long)
     last = torch.tensor([e - 1 for e in ends] + [0] * (rows - len(ends)), dtype=torch.long)
@@ -162,7 +173,7 @@ def pack_keys(chunks: list[tuple[list[int], int, list[int]]], block_size: int, s
     ``pack_prompts`` lays out the queries': the padding queries' sequence gets one padding key, so that it costs
     nothing) and the longest count (``width`` when padded: an upper bound is all attention needs)."""
     ends = [start + len(t) for t, start, _ in chunks]
-    index = [cache_row(blocks, p, block_size) for (_, _, blocks), end in zip(chunks, ends) for p in range(end)]
+    index = [r for (_, _, blocks), end in zip(chunks, ends) for r in cache_rows(blocks, 0, end, block_size)]
     total = sum(ends)
     width, rows = width or total, rows or len(chunks)
     cu_k = torch.tensor([0, *itertools.accumulate(ends)] + [min(total + 1, width)] * (rows + 1 - len(ends)),
@@ -173,8 +184,9 @@ def pack_keys(chunks: list[tuple[list[int], int, list[int]]], block_size: int, s
 def _packed_attention(ctx: StepContext, layer: int, query, key, value, scale) -> torch.Tensor:
     """[1, N, Hq, D]: every packed chunk attends causally to its sequence's keys (its own, when fresh). On GPUs in
     half precision this is FlashAttention's variable-length kernel (GQA native, no mask; a query run shorter than
-    its keys is aligned to their end, which is causal order here); elsewhere one SDPA with a block-diagonal causal
-    mask, built once a step."""
+    its keys is aligned to their end, which is causal order here); elsewhere one SDPA, over the sequences side by
+    side where they are alike in length (``segments``), else with one block-diagonal causal mask; either is built
+    once a step."""
     if ctx.kv_index is not None:
         key = ctx.cache.k[layer][ctx.kv_index].transpose(0, 1).unsqueeze(0)  # [1, Hkv, Nk, D]
         value = ctx.cache.v[layer][ctx.kv_index].transpose(0, 1).unsqueeze(0)
@@ -185,6 +197,12 @@ def _packed_attention(ctx: StepContext, layer: int, query, key, value, scale) ->
         out = torch.ops.aten._flash_attention_forward(
             q, k.to(q.dtype), v.to(q.dtype), ctx.cu, cu_k, ctx.kv_len, max_k, 0.0, True, False, scale=scale)[0]
         return out.unsqueeze(0)
+    if not query.is_cuda:  # (a CUDA graph cannot capture the host reads that lay sequences out side by side)
+        layout = ctx.memo.get("segments")
+        if layout is None:
+            layout = ctx.memo["segments"] = segments(ctx.cu.tolist(), cu_k.tolist(), query.shape[2], key.shape[2])
+        if layout:
+            return _segment_attention(layout, query, key, value, scale).transpose(1, 2).contiguous()
     mask = ctx.memo.get("packed")
     if mask is None:
         n, nk = query.shape[2], key.shape[2]
@@ -199,6 +217,42 @@ def _packed_attention(ctx: StepContext, layer: int, query, key, value, scale) ->
     k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (key, value))
     out = F.scaled_dot_product_attention(query, k.to(query.dtype), v.to(query.dtype), attn_mask=mask, scale=scale)
     return out.transpose(1, 2).contiguous()
+
+
+def segments(cu: list[int], cu_k: list[int], n: int, nk: int) -> tuple[torch.Tensor, ...] | None:
+    """Packed sequences laid side by side, padded to the longest (query index, key index and mask, [S, Q], [S, K],
+    [S, 1, Q, K]), where that is much less attention than one block-diagonal mask over all of them (None where it is
+    not: a long prompt beside short ones pads every short one to its length). Many short checks beside each other
+    cost a pass each over their own keys instead of everyone's."""
+    spans = [(q0, q1, k0, k1) for q0, q1, k0, k1 in zip(cu, cu[1:], cu_k, cu_k[1:]) if q1 > q0]
+    if len(spans) < 2:
+        return None
+    longest_q = max(q1 - q0 for q0, q1, _, _ in spans)
+    longest_k = max(k1 - k0 for _, _, k0, k1 in spans)
+    if 2 * len(spans) * longest_q * longest_k > n * nk:
+        return None
+    start = torch.tensor([[q0, k0] for q0, _, k0, _ in spans])
+    size = torch.tensor([[q1 - q0, k1 - k0] for q0, q1, k0, k1 in spans])
+    i, j = torch.arange(longest_q), torch.arange(longest_k)
+    q_index = start[:, :1] + torch.minimum(i[None], size[:, :1] - 1)
+    k_index = (start[:, 1:] + torch.minimum(j[None], (size[:, 1:] - 1).clamp(min=0))).clamp(max=max(nk - 1, 0))
+    # a run of Q queries sits at the end of its K keys: query i sees key j up to its own, j <= K - Q + i
+    q_valid = i[None] < size[:, :1]
+    mask = (j[None, None] < size[:, None, 1:]) & (j[None, None] + size[:, None, :1] <= i[None, :, None] + size[:, None, 1:])
+    mask = mask | ~q_valid[:, :, None]  # padding queries see their keys: no empty row, and they are dropped after
+    return q_index, k_index, mask[:, None], q_valid.flatten().nonzero().squeeze(1)
+
+
+def _segment_attention(layout, query, key, value, scale) -> torch.Tensor:
+    """[1, Hq, N, D] as the block-diagonal mask gives it, one padded row of sequences (``segments``)."""
+    q_index, k_index, mask, keep = layout
+    q = query[0][:, q_index].transpose(0, 1)  # [S, Hq, Q, D]
+    k, v = (t[0][:, k_index].transpose(0, 1).to(query.dtype) for t in (key, value))  # [S, Hkv, K, D]
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.device), scale=scale)  # [S, Hq, Q, D]
+    return out.transpose(0, 1).flatten(1, 2)[:, keep.to(q.device)].unsqueeze(0)
 
 
 @contextmanager
