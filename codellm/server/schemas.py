@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -58,9 +59,16 @@ class SamplingFields(Struct, kw_only=True):
 
     def __post_init__(self) -> None:
         """An explicit null means the default (the OpenAI spec allows null here; wrappers forward None)."""
-        for f in msgspec.structs.fields(self):
-            if f.name in NULL_MEANS_DEFAULT and getattr(self, f.name) is None:
-                setattr(self, f.name, f.default)
+        for name, default in _null_defaults(type(self)):
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+
+
+@functools.cache
+def _null_defaults(cls: type) -> tuple[tuple[str, Any], ...]:
+    """``cls``'s fields where null means the default, with their defaults: read once a class (reading a struct's
+    fields evaluates its annotations, a cost every request paid)."""
+    return tuple((f.name, f.default) for f in msgspec.structs.fields(cls) if f.name in NULL_MEANS_DEFAULT)
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
