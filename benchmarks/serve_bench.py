@@ -67,7 +67,8 @@ def synthetic_tokenizer(vocab_size: int):
     return fast
 
 
-def build_model(shape: str, home: Path, name: str = "bench") -> str:
+def build_model(shape: str, home: Path, name: str = "bench", **overrides) -> str:
+    """A random-weight model of ``shape`` (its config fields replaced by ``overrides``) registered as ``name``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -75,7 +76,7 @@ def build_model(shape: str, home: Path, name: str = "bench") -> str:
     from codellm.registry.create import create
     from codellm.registry.modelfile import Modelfile
 
-    cfg = LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=0, pad_token_id=0)
+    cfg = LlamaConfig(**{**SHAPES[shape], **overrides}, bos_token_id=None, eos_token_id=0, pad_token_id=0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         torch.manual_seed(0)
