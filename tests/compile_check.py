@@ -36,8 +36,10 @@ def main(model_dir: str, data: str) -> None:
     print(f"compiled graphs: {graphs}")
     assert abs(loss - ref_loss) <= 1e-4 * abs(ref_loss), (loss, ref_loss)
     assert grads.keys() == ref_grads.keys() and len(grads) > 0
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+    for name in grads:  # fp32 sums in another order: an element near zero is off by the rounding of the largest
+        ref = ref_grads[name]
+        torch.testing.assert_close(grads[name], ref, rtol=1e-3, atol=1e-5 * max(1.0, ref.abs().max().item()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
     print(f"same loss and gradients: {loss:.6f} vs {ref_loss:.6f}, {len(grads)} adapter tensors")
 
 

@@ -130,6 +130,10 @@ def load_for_training(model_dir: Path, cfg: TrainConfig, dev: torch.device, quan
                       target_modules=cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(","))
     model = get_peft_model(model, lora)
     if cfg.compile:  # per layer, not the whole model: one compiled graph serves every layer (and checkpointing)
+        # transformers' hub-kernel routing (the `kernels` package) sets a context variable around each attention
+        # forward, and dynamo will not trace a side effect inside a checkpoint unless it may skip replaying it in
+        # the recomputation: without this every layer ran eagerly. The variable is reset before the forward ends.
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         for layer in _decoder_layers(model):
             layer.compile()
     return model
