@@ -366,3 +366,27 @@ def test_every_dialect_can_turn_speculation_off(copy_home):
             ol.generate(model="copier", prompt=SNIPPET, options={"speculative": "sometimes"})
     finally:
         srv.stop()
+
+
+def test_a_models_parameter_draft_takes_the_place_of_the_servers_way_and_says_so(copy_home, caplog):
+    """A Modelfile's PARAMETER draft is the more specific setting: under `serve --speculative ngram` that model
+    drafts with its own draft model, the log says so, and other models keep the server's way."""
+    import logging
+
+    from codellm.engine import loader
+    from codellm.engine.manager import LoadOptions, ModelManager
+    from codellm.engine.speculation import SpeculativeConfig
+    from codellm.registry import Registry
+    from codellm.registry.create import create
+    from codellm.registry.modelfile import parse
+
+    reg = Registry(copy_home)
+    if not reg.exists("copier-drafted"):
+        create(reg, "copier-drafted", parse("FROM copier\nPARAMETER draft copier\n"))
+    manager = ModelManager(reg, LoadOptions(speculative=SpeculativeConfig(method="ngram", num_tokens=3)))
+    with caplog.at_level(logging.INFO, logger="codellm.engine"):
+        spec = manager._speculation(*loader.resolve(reg, "copier-drafted"))
+    assert (spec.method, spec.draft, spec.num_tokens) == ("draft", "copier", 3)
+    assert "drafts with copier (its PARAMETER draft), in place of the server's ngram" in caplog.text
+    plain = manager._speculation(*loader.resolve(reg, "copier"))
+    assert (plain.method, plain.draft) == ("ngram", None)

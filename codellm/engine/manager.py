@@ -263,6 +263,9 @@ class ModelManager:
             return spec
         if spec is None:
             return SpeculativeConfig(method="draft", draft=draft)
+        if spec.method != "draft" or spec.draft != draft:  # the model's own setting is the more specific one
+            log.info("%s drafts with %s (its PARAMETER draft), in place of the server's %s", entry.name, draft,
+                     spec.draft or spec.method)
         return msgspec.structs.replace(spec, method="draft", draft=draft)
 
     def _start_engine(self, entry, weights, spec: SpeculativeConfig | None) -> EngineClient:
