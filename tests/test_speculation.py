@@ -120,6 +120,15 @@ def test_pace_takes_the_faster_way_per_batch_size_and_keeps_checking():
     flip = run(32, 80, spec_rate=3.0, plain_rate=1.0)  # the traffic changed: speculating pays now
     assert flip[True] > flip[False]
 
+    # steps that prefill too are not timed, but they count: a window of them ends all the same, and the next
+    # tries the other way; nothing is learnt from it
+    busy = Pace(window=4, explore=4)
+    first = busy.choose(8)
+    for _ in range(busy.window + 1):
+        assert busy.choose(8) is first
+        busy.record(first, 8, 100, None)
+    assert busy.choose(8) is (not first) and not busy.rate
+
 
 def test_rejection_sampling_keeps_the_models_distribution():
     """Whatever the draft, the first token emitted is distributed as the model's p, and the second (after a kept

@@ -209,8 +209,9 @@ class Engine(Admission):
         tokens, self._paced = self.stats.decode_tokens, None
         self._run_step(admit)
         now = time.perf_counter()
-        if self._paced is not None and not self._prefilled_now and now - self._step_end < 1.0:
-            self._pace.record(*self._paced, self.stats.decode_tokens - tokens, now - self._step_end)
+        if self._paced is not None:
+            timed = not self._prefilled_now and now - self._step_end < 1.0
+            self._pace.record(*self._paced, self.stats.decode_tokens - tokens, now - self._step_end if timed else None)
         self._step_end = now
 
     def _run_step(self, admit: bool) -> None:

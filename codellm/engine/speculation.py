@@ -47,7 +47,9 @@ class Pace:
     one way (speculating or not) are timed whole, per batch size (rounded up to a power of two), and their tokens a
     second kept as moving averages. Whole windows, because a plain step overlaps the host's work with the device's:
     its device time is paid in the step after it, which a step-by-step clock would charge to whichever step comes
-    next. The first step of a window is not timed for the same reason. The better way is taken, and the other
+    next. The first step of a window is not timed for the same reason, nor are steps that prefill too, though they
+    count towards it: trying the losing way costs one window of steps however busy with prompts they are. The
+    better way is taken, and the other
     tried again every ``explore`` windows (four times as rarely when it was more than 25% behind), since what pays
     changes with the traffic: on a GPU a step of a few sequences costs about the same with five tokens each as with
     one, on a CPU five times as much. A larger batch pays less for speculating than a smaller one, so a batch size
@@ -75,7 +77,9 @@ class Pace:
                 best, gap = False, 1.0  # it lost with fewer sequences: it loses with more, until tried here
             else:
                 best, gap = None, 1.0
-            if best is None:
+            if best is None and win is not None and win[3] == 0:
+                way = not win[0]  # the last window had no step to time (all prefilled): the other way meanwhile
+            elif best is None:
                 way = spec is None  # each way once, speculating first
             else:  # the loser is tried again, the less often the further behind it was
                 every = self.explore if gap < 1.25 else 4 * self.explore
@@ -91,17 +95,19 @@ class Pace:
                 return spec >= plain
         return None
 
-    def record(self, speculated: bool, n: int, tokens: int, seconds: float) -> None:
-        """A step of ``n`` sequences that took ``seconds`` and output ``tokens``."""
+    def record(self, speculated: bool, n: int, tokens: int, seconds: float | None) -> None:
+        """A step of ``n`` sequences that took ``seconds`` and output ``tokens``; ``seconds`` None: a step that is
+        not timed (it prefilled too, or came after idling) but counts towards its window all the same, so that
+        trying the losing way costs a window of steps however busy with prompts they are."""
         b = self.bucket(n)
         win = self._open.get(b)
         if win is None or win[0] != speculated or win[1] <= 0:
             return
         win[1] -= 1
-        if win[1] < self.window:  # not the window's first step
+        if win[1] < self.window and seconds is not None:  # not the window's first step
             win[2] += tokens
             win[3] += seconds
-        if win[1] == 0:
+        if win[1] == 0 and win[3] > 0:  # (a window of untimed steps only says nothing)
             key = (speculated, b)
             rate = win[2] / max(win[3], 1e-6)
             self.rate[key] = rate if key not in self.rate else 0.7 * self.rate[key] + 0.3 * rate
