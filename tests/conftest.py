@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -184,33 +185,57 @@ def named_events(text: str) -> list[tuple[str | None, dict]]:
     return events
 
 
+_ports = itertools.count()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, from a range of this xdist worker's own (so two workers never pick the same one
+    before their servers bind it), above the kernel's ephemeral ports' usual start."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    while True:
+        port = 20000 + 1500 * (worker % 8) + next(_ports) % 1500
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 class Server:
     def __init__(self, home: Path, *args: str, api_key: str | None = None, env: dict | None = None):
+        self.api_key = api_key
+        for attempt in range(3):  # a port found free can be taken by another worker before the server binds it
+            if self._start(home, args, env):
+                return
+        raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
+
+    def _start(self, home: Path, args, env) -> bool:
+        """Started (True), or lost its port to someone else (False); any other failure raises. The deadline is
+        only against a hang: a loaded machine may take long to start a server."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.api_key = api_key
         cmd = [sys.executable, "-m", "codellm.cli.main", "serve", "--port", str(self.port), "--log-level", "warning", *args]
-        if api_key:
-            cmd += ["--api-key", api_key]
+        if self.api_key:
+            cmd += ["--api-key", self.api_key]
         self.log_path = home / f"server-{self.port}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, env={**os.environ, "CODELLM_HOME": str(home), **(env or {})}, stdout=self.log,
                                      stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
+        deadline = time.time() + 900
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(home / f'server-{self.port}.log').read_text()[-3000:]}")
+                self.log.close()
+                text = self.log_path.read_text()
+                if "address already in use" in text.lower():
+                    return False
+                raise RuntimeError(f"server exited: {text[-3000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
+                    return True
             except httpx.HTTPError:
                 time.sleep(0.3)
+        self.proc.kill()
         raise RuntimeError("server did not start")
 
     @property
