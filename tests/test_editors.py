@@ -249,7 +249,7 @@ def test_keystroke_aborts_leave_nothing_running(server):
             with http.stream("POST", server.url + "/v1/completions", json=body) as resp:
                 lines = resp.iter_lines()
                 next(lines)
-    deadline = time.time() + 10
+    deadline = time.time() + 120  # a busy machine cancels slowly; the wait only guards a hang
     while time.time() < deadline and (health()["active"] or health()["queued"]):
         time.sleep(0.05)
     info = health()

@@ -158,7 +158,7 @@ def test_keep_alive_ps_stop_and_eviction(server, client, home):
     assert "tiny-coder:latest" not in _loaded(client)
     r = client.generate(model="tiny-coder", keep_alive="1s")  # only a model: load it
     assert r.done_reason == "load" and "tiny-coder:latest" in _loaded(client)
-    deadline = time.time() + 10
+    deadline = time.time() + 120
     while "tiny-coder:latest" in _loaded(client) and time.time() < deadline:
         time.sleep(0.25)
     assert "tiny-coder:latest" not in _loaded(client)  # keep_alive ran out

@@ -40,7 +40,8 @@ def chat(client, content="write a function", **kw):
     return client.chat.completions.create(model="tiny-coder", messages=[{"role": "user", "content": content}], **kw)
 
 
-def wait_idle(server, timeout=10.0) -> dict:
+def wait_idle(server, timeout=120.0) -> dict:
+    """The tiny model with nothing running or queued (the wait only guards against a hang: a busy machine is slow)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         info = server.health()["models"]["tiny-coder:latest"]
@@ -208,13 +209,13 @@ def test_disconnect_frees_slot(server):
         lines = resp.iter_lines()
         next(lines), next(lines)
         assert server.health()["models"]["tiny-coder:latest"]["active"] == 1
-    info = wait_idle(server, timeout=5)
+    info = wait_idle(server)
     assert info["cancelled"] == before + 1
     # non-streaming: the client gives up while waiting
     body.update(stream=False, n=16)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", json=body, headers=server.headers, timeout=0.2)
-    info = wait_idle(server, timeout=5)
+    info = wait_idle(server)
     assert info["cancelled"] == before + 1 + 16
 
 
@@ -361,7 +362,7 @@ def test_disconnect_before_the_response_starts_frees_slot(server, client):
         with socket.create_connection((u.hostname, u.port)) as sock:
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-    info = wait_idle(server, timeout=10)
+    info = wait_idle(server)
     assert info["active"] == 0 and info["queued"] == 0
     assert chat(client, max_tokens=4).choices[0].finish_reason in ("stop", "length")
 
