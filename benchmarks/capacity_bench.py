@@ -49,12 +49,6 @@ async def _streams(url: str, model: str, prompts: list[list[int]], max_tokens: i
         return await asyncio.gather(*(serve_bench.one_request(client, url, model, p, max_tokens) for p in prompts))
 
 
-def metric(url: str, name: str) -> float | None:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)]
-    return sum(values) if values else None
-
-
 def measure(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> dict:
     httpx.post(url + "/v1/completions", json={"model": model, "prompt": prompts[0][:16], "max_tokens": 2}, timeout=900)
     t0 = time.perf_counter()
@@ -67,7 +61,7 @@ def measure(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> 
     return {"streams": len(rows), "decode_batch": batch, "peak_open": peak_overlap(spans), "wall_s": round(wall, 2),
             "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
             "ttft_p50_ms": round(serve_bench.percentile(ttft, 50), 1), "ttft_p99_ms": round(serve_bench.percentile(ttft, 99), 1),
-            "preemptions": metric(url, "vllm:num_preemptions_total")}
+            "preemptions": serve_bench.metric_sums(url, ["vllm:num_preemptions_total"]).get("vllm:num_preemptions_total")}
 
 
 def main() -> None:

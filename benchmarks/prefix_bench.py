@@ -63,16 +63,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: li
 
 def prefix_metrics(url: str) -> dict[str, float]:
     """Prefix-cache counters from /metrics (vLLM's names, which codellm also serves), summed over models."""
-    found: dict[str, float] = {}
-    try:
-        body = httpx.get(url + "/metrics", timeout=30).text
-    except httpx.HTTPError:
-        return found
-    for line in body.splitlines():
-        for name in ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"):
-            if line.startswith(name):
-                found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    return found
+    return serve_bench.metric_sums(url, ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"))
 
 
 def hit_rate(before: dict, after: dict) -> float | None:

@@ -155,6 +155,21 @@ def _client_process(args) -> list[dict]:
     return asyncio.run(_client(*args))
 
 
+def metric_sums(url: str, names) -> dict[str, float]:
+    """Each of ``names`` (Prometheus series from a server's /metrics, vLLM's names) summed over its labels; a name
+    the server does not serve, or a server without /metrics, is left out."""
+    found: dict[str, float] = {}
+    try:
+        body = httpx.get(url + "/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return found
+    for line in body.splitlines():
+        for name in names:
+            if line.startswith(name):
+                found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
 def engine_ttft(url: str) -> dict[str, float]:
     """The server's engine-side time-to-first-token histogram (cumulative buckets, sum, count), summed over models."""
     found: dict[str, float] = {}

@@ -124,16 +124,8 @@ COUNTERS = {"drafted": "vllm:spec_decode_num_draft_tokens_total", "accepted": "v
 def spec_counters(url: str) -> dict[str, float]:
     """Draft tokens checked and kept from a server's /metrics, under vLLM's names (codellm exports the same), and
     codellm's engine steps (absent elsewhere)."""
-    try:
-        text = httpx.get(url + "/metrics", timeout=10).text
-    except httpx.HTTPError:
-        text = ""
-    got = dict.fromkeys(COUNTERS, 0.0)
-    for line in text.splitlines():
-        for key, name in COUNTERS.items():
-            if line.startswith(name):
-                got[key] += float(line.rsplit(" ", 1)[1])
-    return got
+    sums = serve_bench.metric_sums(url, COUNTERS.values())
+    return {key: sums.get(name, 0.0) for key, name in COUNTERS.items()}
 
 
 async def workload(url: str, prompts: list[tuple[str, int]], concurrency: int) -> dict:

@@ -205,7 +205,7 @@ def free_port() -> int:
 class Server:
     def __init__(self, home: Path, *args: str, api_key: str | None = None, env: dict | None = None):
         self.api_key = api_key
-        for attempt in range(3):  # a port found free can be taken by another worker before the server binds it
+        for _ in range(3):  # a port found free can be taken by another worker before the server binds it
             if self._start(home, args, env):
                 return
         raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")

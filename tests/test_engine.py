@@ -586,18 +586,22 @@ def test_side_by_side_attention_is_the_block_diagonal_one():
 
     torch.manual_seed(0)
 
-    def both(cu, cu_k, hq=4, hkv=2, d=8):
+    def both(cu, cu_k, hq=4, hkv=2, d=8, pooled=True):
+        """(layout, side by side, one mask): the keys read from a pool (runs continuing cached prefixes, through an
+        identity pool) or, for fresh prompts, the step's own."""
         n, nk = cu[-1], cu_k[-1]
         q, k, v = torch.randn(1, hq, n, d), torch.randn(1, hkv, nk, d), torch.randn(1, hkv, nk, d)
-        ctx = kvcache.StepContext(None, torch.zeros(1, n, dtype=torch.long), torch.zeros(1, n, dtype=torch.long),
-                                  max(b - a for a, b in zip(cu, cu[1:])), cu=torch.tensor(cu), cu_k=torch.tensor(cu_k))
-        layout = kvcache.segments(cu, cu_k, n, nk)
-        side = kvcache._segment_attention(layout, q, k, v, 0.3) if layout else None
-        ctx.kv_index = torch.arange(nk)  # (keys read from an identity pool: the same keys, by the packed path)
-        ctx.cache = type("Pool", (), {"k": [k[0].transpose(0, 1)], "v": [v[0].transpose(0, 1)]})()
-        ctx.memo["segments"] = ()  # no layout: the one mask
-        ref = kvcache._packed_attention(ctx, 0, q, k, v, 0.3)
-        return layout, side, ref
+        pool = type("Pool", (), {"k": [k[0].transpose(0, 1)], "v": [v[0].transpose(0, 1)]})()
+
+        def ctx():
+            return kvcache.StepContext(pool, torch.zeros(1, n, dtype=torch.long), torch.zeros(1, n, dtype=torch.long),
+                                       max(b - a for a, b in zip(cu, cu[1:])), cu=torch.tensor(cu),
+                                       kv_index=torch.arange(nk) if pooled else None,
+                                       cu_k=torch.tensor(cu_k) if pooled else None)
+        one_mask = ctx()
+        one_mask.memo["segments"] = ()  # no layout: the one mask
+        return (kvcache.segments(cu, cu_k, n, nk), kvcache._packed_attention(ctx(), 0, q, k, v, 0.3),
+                kvcache._packed_attention(one_mask, 0, q, k, v, 0.3))
 
     # checks of 1-6 tokens continuing 9-40 keys, a padding run of 3 queries with one key, two empty rows
     queries, keys = [6, 1, 5, 6, 2, 6, 4, 6, 3], [40, 9, 26, 31, 12, 33, 38, 25, 1]
@@ -605,8 +609,9 @@ def test_side_by_side_attention_is_the_block_diagonal_one():
     cu_k = [0, *itertools.accumulate(keys), sum(keys), sum(keys)]
     layout, side, ref = both(cu, cu_k)
     assert layout is not None
-    torch.testing.assert_close(side.transpose(1, 2), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(side, ref, rtol=1e-5, atol=1e-5)
     fresh = [0, *itertools.accumulate([5, 4, 7, 1, 6, 5, 7, 3])]  # fresh prompts: each run is its own keys
-    layout, side, ref = both(fresh, fresh, hq=2, hkv=2)
-    torch.testing.assert_close(side.transpose(1, 2), ref, rtol=1e-5, atol=1e-5)
+    layout, side, ref = both(fresh, fresh, hq=2, hkv=2, pooled=False)
+    assert layout is not None
+    torch.testing.assert_close(side, ref, rtol=1e-5, atol=1e-5)
     assert kvcache.segments([0, 500, 502, 504], [0, 500, 502, 504], 504, 504) is None  # a long prompt beside two short

@@ -187,22 +187,31 @@ def _packed_attention(ctx: StepContext, layer: int, query, key, value, scale) ->
     its keys is aligned to their end, which is causal order here); elsewhere one SDPA, over the sequences side by
     side where they are alike in length (``segments``), else with one block-diagonal causal mask; either is built
     once a step."""
+    cu_k = ctx.cu_k if ctx.kv_index is not None else ctx.cu
+    if not query.is_cuda:  # (a CUDA graph cannot capture the host reads that lay sequences out side by side)
+        layout = ctx.memo.get("segments")
+        if layout is None:
+            nk = ctx.kv_index.shape[0] if ctx.kv_index is not None else key.shape[2]
+            layout = ctx.memo["segments"] = segments(ctx.cu.tolist(), cu_k.tolist(), query.shape[2], nk)
+        if layout:
+            k_index = layout[1]
+            if ctx.kv_index is not None:  # each sequence's keys straight from the pool, side by side
+                rows = ctx.memo.get("segment_rows")
+                if rows is None:
+                    rows = ctx.memo["segment_rows"] = ctx.kv_index[k_index.to(ctx.kv_index.device)]
+                keys, values = (pool[layer][rows].permute(0, 2, 1, 3) for pool in (ctx.cache.k, ctx.cache.v))
+            else:
+                keys, values = (t[0][:, k_index].transpose(0, 1) for t in (key, value))
+            return _segment_attention(layout, query, keys, values, scale).transpose(1, 2).contiguous()
     if ctx.kv_index is not None:
         key = ctx.cache.k[layer][ctx.kv_index].transpose(0, 1).unsqueeze(0)  # [1, Hkv, Nk, D]
         value = ctx.cache.v[layer][ctx.kv_index].transpose(0, 1).unsqueeze(0)
-    cu_k = ctx.cu_k if ctx.kv_index is not None else ctx.cu
     max_k = ctx.max_k if ctx.kv_index is not None else ctx.kv_len
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, heads, D]
         out = torch.ops.aten._flash_attention_forward(
             q, k.to(q.dtype), v.to(q.dtype), ctx.cu, cu_k, ctx.kv_len, max_k, 0.0, True, False, scale=scale)[0]
         return out.unsqueeze(0)
-    if not query.is_cuda:  # (a CUDA graph cannot capture the host reads that lay sequences out side by side)
-        layout = ctx.memo.get("segments")
-        if layout is None:
-            layout = ctx.memo["segments"] = segments(ctx.cu.tolist(), cu_k.tolist(), query.shape[2], key.shape[2])
-        if layout:
-            return _segment_attention(layout, query, key, value, scale).transpose(1, 2).contiguous()
     mask = ctx.memo.get("packed")
     if mask is None:
         n, nk = query.shape[2], key.shape[2]
@@ -243,11 +252,12 @@ def segments(cu: list[int], cu_k: list[int], n: int, nk: int) -> tuple[torch.Ten
     return q_index, k_index, mask[:, None], q_valid.flatten().nonzero().squeeze(1)
 
 
-def _segment_attention(layout, query, key, value, scale) -> torch.Tensor:
-    """[1, Hq, N, D] as the block-diagonal mask gives it, one padded row of sequences (``segments``)."""
-    q_index, k_index, mask, keep = layout
+def _segment_attention(layout, query, keys, values, scale) -> torch.Tensor:
+    """[1, Hq, N, D] as the block-diagonal mask gives it, one padded row of sequences (``segments``); ``keys`` and
+    ``values`` [S, Hkv, K, D]: each sequence's, laid out by the layout's key index."""
+    q_index, _, mask, keep = layout
     q = query[0][:, q_index].transpose(0, 1)  # [S, Hq, Q, D]
-    k, v = (t[0][:, k_index].transpose(0, 1).to(query.dtype) for t in (key, value))  # [S, Hkv, K, D]
+    k, v = keys.to(query.dtype), values.to(query.dtype)
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

@@ -192,14 +192,13 @@ class ModelRunner:
         bs = self.cache.block_size
         ids, positions, write, table_rows, tables, adapters = [], [], [], [], [], []
         for seq, tokens, start in runs:
-            blocks = seq.chain.blocks
-            for j, token in enumerate(tokens):
-                ids.append(token)
-                positions.append(start + j)
-                write.append(kvcache.cache_row(blocks, start + j, bs))
-                table_rows.append(seq.slot)
-                tables.append(blocks)
-                adapters.append(seq.adapter)
+            blocks, n = seq.chain.blocks, len(tokens)
+            ids += tokens
+            positions += range(start, start + n)
+            write += kvcache.cache_rows(blocks, start, start + n, bs)
+            table_rows += [seq.slot] * n
+            tables += [blocks] * n
+            adapters += [seq.adapter] * n
         out = None
         if self.graphs_usable:
             lora = self.graphs.lora

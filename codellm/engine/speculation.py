@@ -49,10 +49,9 @@ class Pace:
     its device time is paid in the step after it, which a step-by-step clock would charge to whichever step comes
     next. The first step of a window is not timed for the same reason, nor are steps that prefill too, though they
     count towards it: trying the losing way costs one window of steps however busy with prompts they are. The
-    better way is taken, and the other
-    tried again every ``explore`` windows (four times as rarely when it was more than 25% behind), since what pays
-    changes with the traffic: on a GPU a step of a few sequences costs about the same with five tokens each as with
-    one, on a CPU five times as much. A larger batch pays less for speculating than a smaller one, so a batch size
+    better way is taken, and the other tried again every ``explore`` windows (four times as rarely when it was more
+    than 25% behind), since what pays changes with the traffic: on a GPU a step of a few sequences costs about the
+    same with five tokens each as with one, on a CPU five times as much. A larger batch pays less for speculating than a smaller one, so a batch size
     not yet measured starts without it where a smaller one found it did not pay."""
 
     def __init__(self, window: int = 8, explore: int = 16):
