@@ -517,12 +517,16 @@ def test_template_deadlines_racing_the_end_of_renders_never_hang():
     def render() -> str:
         return "".join(str(i) for i in range(300))  # about as long as the deadlines below
 
+    def endless() -> str:
+        return "".join(str(i) for i in range(10**8))  # far past its deadline on any machine: always stopped
+
     outcomes, errors = [], []
 
     def worker() -> None:
-        for i in range(400):
+        for i in range(400):  # (a fast machine can finish every short render in time: a twentieth are endless)
+            fn, seconds = (endless, 0.001) if i % 20 == 19 else (render, 0.00002 * (i % 20))
             try:
-                outcomes.append(bounded(render, seconds=0.00002 * (i % 20)) is not None)
+                outcomes.append(bounded(fn, seconds=seconds) is not None)
             except TooSlow:
                 outcomes.append(False)
             except BaseException as exc:  # noqa: BLE001 (an interruption escaping a render is the bug)
