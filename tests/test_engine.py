@@ -43,6 +43,15 @@ def test_detokenizer_holds_partial_utf8(loaded):
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
+def test_graph_step_inputs_pad_past_the_batch():
+    from codellm.engine.cudagraph import step_inputs
+
+    got = step_inputs(4, [7, 8], [5, -1], [1, 0], None, [40, 99], None, 99, 3)
+    assert got.tolist() == [[7, 8, 0, 0], [5, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [40, 99, 99, 99], [0, 0, 3, 3]]
+    got = step_inputs(2, [7, 8], [5, 6], [0, 0], [2, 1], [40, 41], [1, 0], 99, 3)
+    assert got.tolist() == [[7, 8], [5, 6], [0, 0], [2, 1], [40, 41], [1, 0]] and got.dtype == torch.long
+
+
 def test_stop_matcher_spans_pieces():
     m = StopMatcher(["END", "<|x|>"])
     out = "".join(m.feed(p) for p in ["ab", "cE", "N", "Dzz"])

@@ -4,6 +4,7 @@ detokenizer, template sandbox, tool-call parser, forced calls and FIM, and a ser
 from __future__ import annotations
 
 import json
+import random
 
 import httpx
 import openai
@@ -13,7 +14,7 @@ import realvocab
 from realvocab import FAMILIES, VOCABS
 
 from codellm.engine import templates, tools as calls
-from codellm.engine.detok import IncrementalDetokenizer
+from codellm.engine.detok import IncrementalDetokenizer, pieces_of
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -38,6 +39,28 @@ def test_streamed_text_is_the_decoded_text(vocab):
         pieces = [detok.add(i) for i in ids] + [detok.flush()]
         assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False), text
         assert all("\ufffd" not in p for p in pieces) or "\ufffd" in text
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_token_text_table_streams_what_decoding_does(vocab):
+    """Where a token's text is looked up instead of decoded (byte-level vocabularies, ``pieces_of``), the stream is
+    the same piece for piece as decoding every window: on the test inputs, and on random ids (special tokens, bytes
+    cut mid-character), skipping special tokens or not."""
+    tok = realvocab.base_tokenizer(vocab)
+    table = pieces_of(tok)
+    byte_level = type(tok.backend_tokenizer.decoder).__name__ == "ByteLevel"
+    assert (table is not None) == byte_level
+    if table is not None:
+        assert sum(p is not None for p in table) > len(table) // 2
+    rng = random.Random(0)
+    runs = [tok(text, add_special_tokens=False)["input_ids"] for text in realvocab.vectors(vocab)]
+    runs += [[rng.randrange(len(tok)) for _ in range(64)] for _ in range(20)]
+    for ids in runs:
+        for skip in (True, False):
+            looked_up, decoded = IncrementalDetokenizer(tok, ids[:3], skip), IncrementalDetokenizer(tok, ids[:3], skip)
+            decoded.pieces = None
+            assert [looked_up.add(i) for i in ids] + [looked_up.flush()] == \
+                [decoded.add(i) for i in ids] + [decoded.flush()]
 
 
 def _conversation(call_args: dict) -> tuple[list[dict], list[dict]]:

@@ -119,7 +119,13 @@ def test_killed_pull_resumes_without_refetching(cli, home, hub, big_dir):
     deadline = time.time() + 60
 
     def on_disk() -> int:
-        return sum(p.stat().st_size for p in (home / "downloads").rglob("*.partial")) if (home / "downloads").exists() else 0
+        total = 0
+        for part in (home / "downloads").rglob("*.partial"):
+            try:
+                total += part.stat().st_size
+            except FileNotFoundError:  # finished and renamed between the listing and the stat
+                pass
+        return total
 
     while on_disk() < 8 * 2**20 and time.time() < deadline:  # kill once 8 MiB are written, mid-transfer
         time.sleep(0.02)

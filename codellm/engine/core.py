@@ -21,7 +21,7 @@ import torch
 from codellm.engine import blocks, drafter, fusion, grammar, memory, outputs, sampling, speculation, telemetry
 from codellm.engine.client import Admission, Handle
 from codellm.engine.drafter import Drafter
-from codellm.engine.detok import IncrementalDetokenizer, StopMatcher
+from codellm.engine.detok import IncrementalDetokenizer, StopMatcher, pieces_of
 from codellm.engine.loader import LoadedModel
 from codellm.engine.outputs import Output, Sink, Stats
 from codellm.engine.runner import Launched, ModelRunner, kv_shape
@@ -79,6 +79,7 @@ class Engine(Admission):
         self.overlap = overlap  # read greedy tokens a step late, while the device runs the next step (see _decode)
         self._launched: Launched | None = None  # the decode step whose tokens the host has not read
         self._init_admission(max_queue)
+        pieces_of(lm.tokenizer)  # the token text table, at load rather than on the first request
         self.stats = Stats(kv_blocks=self.pool.num_blocks)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ class PagedCache:
         self.width = -(-(max_len + 1) // block_size)  # table entries a row needs for a whole context
         self.table = torch.full((rows + 1, self.width), blocks, dtype=torch.int32, device=device)
         self._dirty: dict[int, list[int]] = {}
+        self._scratch_row = array("i", [blocks] * self.width)
 
     @property
     def scratch(self) -> int:
@@ -65,12 +67,18 @@ class PagedCache:
         if not self._dirty:
             return
         rows = sorted(self._dirty)
-        host = torch.full((len(rows), self.width), self.blocks, dtype=torch.int32)
-        for i, r in enumerate(rows):
-            blocks = self._dirty[r][:self.width]
-            host[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        width, flat = self.width, array("i")  # the rows end to end, scratch past each one's blocks
+        for r in rows:
+            blocks = self._dirty[r][:width]
+            flat.extend(blocks)
+            flat.extend(self._scratch_row[:width - len(blocks)])
         self._dirty.clear()
-        self.table.index_copy_(0, torch.tensor(rows, device=self.table.device), host.to(self.table.device))
+        pinned = self.table.is_cuda  # a copy from pageable memory would wait for the steps still running
+        host = torch.empty((len(rows), width), dtype=torch.int32, pin_memory=pinned)
+        host.view(-1).copy_(torch.frombuffer(flat, dtype=torch.int32))
+        index = torch.tensor(rows, pin_memory=pinned)
+        dev = self.table.device
+        self.table.index_copy_(0, index.to(dev, non_blocking=True), host.to(dev, non_blocking=True))
 
     def index(self, tables: list[list[int]], length: int) -> torch.Tensor:
         """[len(tables), length] CPU token indices of positions 0..length-1 of each block list (scratch past its end)."""

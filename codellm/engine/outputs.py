@@ -115,12 +115,17 @@ _BATCH_DECODE_FROM = 64
 
 
 def detokenize(batch: list["Sequence"], tokens: list[int]) -> list[str]:
-    """Each sequence's new text, from one batched decode per tokenizer instead of two calls per sequence."""
+    """Each sequence's new text: a table lookup for most tokens (``detok.pieces_of``), and for the rest one batched
+    decode per tokenizer instead of two calls per sequence."""
     pieces: list[str] = [""] * len(batch)
     groups: dict[int, list[int]] = {}
     windows: dict[int, tuple[list[int], list[int]]] = {}
     for row, (seq, token) in enumerate(zip(batch, tokens)):
         if token in seq.stop_ids:
+            continue
+        piece = seq.detok.known(token)
+        if piece is not None:
+            pieces[row] = piece
             continue
         windows[row] = seq.detok.windows(token)
         groups.setdefault((id(seq.detok.tokenizer), seq.detok.skip), []).append(row)

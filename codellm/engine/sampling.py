@@ -75,6 +75,21 @@ def generator(seed: int | None, offset: int = 0, device: torch.device | str = "c
     return torch.Generator(device=device).manual_seed((seed + offset) & ((1 << 64) - 1))
 
 
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` of [rows, V] logits, in two passes where V allows: a row's single reduction over a
+    128k vocabulary runs as one program (tens of microseconds at batch 1 on a GPU); cut into up to 64 pieces
+    reduced side by side, then the pieces' maxima, it takes a few. The first maximal index either way."""
+    rows, vocab = logits.shape
+    pieces = 64
+    while pieces > 1 and (vocab % pieces or vocab // pieces < 256):
+        pieces //= 2
+    if pieces == 1:
+        return logits.argmax(dim=-1)
+    best, where = logits.reshape(rows, pieces, vocab // pieces).max(dim=-1)
+    piece = best.argmax(dim=-1, keepdim=True)
+    return (where.gather(1, piece) + piece * (vocab // pieces)).view(rows)
+
+
 class TokenLogprob(msgspec.Struct, array_like=True):
     """A chosen token's log-probability and the most likely alternatives (it crosses the engine process's pipe)."""
 

@@ -111,9 +111,12 @@ class Scheduler:
     # -- decode ----------------------------------------------------------------------------
     def schedule_decode(self) -> DecodePlan:
         plan = DecodePlan()
+        size = self.pool.size
         for seq in list(self.running):
             if not seq.decodable or seq.chain is None or seq in plan.preempted:
                 continue
+            if len(seq.prompt) + len(seq.generated) + seq.inflight <= len(seq.chain.blocks) * size:
+                continue  # its last block has room for the next token (most steps)
             while True:
                 need = len(seq.prompt) + len(seq.generated) + seq.inflight
                 had = len(seq.chain.blocks)
