@@ -279,3 +279,31 @@ def test_read_only_registry_serves_and_writes_nothing(tiny_dir, tmp_path):
     empty = tmp_path / "empty"
     r = run_cli("serve", "--read-only", env={"CODELLM_HOME": str(empty)})
     assert r.returncode != 0 and "read-only" in r.stderr and not empty.exists()
+
+
+def test_serve_announces_the_bound_port_only_once_listening(served_home):
+    """`serve --port 0` says where it listens once the socket is bound, with the port the system picked; a second
+    server on that port fails with the bind error and announces nothing."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CODELLM_HOME": str(served_home)}
+    cmd = [sys.executable, "-m", "codellm.cli.main", "serve", "--log-level", "warning", "--port"]
+    first = subprocess.Popen(cmd + ["0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in first.stderr:  # read until the announcement (or the end, should it exit)
+            found = re.search(r"serving on http://127\.0\.0\.1:(\d+) ", line)
+            if found:
+                port = int(found.group(1))
+                break
+        assert port, "no announcement"
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200  # bound before it said so
+        second = run_cli("serve", "--port", str(port), env={"CODELLM_HOME": str(served_home)}, timeout=300)
+        assert second.returncode != 0 and "address already in use" in second.stderr.lower()
+        assert "serving on" not in second.stderr
+    finally:
+        first.terminate()
+        first.wait(60)

@@ -355,12 +355,17 @@ def serve(host, port, api_key, api_key_file, models, cors, allowed_hosts, log_le
         manager.get(name, pin=True)
     if host not in ("127.0.0.1", "localhost", "::1") and not keys.required:
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
-    click.echo(f"codellm {__version__} serving on http://{host}:{port} (models: {', '.join(e.name.short for e in reg.list())})", err=True)
+    models = ", ".join(e.name.short for e in reg.list())
+
+    def listening(bound: str, bound_port: int) -> None:
+        where = f"[{bound}]" if ":" in bound else bound
+        click.echo(f"codellm {__version__} serving on http://{where}:{bound_port} (models: {models})", err=True)
+
     hosts = [h.strip() for value in allowed_hosts for h in value.split(",") if h.strip()]
     app = create_app(manager, api_keys=keys, cors_origins=list(cors) or None,
                      stream_interval=stream_interval, bind=host, allowed_hosts=hosts, lora_updates=allow_lora_updates,
                      max_body_size=body_limit)
-    serving.run(app, host, port, log_level=log_level, drain=drain_timeout)
+    serving.run(app, host, port, log_level=log_level, drain=drain_timeout, listening=listening)
 
 
 @cli.command()

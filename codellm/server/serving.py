@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import uvicorn
 from litestar import Litestar
@@ -18,10 +19,19 @@ log = logging.getLogger("codellm.server")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: Litestar, drain: float):
+    def __init__(self, config: uvicorn.Config, app: Litestar, drain: float,
+                 listening: Callable[[str, int], None] | None = None):
         super().__init__(config)
         self.drain, self.grace = app.state.drain, drain
         self.deadline: float | None = None
+        self.listening = listening
+
+    async def startup(self, sockets=None) -> None:
+        """Once the port is bound (a port already taken exits in ``super().startup``), say where: (host, port)."""
+        await super().startup(sockets)
+        if self.started and self.listening is not None and self.servers and self.servers[0].sockets:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            self.listening(host, port)
 
     def handle_exit(self, sig, frame) -> None:
         if self.deadline is None and self.grace > 0:
@@ -45,7 +55,9 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def run(app: Litestar, host: str, port: int, *, log_level: str = "info", drain: float = 30.0) -> None:
+def run(app: Litestar, host: str, port: int, *, log_level: str = "info", drain: float = 30.0,
+        listening: Callable[[str, int], None] | None = None) -> None:
+    """Serve until stopped; ``listening(host, port)`` is called once the socket is bound (port 0: the one picked)."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False,
                             timeout_graceful_shutdown=1)
-    DrainingServer(config, app, drain).run()
+    DrainingServer(config, app, drain, listening).run()
