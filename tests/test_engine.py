@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -289,6 +290,42 @@ def test_pipelined_decode_stop_token_and_slot_reuse(loaded):
         # decoded = sent, less the 4 first tokens (from prefill), plus the stop token (decoded, not sent); the row
         # decoded past the stop is not counted
         assert engine.stats.decode_tokens == sum(len(s.tokens) for s in sinks + [logprob_sink]) - 4 + 1
+        assert engine.active() == 0
+    finally:
+        engine.shutdown()
+
+
+def test_first_tokens_stay_on_the_device_until_the_next_step(loaded):
+    """A prompt's first token, the plain argmax, is left on the device to feed the next decode step and read with
+    that step's tokens: a first token that is a stop token still ends its choice with nothing, max_tokens 1 still
+    gives exactly one token, a prompt admitted while others decode keeps its greedy output, and tokens decoded past
+    an end are not counted."""
+    from codellm.engine.core import Engine
+
+    tok = loaded.tokenizer
+    prompts = ["def fibonacci(n):\n", "class Stack:\n    def", "for i in range(10):", "import csv\n\ndef read_csv(path):"]
+    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    refs = [loaded.model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, len(ids):].tolist() for ids in encoded]
+    engine = Engine(loaded, slots=4, prefill_chunk=512)
+    launched = []
+    first = engine.runner.launch_first
+    engine.runner.launch_first = lambda seqs, logits: launched.append(len(seqs)) or first(seqs, logits)
+    try:
+        sinks = [TokenSink() for _ in prompts]
+        greedy = dict(temperature=0, ignore_eos=True)
+        engine.submit(encoded[0], SamplingParams(max_tokens=24, stop_token_ids=[refs[0][0]], **greedy), sinks[0])
+        engine.submit(encoded[1], SamplingParams(max_tokens=1, **greedy), sinks[1])
+        engine.submit(encoded[2], SamplingParams(max_tokens=24, **greedy), sinks[2])
+        deadline = time.monotonic() + 120
+        while len(sinks[2].tokens) < 6 and not sinks[2].done.is_set() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        engine.submit(encoded[3], SamplingParams(max_tokens=24, **greedy), sinks[3])
+        assert all(sink.done.wait(120) for sink in sinks)
+        assert sinks[0].tokens == [] and sinks[1].tokens == refs[1][:1]
+        assert sinks[2].tokens == refs[2] and sinks[3].tokens == refs[3]
+        assert sum(launched) == 4  # every first token went this way
+        assert engine.stats.decode_tokens == 2 * 23  # the two long ones' tokens after their first
         assert engine.active() == 0
     finally:
         engine.shutdown()

@@ -77,7 +77,7 @@ class Engine(Admission):
         # token), at the cost of one longer step for streams already decoding
         self.scheduler = Scheduler(self.pool, slots, prefill_chunk or (8192 if cuda else 512))
         self.overlap = overlap  # read greedy tokens a step late, while the device runs the next step (see _decode)
-        self._launched: Launched | None = None  # the decode step whose tokens the host has not read
+        self._launched: list[Launched] = []  # tokens on the device the host has not read, oldest first
         self._init_admission(max_queue)
         pieces_of(lm.tokenizer)  # the token text table, at load rather than on the first request
         self.stats = Stats(kv_blocks=self.pool.num_blocks)
@@ -239,7 +239,7 @@ class Engine(Admission):
         finished with an error; the others go on as before. The failed step's tokens still on the device are
         dropped, and each of those sequences computes that position again (writing the same cache entries); a prompt
         whose first token was lost prefills its last position again."""
-        self._launched = None
+        self._launched = []
         running = self.scheduler.running
         for seq in running:
             seq.inflight = 0
@@ -256,7 +256,7 @@ class Engine(Admission):
                     self._complete()
             except Exception as exc:
                 failure = f"{type(exc).__name__}: {exc}"
-                self._launched = None
+                self._launched = []
                 seq.inflight = 0
             finally:
                 alone = self.scheduler.running
@@ -307,13 +307,18 @@ class Engine(Admission):
 
     def _after_prefill(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Prompts fully in the cache: sample their first tokens (or finish those asked for none). A sequence
-        computed again after a preemption already has its next token."""
+        computed again after a preemption already has its next token. First tokens that are the plain argmax stay
+        on the device, read with the next decode step's (``_decode_one``), which they feed."""
         keep = [i for i, seq in enumerate(seqs) if seq.max_new > 0 and not seq.generated]
         for seq in seqs:
             if seq.max_new == 0:
                 self._finish(seq, "length")
         if keep:
-            self._sample([seqs[i] for i in keep], logits if len(keep) == len(seqs) else logits[keep])
+            kept, logits = [seqs[i] for i in keep], logits if len(keep) == len(seqs) else logits[keep]
+            if self.overlap and all(s.pipelined for s in kept):
+                self._launched.append(self.runner.launch_first(kept, logits))
+            else:
+                self._sample(kept, logits)
 
     def _decode(self, batch: list[Sequence]) -> None:
         if self.speculative is not None and len(batch) <= self.speculative.max_batch and \
@@ -411,8 +416,8 @@ class Engine(Admission):
             return
         launched = self.runner.launch(piped)
         self._counted(piped)
-        self._complete()  # the previous step's tokens, read while the device runs this one
-        self._launched = launched
+        self._complete()  # the previous step's tokens (and prompts' first ones), read while the device runs this one
+        self._launched.append(launched)
 
     def _counted(self, batch: list[Sequence]) -> None:
         self.stats.steps += 1
@@ -421,13 +426,14 @@ class Engine(Admission):
         self.stats.batch_sizes[len(batch)] = self.stats.batch_sizes.get(len(batch), 0) + 1
 
     def _complete(self) -> None:
-        if self._launched is None:
-            return
-        launched, self._launched = self._launched, None
-        live = self.runner.read(launched)
-        self.stats.decode_tokens -= len(launched.rows) - len(live)  # rows decoded past a stop are not output
-        if live:
-            self._emit([s for s, _ in live], [t for _, t in live], [None] * len(live))
+        """Read and emit every token still on the device, oldest first."""
+        while self._launched:
+            launched = self._launched.pop(0)
+            live = self.runner.read(launched)
+            if launched.decoded:
+                self.stats.decode_tokens -= len(launched.rows) - len(live)  # rows decoded past a stop are not output
+            if live:
+                self._emit([s for s, _ in live], [t for _, t in live], [None] * len(live))
 
     def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> None:
         constraints = [s.constraint for s in batch]

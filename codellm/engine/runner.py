@@ -15,20 +15,20 @@ import torch
 
 from codellm.engine import kvcache, multilora
 from codellm.engine.loader import LoadedModel
-from codellm.engine.sampling import TokenLogprob, sample
+from codellm.engine.sampling import TokenLogprob, greedy_argmax, sample
 from codellm.engine.sequence import Chunk, Sequence
 
 log = logging.getLogger("codellm.engine")
 
 
 class Launched:
-    """A decode step whose tokens the host has not read: its (sequence, row) pairs, the pinned host copy of its
-    tokens and the event that says the copy is done."""
+    """Tokens the host has not read: its (sequence, row) pairs, the pinned host copy of its tokens and the event
+    that says the copy is done; ``decoded``: a decode step's (False: prompts' first tokens, ``launch_first``)."""
 
-    __slots__ = ("rows", "host", "event")
+    __slots__ = ("rows", "host", "event", "decoded")
 
-    def __init__(self, rows: list[tuple[Sequence, int]], host: torch.Tensor, event):
-        self.rows, self.host, self.event = rows, host, event
+    def __init__(self, rows: list[tuple[Sequence, int]], host: torch.Tensor, event, decoded: bool = True):
+        self.rows, self.host, self.event, self.decoded = rows, host, event, decoded
 
 
 def kv_shape(model) -> tuple[int, int, int]:
@@ -256,6 +256,25 @@ class ModelRunner:
         for s in batch:
             s.inflight += 1
         return Launched([(s, s.slot) for s in batch], host, event)
+
+    def launch_first(self, seqs: list[Sequence], logits: torch.Tensor) -> Launched:
+        """The first tokens of prompts just computed, each the plain argmax of its row of ``logits``, left on the
+        device where the next decode step reads its inputs, and ``read`` later as a decode step's are: the step after
+        a prefill is launched without waiting for the prefill to end."""
+        cuda = logits.is_cuda
+        with torch.inference_mode():
+            tokens = greedy_argmax(logits)
+            slots = torch.tensor([s.slot for s in seqs], pin_memory=cuda).to(logits.device, non_blocking=True)
+            self.last_tokens.index_copy_(0, slots, tokens)
+            host = torch.empty(len(seqs), dtype=torch.long, pin_memory=cuda)
+            host.copy_(tokens, non_blocking=True)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        for s in seqs:
+            s.inflight += 1
+        return Launched([(s, i) for i, s in enumerate(seqs)], host, event, decoded=False)
 
     @staticmethod
     def read(step: Launched) -> list[tuple[Sequence, int]]:
