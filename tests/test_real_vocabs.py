@@ -99,6 +99,53 @@ def test_templates_render_tools_and_calls_parse_back(family):
     assert "sunny, 21 C" in templates.render_chat(tok, with_result, tools=[WEATHER, SEARCH])
 
 
+def test_qwen3_coder_is_forced_to_call_in_its_own_xml():
+    """Qwen3-Coder is made to call a tool in the syntax its template teaches: ``<function=..>`` with a
+    ``<parameter=..>`` block a value, strings raw and held to their length and values, other values JSON held to
+    their schema. Random tokens under the mask always make one such call, which parses back; a schema raw text
+    cannot be held to (a string pattern) is forced as JSON instead, which parses as well."""
+    import torch
+
+    from codellm.engine import grammar as grammars
+
+    fam = FAMILIES["qwen3-coder"]
+    tok = realvocab.tokenizer(fam)
+    eos = (tok.convert_tokens_to_ids(fam.eos),)
+    tools = [WEATHER, {"type": "function", "function": {"name": "set_mode", "parameters": {
+        "type": "object", "properties": {"mode": {"type": "string", "enum": ["fast", "exact"]},
+                                         "limit": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["mode", "limit"]}}}]
+    for name in ("get_weather", "set_mode", None):
+        head, start, tail = calls.forced_call("qwen3_coder", name, tools)
+        assert head == "<tool_call>\n" and start.startswith("<function=") and tail == "\n</tool_call>"
+        grammar = grammars.tool_call(tools, name, "qwen3_coder")
+        for seed in range(4):
+            gen = torch.Generator().manual_seed(seed)
+            constraint, out = grammars.Constraint(tok, grammar, start, eos), []
+            while not constraint.done and len(out) < 200:
+                logits = torch.randn(1, len(tok), generator=gen)
+                grammars.mask([constraint], logits)
+                out.append(int(logits.argmax()))
+                assert constraint.accept(out[-1])
+            text = tok.decode([t for t in out if t not in eos], skip_special_tokens=False)
+            assert "<parameter=" in text and not text.lstrip().startswith("{"), text
+            content, found = calls.parse_all(head + start + text + tail, "qwen3_coder", tools)
+            assert len(found) == 1 and not content.strip(), text
+            call = found[0]
+            assert call.name == name or (name is None and call.name in ("get_weather", "set_mode"))
+            if call.name == "get_weather":
+                assert isinstance(call.arguments["city"], str) and len(call.arguments["city"]) <= 12
+                assert 1 <= call.arguments.get("days", 1) <= 7
+            else:
+                assert call.arguments["mode"] in ("fast", "exact") and 1 <= call.arguments["limit"] <= 9
+    patterned = [{"type": "function", "function": {"name": "open_file", "parameters": {
+        "type": "object", "properties": {"path": {"type": "string", "pattern": "^[a-z/]+$"}}, "required": ["path"]}}}]
+    head, start, tail = calls.forced_call("qwen3_coder", "open_file", patterned)
+    assert start.startswith("{")  # JSON, its pattern checked on the JSON string
+    content, found = calls.parse_all(head + start + '"path": "src/a"}}' + tail, "qwen3_coder", patterned)
+    assert found[0].arguments == {"path": "src/a"}
+
+
 @pytest.mark.parametrize("family", [f.name for f in FAMILIES.values() if f.fim])
 def test_fim_tokens_are_single_tokens(family):
     """Each FIM marker of the family's spelling is one special token of its real vocabulary, so a FIM prompt is

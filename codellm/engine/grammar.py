@@ -52,13 +52,15 @@ def tool_call(tools: list[dict], name: str | None, fmt: str, args_token: int | N
     """The grammar of the rest of a forced call (after ``tools.forced_call``'s opening): the named tool, or any of
     ``tools``, with its arguments held to that tool's parameter schema. Mostly one call object,
     ``{"name": ..., "arguments"/"parameters": {...}}``; in Mistral's ``name[ARGS]{...}`` the name is plain text, and
-    ``[ARGS]`` the tokenizer's special token ``args_token`` where it has one."""
-    from codellm.engine.tools import args_key
+    ``[ARGS]`` the tokenizer's special token ``args_token`` where it has one; Qwen3-Coder's is its XML
+    (``_xml_calls``)."""
+    from codellm.engine.tools import args_key, chosen_tools, xml_parameters
 
-    chosen = [(fn.get("name"), fn.get("parameters") or ANY_OBJECT)
-              for fn in ((t.get("function") or t) for t in tools) if not name or fn.get("name") == name]
+    chosen = chosen_tools(tools, name)
     if not chosen:
         raise InvalidRequest(f"no tool named {name!r}", param="tool_choice")
+    if fmt == "qwen3_coder" and (xml := xml_parameters(chosen)) is not None:
+        return _xml_calls(xml)
     if fmt == "mistral_args":
         return json_schema(chosen[0][1], param="tools") if name else _named_calls(chosen, args_token)
     key = args_key(fmt)
@@ -77,6 +79,41 @@ def _named_calls(chosen: list[tuple[str, dict]], args_token: int | None) -> str:
     rules = [f"t{i}: {json.dumps(n)} {args} %json {json.dumps({**params, 'x-guidance': _OPTIONS})}"
              for i, (n, params) in enumerate(chosen)]
     lark = "start: " + " | ".join(f"t{i}" for i in range(len(chosen))) + "\n" + "\n".join(rules) + "\n"
+    return _checked(lambda: llguidance.LLMatcher.grammar_from_lark(lark), "tools")
+
+
+def _xml_calls(calls: list[tuple[str, list[tuple[str, dict, bool]]]]) -> str:
+    """Qwen3-Coder's ``<function=name>`` with a ``<parameter=key>`` block a parameter (those required always, the
+    others where the model writes them, in the schema's order), then ``</function>``, for any of the tools: a
+    string's value is raw text of its length bounds (or one of its values) in which ``</parameter>`` cannot
+    appear, any other value JSON held to its schema. A value and its closing tag are one lexeme, so the value
+    ends exactly where the tag begins."""
+    import json
+
+    import llguidance
+
+    close = json.dumps("\n</parameter>\n")
+    rules, starts = [], []
+    for t, (tool, fields) in enumerate(calls):
+        parts = []
+        for i, (key, schema, required) in enumerate(fields):
+            opening = json.dumps(f"<parameter={key}>\n")
+            if schema.get("type") == "string":
+                if "const" in schema or "enum" in schema:
+                    values = [schema["const"]] if "const" in schema else schema["enum"]
+                    rules.append(f"V{t}X{i}: " + " | ".join(json.dumps(str(v)) for v in values))
+                else:
+                    bounds = f"{int(schema.get('minLength', 0))},{int(schema['maxLength']) if 'maxLength' in schema else ''}"
+                    rules.append(f"V{t}X{i}: /(?s:.{{{bounds}}})/ & ~/(?s:.*<\\/parameter>.*)/")
+                rules.append(f"P{t}X{i}: {opening} V{t}X{i} {close}")
+                item = f"P{t}X{i}"
+            else:
+                rules.append(f"p{t}x{i}: {opening} %json {json.dumps({**schema, 'x-guidance': _OPTIONS})} {close}")
+                item = f"p{t}x{i}"
+            parts.append(item if required else f"{item}?")
+        rules.append(f"f{t}: {json.dumps(f'<function={tool}>' + chr(10))} {' '.join(parts)} \"</function>\"")
+        starts.append(f"f{t}")
+    lark = "start: " + " | ".join(starts) + "\n" + "\n".join(rules) + "\n"
     return _checked(lambda: llguidance.LLMatcher.grammar_from_lark(lark), "tools")
 
 

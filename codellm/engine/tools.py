@@ -64,17 +64,50 @@ def args_key(fmt: str) -> str:
     return "parameters" if fmt == "llama3" else "arguments"
 
 
-def forced_call(fmt: str, name: str | None) -> tuple[str, str, str]:
+def forced_call(fmt: str, name: str | None, tools: list[dict] | None = None) -> tuple[str, str, str]:
     """(head, object start, tail) of a tool call the output is made to be (``tool_choice`` "required" or a named
-    function): head + object start go at the start of the assistant's turn, the model completes the JSON object
-    (constrained), and head + object start + output + tail parse as one call. Without a name the model picks it."""
+    function): head + object start go at the start of the assistant's turn, the model completes the call
+    (constrained, ``grammar.tool_call``), and head + object start + output + tail parse as one call. Without a name
+    the model picks it. Qwen3-Coder's calls are written in its own XML where ``xml_parameters`` can hold the tools."""
     if fmt == "mistral_args":  # the name is plain text, then the arguments object (see ``grammar.tool_call``)
         return ("[TOOL_CALLS]" + name + "[ARGS]", "{", "") if name else ("[TOOL_CALLS]", "", "")
+    if fmt == "qwen3_coder" and xml_parameters(chosen_tools(tools or [], name)) is not None:
+        return "<tool_call>\n", f"<function={name}>\n" if name else "<function=", "\n</tool_call>"
     key = args_key(fmt)
     head, tail = {"hermes": ("<tool_call>\n", "\n</tool_call>"), "qwen3_coder": ("<tool_call>\n", "\n</tool_call>"),
                   "llama3": ("", ""), "mistral": ("[TOOL_CALLS][", "]")}[fmt]
     start = f'{{"name": {json.dumps(name, ensure_ascii=False)}, "{key}": {{' if name else '{"name": "'
     return head, start, tail
+
+
+def chosen_tools(tools: list[dict], name: str | None) -> list[tuple[str, dict]]:
+    """(name, parameter schema) of the tool called ``name``, or of every tool when no name is given."""
+    return [(fn.get("name"), fn.get("parameters") or {"type": "object"})
+            for fn in ((t.get("function") or t) for t in tools) if not name or fn.get("name") == name]
+
+
+_XML_STRING_KEYS = {"type", "description", "title", "minLength", "maxLength", "enum", "const", "default", "examples"}
+
+
+def xml_parameters(chosen: list[tuple[str, dict]]) -> list[tuple[str, list[tuple[str, dict, bool]]]] | None:
+    """Each tool's parameters as Qwen3-Coder's XML writes them: (tool, [(parameter, schema, required)]) in the
+    schema's order, or None where some cannot be held to their schema that way: a string with a pattern or a
+    format (raw text has no JSON escapes to check them on), a type that may be a string or not, names that would
+    break the markup. Those calls are written as JSON, which the parser reads too."""
+    out = []
+    for tool, params in chosen:
+        if not tool or not isinstance(params, dict) or set(params.get("required") or []) - set(params.get("properties") or {}):
+            return None
+        fields = []
+        for key, schema in (params.get("properties") or {}).items():
+            if any(c in key + tool for c in "<>\n") or not isinstance(schema, dict):
+                return None
+            kind = schema.get("type")
+            if not isinstance(kind, str) or (kind == "string" and set(schema) - _XML_STRING_KEYS):
+                return None
+            fields.append((key, schema, key in (params.get("required") or [])))
+        out.append((tool, fields))
+    return out
 
 
 def template_renders_tools(template: str | None) -> bool:

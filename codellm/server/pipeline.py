@@ -205,7 +205,7 @@ async def prompt_of(served: Served, turn: ChatTurn) -> tuple[list[int], str | No
     fmt = tool_format(lm.tokenizer.chat_template, lm.config.family) if tools else None
     lead = start = tail = ""
     if turn.forced is not None and fmt:
-        head, start, tail = forced_call(fmt, turn.forced or None)
+        head, start, tail = forced_call(fmt, turn.forced or None, tools)
         ids = ids + prompts.encode(lm, head + start, add_special_tokens=False)
         lead = head + start
     return ids, fmt, lead, start, tail
