@@ -271,6 +271,11 @@ def engine_options(f):
         click.option("--engine-process/--engine-thread", default=None,
                      help="Run each model's engine in a child process, apart from the HTTP server's GIL (default on "
                      "GPUs), or as a thread of this process (default on CPU)."),
+        click.option("--tensor-parallel", type=click.IntRange(1, 64), default=1, show_default=True,
+                     help="Split each model over this many processes (a GPU each, over NCCL; gloo on CPUs): every "
+                     "rank holds 1/N of each layer's attention heads and MLP columns and of the KV cache. The engine "
+                     "runs in a child process, which is rank 0; steps run eagerly (no CUDA graphs), and LoRA adapters "
+                     "and embeddings are not served by such a model."),
     ]):
         f = option(f)
     return f

@@ -43,8 +43,11 @@ class Engine(Admission):
                  cuda_graphs: bool = True, compile: bool = False, overlap: bool = True, fuse: bool = True,
                  kv_cache_memory: int | None = None, block_size: int = 16, prefix_caching: bool = True,
                  speculative: SpeculativeConfig | None = None, draft: LoadedModel | None = None,
-                 source: Callable[[float], None] | None = None):
+                 source: Callable[[float], None] | None = None, ranks=None):
         self.lm = lm
+        # tensor parallelism: ``lm``'s model holds rank 0's shard, and every forward is relayed to the other ranks
+        # (``sharding.Ranks``), stopped with this engine
+        self.ranks = ranks
         # drafts from prompt lookup or from a draft model (``draft``), checked in one forward (``speculation``)
         self.speculative = speculative
         self._pace = speculation.Pace()
@@ -65,7 +68,9 @@ class Engine(Admission):
         verify_rows = speculative.verify_rows if speculative is not None else 0
         self.runner = ModelRunner(lm, blocks=self.pool.num_blocks, block_size=block_size, rows=slots,
                                   layers=layers, kv_heads=kv_heads, head_dim=head_dim,
-                                  cuda_graphs=cuda_graphs, compile=compile, verify_rows=verify_rows)
+                                  cuda_graphs=cuda_graphs, compile=compile, verify_rows=verify_rows, ranks=ranks)
+        if ranks is not None:
+            ranks.setup(self.runner.cache)  # the other ranks size their caches alike
         self.drafter: Drafter | None = None
         if speculative is not None and speculative.method == "draft":
             if draft is None:
@@ -142,12 +147,21 @@ class Engine(Admission):
         """Mean-pooled embeddings from these weights (``embeddings.embed``), beside the step loop."""
         from codellm.engine.embeddings import embed
 
+        self._whole("embeddings")
         return embed(lm, texts, truncate=truncate)
+
+    def _whole(self, what: str) -> None:
+        """Refuse what needs the whole model in this process (a forward the other ranks would not join)."""
+        if self.ranks is not None:
+            from codellm.errors import InvalidRequest
+
+            raise InvalidRequest(f"{what} are not served by a tensor-parallel engine ({self.ranks.world} ranks)")
 
     def attach_adapter(self, registry, entry) -> tuple[object, str]:
         """Put ``entry``'s LoRA adapter on the weights between two steps; (the model now, the adapter's name)."""
         from codellm.engine import loader
 
+        self._whole("LoRA adapters")
         with self.step_lock:
             model, adapter = loader.attach_adapter(registry, self.lm.model, entry)
             self.lm.model = model
@@ -180,6 +194,8 @@ class Engine(Admission):
         self._stop.set()
         self._inbox.put(("wake", None))
         self._thread.join(timeout=10)
+        if self.ranks is not None:
+            self.ranks.stop()
 
     # -- the loop (engine thread) ----------------------------------------------------------
     def _loop(self) -> None:

@@ -46,6 +46,7 @@ class LoadOptions:
     cuda_graphs: bool = True  # decode through captured CUDA graphs on GPUs (eager when off, or for adapters)
     compile: bool = True  # torch.compile the graph-captured decode step (GPU only; falls back to plain graphs)
     engine_process: bool | None = None  # each engine in a child process (default: on GPUs), see engine.remote
+    tensor_parallel: int = 1  # ranks a model is split over (engine.sharding); above 1 its engine is a child process
     speculative: "SpeculativeConfig | None" = None  # speculative decoding (engine.speculation, engine.drafter)
 
 
@@ -278,6 +279,8 @@ class ModelManager:
                       compile=o.compile, kv_cache_memory=o.kv_cache_memory, prefix_caching=o.prefix_caching,
                       speculative=spec)
         separate = o.engine_process
+        if o.tensor_parallel > 1:  # the child is rank 0 and starts the others
+            engine["tensor_parallel"], separate = o.tensor_parallel, True
         if separate is None:
             separate = loader.pick_device(o.device, o.dtype)[0].type == "cuda"
         if separate:

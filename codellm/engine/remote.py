@@ -402,6 +402,22 @@ def _reply(channel: Channel, call: int, fn, *args, **kwargs) -> None:
         channel.send(Reply(call, failure=Failure.of(exc)))
 
 
+def _cuda(load: dict) -> bool:
+    import torch
+
+    device = load.get("device")
+    return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+
+
+def _loopback_url() -> str:
+    """Where the ranks meet: a free port on the loopback interface."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
 def _child_main(conn, home: str, read_only: bool, name: str, load: dict, engine_opts: dict, view_opts: dict, level: int) -> None:
     from codellm import logs
 
@@ -476,10 +492,20 @@ def _child_main(conn, home: str, read_only: bool, name: str, load: dict, engine_
     try:
         registry = Registry(home, read_only=read_only)
         entry, weights = loader.resolve(registry, name)
-        model, dev, dtype = loader.load_weights(registry, entry, weights, **load)
+        world = engine_opts.pop("tensor_parallel", 1) or 1
+        model, dev, dtype = loader.load_weights(registry, entry, weights, **({**load, "device": "cuda:0"} if world > 1
+                                                                               and _cuda(load) else load))
+        ranks = None
+        if world > 1:  # this process is rank 0 and starts the others, each loading its shard of the same weights
+            from codellm.engine import sharding
+
+            sharding.plan(model, world)  # (one that does not divide fails here, before any rank starts)
+            ranks = sharding.Ranks.start(world, (home, read_only, name, load), _loopback_url(),
+                                         "nccl" if dev.type == "cuda" else "gloo")
+            sharding.shard(model, 0, world)
         base = loader.view(registry, entry, weights, model, dev, dtype, **view_opts)
         draft = loader.load_draft(registry, engine_opts.get("speculative"), base, **load)
-        engine = Engine(base, **engine_opts, draft=draft, source=source)  # nothing arrives before "ready" below
+        engine = Engine(base, **engine_opts, draft=draft, source=source, ranks=ranks)  # nothing arrives before "ready"
         engine.timed = False  # the parent times each choice
         from codellm.engine import grammar
 

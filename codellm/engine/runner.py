@@ -40,8 +40,9 @@ def kv_shape(model) -> tuple[int, int, int]:
 
 class ModelRunner:
     def __init__(self, lm: LoadedModel, *, blocks: int, block_size: int, rows: int, layers: int, kv_heads: int,
-                 head_dim: int, cuda_graphs: bool = True, compile: bool = False, verify_rows: int = 0):
+                 head_dim: int, cuda_graphs: bool = True, compile: bool = False, verify_rows: int = 0, ranks=None):
         self.lm = lm
+        self.ranks = ranks  # tensor parallelism (``sharding.Ranks``): every forward is relayed to the other ranks
         cuda = lm.device.type == "cuda"
         self.cache = kvcache.PagedCache(
             layers=layers, blocks=blocks, block_size=block_size, rows=rows, kv_heads=kv_heads,
@@ -52,7 +53,7 @@ class ModelRunner:
         self._host_tokens = [torch.zeros(rows, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
         self._flip = 0
         self.graphs = None
-        if cuda_graphs and cuda:
+        if cuda_graphs and cuda and ranks is None:  # (graph replays are not relayed: sharded models run eagerly)
             from codellm.engine.cudagraph import GraphRunner
 
             self.graphs = GraphRunner(lm.model, self.cache, lm.device, self.last_tokens, compile=compile,
@@ -103,6 +104,8 @@ class ModelRunner:
     def _logits(self, ctx: kvcache.StepContext, ids: torch.Tensor, positions: torch.Tensor, logits_to_keep, **extra) -> torch.Tensor:
         """The model's logits for ``ids`` at ``positions`` (CPU tensors) inside step ``ctx``, launched eagerly."""
         dev = self.lm.device
+        if self.ranks is not None:
+            self.ranks.relay(ctx, ids, positions, logits_to_keep)
         if isinstance(logits_to_keep, torch.Tensor):
             logits_to_keep = logits_to_keep.to(dev)
         with kvcache.use(ctx), kvcache.attention_backends(dev), torch.inference_mode():

@@ -1,0 +1,112 @@
+"""Tensor parallelism on CPU: the sharding plan, and two gloo ranks each holding half of every layer giving the
+whole model's greedy tokens and logits (fp32)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from codellm.engine import sharding
+
+
+def test_plan_divides_heads_kv_heads_and_columns():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336)
+    assert sharding.plan(cfg, 4) == sharding.Plan(world=4, heads=8, kv_heads=2, head_dim=128, intermediate=3584)
+    with pytest.raises(ValueError, match="key/value heads"):
+        sharding.plan(cfg, 16)  # 8 KV heads do not divide over 16 ranks
+    with pytest.raises(ValueError, match="at least one"):
+        sharding.plan(cfg, 0)
+
+
+@pytest.mark.timeout(600)
+def test_sharded_ranks_match_the_whole_model(tiny_dir, tmp_path):
+    """Each rank holds half of every layer's heads and MLP columns, with two all-reduces a layer: both give the
+    unsharded model's 32 greedy tokens and, through the engine's paged attention and fused projections, its
+    logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from conftest import free_port
+    import shard_check
+
+    whole = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = whole.generate(torch.tensor([shard_check.PROMPT]), max_new_tokens=32, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, len(shard_check.PROMPT):]
+        ref_logits = whole(input_ids=torch.tensor([shard_check.PROMPT])).logits[0, -1]
+    init = f"tcp://127.0.0.1:{free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__).parent / "shard_check.py"), str(tiny_dir), str(r), "2",
+                               init, str(tmp_path / f"rank{r}.safetensors")], env=env, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    errors = [p.communicate(timeout=540)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    for r in range(2):
+        got = load_file(tmp_path / f"rank{r}.safetensors")
+        assert got["tokens"].tolist() == ref.tolist()
+        torch.testing.assert_close(got["logits"], ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_tensor_parallel_server_answers_as_one_process(served_home, tiny_dir):
+    """`codellm serve --tensor-parallel 2` on CPU: rank 0 (the engine process) schedules, and every forward it runs
+    is relayed to rank 1 over gloo. Concurrent greedy completions are the unsharded model's, token for token; what
+    needs the whole model in one process (embeddings) is a clear 400; the ranks exit with the server."""
+    import concurrent.futures
+
+    import httpx
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import Server
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    whole = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    prompts = ["def fibonacci(n):\n", "class Stack:\n    def", "import csv\n\ndef read_csv(path):\n    with"]
+    refs = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = tok(p, add_special_tokens=False)["input_ids"]
+            out = whole.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0, len(ids):]
+            refs.append(tok.decode(out, skip_special_tokens=True))
+    srv = Server(served_home, "--tensor-parallel", "2", "--num-ctx", "512")
+    try:
+        def complete(p):
+            r = httpx.post(srv.url + "/v1/completions", timeout=300, json={
+                "model": "tiny-coder", "prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # batched together
+            assert list(pool.map(complete, prompts)) == refs
+        r = httpx.post(srv.url + "/v1/embeddings", json={"model": "tiny-coder", "input": "x"}, timeout=120)
+        assert r.status_code == 400 and "tensor-parallel" in r.json()["error"]["message"], r.text
+        assert complete(prompts[0]) == refs[0]  # and it still serves
+        ranks = _ranks()
+        assert ranks, "no rank 1 process"
+    finally:
+        srv.stop()
+    deadline = time.monotonic() + 120
+    while set(_ranks()) & set(ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not set(_ranks()) & set(ranks), "rank 1 outlived the server"
+
+
+def _ranks() -> list[str]:
+    """Processes running a rank of a tensor-parallel engine (``python -m codellm.engine.sharding``)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"codellm.engine.sharding" in (proc / "cmdline").read_bytes():
+                found.append(proc.name)
+        except OSError:  # gone meanwhile
+            pass
+    return found
