@@ -74,14 +74,14 @@ def test_tensor_parallel_server_answers_as_one_process(served_home, tiny_dir):
     with torch.inference_mode():
         for p in prompts:
             ids = tok(p, add_special_tokens=False)["input_ids"]
-            out = whole.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+            out = whole.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
                                  pad_token_id=0)[0, len(ids):]
             refs.append(tok.decode(out, skip_special_tokens=True))
     srv = Server(served_home, "--tensor-parallel", "2", "--num-ctx", "512")
     try:
         def complete(p):
             r = httpx.post(srv.url + "/v1/completions", timeout=300, json={
-                "model": "tiny-coder", "prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": True})
+                "model": "tiny-coder", "prompt": p, "max_tokens": 32, "temperature": 0, "ignore_eos": True})
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]["text"]
 

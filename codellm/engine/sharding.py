@@ -174,8 +174,9 @@ def _receive(decoder, group=None):
 class Ranks:
     """Rank 0's view of the others: started with the engine's process, given every forward, stopped with it."""
 
-    def __init__(self, world: int, processes: list):
+    def __init__(self, world: int, processes: list, control=None):
         self.world, self.processes = world, processes
+        self.control = control  # the group messages go over (gloo: NCCL moves only GPU tensors)
 
     @classmethod
     def start(cls, world: int, worker_args: tuple, init: str, backend: str) -> "Ranks":
@@ -194,25 +195,26 @@ class Ranks:
                                       preexec_fn=_die_with_parent) for rank in range(1, world)]
         try:
             dist.init_process_group(backend, init_method=init, rank=0, world_size=world, timeout=timedelta(minutes=5))
+            control = _control_group(backend)
         except BaseException:
             for p in processes:
                 p.kill()
             raise
-        return cls(world, processes)
+        return cls(world, processes, control)
 
     def setup(self, cache) -> None:
-        _send(Setup(cache.blocks, cache.block_size, cache.slots, cache.max_len))
+        _send(Setup(cache.blocks, cache.block_size, cache.slots, cache.max_len), self.control)
 
     def relay(self, ctx, ids: torch.Tensor, positions: torch.Tensor, keep) -> None:
         tensors = {name: Array.of(getattr(ctx, name)) for name in _CONTEXT if getattr(ctx, name) is not None}
         _send(Forward(Array.of(ids), Array.of(positions), keep if isinstance(keep, int) else Array.of(keep), tensors,
-                      ctx.kv_len, ctx.max_k))
+                      ctx.kv_len, ctx.max_k), self.control)
 
     def stop(self) -> None:
         import torch.distributed as dist
 
         try:
-            _send(Done())
+            _send(Done(), self.control)
             dist.destroy_process_group()
         except Exception:  # a rank already gone: nothing to tell it
             pass
@@ -221,6 +223,14 @@ class Ranks:
                 p.wait(15)
             except Exception:
                 p.kill()
+
+
+def _control_group(backend: str):
+    """The group that carries messages (CPU tensors): the default one on gloo, a gloo one beside NCCL. Every rank
+    makes it, in the same order."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo") if backend != "gloo" else None
 
 
 def _die_with_parent() -> None:
@@ -246,6 +256,7 @@ def worker(rank: int, world: int, init: str, backend: str, home: str, read_only:
 
     torch.set_grad_enabled(False)
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=timedelta(minutes=5))
+    control = _control_group(backend)
     registry = Registry(home, read_only=read_only)
     entry, weights = loader.resolve(registry, name)
     if backend == "nccl":  # a GPU a rank
@@ -255,12 +266,12 @@ def worker(rank: int, world: int, init: str, backend: str, home: str, read_only:
     shard(model, rank, world)
     fusion.fuse(model)  # as rank 0's engine does: the same kernels in the same order
     decoder = msgspec.msgpack.Decoder(Message)
-    setup = _receive(decoder)
+    setup = _receive(decoder, control)
     layers, kv_heads, head_dim = kv_shape(model)
     cache = kvcache.PagedCache(layers=layers, blocks=setup.blocks, block_size=setup.block_size, rows=setup.rows,
                                kv_heads=kv_heads, head_dim=head_dim, max_len=setup.max_len, dtype=dtype, device=dev)
     while True:
-        message = _receive(decoder)
+        message = _receive(decoder, control)
         if isinstance(message, Done):
             break
         parts = {k: a.tensor(dev) for k, a in message.tensors.items()}
