@@ -45,9 +45,6 @@ class Engine(Admission):
                  speculative: SpeculativeConfig | None = None, draft: LoadedModel | None = None,
                  source: Callable[[float], None] | None = None, ranks=None):
         self.lm = lm
-        # tensor parallelism: ``lm``'s model holds rank 0's shard, and every forward is relayed to the other ranks
-        # (``sharding.Ranks``), stopped with this engine
-        self.ranks = ranks
         # drafts from prompt lookup or from a draft model (``draft``), checked in one forward (``speculation``)
         self.speculative = speculative
         self._pace = speculation.Pace()
@@ -69,7 +66,7 @@ class Engine(Admission):
         self.runner = ModelRunner(lm, blocks=self.pool.num_blocks, block_size=block_size, rows=slots,
                                   layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                                   cuda_graphs=cuda_graphs, compile=compile, verify_rows=verify_rows, ranks=ranks)
-        if ranks is not None:
+        if ranks is not None:  # tensor parallelism: ``lm``'s model is rank 0's shard (``sharding``)
             ranks.setup(self.runner.cache)  # the other ranks size their caches alike
         self.drafter: Drafter | None = None
         if speculative is not None and speculative.method == "draft":
@@ -152,10 +149,10 @@ class Engine(Admission):
 
     def _whole(self, what: str) -> None:
         """Refuse what needs the whole model in this process (a forward the other ranks would not join)."""
-        if self.ranks is not None:
+        if self.runner.ranks is not None:
             from codellm.errors import InvalidRequest
 
-            raise InvalidRequest(f"{what} are not served by a tensor-parallel engine ({self.ranks.world} ranks)")
+            raise InvalidRequest(f"{what} are not served by a tensor-parallel engine ({self.runner.ranks.world} ranks)")
 
     def attach_adapter(self, registry, entry) -> tuple[object, str]:
         """Put ``entry``'s LoRA adapter on the weights between two steps; (the model now, the adapter's name)."""
@@ -194,8 +191,8 @@ class Engine(Admission):
         self._stop.set()
         self._inbox.put(("wake", None))
         self._thread.join(timeout=10)
-        if self.ranks is not None:
-            self.ranks.stop()
+        if self.runner.ranks is not None:
+            self.runner.ranks.stop()
 
     # -- the loop (engine thread) ----------------------------------------------------------
     def _loop(self) -> None:

@@ -402,13 +402,6 @@ def _reply(channel: Channel, call: int, fn, *args, **kwargs) -> None:
         channel.send(Reply(call, failure=Failure.of(exc)))
 
 
-def _cuda(load: dict) -> bool:
-    import torch
-
-    device = load.get("device")
-    return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-
-
 def _loopback_url() -> str:
     """Where the ranks meet: a free port on the loopback interface."""
     import socket
@@ -493,8 +486,9 @@ def _child_main(conn, home: str, read_only: bool, name: str, load: dict, engine_
         registry = Registry(home, read_only=read_only)
         entry, weights = loader.resolve(registry, name)
         world = engine_opts.pop("tensor_parallel", 1) or 1
-        model, dev, dtype = loader.load_weights(registry, entry, weights, **({**load, "device": "cuda:0"} if world > 1
-                                                                               and _cuda(load) else load))
+        if world > 1 and loader.pick_device(load.get("device"), load.get("dtype"))[0].type == "cuda":
+            load = {**load, "device": "cuda:0"}  # rank r runs on GPU r
+        model, dev, dtype = loader.load_weights(registry, entry, weights, **load)
         ranks = None
         if world > 1:  # this process is rank 0 and starts the others, each loading its shard of the same weights
             from codellm.engine import sharding

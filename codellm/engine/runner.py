@@ -251,14 +251,7 @@ class ModelRunner:
         _, tokens = self._decode_step(batch)
         host = self._host_tokens[self._flip]
         self._flip ^= 1
-        host[:tokens.shape[0]].copy_(tokens, non_blocking=True)
-        event = None
-        if tokens.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-        for s in batch:
-            s.inflight += 1
-        return Launched([(s, s.slot) for s in batch], host, event)
+        return self._in_flight(batch, tokens, host[:tokens.shape[0]], [(s, s.slot) for s in batch])
 
     def launch_first(self, seqs: list[Sequence], logits: torch.Tensor) -> Launched:
         """The first tokens of prompts just computed, each the plain argmax of its row of ``logits``, left on the
@@ -269,15 +262,22 @@ class ModelRunner:
             tokens = greedy_argmax(logits)
             slots = torch.tensor([s.slot for s in seqs], pin_memory=cuda).to(logits.device, non_blocking=True)
             self.last_tokens.index_copy_(0, slots, tokens)
-            host = torch.empty(len(seqs), dtype=torch.long, pin_memory=cuda)
-            host.copy_(tokens, non_blocking=True)
+        host = torch.empty(len(seqs), dtype=torch.long, pin_memory=cuda)
+        return self._in_flight(seqs, tokens, host, [(s, i) for i, s in enumerate(seqs)], decoded=False)
+
+    @staticmethod
+    def _in_flight(seqs: list[Sequence], tokens: torch.Tensor, host: torch.Tensor, rows: list[tuple[Sequence, int]],
+                   decoded: bool = True) -> Launched:
+        """``tokens`` (on the device) copied into pinned ``host`` without waiting, and ``seqs`` counted one token
+        further on the device than on the host, until ``read``."""
+        host.copy_(tokens, non_blocking=True)
         event = None
-        if cuda:
+        if tokens.is_cuda:
             event = torch.cuda.Event()
             event.record()
         for s in seqs:
             s.inflight += 1
-        return Launched([(s, i) for i, s in enumerate(seqs)], host, event, decoded=False)
+        return Launched(rows, host, event, decoded)
 
     @staticmethod
     def read(step: Launched) -> list[tuple[Sequence, int]]:

@@ -96,7 +96,8 @@ def xml_parameters(chosen: list[tuple[str, dict]]) -> list[tuple[str, list[tuple
     break the markup. Those calls are written as JSON, which the parser reads too."""
     out = []
     for tool, params in chosen:
-        if not tool or not isinstance(params, dict) or set(params.get("required") or []) - set(params.get("properties") or {}):
+        required = set(params.get("required") or []) if isinstance(params, dict) else set()
+        if not tool or not isinstance(params, dict) or required - set(params.get("properties") or {}):
             return None
         fields = []
         for key, schema in (params.get("properties") or {}).items():
@@ -105,7 +106,7 @@ def xml_parameters(chosen: list[tuple[str, dict]]) -> list[tuple[str, list[tuple
             kind = schema.get("type")
             if not isinstance(kind, str) or (kind == "string" and set(schema) - _XML_STRING_KEYS):
                 return None
-            fields.append((key, schema, key in (params.get("required") or [])))
+            fields.append((key, schema, key in required))
         out.append((tool, fields))
     return out
 
