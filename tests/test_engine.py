@@ -153,30 +153,81 @@ def test_packed_prefill_matches_each_prompt_alone(tiny_dir, dtype):
         torch.testing.assert_close(cache.k[layer][rows], one.k[layer][:11], **tol)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on GPUs")
+def _kernel_device() -> str | None:
+    """Where the Triton kernels can be checked: a GPU, or the CPU under Triton's interpreter (TRITON_INTERPRET=1)."""
+    from codellm.engine import decode_attention
+
+    if decode_attention.triton is None:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if decode_attention.available(torch.device("cpu"), 64) else None
+
+
+@pytest.mark.skipif(_kernel_device() is None, reason="the Triton kernel runs on GPUs (or under TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_split_kv_decode_kernel_matches_sdpa(dtype):
     """Each row attends over its own length only; GQA groups share one program; lengths 1 to a few hundred."""
     from codellm.engine import decode_attention
 
+    dev = _kernel_device()
+    if dev == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter computes in numpy, which has no bf16")
     torch.manual_seed(0)
     rows, hq, hkv, d, keys, page = 6, 32, 8, 64, 600, 16
     pages = keys // page + 1
-    k = torch.randn(rows * pages * page, hkv, d, device="cuda", dtype=dtype)  # a paged pool; rows' blocks shuffled
+    k = torch.randn(rows * pages * page, hkv, d, device=dev, dtype=dtype)  # a paged pool; rows' blocks shuffled
     v = torch.randn_like(k)
-    table = torch.randperm(rows * pages, device="cuda").view(rows, pages).to(torch.int32)
-    q = torch.randn(rows, 1, hq, d, device="cuda", dtype=dtype).transpose(1, 2)[:, :, 0]  # the layout attention hands over
-    lens = torch.tensor([1, 17, 64, 65, 300, 599], device="cuda", dtype=torch.int32)
+    table = torch.randperm(rows * pages, device=dev).view(rows, pages).to(torch.int32)
+    q = torch.randn(rows, 1, hq, d, device=dev, dtype=dtype).transpose(1, 2)[:, :, 0]  # the layout attention hands over
+    lens = torch.tensor([1, 17, 64, 65, 300, 599], device=dev, dtype=torch.int32)
     out = decode_attention.decode_attention(q, k, v, table, lens, d ** -0.5, page)
     for b in range(rows):
         n = int(lens[b])
-        at = (table[b].long()[:, None] * page + torch.arange(page, device="cuda")).flatten()[:n]
+        at = (table[b].long()[:, None] * page + torch.arange(page, device=dev)).flatten()[:n]
         kb, vb = k[at].transpose(0, 1), v[at].transpose(0, 1)  # [hkv, n, d]
         ref = torch.nn.functional.scaled_dot_product_attention(
             q[b, :, None].float(), kb.repeat_interleave(hq // hkv, 0).float(),
             vb.repeat_interleave(hq // hkv, 0).float())[:, 0]
         tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(out[b].float(), ref, **tol)
+
+
+@pytest.mark.skipif(_kernel_device() is None, reason="the Triton kernel runs on GPUs (or under TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("run", [2, 5, 8])
+def test_split_kv_kernel_takes_a_sequences_rows_together(run):
+    """A check's rows (one sequence's last token and drafts, consecutive, one table row) read in one program: each
+    row still sees exactly the keys up to its own position, runs longer than ``run`` are cut into pieces, single rows
+    and padding rows (length 1) beside them stay right, and so does every split of the keys."""
+    from codellm.engine import decode_attention
+    from codellm.engine.cudagraph import run_offsets
+
+    dev = _kernel_device()
+    torch.manual_seed(0)
+    hq, hkv, d, page = 8, 2, 64, 16
+    # (sequence, position of its first row, rows): lengths around split and block edges; a run of 11 rows; padding
+    layout = [(0, 38, 3), (1, 99, 1), (2, 10, 11), (3, 250, 5), (4, 0, 3)]
+    pages = 20
+    k = torch.randn(len(layout) * pages * page, hkv, d, device=dev)
+    v = torch.randn_like(k)
+    tables = torch.randperm(len(layout) * pages, device=dev).view(len(layout), pages).to(torch.int32)
+    seq_rows = torch.tensor([s for s, _, n in layout for _ in range(n)], device=dev)
+    lens = torch.tensor([p + j + 1 for _, p, n in layout for j in range(n)], device=dev, dtype=torch.int32)
+    lens[-layout[-1][2]:] = 1  # the last run is padding: position 0 each
+    table = tables[seq_rows]
+    q = torch.randn(len(lens), hq, d, device=dev)
+    offsets = run_offsets(seq_rows)
+    assert offsets.tolist()[:4] == [0, 1, 2, 0] and offsets.tolist()[4:15] == list(range(11))
+    out = decode_attention.decode_attention(q, k, v, table, lens, d ** -0.5, page, offsets, run)
+    plain = decode_attention.decode_attention(q, k, v, table, lens, d ** -0.5, page)
+    for b in range(len(lens)):
+        n = int(lens[b])
+        at = (table[b].long()[:, None] * page + torch.arange(page, device=dev)).flatten()[:n]
+        kb, vb = k[at].transpose(0, 1), v[at].transpose(0, 1)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[b, :, None], kb.repeat_interleave(hq // hkv, 0), vb.repeat_interleave(hq // hkv, 0))[:, 0]
+        torch.testing.assert_close(out[b], ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(plain[b], ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile + CUDA graphs: the GPU fast path")

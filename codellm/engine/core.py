@@ -63,9 +63,11 @@ class Engine(Admission):
         tokens = memory.kv_tokens(cuda, lm.max_len, kv_cache_memory, per_token, block_size, slots=contexts)
         self.pool = blocks.BlockPool(tokens // block_size, block_size, caching=prefix_caching)
         verify_rows = speculative.verify_rows if speculative is not None else 0
+        verify_run = speculative.verify_run if speculative is not None else 1
         self.runner = ModelRunner(lm, blocks=self.pool.num_blocks, block_size=block_size, rows=slots,
                                   layers=layers, kv_heads=kv_heads, head_dim=head_dim,
-                                  cuda_graphs=cuda_graphs, compile=compile, verify_rows=verify_rows, ranks=ranks)
+                                  cuda_graphs=cuda_graphs, compile=compile, verify_rows=verify_rows, verify_run=verify_run,
+                                  ranks=ranks)
         if ranks is not None:  # tensor parallelism: ``lm``'s model is rank 0's shard (``sharding``)
             ranks.setup(self.runner.cache)  # the other ranks size their caches alike
         self.drafter: Drafter | None = None
@@ -74,7 +76,8 @@ class Engine(Admission):
                 raise ValueError("draft-model speculation needs the draft model")
             drafter.check_vocabulary(lm, draft)
             self.drafter = Drafter(draft, blocks=self.pool.num_blocks, block_size=block_size, rows=slots,
-                                   verify_rows=verify_rows, cuda_graphs=cuda_graphs, compile=compile)
+                                   verify_rows=verify_rows, verify_run=verify_run, cuda_graphs=cuda_graphs,
+                                   compile=compile)
         # prompt tokens per step: a burst of 64 128-token prompts prefills in one forward on a GPU (time to first
         # token), at the cost of one longer step for streams already decoding
         self.scheduler = Scheduler(self.pool, slots, prefill_chunk or (8192 if cuda else 512))

@@ -27,6 +27,8 @@ Speculative drafts are checked by the same captured step, in a lane of its own (
 a row, with its sequence's block-table row gathered on the device, so a sequence's k drafts and its last token are
 k + 1 rows that write their keys before any row attends (attention writes a layer's keys first): row j sees the
 drafts before it. Checking four drafts of one stream is a replay of the batch-8 step, about a decode step's cost.
+A sequence's rows are consecutive, and the split-KV kernel takes them together (``run_offsets``): its keys are read
+once for all of them.
 """
 
 from __future__ import annotations
@@ -85,9 +87,18 @@ def step_inputs(b: int, ids: list[int], positions: list[int], take: list[int], a
     return torch.frombuffer(flat, dtype=torch.long).view(6, b)
 
 
+def run_offsets(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's place (int32) in its run of equal consecutive ``rows``: 0 where a run starts, then 1, 2, ...; on the
+    device, inside the captured step."""
+    index = torch.arange(rows.shape[0], device=rows.device)
+    starts = torch.ones_like(rows, dtype=torch.bool)
+    starts[1:] = rows[1:] != rows[:-1]
+    return (index - torch.cummax(torch.where(starts, index, 0), 0).values).to(torch.int32)
+
+
 class GraphRunner:
     def __init__(self, model, cache: kvcache.PagedCache, device: torch.device, tokens: torch.Tensor, *, min_kv: int = 128,
-                 compile: bool = False, verify_rows: int = 0):
+                 compile: bool = False, verify_rows: int = 0, verify_run: int = 1):
         self.model, self.cache, self.device = model, cache, device
         # tokens: [slots] each slot's last argmax, on the device: the next step can read its input there
         self.lanes = {"decode": Lane(cache.slots, device, tokens, gather=False)}
@@ -95,6 +106,9 @@ class GraphRunner:
             self.lanes["verify"] = Lane(verify_rows, device, torch.zeros(verify_rows, dtype=torch.long, device=device),
                                         gather=True)
         self.kernel = decode_attention.probe(device, cache.k[0].shape[-1])
+        # a sequence's rows in a check, read in one pass over its keys (1: a row at a time)
+        self.verify_run = verify_run if verify_rows and verify_run > 1 and self.kernel and \
+            decode_attention.probe(device, cache.k[0].shape[-1], verify_run) else 1
         kv_all = cache.max_len + 1
         self.kv_buckets = [kv_all] if self.kernel else _buckets(kv_all, min(min_kv, kv_all))
         self.prefill_buckets = [n for n in PREFILL_BUCKETS if n <= cache.max_len]
@@ -146,8 +160,12 @@ class GraphRunner:
         ln = self.lanes[lane]
         ids, pos, take, adapters, write, row = (ln.packed[i, :b].view(b, 1) for i in range(6))
         mask = None if self.kernel else self.keys[:kv].view(1, 1, 1, -1) <= pos[:, None, :, None]
-        table = self.cache.table.index_select(0, row.view(b)) if ln.gather else self.cache.table[:b]
-        ctx = kvcache.StepContext(self.cache, write, pos, kv, mask, table=table)
+        if ln.gather:  # the verify lane: a sequence's rows are consecutive, with its table row
+            table = self.cache.table.index_select(0, row.view(b))
+            runs = dict(offsets=run_offsets(row.view(b)), run=self.verify_run) if self.verify_run > 1 else {}
+        else:
+            table, runs = self.cache.table[:b], {}
+        ctx = kvcache.StepContext(self.cache, write, pos, kv, mask, table=table, **runs)
         with kvcache.attention_backends(self.device), self._adapters(adapters):  # never cuDNN (see attention_backends)
             return self.forward(ids, pos, take, ctx, ln.tokens)
 

@@ -34,12 +34,12 @@ def check_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
 
 class Drafter:
     def __init__(self, lm: LoadedModel, *, blocks: int, block_size: int, rows: int, verify_rows: int,
-                 cuda_graphs: bool = True, compile: bool = False):
+                 verify_run: int = 1, cuda_graphs: bool = True, compile: bool = False):
         self.lm = lm
         layers, kv_heads, head_dim = kv_shape(lm.model)
         self.runner = ModelRunner(lm, blocks=blocks, block_size=block_size, rows=rows, layers=layers,
                                   kv_heads=kv_heads, head_dim=head_dim, cuda_graphs=cuda_graphs, compile=compile,
-                                  verify_rows=verify_rows)
+                                  verify_rows=verify_rows, verify_run=verify_run)
         self.verify_rows = verify_rows
 
     @property

@@ -106,6 +106,10 @@ class StepContext:
     # a decode step laid out by table row (row i of the batch is table row i): the split-KV kernel reads the
     # table and each row's length on the device
     table: torch.Tensor | None = None
+    # a check of speculative drafts (a token a row): each row's place in its sequence's run of consecutive rows, and
+    # the rows one kernel program takes together, reading their keys once
+    offsets: torch.Tensor | None = None
+    run: int = 1
     # a packed prefill (prompt chunks end to end in one row): cumulative query lengths [0, l1, l1+l2, ..., N], int32
     # on the device; padding is a last sequence of its own and repeated Ns are empty ones. Chunks that continue a
     # cached prefix attend to ``kv_index``, cut by ``cu_k`` (longest ``max_k``); fresh prompts attend to themselves.
@@ -305,7 +309,8 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         lens = ctx.memo.get("lens")
         if lens is None:
             lens = ctx.memo["lens"] = (ctx.positions[:, 0] + 1).to(torch.int32)
-        out = decode_attention.decode_attention(query[:, :, 0], kc, vc, ctx.table, lens, scale, ctx.cache.block_size)
+        out = decode_attention.decode_attention(query[:, :, 0], kc, vc, ctx.table, lens, scale, ctx.cache.block_size,
+                                                ctx.offsets, ctx.run)
         return out.reshape(b, 1, hq, d), None
     index = ctx.kv_index
     if index is None:  # a captured decode step on SDPA: the rows' keys from the device table

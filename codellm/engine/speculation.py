@@ -41,6 +41,11 @@ class SpeculativeConfig(msgspec.Struct, frozen=True):
         """Rows the widest check takes: every sequence that may speculate at once, its last token and its drafts."""
         return self.max_batch * (self.num_tokens + 1)
 
+    @property
+    def verify_run(self) -> int:
+        """Rows one sequence has in a check: its last token and its drafts."""
+        return self.num_tokens + 1
+
 
 class Pace:
     """Whether speculating pays at a batch size, learnt from the engine's own steps: windows of ``window`` steps of
