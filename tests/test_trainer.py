@@ -279,46 +279,71 @@ def test_parquet_data_from_a_hub_dataset_with_eval_split(tmp_path, base_home):
         load_examples(bad, "alpaca")
 
 
-@pytest.mark.timeout(600)  # two launches at most (below)
-def test_data_parallel_run_matches_a_single_process(tmp_path, base_home):
-    """`torchrun --nproc-per-node 2 -m codellm train` (gloo on CPU) takes the same steps as one process
-    accumulating the same global batch: same losses, same adapter; rank 0 alone writes."""
+def _torchrun(home, args: list[str]):
+    """``torchrun --nproc-per-node 2 -m codellm train ARGS`` (gloo on CPU): its completed process."""
+    import os
     import subprocess
     import sys
 
     import torch  # noqa: F401  (torch.distributed.run is torchrun)
 
-    from codellm.trainer.loop import TrainConfig, train
-
-    data = tmp_path / "ops.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _alpaca_rows(8)))
-    reg = Registry(base_home)
-    train(reg, "qwen2.5-coder:tiny", data, "single", TrainConfig(max_steps=3, batch_size=2, grad_accum=2, dropout=0.0,
-          eval_split=0.0, lr=1e-3, r=4, alpha=8, max_len=128, seed=1))
     # gloo on the loopback interface: a machine whose host name resolves elsewhere can leave the ranks waiting
-    env = {**__import__("os").environ, "CODELLM_HOME": str(base_home), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "codellm", "train", "qwen2.5-coder:tiny", "--data", str(data), "--name", "ddp",
-           "--max-steps", "3", "--batch-size", "2", "--dropout", "0", "--eval-split", "0", "--lr", "1e-3",
-           "--rank", "4", "--alpha", "8", "--max-len", "128", "--seed", "1"]
+    env = {**os.environ, "CODELLM_HOME": str(home), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "codellm",
+           "train", *args]
     try:  # ~15 s; a launch whose rendezvous stalls (seen once on a loaded 2-core machine) is tried once more
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=270)
     except subprocess.TimeoutExpired:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=270)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.timeout(900)  # four launches at most (below)
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
+def test_data_parallel_run_matches_a_single_process(tmp_path, base_home, sharded):
+    """`torchrun --nproc-per-node 2 -m codellm train` (gloo on CPU) takes the same steps as one process
+    accumulating the same global batch: same losses, same adapter; rank 0 alone writes. Sharded (``--fsdp``), the
+    run also evaluates (every rank in each forward, generating in lockstep), checkpoints (states gathered), stops and
+    resumes, and still matches."""
+    from codellm.trainer.loop import TrainConfig, train
+
+    data = tmp_path / "ops.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _alpaca_rows(10 if sharded else 8)))
+    reg = Registry(base_home)
+    split = 0.2 if sharded else 0.0
+    train(reg, "qwen2.5-coder:tiny", data, "single", TrainConfig(max_steps=3, batch_size=2, grad_accum=2, dropout=0.0,
+          eval_split=split, eval_samples=1, lr=1e-3, r=4, alpha=8, max_len=128, seed=1))
+    name = "fsdp" if sharded else "ddp"
+    args = ["qwen2.5-coder:tiny", "--data", str(data), "--name", name, "--max-steps", "3", "--batch-size", "2",
+            "--dropout", "0", "--eval-split", str(split), "--eval-samples", "1", "--lr", "1e-3", "--rank", "4",
+            "--alpha", "8", "--max-len", "128", "--seed", "1"]
+    if sharded:
+        first = _torchrun(base_home, [*args, "--fsdp", "--save-every", "1", "--stop-after", "2"])
+        assert "base and adapter sharded (FSDP)" in first.stderr and "stopped after step 2" in first.stderr
+        r = _torchrun(base_home, [*args, "--fsdp", "--save-every", "1", "--resume"])
+        assert "resuming at step 2" in r.stderr
+    else:
+        r = _torchrun(base_home, args)
     assert "data-parallel over 2 processes" in r.stderr
 
-    def losses(name):
+    def records(name):
         path = base_home / "train" / f"library--{name}--latest" / "metrics.jsonl"
-        return [json.loads(x)["loss"] for x in path.read_text().splitlines()]
+        return [json.loads(x) for x in path.read_text().splitlines()]
 
-    assert len(losses("ddp")) == 3 and losses("ddp") == pytest.approx(losses("single"), rel=1e-4)
+    def losses(name):
+        return [x["loss"] for x in records(name) if "loss" in x]
+
+    assert len(losses(name)) == 3 and losses(name) == pytest.approx(losses("single"), rel=1e-4)
+    evals = [x["eval_loss"] for x in records(name) if "eval_loss" in x]
+    assert evals == pytest.approx([x["eval_loss"] for x in records("single") if "eval_loss" in x], rel=1e-4)
+    assert bool(evals) == sharded
     a = load_file(base_home / "train" / "library--single--latest" / "adapter" / "adapter_model.safetensors")
-    b = load_file(base_home / "train" / "library--ddp--latest" / "adapter" / "adapter_model.safetensors")
+    b = load_file(base_home / "train" / f"library--{name}--latest" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) < 1e-5 for k in a)
-    made = reg.get("ddp").manifest
+    made = reg.get(name).manifest
     record = json.loads(reg.read_layer(next(l for l in made.layers_of(mt.TRAINING) if l.filename == "training.json")))
-    assert record["processes"] == 2
+    assert record["processes"] == 2 and record["config"]["fsdp"] == sharded
 
 
 def test_checkpoint_only_the_first_layers(tiny_dir, alpaca_file):

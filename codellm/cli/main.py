@@ -488,6 +488,8 @@ def _chat_loop(session, ask, prompt) -> None:
               help="Eval examples answered greedily and scored with chrF.")
 @click.option("--optimizer", type=click.Choice(["adamw", "paged_adamw_8bit"]), default="adamw", show_default=True,
               help="AdamW (fused on GPU) or bitsandbytes' paged 8-bit AdamW.")
+@click.option("--fsdp", is_flag=True, help="Under torchrun: shard the base (16-bit, no nf4) and the adapter over the "
+              "processes (FSDP), for a model too large for one GPU.")
 @click.option("--preset", type=click.Choice(["llama2-7b-python-18k", "llama3.2-1b-apps"]),
               help="The origin projects' settings; options given explicitly override them.")
 @click.option("--eval-suite", help="After training, run this benchmark (as `codellm eval --suite`) greedily on the base "
@@ -496,15 +498,16 @@ def _chat_loop(session, ask, prompt) -> None:
 @click.pass_context
 def train(ctx, base, data_path, name, fmt, template, epochs, max_steps, lr, warmup_ratio, batch_size, grad_accum,
           max_grad_norm, max_len, r, alpha, dropout, target_modules, seed, save_every, resume, stop_after,
-          no_gradient_checkpointing, checkpoint_layers, compile_layers, packing, eval_split, eval_data, eval_samples, optimizer, preset,
-          eval_suite, eval_limit):
+          no_gradient_checkpointing, checkpoint_layers, compile_layers, packing, eval_split, eval_data, eval_samples, optimizer, fsdp,
+          preset, eval_suite, eval_limit):
     """Fine-tune BASE (a registry model) with LoRA on --data; the adapter becomes registry model --name.
 
     On a GPU the base is 4-bit (QLoRA: nf4, double quantization, bf16 compute); on CPU it is plain LoRA.
     Loss counts response tokens only. A held-out split gets eval loss and chrF each epoch. Writes
     metrics.jsonl and a PNG of the loss and learning-rate curves beside the adapter; serve the result at
     once (`codellm serve`, unmerged). Data-parallel on several GPUs: `torchrun --nproc-per-node N -m
-    codellm train ...` (or `accelerate launch -m codellm ...`).
+    codellm train ...` (or `accelerate launch -m codellm ...`); add --fsdp to shard a model that does not fit
+    one GPU.
     """
     from tqdm.auto import tqdm
 
@@ -517,7 +520,7 @@ def train(ctx, base, data_path, name, fmt, template, epochs, max_steps, lr, warm
                  warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, max_len=max_len, seed=seed,
                  save_every=save_every, gradient_checkpointing=not no_gradient_checkpointing,
                  checkpoint_layers=checkpoint_layers, compile=compile_layers, packing=packing,
-                 eval_split=eval_split, eval_data=eval_data, eval_samples=eval_samples, optimizer=optimizer)
+                 eval_split=eval_split, eval_data=eval_data, eval_samples=eval_samples, optimizer=optimizer, fsdp=fsdp)
     if preset:
         option = {"format": "fmt", "gradient_checkpointing": "no_gradient_checkpointing", "compile": "compile_layers"}
         explicit = {k: v for k, v in given.items()

@@ -1,11 +1,16 @@
 """Data-parallel training under ``torchrun`` or ``accelerate launch``: both start one process per GPU
 with RANK / WORLD_SIZE / LOCAL_RANK set; without them this is a world of one and nothing changes.
 
-Every rank holds the whole (4-bit) base and its own LoRA copy; DistributedDataParallel averages the
-adapter gradients. Rank 0 alone writes metrics, checkpoints and the registry entry."""
+By default every rank holds the whole (4-bit) base and its own LoRA copy, and DistributedDataParallel
+averages the adapter gradients. Sharded (``shard``, FSDP2's ``fully_shard`` per decoder layer), each rank
+holds 1/N of the 16-bit base and of the adapter: a model too large for one GPU trains over several, each
+layer gathered for its forward and backward only. Forwards are then collective: every rank evaluates too,
+and adapter and optimizer states are gathered before rank 0 writes them. Rank 0 alone writes metrics,
+checkpoints and the registry entry."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -18,6 +23,7 @@ class World:
     rank: int = 0
     size: int = 1
     device: torch.device = torch.device("cpu")
+    shard: bool = False  # FSDP: parameters sharded over the ranks (else each holds the whole model: DDP)
 
     @property
     def main(self) -> bool:
@@ -58,21 +64,93 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    def prepare(self, root: torch.nn.Module, layers: list[torch.nn.Module]) -> torch.nn.Module:
+        """``root`` (the loss module, its model on the CPU) sharded onto this rank's device, a group per decoder
+        layer and one for the rest: 16-bit weights gathered for compute, gradients reduced in fp32 into fp32 shards
+        of the adapter. Unsharded: as it is."""
+        if not self.shard:
+            return root
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.size,))
+        low = torch.bfloat16 if self.device.type == "cuda" else None
+        policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
+        for p in root.parameters():  # fp32 masters for what trains (FSDP wants one dtype of them per group)
+            if p.requires_grad:
+                p.data = p.data.float()
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(root, mesh=mesh, mp_policy=policy)
+        return root
+
+    @contextlib.contextmanager
+    def gathered(self, root: torch.nn.Module):
+        """Sharded: the root group's weights (embeddings, final norm, output layer) gathered whole while the model
+        is called other than through ``root`` (generation); each layer still gathers its own."""
+        if not self.shard:
+            yield
+            return
+        root.unshard()
+        try:
+            yield
+        finally:
+            root.reshard()
+
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        if self.size == 1:
+        if self.size == 1 or self.shard:
             return module
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids)
 
+    def accumulating(self, runner: torch.nn.Module, sync: bool):
+        """The context of a micro-batch's backward: gradients are reduced over the ranks only when ``sync``
+        (the window's last micro-batch); the others accumulate locally."""
+        if self.size == 1:
+            return contextlib.nullcontext()
+        if self.shard:
+            runner.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if sync else runner.no_sync()
+
+    def adapter_state(self, model: torch.nn.Module) -> dict | None:
+        """Sharded: the trained parameters gathered whole, on rank 0's CPU (None elsewhere); every rank calls
+        it. Unsharded: None, the model's own parameters are whole."""
+        if not self.shard:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                     ignore_frozen_params=True))
+        return state if self.main else None
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer) -> dict:
+        """The optimizer's state to checkpoint (sharded: gathered whole, by parameter name; every rank calls it)."""
+        if not self.shard:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                   cpu_offload=True))
+
+    def load_optimizer_state(self, model: torch.nn.Module, optimizer, state: dict) -> None:
+        if not self.shard:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
     def close(self) -> None:
         if self.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def setup(device: str | None = None) -> World:
-    """The world this process is part of; joins the process group when launched by torchrun/accelerate."""
+def setup(device: str | None = None, shard: bool = False) -> World:
+    """The world this process is part of; joins the process group when launched by torchrun/accelerate.
+    ``shard``: FSDP over the ranks (a world of one has nothing to shard)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World(0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
@@ -85,4 +163,4 @@ def setup(device: str | None = None) -> World:
         dev = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return World(rank, size, dev)
+    return World(rank, size, dev, shard)

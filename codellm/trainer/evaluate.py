@@ -31,8 +31,9 @@ def split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[int
 
 
 def generate_samples(model, tokenizer, items: list[tuple[list[int], list[int]]], device: torch.device,
-                     max_new: int = 256) -> list[tuple[str, str]]:
-    """(generated, reference) text pairs, greedy, one example at a time (no padding effects)."""
+                     max_new: int = 256, synced: bool = False) -> list[tuple[str, str]]:
+    """(generated, reference) text pairs, greedy, one example at a time (no padding effects). ``synced``: a
+    sharded model, whose every rank generates alike, each step until all ranks are done."""
     pairs = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
     with torch.no_grad():
@@ -43,7 +44,7 @@ def generate_samples(model, tokenizer, items: list[tuple[list[int], list[int]]],
             out = model.generate(input_ids=torch.tensor([prompt], device=device),
                                  attention_mask=torch.ones((1, len(prompt)), dtype=torch.long, device=device),
                                  max_new_tokens=min(max_new, len(reference) + 16), do_sample=False,
-                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
             text = tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True)
             pairs.append((text, tokenizer.decode(reference, skip_special_tokens=True)))
     return pairs

@@ -10,7 +10,6 @@ Under ``torchrun`` / ``accelerate launch`` the same function trains data-paralle
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import math
@@ -51,6 +50,7 @@ class TrainConfig(msgspec.Struct, kw_only=True):
     checkpoint_layers: int | None = None  # recompute only the first N decoder layers (None: all): speed for memory
     compile: bool = False  # torch.compile each decoder layer: norms, rotary, activations, LoRA glue fused
     optimizer: str = "adamw"  # adamw (fused on GPU) | paged_adamw_8bit (bitsandbytes; for LoRA the states are small either way)
+    fsdp: bool = False  # data-parallel with the 16-bit base and the adapter sharded over the ranks (no nf4)
     packing: bool = False  # several samples per row, isolated from each other
     eval_split: float = 0.05  # fraction held out for eval loss and chrF (none when that is under one example)
     eval_data: str | None = None  # a separate eval file or hub dataset instead of a split
@@ -99,9 +99,10 @@ def pack(encoded: list[tuple[list[int], list[int]]], max_len: int) -> list[tuple
     return rows
 
 
-def load_for_training(model_dir: Path, cfg: TrainConfig, dev: torch.device, quantize: str | None):
+def load_for_training(model_dir: Path, cfg: TrainConfig, dev: torch.device, quantize: str | None,
+                      place: bool = True):
     """The base in bf16 (GPU) / fp32 (CPU), or nf4 with double quantization and bf16 compute, with LoRA
-    adapters on top. Unlike peft's ``prepare_model_for_kbit_training`` nothing is upcast to fp32: the
+    adapters on top; on ``dev``, or (``place`` False: to be sharded) on the CPU in ``dev``'s dtype. Unlike peft's ``prepare_model_for_kbit_training`` nothing is upcast to fp32: the
     embedding and output layer stay 16-bit (the upcast of a 128k vocabulary costs GBs and buys nothing
     for frozen weights)."""
     from peft import LoraConfig, get_peft_model
@@ -116,7 +117,7 @@ def load_for_training(model_dir: Path, cfg: TrainConfig, dev: torch.device, quan
                                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": dev}
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)
-    if not quantize:
+    if not quantize and place:
         model.to(dev)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -204,15 +205,21 @@ def train(
     entry, weights = resolve(registry, base)
     if entry.manifest.is_adapter:
         raise InvalidRequest(f"{base} is an adapter: train on its base model ({entry.manifest.config.base})")
-    world = distributed.setup(device)
+    quantize = cfg.quantize
+    if quantize and cfg.fsdp:
+        raise InvalidRequest("sharded training (fsdp) takes a 16-bit base, not nf4", param="quantize")
+    world = distributed.setup(device, shard=cfg.fsdp)
     dev = world.device
     say = status if world.main else (lambda s: None)
     workdir = registry.home / "train" / f"{target.namespace}--{target.model}--{target.tag}"
-    quantize = cfg.quantize if cfg.quantize is not None else ("nf4" if dev.type == "cuda" else None)
+    if quantize is None:
+        quantize = "nf4" if dev.type == "cuda" and not cfg.fsdp else None
     if quantize and dev.type != "cuda":
         raise InvalidRequest("nf4 (QLoRA) needs a CUDA GPU; on CPU codellm trains plain LoRA", param="quantize")
-    say(f"{'QLoRA (nf4 base, bf16 compute)' if quantize else 'LoRA (no GPU: plain LoRA on fp32 weights)'} on {dev}"
-        + (f", data-parallel over {world.size} processes" if world.size > 1 else ""))
+    kind = "QLoRA (nf4 base, bf16 compute)" if quantize else \
+        "LoRA (bf16 base)" if dev.type == "cuda" else "LoRA (no GPU: plain LoRA on fp32 weights)"
+    say(f"{kind} on {dev}" + (f", data-parallel over {world.size} processes" if world.size > 1 else "")
+        + (", base and adapter sharded (FSDP)" if world.shard else ""))
 
     examples, fmt, data_hash = datamod.load_examples(data_path, cfg.format, say)
     model_dir = registry.files_dir(weights, mt.FILE_LAYERS - {mt.ADAPTER}, key=f"w{weights_identity(weights)}")
@@ -253,7 +260,17 @@ def train(
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = load_for_training(model_dir, cfg, dev, quantize)
+    last = None
+    if resume:
+        ckpts = sorted(workdir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+        if not ckpts:
+            raise InvalidRequest(f"nothing to resume: no checkpoint in {workdir}")
+        last = ckpts[-1]
+    # sharded, each rank loads the base on its CPU and keeps only its shard on the device
+    model = load_for_training(model_dir, cfg, dev, quantize, place=not world.shard)
+    if last is not None:  # (into the whole model, before any sharding)
+        set_peft_model_state_dict(model, load_file(last / "adapter_model.safetensors"))
+    loss_fn = world.prepare(CausalLMLoss(model, device=dev), _decoder_layers(model))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     per_epoch = math.ceil(len(encoded) / (cfg.batch_size * cfg.grad_accum * world.size))
@@ -262,13 +279,8 @@ def train(
 
     step, position = 0, 0  # optimizer steps taken, micro-batches consumed (over all ranks)
     metrics_path = workdir / "metrics.jsonl"
-    if resume:
-        ckpts = sorted(workdir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
-        if not ckpts:
-            raise InvalidRequest(f"nothing to resume: no checkpoint in {workdir}")
-        last = ckpts[-1]
-        set_peft_model_state_dict(model, load_file(last / "adapter_model.safetensors"))
-        optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
+    if last is not None:
+        world.load_optimizer_state(model, optimizer, torch.load(last / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(last / "scheduler.pt", weights_only=True))
         state = json.loads((last / "state.json").read_text())
         step, position = state["step"], state["position"]
@@ -290,7 +302,6 @@ def train(
         random.Random(cfg.seed + epoch).shuffle(order)
         return order[within * cfg.batch_size:(within + 1) * cfg.batch_size]
 
-    loss_fn = CausalLMLoss(model)
     runner = world.wrap(loss_fn)  # DDP when data-parallel: the gradients sync through this module's forward
     pad = tokenizer.pad_token_id
 
@@ -300,14 +311,17 @@ def train(
                 fh.write(json.dumps(record) + "\n")
 
     def run_eval(epoch: float) -> dict:
-        """Eval loss and chrF on rank 0 (the others wait): the eval set is small by design."""
+        """Eval loss and chrF on rank 0 (the others wait: the eval set is small by design); sharded, every rank
+        takes part in each forward, and generation steps in lockstep."""
         record = {}
-        if held and world.main:
+        if held and (world.main or world.shard):
             model.eval()
             record = {"step": step, "epoch": round(epoch, 3),
                       "eval_loss": evaluate.eval_loss(loss_fn, held, cfg.batch_size, pad, dev)}
             if cfg.eval_samples:
-                pairs = evaluate.generate_samples(model, tokenizer, held[:cfg.eval_samples], dev)
+                with world.gathered(loss_fn):
+                    pairs = evaluate.generate_samples(model, tokenizer, held[:cfg.eval_samples], dev,
+                                                      synced=world.shard)
                 record["eval_chrf"] = evaluate.chrf(pairs)
                 record["eval_samples"] = [{"generated": g[:500], "reference": r[:500]} for g, r in pairs[:2]]
             log(record)
@@ -329,9 +343,8 @@ def train(
         loss_total = 0.0
         for k, items in enumerate(window):
             ids, labels, mask, positions = (t.to(dev) if t is not None else None for t in collate(items, pad))
-            sync = k == len(window) - 1 or world.size == 1
-            with (contextlib.nullcontext() if sync else runner.no_sync()):
-                loss = runner(ids, labels, mask, positions) * (world.size / max(1, n_tokens))  # DDP averages
+            with world.accumulating(runner, sync=k == len(window) - 1):
+                loss = runner(ids, labels, mask, positions) * (world.size / max(1, n_tokens))  # gradients are averaged
                 loss.backward()
             loss_total += loss.item() / world.size
             tokens_seen += sum(len(item[0]) for item in items)
@@ -345,6 +358,8 @@ def train(
         lr = scheduler.get_last_lr()[0]
         speed = world.sum(tokens_seen) / max(elapsed, 1e-9)
         record = {"step": step, "loss": loss_total, "lr": lr, "tokens_per_s": speed, "elapsed_s": elapsed}
+        if dev.type == "cuda":  # (rank 0's: the ranks hold alike)
+            record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2 ** 30, 3)
         log(record)
         if world.main:
             on_progress(Progress(step, total, loss_total, lr, speed, elapsed / (step - start_step) * (total - step)))
@@ -353,14 +368,16 @@ def train(
             last_eval = run_eval(position / batches_per_epoch) or last_eval
         if step % cfg.save_every == 0 or step == total or (stop_after and step >= stop_after):
             rng = world.gather(world.rng_state())  # every rank's, so a resume restores each one's own
+            adapter, optimized = world.adapter_state(model), world.optimizer_state(model, optimizer)
             if world.main:
-                _checkpoint(model, optimizer, scheduler, workdir / f"checkpoint-{step}", step, position, rng)
+                _checkpoint(model, adapter, optimized, scheduler, workdir / f"checkpoint-{step}", step, position, rng)
             world.barrier()
         if stop_after and step >= stop_after and step < total:
             say(f"stopped after step {step}; continue with --resume")
             world.close()
             return None
 
+    adapter = world.adapter_state(model)
     if not world.main:
         world.close()
         return None
@@ -369,17 +386,20 @@ def train(
 
     plot_metrics(metrics_path, plot_path)
     adapter_dir = workdir / "adapter"
-    model.save_pretrained(adapter_dir)
+    model.save_pretrained(adapter_dir, state_dict=adapter)
     entry = _register(registry, target, entry, adapter_dir, metrics_path, plot_path, cfg, fmt, template, data_hash,
                       quantize, n_examples, world.size, last_eval)
     world.close()
     return entry
 
 
-def _checkpoint(model, optimizer, scheduler, path: Path, step: int, position: int, rng: list) -> None:
+def _checkpoint(model, adapter: dict | None, optimized: dict, scheduler, path: Path, step: int, position: int,
+                rng: list) -> None:
+    """``adapter``: the gathered adapter of a sharded model (None: the model's own); ``optimized``: the optimizer's
+    state."""
     tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    model.save_pretrained(tmp, state_dict=adapter)
+    torch.save(optimized, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "position": position}))

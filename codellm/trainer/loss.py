@@ -49,9 +49,11 @@ def _chunk_loss(hidden: torch.Tensor, target: torch.Tensor, head: torch.nn.Modul
 
 class CausalLMLoss(torch.nn.Module):
     """Wraps a causal LM (or a PEFT model of one) so that ``forward`` returns the summed token loss: this
-    module is what DistributedDataParallel wraps, so gradients sync through its forward."""
+    module is what DistributedDataParallel wraps, so gradients sync through its forward, and the root that FSDP
+    shards: the decoder and the output layer are both called inside its forward. ``device``: where it will run,
+    when the model is still elsewhere (on the CPU, to be sharded)."""
 
-    def __init__(self, model: torch.nn.Module, chunk_elements: int = 2 ** 27):
+    def __init__(self, model: torch.nn.Module, chunk_elements: int = 2 ** 27, device: torch.device | None = None):
         super().__init__()
         self.model = model
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -65,7 +67,7 @@ class CausalLMLoss(torch.nn.Module):
         # every layer's input to fp32 and back (two activation-sized copies per adapted layer, each way)
         ref = next((p for p in model.parameters() if p.is_floating_point() and not p.requires_grad), None)
         self.autocast = ref.dtype if ref is not None and ref.dtype in (torch.bfloat16, torch.float16) else None
-        self.device_type = ref.device.type if ref is not None else "cpu"
+        self.device_type = device.type if device is not None else ref.device.type if ref is not None else "cpu"
 
     def forward(self, ids, labels, mask=None, positions=None) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
