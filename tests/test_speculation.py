@@ -96,6 +96,21 @@ def test_prompt_lookup_proposes_what_followed_last_time():
     assert propose([0x01000000, 0x02000000, 0, 1, 2, 77, 1, 2], k=1, n_max=2) == [77]  # ... sit across 3 tokens)
 
 
+def test_a_sequences_packed_tokens_follow_what_it_generates():
+    """The 4-byte copy the n-gram lookup searches is built once and then appended to: it stays ``known()``."""
+    from codellm.engine.detok import StopMatcher
+    from codellm.engine.sampling import SamplingParams
+    from codellm.engine.sequence import Sequence
+    from codellm.engine.speculation import propose
+
+    seq = Sequence(0, [5, 1, 2, 7], SamplingParams(), lambda out: None, 16, set(), None, StopMatcher([]))
+    assert list(seq.packed()) == [5, 1, 2, 7]
+    for token in (1, 2, 8, 3, 1, 2):
+        seq.generated.append(token)
+        assert list(seq.packed()) == seq.known() and propose(seq.packed(), 2) == propose(seq.known(), 2)
+    assert propose(seq.packed(), 2) == [8, 3] and seq.packed() is seq.packed()
+
+
 def test_pace_takes_the_faster_way_per_batch_size_and_keeps_checking():
     """Windows of steps timed whole: at 4 sequences speculating yields twice the tokens a second, at 32 half. The
     32-sequence bucket is first seen after the 16 one lost, so it starts without speculating."""

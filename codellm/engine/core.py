@@ -368,7 +368,7 @@ class Engine(Admission):
                 continue
             wanted.append((seq, min(cfg.num_tokens, room)))
         if self.drafter is None:
-            proposed = [(seq, speculation.propose(seq.known(), k, cfg.ngram_max, cfg.ngram_min)) for seq, k in wanted]
+            proposed = [(seq, speculation.propose(seq.packed(), k, cfg.ngram_max, cfg.ngram_min)) for seq, k in wanted]
         else:  # the draft model writes keys as far as it drafts: the blocks first
             wanted = [(seq, k) for seq, k in wanted if self._extend(seq, seq.length + k)]
             if not wanted:

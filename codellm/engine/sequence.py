@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,7 @@ class Sequence:
     drafted: int = 0  # speculative draft tokens checked
     accepted: int = 0  # ... and kept
     draft_cached: int = 0  # tokens whose keys the draft model's cache holds (``drafter``)
+    _packed: array | None = field(default=None, repr=False)  # ``packed``'s array, kept up to date by appending
 
     @property
     def pipelined(self) -> bool:
@@ -70,6 +72,16 @@ class Sequence:
     def known(self) -> list[int]:
         """Every token whose keys and values belong in the cache: the prompt and what was generated."""
         return self.prompt + self.generated if self.generated else self.prompt
+
+    def packed(self) -> array:
+        """``known()`` as 4-byte ints, for n-gram lookups: built once, then only what was generated since is
+        added (``generated`` only grows). Converting a 1,300-token list anew cost 18 us a sequence a step."""
+        if self._packed is None:
+            self._packed = array("i", self.prompt)
+        missing = self.length - len(self._packed)
+        if missing:
+            self._packed.extend(self.generated[-missing:])
+        return self._packed
 
 
 Chunk = tuple[Sequence, int, int]  # a sequence and the token range [start, end) of its ``known()`` to compute

@@ -117,11 +117,26 @@ class Pace:
             self.rate[key] = rate if key not in self.rate else 0.7 * self.rate[key] + 0.3 * rate
 
 
-def propose(tokens: list[int], k: int, n_max: int = 4, n_min: int = 2) -> list[int]:
+def propose(tokens: list[int] | array, k: int, n_max: int = 4, n_min: int = 2) -> list[int]:
     """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix of ``tokens`` (between
-    ``n_max`` and ``n_min`` tokens long); [] where none recurs."""
+    ``n_max`` and ``n_min`` tokens long); [] where none recurs. ``tokens`` may be a 4-byte ``array``
+    (``Sequence.packed``), which saves converting it."""
     if k <= 0 or len(tokens) <= n_min:
         return []
+    data = (tokens if isinstance(tokens, array) else array("i", tokens)).tobytes()  # a C-speed search over 4-byte tokens
+    size = len(data) // len(tokens)
+    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+        tail = data[-n * size:]
+        end = len(data) - size  # an occurrence must end before the last token: the suffix itself is not one
+        while True:
+            at = data.rfind(tail, 0, end)
+            if at < 0:
+                break
+            if at % size == 0:
+                start = at // size + n
+                return list(tokens[start:start + k])
+            end = at + len(tail) - 1
+    return []
     data = array("i", tokens).tobytes()  # a C-speed search over 4-byte tokens
     size = data.__len__() // len(tokens)
     for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
