@@ -135,8 +135,8 @@ def test_pace_takes_the_faster_way_per_batch_size_and_keeps_checking():
     flip = run(32, 80, spec_rate=3.0, plain_rate=1.0)  # the traffic changed: speculating pays now
     assert flip[True] > flip[False]
 
-    # steps that prefill too are not timed, but they count: a window of them ends all the same, and the next
-    # tries the other way; nothing is learnt from it
+    # steps that are not timed (after idling) count all the same: a window of them ends, and the next tries the
+    # other way; nothing is learnt from it
     busy = Pace(window=4, explore=4)
     first = busy.choose(8)
     for _ in range(busy.window + 1):

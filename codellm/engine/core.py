@@ -50,7 +50,6 @@ class Engine(Admission):
         self._pace = speculation.Pace()
         self._paced: tuple[bool, int] | None = None  # this step's decode: (speculated, batch size), to time it
         self._step_end = 0.0
-        self._prefilled_now = False
         # where new work comes from besides ``submit`` from other threads: called on the engine thread with how long
         # it may wait (an engine process reads its pipe there, so no reader thread has to win the GIL from this loop)
         self._source = source
@@ -221,19 +220,20 @@ class Engine(Admission):
             self._finish(seq, "cancelled")
 
     def _step(self, admit: bool = True) -> None:
-        """A step, timed where it decoded and did not prefill: how fast steps that speculate go, against steps
-        that do not, decides whether the next ones do (``speculation.Pace``)."""
+        """A step, timed where it decoded: how fast steps that speculate go, against steps that do not, decides
+        whether the next ones do (``speculation.Pace``). Steps that prefill too are timed: prompts arrive as streams
+        end, so each way meets as many per token, and a way that cannot overlap a prefill with its own forward
+        (a speculating step waits for the prompt's first token) pays for it there."""
         tokens, self._paced = self.stats.decode_tokens, None
         self._run_step(admit)
         now = time.perf_counter()
         if self._paced is not None:
-            timed = not self._prefilled_now and now - self._step_end < 1.0
+            timed = now - self._step_end < 1.0  # (not the first step after idling)
             self._pace.record(*self._paced, self.stats.decode_tokens - tokens, now - self._step_end if timed else None)
         self._step_end = now
 
     def _run_step(self, admit: bool) -> None:
         plan = self.scheduler.schedule_prefill(admit)
-        self._prefilled_now = bool(plan.chunks or plan.alone)
         self._set_rows(plan.rows)
         self._prefill(plan)
         decode = self.scheduler.schedule_decode()

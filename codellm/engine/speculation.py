@@ -52,8 +52,8 @@ class Pace:
     one way (speculating or not) are timed whole, per batch size (rounded up to a power of two), and their tokens a
     second kept as moving averages. Whole windows, because a plain step overlaps the host's work with the device's:
     its device time is paid in the step after it, which a step-by-step clock would charge to whichever step comes
-    next. The first step of a window is not timed for the same reason, nor are steps that prefill too, though they
-    count towards it: trying the losing way costs one window of steps however busy with prompts they are. The
+    next. The first step of a window is not timed for the same reason, nor is one after idling, though they count
+    towards it. Steps that prefill are timed: each way meets the same prompts per token it outputs. The
     better way is taken, and the other tried again every ``explore`` windows (four times as rarely when it was more
     than 25% behind), since what pays changes with the traffic: on a GPU a step of a few sequences costs about the
     same with five tokens each as with one, on a CPU five times as much. A larger batch pays less for speculating than a smaller one, so a batch size
@@ -101,8 +101,7 @@ class Pace:
 
     def record(self, speculated: bool, n: int, tokens: int, seconds: float | None) -> None:
         """A step of ``n`` sequences that took ``seconds`` and output ``tokens``; ``seconds`` None: a step that is
-        not timed (it prefilled too, or came after idling) but counts towards its window all the same, so that
-        trying the losing way costs a window of steps however busy with prompts they are."""
+        not timed (it came after idling) but counts towards its window all the same."""
         b = self.bucket(n)
         win = self._open.get(b)
         if win is None or win[0] != speculated or win[1] <= 0:
@@ -135,20 +134,6 @@ def propose(tokens: list[int] | array, k: int, n_max: int = 4, n_min: int = 2) -
             if at % size == 0:
                 start = at // size + n
                 return list(tokens[start:start + k])
-            end = at + len(tail) - 1
-    return []
-    data = array("i", tokens).tobytes()  # a C-speed search over 4-byte tokens
-    size = data.__len__() // len(tokens)
-    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
-        tail = data[-n * size:]
-        end = len(data) - size  # an occurrence must end before the last token: the suffix itself is not one
-        while True:
-            at = data.rfind(tail, 0, end)
-            if at < 0:
-                break
-            if at % size == 0:
-                start = at // size + n
-                return tokens[start:start + k]
             end = at + len(tail) - 1
     return []
 
