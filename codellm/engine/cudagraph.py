@@ -27,8 +27,8 @@ Speculative drafts are checked by the same captured step, in a lane of its own (
 a row, with its sequence's block-table row gathered on the device, so a sequence's k drafts and its last token are
 k + 1 rows that write their keys before any row attends (attention writes a layer's keys first): row j sees the
 drafts before it. Checking four drafts of one stream is a replay of the batch-8 step, about a decode step's cost.
-A sequence's rows are consecutive, and the split-KV kernel takes them together (``run_offsets``): its keys are read
-once for all of them.
+A sequence's rows are consecutive, and the split-KV kernel takes them together (each row's place among them is an
+input): its keys are read once for all of them.
 """
 
 from __future__ import annotations
@@ -46,21 +46,23 @@ log = logging.getLogger("codellm.engine")
 
 PREFILL_ROWS = 64  # prompts one prefill replay takes
 PREFILL_BUCKETS = (64, 128, 256, 512, 1024, 2048)  # its token counts; larger prefills run eagerly (GPU-bound there)
+INPUTS = 7  # a lane's input rows (``step_inputs``)
 KEY_BUCKETS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # keys a prefill over cached prefixes attends to, all chunks together
 
 
 class Lane:
     """One family of captured decode steps: its batch buckets, input buffers (ids, positions, take, adapter number,
-    cache row of the keys, block-table row), the per-row argmax it writes, and its graphs. The decode lane's row i is
+    cache row of the keys, block-table row, place in its sequence's run of rows), the per-row argmax it writes, and
+    its graphs. The decode lane's row i is
     table row i; the verify lane reads each row's table row from its inputs."""
 
     def __init__(self, rows: int, device: torch.device, tokens: torch.Tensor, gather: bool):
         self.buckets = _buckets(rows, 1)
         bmax = self.buckets[-1]
         self.tokens, self.gather = tokens, gather
-        self.staging = torch.zeros((2, 6, bmax), dtype=torch.long, pin_memory=True)  # two: one may still be copying
+        self.staging = torch.zeros((2, INPUTS, bmax), dtype=torch.long, pin_memory=True)  # two: one may still be copying
         self.flip = 0
-        self.packed = torch.zeros((6, bmax), dtype=torch.long, device=device)
+        self.packed = torch.zeros((INPUTS, bmax), dtype=torch.long, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
@@ -73,27 +75,21 @@ def _buckets(limit: int, start: int) -> list[int]:
 
 
 def step_inputs(b: int, ids: list[int], positions: list[int], take: list[int], adapters: list[int] | None,
-                write: list[int], rows: list[int] | None, scratch: int, slots: int) -> torch.Tensor:
-    """A lane's six input rows for a graph of ``b`` rows ([6, b] long, on the CPU): ids, positions (-1 becomes 0),
-    take, adapters, cache rows, table rows; rows past the batch pad to nothing (scratch writes, the spare table row).
-    Built through one flat buffer: converting a nested list costs four times as much at 256 rows."""
+                write: list[int], rows: list[int] | None, scratch: int, slots: int,
+                offsets: list[int] | None = None) -> torch.Tensor:
+    """A lane's input rows for a graph of ``b`` rows ([INPUTS, b] long, on the CPU): ids, positions (-1 becomes 0),
+    take, adapters, cache rows, table rows, each row's place in its sequence's run of rows (a check's); rows past the
+    batch pad to nothing (scratch writes, the spare table row, runs of their own). Built through one flat buffer:
+    converting a nested list costs four times as much at 256 rows."""
     n = len(ids)
     pad, zeros = [0] * (b - n), [0] * n
     flat = array("q")
     for part, filler in ((ids, pad), ([p if p > 0 else 0 for p in positions], pad), (take, pad),
-                         (adapters or zeros, pad), (write, [scratch] * (b - n)), (rows or zeros, [slots] * (b - n))):
+                         (adapters or zeros, pad), (write, [scratch] * (b - n)), (rows or zeros, [slots] * (b - n)),
+                         (offsets or zeros, pad)):
         flat.extend(part)
         flat.extend(filler)
-    return torch.frombuffer(flat, dtype=torch.long).view(6, b)
-
-
-def run_offsets(rows: torch.Tensor) -> torch.Tensor:
-    """Each row's place (int32) in its run of equal consecutive ``rows``: 0 where a run starts, then 1, 2, ...; on the
-    device, inside the captured step."""
-    index = torch.arange(rows.shape[0], device=rows.device)
-    starts = torch.ones_like(rows, dtype=torch.bool)
-    starts[1:] = rows[1:] != rows[:-1]
-    return (index - torch.cummax(torch.where(starts, index, 0), 0).values).to(torch.int32)
+    return torch.frombuffer(flat, dtype=torch.long).view(INPUTS, b)
 
 
 class GraphRunner:
@@ -158,11 +154,11 @@ class GraphRunner:
 
     def _step(self, b: int, kv: int, lane: str = "decode") -> tuple[torch.Tensor, torch.Tensor]:
         ln = self.lanes[lane]
-        ids, pos, take, adapters, write, row = (ln.packed[i, :b].view(b, 1) for i in range(6))
+        ids, pos, take, adapters, write, row, offsets = (ln.packed[i, :b].view(b, 1) for i in range(INPUTS))
         mask = None if self.kernel else self.keys[:kv].view(1, 1, 1, -1) <= pos[:, None, :, None]
         if ln.gather:  # the verify lane: a sequence's rows are consecutive, with its table row
             table = self.cache.table.index_select(0, row.view(b))
-            runs = dict(offsets=run_offsets(row.view(b)), run=self.verify_run) if self.verify_run > 1 else {}
+            runs = dict(offsets=offsets.view(b), run=self.verify_run) if self.verify_run > 1 else {}
         else:
             table, runs = self.cache.table[:b], {}
         ctx = kvcache.StepContext(self.cache, write, pos, kv, mask, table=table, **runs)
@@ -249,12 +245,14 @@ class GraphRunner:
                     return
 
     def run(self, ids: list[int], positions: list[int], take: list[int], write: list[int],
-            adapters: list[int] | None = None, rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+            adapters: list[int] | None = None, rows: list[int] | None = None,
+            offsets: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(logits [n, V], argmax [n]) on the device for one decode step whose row i is block-table row i (position
         -1: no sequence there; take 1: the input is the row's last argmax, still on the device; ``write``: the cache
         row of each row's new keys; ``adapters``: each row's adapter number, see ``use_adapters``), or None when the
         graph path cannot run it. With ``rows`` (each row's block-table row), the verify lane runs it instead: a
-        speculative draft a row. Nothing here waits for the device."""
+        speculative draft a row, a sequence's rows consecutive, ``offsets`` each one's place among them. Nothing here
+        waits for the device."""
         if self.disabled or (rows is not None and "verify" not in self.lanes):
             return None
         name = "decode" if rows is None else "verify"
@@ -267,7 +265,8 @@ class GraphRunner:
         scratch = self.cache.scratch
         staging = lane.staging[lane.flip]
         lane.flip ^= 1
-        staging[:, :b] = step_inputs(b, ids, positions, take, adapters, write, rows, scratch, self.cache.slots)
+        staging[:, :b] = step_inputs(b, ids, positions, take, adapters, write, rows, scratch, self.cache.slots,
+                                     offsets)
         lane.packed[:, :b].copy_(staging[:, :b], non_blocking=True)
         key = (b, kv)
         if key not in lane.graphs:

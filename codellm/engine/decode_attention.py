@@ -56,7 +56,7 @@ def probe(device: torch.device, head_dim: int, run: int = 1) -> bool:
     try:
         k = torch.zeros(32, 1, head_dim, device=device)
         one = torch.ones(2, dtype=torch.int32, device=device)
-        offsets = torch.arange(2, dtype=torch.int32, device=device) if run > 1 else None
+        offsets = torch.arange(2, device=device) if run > 1 else None  # (long, as the verify lane's input)
         decode_attention(torch.zeros(2, 2, head_dim, device=device), k, k, one.view(2, 1) * 0, one, 1.0, 16,
                          offsets, run)
         return True

@@ -193,11 +193,12 @@ class ModelRunner:
         kept are overwritten later. Through the captured verify lane where it fits, else eagerly."""
         self.cache.sync()
         bs = self.cache.block_size
-        ids, positions, write, table_rows, tables, adapters = [], [], [], [], [], []
+        ids, positions, write, table_rows, tables, adapters, offsets = [], [], [], [], [], [], []
         for seq, tokens, start in runs:
             blocks, n = seq.chain.blocks, len(tokens)
             ids += tokens
             positions += range(start, start + n)
+            offsets += range(n)
             write += kvcache.cache_rows(blocks, start, start + n, bs)
             table_rows += [seq.slot] * n
             tables += [blocks] * n
@@ -207,7 +208,7 @@ class ModelRunner:
             lora = self.graphs.lora
             with torch.inference_mode():
                 out = self.graphs.run(ids, positions, [0] * len(ids), write,
-                                      [lora.of(a) for a in adapters] if lora else None, rows=table_rows)
+                                      [lora.of(a) for a in adapters] if lora else None, rows=table_rows, offsets=offsets)
         if out is None:  # eagerly: packed, each run attending to its sequence once (rows would gather it per row)
             with torch.inference_mode():
                 if self.peft and not self.graphs_usable:  # PEFT's own LoRA picks adapters by row
