@@ -110,3 +110,17 @@ def _ranks() -> list[str]:
         except OSError:  # gone meanwhile
             pass
     return found
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_that_cannot_load_fails_the_start_at_once(served_home):
+    """A rank loads its weights before the group forms, so one that fails (here: a model its registry lacks) exits
+    first, and rank 0 reports it within seconds instead of waiting out the group's five-minute timeout."""
+    from conftest import free_port
+
+    start = (f"from codellm.engine import sharding; sharding.Ranks.start(2, ({str(served_home)!r}, True, "
+             f"'library/no-such-model:latest', {{}}), 'tcp://127.0.0.1:{free_port()}', 'gloo')")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    r = subprocess.run([sys.executable, "-c", start], env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0 and "rank 1 exited (code 1) before joining" in r.stderr, r.stderr[-2000:]
+    assert "no-such-model" in r.stderr  # the rank's own error, in the log it shares

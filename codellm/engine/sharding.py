@@ -182,10 +182,13 @@ class Ranks:
     def start(cls, world: int, worker_args: tuple, init: str, backend: str) -> "Ranks":
         """Start ranks 1..world-1 (``worker`` with ``worker_args``), then join the process group as rank 0. The ranks
         are interpreters of their own (an engine process, a daemon, may not fork children of its own), and each
-        is killed when this process dies."""
+        is killed when this process dies. A rank loads its weights before it joins, so one that fails (a missing
+        file, no memory) exits before the group forms, and this fails at once instead of waiting out the group's
+        timeout."""
         import json
         import subprocess
         import sys
+        import threading
         from datetime import timedelta
 
         import torch.distributed as dist
@@ -193,14 +196,32 @@ class Ranks:
         processes = [subprocess.Popen([sys.executable, "-m", "codellm.engine.sharding",
                                        json.dumps([rank, world, init, backend, *worker_args])],
                                       preexec_fn=_die_with_parent) for rank in range(1, world)]
+        joined, outcome = threading.Event(), []
+
+        def join() -> None:  # (blocks until every rank has joined)
+            try:
+                dist.init_process_group(backend, init_method=init, rank=0, world_size=world,
+                                        timeout=timedelta(minutes=5))
+                outcome.append(_control_group(backend))
+            except BaseException as exc:
+                outcome.append(exc)
+            finally:
+                joined.set()
+
+        threading.Thread(target=join, name="tp-join", daemon=True).start()
         try:
-            dist.init_process_group(backend, init_method=init, rank=0, world_size=world, timeout=timedelta(minutes=5))
-            control = _control_group(backend)
+            while not joined.wait(0.2):
+                dead = [(rank, p.returncode) for rank, p in enumerate(processes, 1) if p.poll() is not None]
+                if dead:
+                    raise RuntimeError("tensor parallelism: " + ", ".join(
+                        f"rank {rank} exited (code {code})" for rank, code in dead) + " before joining; see its log")
+            if isinstance(outcome[0], BaseException):
+                raise outcome[0]
         except BaseException:
             for p in processes:
                 p.kill()
             raise
-        return cls(world, processes, control)
+        return cls(world, processes, outcome[0])
 
     def setup(self, cache) -> None:
         _send(Setup(cache.blocks, cache.block_size, cache.slots, cache.max_len), self.control)
@@ -255,14 +276,14 @@ def worker(rank: int, world: int, init: str, backend: str, home: str, read_only:
     from codellm.registry import Registry
 
     torch.set_grad_enabled(False)
-    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=timedelta(minutes=5))
-    control = _control_group(backend)
-    registry = Registry(home, read_only=read_only)
+    registry = Registry(home, read_only=read_only)  # what may fail comes before joining (see ``Ranks.start``)
     entry, weights = loader.resolve(registry, name)
     if backend == "nccl":  # a GPU a rank
         load = {**load, "device": f"cuda:{rank}"}
         torch.cuda.set_device(rank)
     model, dev, dtype = loader.load_weights(registry, entry, weights, **load)
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=timedelta(minutes=5))
+    control = _control_group(backend)
     shard(model, rank, world)
     fusion.fuse(model)  # as rank 0's engine does: the same kernels in the same order
     decoder = msgspec.msgpack.Decoder(Message)
