@@ -256,8 +256,11 @@ def test_compiled_fast_path_matches_hf_generate(loaded):
         engine.shutdown()
 
 
+@pytest.mark.parametrize("overlap", [True, None], ids=["read-late", "read-at-once"])
 @pytest.mark.parametrize("prefill_chunk", [4, 512], ids=["chunked-prefill", "batched-prefill"])
-def test_greedy_matches_hf_generate_with_concurrent_batching(loaded, prefill_chunk):
+def test_greedy_matches_hf_generate_with_concurrent_batching(loaded, prefill_chunk, overlap):
+    """Both ways of reading the tokens a step picks: a step late while the next runs (GPUs' default), and at once
+    (CPUs')."""
     from codellm.engine.core import Engine
 
     tok = loaded.tokenizer
@@ -269,7 +272,7 @@ def test_greedy_matches_hf_generate_with_concurrent_batching(loaded, prefill_chu
                                     pad_token_id=0)
         refs.append(out[0, len(ids):].tolist())
     # 4: prompts are chunked and interleave with decodes; 512: prompts of different lengths prefill packed in one row
-    engine = Engine(loaded, slots=4, prefill_chunk=prefill_chunk)
+    engine = Engine(loaded, slots=4, prefill_chunk=prefill_chunk, overlap=overlap)
     try:
         sinks = [TokenSink() for _ in prompts]
 
@@ -324,7 +327,7 @@ def test_pipelined_decode_stop_token_and_slot_reuse(loaded):
                                   pad_token_id=0)[0, len(ids):].tolist() for ids in encoded]
     stop = refs[0][6]
     cut = refs[0].index(stop)
-    engine = Engine(loaded, slots=2, prefill_chunk=512)
+    engine = Engine(loaded, slots=2, prefill_chunk=512, overlap=True)  # read a step late, as on a GPU
     try:
         sinks = [TokenSink() for _ in prompts]
         logprob_sink = TokenSink()
@@ -357,7 +360,7 @@ def test_first_tokens_stay_on_the_device_until_the_next_step(loaded):
     encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     refs = [loaded.model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
                                   pad_token_id=0)[0, len(ids):].tolist() for ids in encoded]
-    engine = Engine(loaded, slots=4, prefill_chunk=512)
+    engine = Engine(loaded, slots=4, prefill_chunk=512, overlap=True)  # read a step late, as on a GPU
     launched = []
     first = engine.runner.launch_first
     engine.runner.launch_first = lambda seqs, logits: launched.append(len(seqs)) or first(seqs, logits)

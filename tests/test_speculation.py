@@ -66,6 +66,7 @@ def _engine(home, name: str, spec: bool | str, draft: str | None = None, config:
     lm = load(reg, name)
     method = "ngram" if spec is True else spec
     cfg = SpeculativeConfig(method=method, num_tokens=4, draft=draft, **(config or {})) if spec else None
+    kw.setdefault("overlap", True)  # plain steps read their tokens a step late, as on a GPU
     return lm, Engine(lm, slots=4, speculative=cfg, draft=load_draft(reg, cfg, lm), **kw)
 
 

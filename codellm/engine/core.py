@@ -40,7 +40,7 @@ def default_slots(cuda: bool) -> int:
 
 class Engine(Admission):
     def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int | None = None,
-                 cuda_graphs: bool = True, compile: bool = False, overlap: bool = True, fuse: bool = True,
+                 cuda_graphs: bool = True, compile: bool = False, overlap: bool | None = None, fuse: bool = True,
                  kv_cache_memory: int | None = None, block_size: int = 16, prefix_caching: bool = True,
                  speculative: SpeculativeConfig | None = None, draft: LoadedModel | None = None,
                  source: Callable[[float], None] | None = None, ranks=None):
@@ -80,7 +80,11 @@ class Engine(Admission):
         # prompt tokens per step: a burst of 64 128-token prompts prefills in one forward on a GPU (time to first
         # token), at the cost of one longer step for streams already decoding
         self.scheduler = Scheduler(self.pool, slots, prefill_chunk or (8192 if cuda else 512))
-        self.overlap = overlap  # read greedy tokens a step late, while the device runs the next step (see _decode)
+        # greedy steps pick their tokens in the step and leave them on the device (see _decode_one), read a step late
+        # while the device runs the next one where it runs asynchronously (a GPU; None: there only, True: everywhere);
+        # a CPU runs the step in the calling thread, and reading late there would only delay every token by a step
+        self.overlap = overlap is not False
+        self.read_late = cuda if overlap is None else bool(overlap)
         self._launched: list[Launched] = []  # tokens on the device the host has not read, oldest first
         self._init_admission(max_queue)
         pieces_of(lm.tokenizer)  # the token text table, at load rather than on the first request
@@ -419,7 +423,7 @@ class Engine(Admission):
         """One decode step for ``batch``. When all of it wants the plain argmax, the step's tokens stay on the
         device and the host reads them one step later, while the device runs the next step: detokenization, stop
         checks and HTTP work overlap the forward pass. A sequence that stopped is then decoded one step too many,
-        and that token is dropped."""
+        and that token is dropped. Where the step runs in this thread (a CPU) they are read as soon as it returns."""
         batch = [s for s in batch if s.decodable]  # (reading the tokens in flight may have finished some)
         piped = [s for s in batch if len(s.generated) + s.inflight < s.max_new]
         if not piped or not self.overlap or not all(s.pipelined for s in piped):
@@ -429,6 +433,14 @@ class Engine(Admission):
                 logits = self.runner.decode(batch)
                 self._counted(batch)
                 self._sample(batch, logits)
+            return
+        if not self.read_late:  # the step runs here and now: what it picks is read at once, prompts' first tokens first
+            self._complete()
+            piped = [s for s in piped if s.decodable and len(s.generated) + s.inflight < s.max_new]
+            if piped:
+                self._launched.append(self.runner.launch(piped))
+                self._counted(piped)
+                self._complete()
             return
         launched = self.runner.launch(piped)
         self._counted(piped)
