@@ -299,6 +299,18 @@ def _torchrun(home, args: list[str]):
     return r
 
 
+def test_sharded_training_refuses_what_it_cannot_shard(base_home, alpaca_file):
+    """--fsdp shards a 16-bit base with torch's AdamW: nf4 and bitsandbytes' paged optimizer are refused up front."""
+    from codellm.trainer.loop import TrainConfig, train
+
+    reg = Registry(base_home)
+    with pytest.raises(InvalidRequest, match="fsdp.*not nf4"):
+        train(reg, "qwen2.5-coder:tiny", alpaca_file, "x", TrainConfig(fsdp=True, quantize="nf4"))
+    with pytest.raises(InvalidRequest, match="fsdp.*paged optimizer"):
+        train(reg, "qwen2.5-coder:tiny", alpaca_file, "x", TrainConfig(fsdp=True, optimizer="paged_adamw_8bit"))
+    assert not (base_home / "train" / "library--x--latest").exists()
+
+
 @pytest.mark.timeout(900)  # four launches at most (below)
 @pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
 def test_data_parallel_run_matches_a_single_process(tmp_path, base_home, sharded):

@@ -208,6 +208,9 @@ def train(
     quantize = cfg.quantize
     if quantize and cfg.fsdp:
         raise InvalidRequest("sharded training (fsdp) takes a 16-bit base, not nf4", param="quantize")
+    if cfg.fsdp and cfg.optimizer != "adamw":
+        raise InvalidRequest("sharded training (fsdp) steps with torch's AdamW: bitsandbytes' paged optimizer does "
+                             "not take sharded parameters", param="optimizer")
     world = distributed.setup(device, shard=cfg.fsdp)
     dev = world.device
     say = status if world.main else (lambda s: None)
