@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The engine's GPU-only checks and its headline benchmarks, in one sitting on one GPU: the Triton kernels and
+# CUDA-graph paths against their references, speculation's greedy equality, then the decode-heavy serve_bench
+# (each level twice: the 64- and 256-stream levels follow the host CPU) and the edit workload with and without
+# n-gram speculation. Usage: bash benchmarks/gpu_engine_checks.sh [OUTDIR [PARTS]]   (results and logs land in
+# OUTDIR; PARTS: any of "tests serve spec", default all three: about 2, 5 and 8 minutes)
+set -uo pipefail
+out=${1:-/tmp/codellm-gpu-checks}
+parts=${2:-tests serve spec}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
+if [[ " $parts " == *" tests "* ]]; then
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py \
+    -k "split_kv or greedy or first_tokens or pipelined or compiled" > "$out/tests_engine.txt" 2>&1
+echo "engine tests: rc $? ($(tail -1 "$out/tests_engine.txt"))"
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_speculation.py \
+    -k "greedy or catches or adapters" > "$out/tests_speculation.txt" 2>&1
+echo "speculation tests: rc $? ($(tail -1 "$out/tests_speculation.txt"))"
+fi
+if [[ " $parts " == *" serve "* ]]; then
+timeout 420 python3 benchmarks/serve_bench.py --build llama3.2-1b --home "$out/serve-home" \
+    --concurrency 1,1,64,64,256,256 --out "$out" > "$out/serve_bench.log" 2>&1
+echo "serve_bench: rc $?"; grep "| codellm" "$out"/serve_*.md
+fi
+if [[ " $parts " == *" spec "* ]]; then
+timeout 600 python3 benchmarks/spec_bench.py --shape llama3.2-1b --steps 900 --lr 4e-4 --ways off,ngram \
+    --concurrency 1,8,32 --requests 192 --home "$out/spec-home" --out "$out" > "$out/spec_bench.log" 2>&1
+echo "spec_bench: rc $?"; grep -E "^\| [0-9]" "$out"/spec_edit*.md
+fi
