@@ -54,6 +54,28 @@ def test_graph_step_inputs_pad_past_the_batch():
     assert got.tolist() == [[7, 8], [5, 6], [0, 0], [2, 1], [40, 41], [1, 1], [0, 1]] and got.dtype == torch.long
 
 
+def test_table_sync_writes_exactly_the_rows_set():
+    """Rows set between syncs reach the device table (scratch past each row's blocks, rows longer than the table cut),
+    whatever their number: the reused host buffers grow, and the rest of the table is left alone."""
+    import random
+
+    from codellm.engine.kvcache import SYNC_BUFFERS, PagedCache
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache = PagedCache(layers=1, blocks=512, block_size=16, rows=40, kv_heads=1, head_dim=16, max_len=1024,
+                       dtype=torch.float32, device=device)
+    want = torch.full(cache.table.shape, 512, dtype=torch.int32)
+    rng = random.Random(0)
+    for step in range(4 * SYNC_BUFFERS + 20):
+        for _ in range(rng.choice([0, 1, 3, 41])):
+            row, blocks = rng.randrange(41), [rng.randrange(512) for _ in range(rng.choice([0, 5, 64, 70]))]
+            cache.set_row(row, blocks)
+            want[row] = 512
+            want[row, :min(len(blocks), cache.width)] = torch.tensor(blocks[:cache.width], dtype=torch.int32)
+        cache.sync()
+        assert torch.equal(cache.table.cpu(), want), step
+
+
 def test_stop_matcher_spans_pieces():
     m = StopMatcher(["END", "<|x|>"])
     out = "".join(m.feed(p) for p in ["ab", "cE", "N", "Dzz"])

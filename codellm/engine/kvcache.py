@@ -30,6 +30,9 @@ ATTN_IMPLEMENTATION = "codellm"
 _CTX: contextvars.ContextVar["StepContext | None"] = contextvars.ContextVar("codellm_step", default=None)
 
 
+SYNC_BUFFERS = 4  # host buffers ``PagedCache.sync`` takes in turn
+
+
 class PagedCache:
     """Keys and values of every sequence, in fixed-size blocks of one pool (``blocks.BlockPool`` says which
     block holds what), and a block table: row r lists the blocks of the sequence decoding in batch row r.
@@ -48,6 +51,12 @@ class PagedCache:
         self.table = torch.full((rows + 1, self.width), blocks, dtype=torch.int32, device=device)
         self._dirty: dict[int, list[int]] = {}
         self._scratch_row = array("i", [blocks] * self.width)
+        # ``sync``'s host buffers, used in turn (pinned on a GPU), each with the event its last copy recorded, and the
+        # device buffer they are copied to; each grows to the most rows one sync has written
+        self._host: list[torch.Tensor | None] = [None] * SYNC_BUFFERS
+        self._copied: list = [None] * SYNC_BUFFERS
+        self._turn = 0
+        self._staged = torch.empty(0, dtype=torch.int32, device=device)
 
     @property
     def scratch(self) -> int:
@@ -63,22 +72,37 @@ class PagedCache:
         self._dirty[row] = blocks
 
     def sync(self) -> None:
-        """Copy the rows changed since the last call to the device table, in stream order with the steps."""
+        """Copy the rows changed since the last call to the device table, in stream order with the steps: the row
+        numbers and the rows go in one host-to-device copy from a reused buffer (pinned on a GPU: a copy from
+        pageable memory would wait for the steps still running; a new pinned buffer each call cost more than the
+        copy), then one ``index_copy_``."""
         if not self._dirty:
             return
         rows = sorted(self._dirty)
-        width, flat = self.width, array("i")  # the rows end to end, scratch past each one's blocks
+        n, width = len(rows), self.width
+        flat = array("i", rows)  # the row numbers, then the rows end to end, scratch past each one's blocks
         for r in rows:
             blocks = self._dirty[r][:width]
             flat.extend(blocks)
             flat.extend(self._scratch_row[:width - len(blocks)])
         self._dirty.clear()
-        pinned = self.table.is_cuda  # a copy from pageable memory would wait for the steps still running
-        host = torch.empty((len(rows), width), dtype=torch.int32, pin_memory=pinned)
-        host.view(-1).copy_(torch.frombuffer(flat, dtype=torch.int32))
-        index = torch.tensor(rows, pin_memory=pinned)
-        dev = self.table.device
-        self.table.index_copy_(0, index.to(dev, non_blocking=True), host.to(dev, non_blocking=True))
+        cuda = self.table.is_cuda
+        turn, self._turn = self._turn, (self._turn + 1) % SYNC_BUFFERS
+        host, copied = self._host[turn], self._copied[turn]
+        if host is None or host.numel() < len(flat) or (copied is not None and not copied.query()):
+            # (a buffer a copy may still be reading is left to the pinned allocator, which frees it once that is done)
+            host = self._host[turn] = torch.empty(max(len(flat), 4 * (width + 1)), dtype=torch.int32, pin_memory=cuda)
+        host = host[:len(flat)]
+        host.copy_(torch.frombuffer(flat, dtype=torch.int32))
+        if self._staged.numel() < len(flat):
+            self._staged = torch.empty(max(len(flat), 2 * self._staged.numel()), dtype=torch.int32,
+                                       device=self.table.device)
+        staged = self._staged[:len(flat)]
+        staged.copy_(host, non_blocking=True)
+        if cuda:
+            self._copied[turn] = copied = copied or torch.cuda.Event()
+            copied.record()
+        self.table.index_copy_(0, staged[:n].long(), staged[n:].view(n, width))
 
     def index(self, tables: list[list[int]], length: int) -> torch.Tensor:
         """[len(tables), length] CPU token indices of positions 0..length-1 of each block list (scratch past its end)."""
