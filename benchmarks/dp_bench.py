@@ -32,9 +32,12 @@ def write_data(path: Path, rows: int, words: int, seed: int = 0) -> None:
     """Alpaca records of about ``words`` words each (a synthetic-vocabulary word is a token or so)."""
     rng = random.Random(seed)
     vocab = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 2))) for _ in range(500)]
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(vocab) for _ in range(n))
+
     with path.open("w") as fh:
         for _ in range(rows):
-            text = lambda n: " ".join(rng.choice(vocab) for _ in range(n))  # noqa: E731
             fh.write(json.dumps({"instruction": text(words // 4), "input": "", "output": text(words - words // 4)}) + "\n")
 
 

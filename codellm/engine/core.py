@@ -424,6 +424,8 @@ class Engine(Admission):
         device and the host reads them one step later, while the device runs the next step: detokenization, stop
         checks and HTTP work overlap the forward pass. A sequence that stopped is then decoded one step too many,
         and that token is dropped. Where the step runs in this thread (a CPU) they are read as soon as it returns."""
+        if not self.read_late:  # (prompts' first tokens, left on the device by the prefill, are read first)
+            self._complete()
         batch = [s for s in batch if s.decodable]  # (reading the tokens in flight may have finished some)
         piped = [s for s in batch if len(s.generated) + s.inflight < s.max_new]
         if not piped or not self.overlap or not all(s.pipelined for s in piped):
@@ -434,18 +436,12 @@ class Engine(Admission):
                 self._counted(batch)
                 self._sample(batch, logits)
             return
-        if not self.read_late:  # the step runs here and now: what it picks is read at once, prompts' first tokens first
-            self._complete()
-            piped = [s for s in piped if s.decodable and len(s.generated) + s.inflight < s.max_new]
-            if piped:
-                self._launched.append(self.runner.launch(piped))
-                self._counted(piped)
-                self._complete()
-            return
         launched = self.runner.launch(piped)
         self._counted(piped)
         self._complete()  # the previous step's tokens (and prompts' first ones), read while the device runs this one
         self._launched.append(launched)
+        if not self.read_late:  # the step ran here and now: what it picked is read at once
+            self._complete()
 
     def _counted(self, batch: list[Sequence]) -> None:
         self.stats.steps += 1

@@ -53,8 +53,7 @@ KEY_BUCKETS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # keys a prefi
 class Lane:
     """One family of captured decode steps: its batch buckets, input buffers (ids, positions, take, adapter number,
     cache row of the keys, block-table row, place in its sequence's run of rows), the per-row argmax it writes, and
-    its graphs. The decode lane's row i is
-    table row i; the verify lane reads each row's table row from its inputs."""
+    its graphs. The decode lane's row i is table row i; the verify lane reads each row's table row from its inputs."""
 
     def __init__(self, rows: int, device: torch.device, tokens: torch.Tensor, gather: bool):
         self.buckets = _buckets(rows, 1)

@@ -91,7 +91,8 @@ class PagedCache:
         host, copied = self._host[turn], self._copied[turn]
         if host is None or host.numel() < len(flat) or (copied is not None and not copied.query()):
             # (a buffer a copy may still be reading is left to the pinned allocator, which frees it once that is done)
-            host = self._host[turn] = torch.empty(max(len(flat), 4 * (width + 1)), dtype=torch.int32, pin_memory=cuda)
+            room = max(len(flat), 4 * (width + 1))  # (at least four rows: most syncs write one to a few)
+            host = self._host[turn] = torch.empty(room, dtype=torch.int32, pin_memory=cuda)
         host = host[:len(flat)]
         host.copy_(torch.frombuffer(flat, dtype=torch.int32))
         if self._staged.numel() < len(flat):

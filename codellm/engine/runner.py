@@ -40,7 +40,8 @@ def kv_shape(model) -> tuple[int, int, int]:
 
 class ModelRunner:
     def __init__(self, lm: LoadedModel, *, blocks: int, block_size: int, rows: int, layers: int, kv_heads: int,
-                 head_dim: int, cuda_graphs: bool = True, compile: bool = False, verify_rows: int = 0, verify_run: int = 1, ranks=None):
+                 head_dim: int, cuda_graphs: bool = True, compile: bool = False, verify_rows: int = 0,
+                 verify_run: int = 1, ranks=None):
         self.lm = lm
         self.ranks = ranks  # tensor parallelism (``sharding.Ranks``): every forward is relayed to the other ranks
         cuda = lm.device.type == "cuda"

@@ -102,9 +102,9 @@ def pack(encoded: list[tuple[list[int], list[int]]], max_len: int) -> list[tuple
 def load_for_training(model_dir: Path, cfg: TrainConfig, dev: torch.device, quantize: str | None,
                       place: bool = True):
     """The base in bf16 (GPU) / fp32 (CPU), or nf4 with double quantization and bf16 compute, with LoRA
-    adapters on top; on ``dev``, or (``place`` False: to be sharded) on the CPU in ``dev``'s dtype. Unlike peft's ``prepare_model_for_kbit_training`` nothing is upcast to fp32: the
-    embedding and output layer stay 16-bit (the upcast of a 128k vocabulary costs GBs and buys nothing
-    for frozen weights)."""
+    adapters on top; on ``dev``, or (``place`` False: to be sharded) on the CPU in ``dev``'s dtype. Unlike peft's
+    ``prepare_model_for_kbit_training`` nothing is upcast to fp32: the embedding and output layer stay 16-bit (the
+    upcast of a 128k vocabulary costs GBs and buys nothing for frozen weights)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
