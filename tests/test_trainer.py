@@ -358,6 +358,30 @@ def test_data_parallel_run_matches_a_single_process(tmp_path, base_home, sharded
     assert record["processes"] == 2 and record["config"]["fsdp"] == sharded
 
 
+def test_an_empty_build_reads_no_weights(tiny_dir, tmp_path):
+    """place="meta" (a sharded run's ranks other than 0, which receive their shards from rank 0) builds the very
+    model that reading the weights builds, adapter and all, without storage and without the weight files."""
+    import shutil
+
+    import torch
+
+    from codellm.trainer.loop import TrainConfig, load_for_training
+
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_dir, no_weights, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    cfg = TrainConfig(r=4, alpha=8)
+    empty = load_for_training(no_weights, cfg, torch.device("cpu"), None, place="meta")
+    read = load_for_training(tiny_dir, cfg, torch.device("cpu"), None, place="cpu")
+    assert all(t.is_meta for t in [*empty.parameters(), *empty.buffers()])
+
+    def layout(model):
+        return ([(n, p.shape, p.dtype, p.requires_grad) for n, p in model.named_parameters()],
+                [(n, b.shape, b.dtype) for n, b in model.named_buffers()])
+
+    assert layout(empty) == layout(read) and layout(read)[0]
+    assert empty.generation_config.to_dict() == read.generation_config.to_dict()
+
+
 def test_checkpoint_only_the_first_layers(tiny_dir, alpaca_file):
     import torch
     from transformers import AutoTokenizer

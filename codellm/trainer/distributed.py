@@ -65,11 +65,13 @@ class World:
             dist.barrier()
 
     def prepare(self, root: torch.nn.Module, layers: list[torch.nn.Module]) -> torch.nn.Module:
-        """``root`` (the loss module, its model on the CPU) sharded onto this rank's device, a group per decoder
-        layer and one for the rest: 16-bit weights gathered for compute, gradients reduced in fp32 into fp32 shards
-        of the adapter. Unsharded: as it is."""
+        """``root`` (the loss module) sharded onto this rank's device, a group per decoder layer and one for the
+        rest: 16-bit weights gathered for compute, gradients reduced in fp32 into fp32 shards of the adapter. Rank 0
+        holds the whole model on its CPU, the others the same model on the meta device: each rank receives its own
+        shards from rank 0, so host memory holds the weights once, not once per rank. Unsharded: as it is."""
         if not self.shard:
             return root
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -79,9 +81,18 @@ class World:
         for p in root.parameters():  # fp32 masters for what trains (FSDP wants one dtype of them per group)
             if p.requires_grad:
                 p.data = p.data.float()
+        whole = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True)) if self.main else {}
         for layer in layers:
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(root, mesh=mesh, mp_policy=policy)
+        for module in root.modules():  # buffers (rotary frequencies: not in a state dict) come whole from rank 0
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.device != self.device:
+                    module._buffers[name] = (torch.empty_like(buf, device=self.device) if buf.is_meta
+                                             else buf.to(self.device))
+        for buf in root.buffers():
+            dist.broadcast(buf, 0)
+        set_model_state_dict(root, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return root
 
     @contextlib.contextmanager

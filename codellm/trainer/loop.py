@@ -10,6 +10,7 @@ Under ``torchrun`` / ``accelerate launch`` the same function trains data-paralle
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import math
@@ -100,13 +101,15 @@ def pack(encoded: list[tuple[list[int], list[int]]], max_len: int) -> list[tuple
 
 
 def load_for_training(model_dir: Path, cfg: TrainConfig, dev: torch.device, quantize: str | None,
-                      place: bool = True):
+                      place: str = "device"):
     """The base in bf16 (GPU) / fp32 (CPU), or nf4 with double quantization and bf16 compute, with LoRA
-    adapters on top; on ``dev``, or (``place`` False: to be sharded) on the CPU in ``dev``'s dtype. Unlike peft's
-    ``prepare_model_for_kbit_training`` nothing is upcast to fp32: the embedding and output layer stay 16-bit (the
-    upcast of a 128k vocabulary costs GBs and buys nothing for frozen weights)."""
+    adapters on top. ``place``: "device" puts it on ``dev``; "cpu" leaves it on the CPU in ``dev``'s dtype (to be
+    sharded); "meta" reads no weights at all and builds the same model without storage (a rank that receives its
+    shards from the one that read them). Unlike peft's ``prepare_model_for_kbit_training`` nothing is upcast to
+    fp32: the embedding and output layer stay 16-bit (the upcast of a 128k vocabulary costs GBs and buys nothing
+    for frozen weights)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     kwargs = {"dtype": dtype}
@@ -116,8 +119,17 @@ def load_for_training(model_dir: Path, cfg: TrainConfig, dev: torch.device, quan
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": dev}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)
-    if not quantize and place:
+    if place == "meta":
+        if quantize:
+            raise ValueError("a quantized base is read, not built empty")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), attn_implementation="sdpa",
+                                                     dtype=dtype)
+        with contextlib.suppress(OSError):  # generation settings, as from_pretrained would read them
+            model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", **kwargs)
+    if not quantize and place == "device":
         model.to(dev)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -269,9 +281,10 @@ def train(
         if not ckpts:
             raise InvalidRequest(f"nothing to resume: no checkpoint in {workdir}")
         last = ckpts[-1]
-    # sharded, each rank loads the base on its CPU and keeps only its shard on the device
-    model = load_for_training(model_dir, cfg, dev, quantize, place=not world.shard)
-    if last is not None:  # (into the whole model, before any sharding)
+    # sharded, rank 0 alone reads the base (on its CPU), and every rank receives only its own shard of it
+    model = load_for_training(model_dir, cfg, dev, quantize,
+                              place="device" if not world.shard else "cpu" if world.main else "meta")
+    if last is not None and (world.main or not world.shard):  # (into the whole model, before any sharding)
         set_peft_model_state_dict(model, load_file(last / "adapter_model.safetensors"))
     loss_fn = world.prepare(CausalLMLoss(model, device=dev), _decoder_layers(model))
     params = [p for p in model.parameters() if p.requires_grad]

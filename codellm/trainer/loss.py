@@ -58,8 +58,10 @@ class CausalLMLoss(torch.nn.Module):
         self.model = model
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-        self.head = base.get_output_embeddings()
-        self.decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+        # parts of ``model``, not submodules of this one: each weight keeps one name in the state dict (a
+        # sharded model loads it by name, and a second name would be a second, unsharded copy)
+        object.__setattr__(self, "head", base.get_output_embeddings())
+        object.__setattr__(self, "decoder", base.get_decoder() if hasattr(base, "get_decoder") else None)
         self.chunked = (self.head is not None and self.decoder is not None
                         and not any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _HEAD_EXTRAS))
         self.chunk = max(128, chunk_elements // max(1, cfg.vocab_size))
