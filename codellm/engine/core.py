@@ -86,6 +86,9 @@ class Engine(Admission):
         self.overlap = overlap is not False
         self.read_late = cuda if overlap is None else bool(overlap)
         self._launched: list[Launched] = []  # tokens on the device the host has not read, oldest first
+        # a speculating step's tokens, in their sequences but not yet told to their requests: reading late, that host
+        # work (detokenizing, stop strings, delivery) runs while the device checks the next step's drafts
+        self._untold: list[tuple[Sequence, list[int], int]] = []
         self._init_admission(max_queue)
         pieces_of(lm.tokenizer)  # the token text table, at load rather than on the first request
         self.stats = Stats(kv_blocks=self.pool.num_blocks)
@@ -220,6 +223,7 @@ class Engine(Admission):
             except Exception:  # never let one bad sequence kill the engine, or the others in its batch
                 log.exception("engine step failed; stepping its sequences one at a time to find the one at fault")
                 self._isolate()
+        self._tell()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(seq, "cancelled")
 
@@ -237,6 +241,7 @@ class Engine(Admission):
         self._step_end = now
 
     def _run_step(self, admit: bool) -> None:
+        untold = self._untold  # (a step that verifies drafts tells these during its forward and leaves its own)
         plan = self.scheduler.schedule_prefill(admit)
         self._set_rows(plan.rows)
         self._prefill(plan)
@@ -245,6 +250,8 @@ class Engine(Admission):
             self._complete()  # a preempted sequence resumes from every token it has, the one in flight included
         self._set_rows(decode.rows)
         self._decode(decode.batch)
+        if untold and self._untold is untold:  # no forward to hide them behind: told now, a step late at most
+            self._tell()
         self.stats.kv_used = self.pool.used
         self.stats.preempted = self.scheduler.preempted
         self.stats.prefix_queries, self.stats.prefix_hits = self.scheduler.prefix_queries, self.scheduler.prefix_hits
@@ -260,6 +267,13 @@ class Engine(Admission):
         dropped, and each of those sequences computes that position again (writing the same cache entries); a prompt
         whose first token was lost prefills its last position again."""
         self._launched = []
+        untold, self._untold = self._untold, []
+        for item in untold:  # (the tokens are in their sequences already)
+            if not item[0].finished:
+                try:
+                    self._tell_runs([item])
+                except Exception as exc:
+                    self._finish(item[0], "error", error=f"{type(exc).__name__}: {exc}")
         running = self.scheduler.running
         for seq in running:
             seq.inflight = 0
@@ -392,14 +406,18 @@ class Engine(Admission):
 
     def _verify(self, drafted: list[tuple[Sequence, list[int]]]) -> None:
         """One forward over every drafted sequence's drafts (and sequences with none, decoded in the same pass);
-        each keeps what the model agrees with (``accept``) and one token more (``_emit_runs``)."""
+        each keeps what the model agrees with (``accept``) and one token more (``_take_runs``)."""
         logits, argmax = self.runner.verify(
             [(seq, [seq.generated[-1], *drafts], seq.length - 1) for seq, drafts in drafted])
         self.stats.steps += 1
+        self._tell()  # the previous step's news, while the device runs this one
         best = argmax.tolist() if any(seq.params.plain_greedy for seq, _ in drafted) else None  # one wait for all
         at, runs = 0, []
         for seq, drafts in drafted:
             n = len(drafts) + 1
+            if seq.finished:  # a stop string in what was just told: this row is dropped
+                at += n
+                continue
             known = seq.length
             if seq.params.plain_greedy:
                 verdict = speculation.keep_agreeing(drafts, best[at:at + n])
@@ -417,7 +435,11 @@ class Engine(Admission):
                 self.stats.spec_draft_tokens += len(drafts)
                 self.stats.spec_accepted += verdict.accepted
             runs.append((seq, verdict.tokens))
-        self._emit_runs(runs)
+        taken = self._take_runs(runs)
+        if self.read_late:
+            self._untold = taken
+        else:
+            self._tell_runs(taken)
 
     def _decode_one(self, batch: list[Sequence]) -> None:
         """One decode step for ``batch``. When all of it wants the plain argmax, the step's tokens stay on the
@@ -470,25 +492,53 @@ class Engine(Admission):
         self._emit(batch, tokens, infos)
 
     def _emit(self, batch: list[Sequence], tokens: list[int], infos: list[TokenLogprob | None]) -> None:
+        self._tell()  # (what is still untold came first)
         for seq, out in zip(batch, self._outputs(batch, tokens, infos)):
             self._deliver(seq, out)
 
-    def _emit_runs(self, runs: list[tuple[Sequence, list[int]]]) -> None:
-        """Several tokens for each sequence (a check's verdicts), taken one position at a time across all of them, so
-        that each position is one batched pass; a stop string or token limit ends a sequence where it falls, and each
-        sequence hears one output for its tokens together."""
+    def _take_runs(self, runs: list[tuple[Sequence, list[int]]]) -> list[tuple[Sequence, list[int], int]]:
+        """Several tokens for each sequence (a check's verdicts) appended to it, up to a stop id and within its token
+        limit: what the next step drafts from. (sequence, tokens, how many it had before) for ``_tell_runs``; one that
+        took its last token is ``ending``, out of the next steps, until told."""
+        taken = []
+        for seq, tokens in runs:
+            before = len(seq.generated)
+            stop = next((i + 1 for i, t in enumerate(tokens) if t in seq.stop_ids), len(tokens))
+            tokens = tokens[:min(stop, seq.max_new - before)]
+            if not tokens:
+                continue
+            for token in tokens:
+                seq.generated.append(token)
+                self.scheduler.appended(seq)
+            seq.ending = len(seq.generated) >= seq.max_new or tokens[-1] in seq.stop_ids
+            self.stats.decode_tokens += len(tokens)
+            taken.append((seq, tokens, before))
+        return taken
+
+    def _tell_runs(self, taken: list[tuple[Sequence, list[int], int]]) -> None:
+        """What taken tokens say, one position at a time across all the sequences, so that each position is one batched
+        pass; a stop string ends a sequence where it falls (its later tokens dropped), and each sequence hears one
+        output for its tokens together."""
         merged: dict[int, tuple[Sequence, Output]] = {}
-        for j in range(max((len(tokens) for _, tokens in runs), default=0)):
-            batch = [(seq, tokens[j]) for seq, tokens in runs if j < len(tokens) and not seq.finished and not (
-                id(seq) in merged and merged[id(seq)][1].finish_reason is not None)]
+        for j in range(max((len(tokens) for _, tokens, _ in taken), default=0)):
+            batch = [(seq, tokens[j], before + j + 1) for seq, tokens, before in taken if j < len(tokens) and not
+                     seq.finished and not (id(seq) in merged and merged[id(seq)][1].finish_reason is not None)]
             if not batch:
                 break
-            seqs = [seq for seq, _ in batch]
-            self.stats.decode_tokens += len(seqs)
-            for seq, out in zip(seqs, self._outputs(seqs, [t for _, t in batch], [None] * len(seqs))):
+            seqs = [seq for seq, _, _ in batch]
+            outs = outputs.process(seqs, [t for _, t, _ in batch], [None] * len(seqs), [c for _, _, c in batch])
+            for (seq, _, count), out in zip(batch, outs):
                 merged[id(seq)] = (seq, outputs.merge(merged[id(seq)][1], out) if id(seq) in merged else out)
+                if out.finish_reason is not None and count < len(seq.generated):  # a stop string inside the run
+                    self.stats.decode_tokens -= len(seq.generated) - count
+                    seq.truncate(count)
         for seq, out in merged.values():
             self._deliver(seq, out)
+
+    def _tell(self) -> None:
+        if self._untold:
+            taken, self._untold = self._untold, []
+            self._tell_runs(taken)
 
     def _outputs(self, batch: list[Sequence], tokens: list[int], infos: list[TokenLogprob | None]) -> list[Output]:
         for seq, token in zip(batch, tokens):

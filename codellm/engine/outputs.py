@@ -64,16 +64,18 @@ def final(seq: "Sequence", reason: str, error: str | None = None) -> Output:
                   finish_reason=reason, error=error, stop=seq.stops.matched)
 
 
-def process(batch: list["Sequence"], tokens: list[int], infos: list[TokenLogprob | None]) -> list[Output]:
-    """Each sequence's output for its newest token (already appended to ``generated``): its text with stop strings
-    held back or cut, and ``finish_reason`` set when the sequence ends here (stop id, stop string, the end of its
-    grammar, or its token limit)."""
+def process(batch: list["Sequence"], tokens: list[int], infos: list[TokenLogprob | None],
+            counts: list[int] | None = None) -> list[Output]:
+    """Each sequence's output for a token already appended to ``generated``: its text with stop strings held back or
+    cut, and ``finish_reason`` set when the sequence ends here (stop id, stop string, the end of its grammar, or its
+    token limit). ``counts``: each token's place in ``generated`` (counted from 1) where it is not the newest."""
     pieces = detokenize(batch, tokens)
     outs = []
-    for seq, token, info, piece in zip(batch, tokens, infos, pieces):
-        out = Output(index=seq.index, prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated),
+    for row, (seq, token, info, piece) in enumerate(zip(batch, tokens, infos, pieces)):
+        count = counts[row] if counts is not None else len(seq.generated)
+        out = Output(index=seq.index, prompt_tokens=len(seq.prompt), completion_tokens=count,
                      cached_tokens=seq.hit, drafted_tokens=seq.drafted, accepted_tokens=seq.accepted)
-        if len(seq.generated) == 1:
+        if count == 1:
             out.queue_time = seq.queue_time
             if seq.prompt_logprobs is not None:
                 out.prompt_logprobs = seq.prompt_logprobs
@@ -86,7 +88,7 @@ def process(batch: list["Sequence"], tokens: list[int], infos: list[TokenLogprob
             if info is not None:
                 out.logprobs = [info]
             ended = seq.stops.stopped or (seq.constraint is not None and seq.constraint.done)
-            if ended or len(seq.generated) >= seq.max_new:
+            if ended or count >= seq.max_new:
                 out.text += _rest(seq)
                 out.finish_reason = "stop" if ended or seq.stops.stopped else "length"
         out.stop = seq.stops.matched if out.finish_reason else None

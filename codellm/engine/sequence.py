@@ -38,6 +38,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
+    ending: bool = False  # its last token is in ``generated`` (a stop id, or its limit), its output still to come
     prompt_logprobs: list[float | None] | None = None
     constraint: Constraint | None = None  # the grammar its output follows
     adapter: str | None = None
@@ -62,7 +63,7 @@ class Sequence:
 
     @property
     def decodable(self) -> bool:
-        return not self.prefilling and not self.finished
+        return not self.prefilling and not self.finished and not self.ending
 
     @property
     def length(self) -> int:
@@ -72,6 +73,11 @@ class Sequence:
     def known(self) -> list[int]:
         """Every token whose keys and values belong in the cache: the prompt and what was generated."""
         return self.prompt + self.generated if self.generated else self.prompt
+
+    def truncate(self, count: int) -> None:
+        """Only the first ``count`` generated tokens kept (a stop string ended it there)."""
+        del self.generated[count:]
+        self._packed = None
 
     def packed(self) -> array:
         """``known()`` as 4-byte ints, for n-gram lookups: built once, then only what was generated since is
