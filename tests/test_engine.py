@@ -618,6 +618,35 @@ def test_memory_check_evicts_then_refuses(served_home, other_dirs):
     assert memory.parse_size("8GB") == 8 * 10**9 and memory.parse_size("512MiB") == 512 * 2**20
 
 
+def test_a_default_kv_cache_too_big_for_the_memory_is_cut_to_what_fits(served_home):
+    from codellm.engine import memory
+    from codellm.engine.manager import LoadOptions, ModelManager
+    from codellm.engine.sampling import SamplingParams
+    from codellm.registry import Registry
+
+    reg = Registry(served_home)
+    manifest = reg.get("tiny-coder").manifest
+    options = LoadOptions(dtype="fp32", keep_alive=None, num_ctx=512, slots=64)  # 64 whole contexts by default
+    whole = memory.footprint(reg, manifest, options)
+    assert not whole.fitted and whole.kv > whole.weights
+    options.memory_limit = int((whole.weights + whole.kv // 4) / memory.KV_SHARE)
+    cut = memory.footprint(reg, manifest, options, capacity=options.memory_limit)
+    assert cut.fitted and cut.weights == whole.weights and whole.kv // 8 < cut.kv <= whole.kv // 4
+    options.kv_cache_memory = whole.kv  # asked for: taken as asked (and refused by the memory check)
+    assert memory.footprint(reg, manifest, options, capacity=options.memory_limit) == whole
+    options.kv_cache_memory = None
+    manager = ModelManager(reg, options)
+    try:
+        served = manager.get("tiny-coder")  # loads with the smaller cache instead of refusing
+        assert cut.kv <= served.engine.kv_bytes <= cut.kv * 1.01  # (and a scratch block)
+        sink = TokenSink()
+        served.engine.submit(served.lm.tokenizer.encode("def add(a, b):"),
+                             SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), sink)
+        assert sink.done.wait(120) and len(sink.tokens) == 8
+    finally:
+        manager.close()
+
+
 @pytest.mark.parametrize("fmt,text,calls,content", [
     ("hermes", 'Let me check.<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>', [("f", {"x": 1})], "Let me check."),
     ("hermes", '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "arguments": {"a": "b"}}</tool_call>',

@@ -246,8 +246,9 @@ def engine_options(f):
         click.option("--num-ctx", type=click.IntRange(16), help="Context length per sequence (default: the model's num_ctx or 4096)."),
         click.option("--slots", type=click.IntRange(1), help="Sequences decoded together (default: 256 on GPU, 8 on CPU)."),
         click.option("--kv-cache-memory", help="Memory for the paged KV cache of each model, e.g. 16GB (default: a "
-                     "whole context for each of --slots, or 64 whole contexts on GPU, 8 on CPU). Sequences take "
-                     "blocks as they grow, so it holds many more short ones than whole contexts."),
+                     "whole context for each of --slots, or 64 whole contexts on GPU, 8 on CPU, cut to what fits beside "
+                     "the weights in 90% of the memory). Sequences take blocks as they grow, so it holds many more "
+                     "short ones than whole contexts."),
         click.option("--prefix-caching/--no-prefix-caching", default=True, show_default=True,
                      help="Reuse the KV cache of prompts that start like earlier ones (and of earlier answers)."),
         click.option("--max-queue", type=click.IntRange(1), default=256, show_default=True, help="Requests queued per model before 429."),

@@ -230,11 +230,16 @@ class ModelManager:
         gkey = loader.weights_identity(weights, o.device, o.dtype, o.quantize, *([draft] if draft else []))
         group = self._groups.get(gkey)
         if group is None:
-            need = memory.estimate(self.registry, weights, o)
-            if draft:
-                need += memory.estimate(self.registry, loader.resolve(self.registry, draft)[1], o, kv_cache=False)
+            extra = memory.estimate(self.registry, loader.resolve(self.registry, draft)[1], o, kv_cache=False) if draft else 0
+            used = sum(g.nbytes for g in self._groups.values())
+            fp = memory.footprint(self.registry, weights, o, capacity=memory.available(o, used) + used - extra)
+            if fp.fitted:
+                log.info("%s: a KV cache of %s, what fits beside its weights (--kv-cache-memory sets it)", entry.name,
+                         memory.human(fp.kv))
+            need = fp.weights + fp.kv + extra
             self._make_room(need)
-            group = self._groups[gkey] = Group(gkey, self._start_engine(entry, weights, spec), need)
+            group = self._groups[gkey] = Group(gkey, self._start_engine(entry, weights, spec, fp.kv if fp.fitted else None),
+                                               need)
         engine = group.engine
         adapter = None
         if entry.manifest.layers_of(mt.ADAPTER):  # goes in between two steps
@@ -269,14 +274,14 @@ class ModelManager:
                      spec.draft or spec.method)
         return msgspec.structs.replace(spec, method="draft", draft=draft)
 
-    def _start_engine(self, entry, weights, spec: SpeculativeConfig | None) -> EngineClient:
+    def _start_engine(self, entry, weights, spec: SpeculativeConfig | None, kv_cache_memory: int | None = None) -> EngineClient:
         from codellm.engine import loader
 
         o = self.options
         load = dict(device=o.device, dtype=o.dtype, quantize=o.quantize, trust_remote_code=o.trust_remote_code)
         view = dict(num_ctx=o.num_ctx, quantize=o.quantize, trust_remote_code=o.trust_remote_code)
         engine = dict(slots=o.slots, max_queue=o.max_queue, prefill_chunk=o.prefill_chunk, cuda_graphs=o.cuda_graphs,
-                      compile=o.compile, kv_cache_memory=o.kv_cache_memory, prefix_caching=o.prefix_caching,
+                      compile=o.compile, kv_cache_memory=kv_cache_memory or o.kv_cache_memory, prefix_caching=o.prefix_caching,
                       speculative=spec)
         separate = o.engine_process
         if o.tensor_parallel > 1:  # the child is rank 0 and starts the others

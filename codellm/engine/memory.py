@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+from typing import NamedTuple
 
 import torch
 
@@ -37,27 +38,48 @@ def parse_size(text: str | None) -> int | None:
     return int(float(m.group(1)) * base ** power)
 
 
-def estimate(registry, weights: mt.Manifest, options, kv_cache: bool = True) -> int:
-    """Bytes the weights take once loaded (in the dtype asked for) plus the engine's KV cache."""
+class Footprint(NamedTuple):
+    weights: int  # bytes the weights take once loaded
+    kv: int  # bytes of the paged KV pool
+    fitted: bool  # the default pool was cut to what fits beside the weights (``KV_SHARE``)
+
+
+KV_SHARE = 0.9  # of what codellm may use, the most weights and a default KV pool take together (vLLM's 0.9 default)
+
+
+def footprint(registry, weights: mt.Manifest, options, kv_cache: bool = True, capacity: int | None = None) -> Footprint:
+    """What a model takes once loaded, in the dtype asked for: its weights, and the engine's KV pool. A default pool
+    (no --kv-cache-memory) larger than ``KV_SHARE`` of ``capacity`` less the weights is cut to that, down to one
+    whole context: a serve of many sequences on a big model then starts with the cache the device holds, as
+    vLLM's does, instead of refusing for want of one it never asked for."""
     from codellm.engine.loader import DEFAULT_NUM_CTX, pick_device
 
     device, dtype = pick_device(options.device, options.dtype)
     target = torch.finfo(dtype).bits // 8
     stored = _STORED.get(weights.config.dtype or "", target)
     raw = sum(layer.size for layer in weights.layers_of(mt.WEIGHTS) if (layer.filename or "").endswith(".safetensors"))
-    nbytes = raw * (0.3 if options.quantize == "nf4" else target / stored)
+    nbytes = int(raw * (0.3 if options.quantize == "nf4" else target / stored))
     layer = weights.layer(mt.CONFIG) if kv_cache else None
-    if layer:
-        cfg = json.loads(registry.read_layer(layer))
-        cfg = cfg.get("text_config", cfg)
-        heads = cfg.get("num_attention_heads") or 1
-        head_dim = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // heads)
-        kv = cfg.get("num_key_value_heads") or heads
-        max_len = min(options.num_ctx or DEFAULT_NUM_CTX, weights.config.context_length or DEFAULT_NUM_CTX)
-        per_token = kv_bytes_per_token(cfg.get("num_hidden_layers", 0), kv, head_dim, target)
-        nbytes += per_token * kv_tokens(device.type == "cuda", max_len, options.kv_cache_memory, per_token,
-                                        slots=options.slots)
-    return int(nbytes)
+    if not layer:
+        return Footprint(nbytes, 0, False)
+    cfg = json.loads(registry.read_layer(layer))
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg.get("num_attention_heads") or 1
+    head_dim = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // heads)
+    kv = cfg.get("num_key_value_heads") or heads
+    max_len = min(options.num_ctx or DEFAULT_NUM_CTX, weights.config.context_length or DEFAULT_NUM_CTX)
+    per_token = kv_bytes_per_token(cfg.get("num_hidden_layers", 0), kv, head_dim, target)
+    cuda = device.type == "cuda"
+    pool = per_token * kv_tokens(cuda, max_len, options.kv_cache_memory, per_token, slots=options.slots)
+    room = int(KV_SHARE * capacity) - nbytes if capacity is not None else None
+    if options.kv_cache_memory or room is None or pool <= room:
+        return Footprint(nbytes, pool, False)
+    return Footprint(nbytes, per_token * kv_tokens(cuda, max_len, max(room, 1), per_token), True)
+
+
+def estimate(registry, weights: mt.Manifest, options, kv_cache: bool = True) -> int:
+    """Bytes the weights take once loaded plus the engine's default KV pool (``footprint``, uncut)."""
+    return sum(footprint(registry, weights, options, kv_cache)[:2])
 
 
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
