@@ -32,6 +32,9 @@ SHAPES = {
     "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                         rope_theta=500000.0, tie_word_embeddings=True),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                      rope_theta=500000.0, tie_word_embeddings=False),
     "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                       tie_word_embeddings=False),
@@ -405,7 +408,8 @@ def main() -> None:
             r = run_level(url, args.model, prompts[:c], args.max_tokens, args.streams_per_client)
             print("codellm", r, flush=True)
             results["codellm"].append(r)
-        results["server_health"] = httpx.get(url + "/health").json()
+        health = httpx.get(url + "/health")  # codellm's is JSON; another server's may be an empty 200
+        results["server_health"] = health.json() if health.content else {"status": health.status_code}
     finally:
         if proc:
             proc.terminate()
