@@ -647,6 +647,28 @@ def test_a_default_kv_cache_too_big_for_the_memory_is_cut_to_what_fits(served_ho
         manager.close()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures a GPU's free memory")
+def test_a_default_kv_pool_is_cut_in_the_engine_to_what_the_device_has_free():
+    """The server sizes a default pool from what was free before the engine loaded; the engine measures again, and
+    leaves 1 - KV_SHARE of the device free besides (another process may have taken memory in between)."""
+    from codellm.engine import memory
+
+    device = torch.device("cuda")
+    free, total = torch.cuda.mem_get_info(device)
+    per_token = 1 << 20
+    asked = free // per_token  # all that is free: nothing left for activations
+    got = memory.fit_on_device(device, asked, per_token, max_len=1024)
+    room = (free - (1 - memory.KV_SHARE) * total) // per_token
+    assert 1024 < got < asked and abs(got - room) <= room * 0.02 + 16
+    assert memory.fit_on_device(device, got // 2, per_token, max_len=1024) == got // 2  # what fits stays
+    held = torch.empty(int(free * 0.3), dtype=torch.uint8, device=device)  # another tenant of the device
+    try:
+        assert memory.fit_on_device(device, got, per_token, max_len=1024) < got * 0.75
+    finally:
+        del held
+        torch.cuda.empty_cache()
+
+
 @pytest.mark.parametrize("fmt,text,calls,content", [
     ("hermes", 'Let me check.<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>', [("f", {"x": 1})], "Let me check."),
     ("hermes", '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "arguments": {"a": "b"}}</tool_call>',

@@ -41,7 +41,8 @@ def default_slots(cuda: bool) -> int:
 class Engine(Admission):
     def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int | None = None,
                  cuda_graphs: bool = True, compile: bool = False, overlap: bool | None = None, fuse: bool = True,
-                 kv_cache_memory: int | None = None, block_size: int = 16, prefix_caching: bool = True,
+                 kv_cache_memory: int | None = None, kv_fit: bool | None = None, block_size: int = 16,
+                 prefix_caching: bool = True,
                  speculative: SpeculativeConfig | None = None, draft: LoadedModel | None = None,
                  source: Callable[[float], None] | None = None, ranks=None):
         self.lm = lm
@@ -60,6 +61,11 @@ class Engine(Admission):
         layers, kv_heads, head_dim = kv_shape(lm.model)
         per_token = memory.kv_bytes_per_token(layers, kv_heads, head_dim, lm.dtype.itemsize)
         tokens = memory.kv_tokens(cuda, lm.max_len, kv_cache_memory, per_token, block_size, slots=contexts)
+        if cuda and (kv_cache_memory is None if kv_fit is None else kv_fit):  # a default pool: what is free here
+            both = per_token  # (a draft model keeps a cache of as many blocks)
+            if draft is not None and speculative is not None and speculative.method == "draft":
+                both += memory.kv_bytes_per_token(*kv_shape(draft.model), draft.dtype.itemsize)
+            tokens = memory.fit_on_device(lm.device, tokens, both, lm.max_len, block_size)
         self.pool = blocks.BlockPool(tokens // block_size, block_size, caching=prefix_caching)
         verify_rows = speculative.verify_rows if speculative is not None else 0
         verify_run = speculative.verify_run if speculative is not None else 1
@@ -211,6 +217,11 @@ class Engine(Admission):
                 self.runner.warmup()
                 if self.drafter is not None:
                     self.drafter.warmup()
+            if self.lm.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.lm.device)
+                log.info("device memory after warmup: %s allocated, %s reserved, %s of %s free",
+                         *(memory.human(n) for n in (torch.cuda.memory_allocated(self.lm.device),
+                                                     torch.cuda.memory_reserved(self.lm.device), free, total)))
         finally:
             self._ready.set()
         while not self._stop.is_set():

@@ -120,6 +120,7 @@ class GraphRunner:
         self.prefill_replays: collections.Counter = collections.Counter()  # "fresh" and "cached" prefills replayed
         self.keys = torch.arange(cache.max_len + 1, device=device)
         self.pool = torch.cuda.graph_pool_handle()
+        self._side: torch.cuda.Stream | None = None  # where captures warm up (``_capture``)
         self.disabled = False
         self.lora: multilora.Rows | None = None  # unmerged adapters in the graphs (``use_adapters``)
         self.compiled = compile
@@ -141,6 +142,7 @@ class GraphRunner:
             lane.graphs.clear()
         self.prefill_graphs.clear()
         self.pool = torch.cuda.graph_pool_handle()
+        self._side: torch.cuda.Stream | None = None  # where captures warm up (``_capture``)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, take: torch.Tensor, ctx: kvcache.StepContext,
                  tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +190,11 @@ class GraphRunner:
         return out.logits[0]
 
     def _capture(self, step, *args):
-        stream = torch.cuda.Stream(self.device)
+        # one side stream for every capture: the caching allocator keeps a stream's freed blocks for that stream
+        # alone, so each capture warming up on a stream of its own would strand its activations' memory there
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        stream = self._side
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):  # warm up kernels and allocator outside the graph
@@ -213,6 +219,7 @@ class GraphRunner:
                         try:
                             lane.graphs[(b, kv)] = self._capture(self._step, b, kv, name)
                         except Exception:
+                            torch.cuda.empty_cache()  # what the failed capture held: the retry, or eager steps, need it
                             if not self.compiled:
                                 log.exception("CUDA graph capture failed; decoding eagerly")
                                 self.disabled = True
@@ -241,7 +248,11 @@ class GraphRunner:
                 except Exception:
                     log.exception("capturing a prefill graph failed; prompts prefill eagerly")
                     self.prefill_graphs.clear()
+                    torch.cuda.empty_cache()
                     return
+        # the warmups' blocks, cached and unused now, go back to the device: memory outside torch's allocator (cuBLAS
+        # handles of other threads and streams, NCCL) is taken from the device, and cannot reclaim them
+        torch.cuda.empty_cache()
 
     def run(self, ids: list[int], positions: list[int], take: list[int], write: list[int],
             adapters: list[int] | None = None, rows: list[int] | None = None,

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import re
 from typing import NamedTuple
 
 import torch
 
 from codellm.registry import manifest as mt
+
+log = logging.getLogger("codellm.engine")
 
 _STORED = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -75,6 +78,22 @@ def footprint(registry, weights: mt.Manifest, options, kv_cache: bool = True, ca
     if options.kv_cache_memory or room is None or pool <= room:
         return Footprint(nbytes, pool, False)
     return Footprint(nbytes, per_token * kv_tokens(cuda, max_len, max(room, 1), per_token), True)
+
+
+def fit_on_device(device: torch.device, tokens: int, per_token: int, max_len: int, block_size: int = 16) -> int:
+    """A default pool of ``tokens`` cut, where the device has less free memory now than it and ``1 - KV_SHARE`` of the
+    device besides (activations, CUDA graphs, cuBLAS workspaces), to what leaves that; down to one whole context. The
+    server's ``footprint`` sized it from what was free before the engine loaded; this measures, in the engine, what
+    its weights, its CUDA context and anything else running left."""
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    room = free - int((1 - KV_SHARE) * total)
+    if tokens * per_token <= room:
+        return tokens
+    fitted = kv_tokens(True, max_len, max(room, 1), per_token, block_size)
+    log.info("a KV cache of %s, what the device has free beside %s held back (%s free of %s)",
+             human(fitted * per_token), human(total - int(KV_SHARE * total)), human(free), human(total))
+    return min(tokens, fitted)
 
 
 def estimate(registry, weights: mt.Manifest, options, kv_cache: bool = True) -> int:
