@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# codellm's side of vllm_side.sh: one `codellm serve` configured as vllm_side.sh's vLLM is (256 sequences, 8k
+# context, the default KV pool: what fits), measured by the same clients: prefix_bench's shared and agent workloads,
+# then serve_bench's decode-heavy sweep (128 in, 256 out). The server's log keeps its memory and capture lines.
+# Usage: bash benchmarks/codellm_side.sh HOME SHAPE OUTDIR [TAG [serve options...]]   (HOME holds model "bench")
+set -uo pipefail
+home=${1:?usage: codellm_side.sh HOME SHAPE OUTDIR [TAG [serve options...]]}
+shape=${2:?shape, as in serve_bench.SHAPES}
+out=${3:?outdir}
+tag=${4:-}
+shift $(( $# < 4 ? $# : 4 ))
+port=${PORT:-12999}
+mkdir -p "$out"
+log="$out/codellm_server_${shape}${tag}.log"
+t0=$(date +%s)
+CODELLM_HOME=$home python3 -m codellm.cli.main serve --port "$port" --model bench --slots 256 --num-ctx 8192 \
+    --max-queue 512 --log-level info "$@" > "$log" 2>&1 &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null' EXIT
+ready=0
+while [ $(( $(date +%s) - t0 )) -lt "${START_TIMEOUT:-360}" ]; do
+    kill -0 "$server" 2>/dev/null || { echo "codellm serve exited"; break; }
+    curl -sf "http://127.0.0.1:$port/health" > /dev/null && { ready=1; break; }
+    sleep 1
+done
+echo "codellm: $([ $ready = 1 ] && echo ready || echo NOT ready) after $(( $(date +%s) - t0 )) s"
+grep -v "^ " "$log" | grep -iE "KV cache|device memory|fail|out of memory" | cut -c1-220 | head -8
+[ $ready = 1 ] || { tail -40 "$log"; exit 1; }
+url="http://127.0.0.1:$port"
+timeout "${PREFIX_TIMEOUT:-300}" python3 benchmarks/prefix_bench.py --url "$url" --model bench --tokenizer "$home/src" \
+    --shape "$shape" --tag="$tag" --out "$out" | tail -22
+echo "prefix_bench: rc ${PIPESTATUS[0]}"
+timeout "${SERVE_TIMEOUT:-240}" python3 benchmarks/serve_bench.py --url "$url" --shape "$shape" \
+    --concurrency "${CONCURRENCY:-1,64,256}" --tag="_side$tag" --out "$out" > "$out/serve_bench$tag.log" 2>&1
+echo "serve_bench: rc $?"; grep "^| codellm" "$out"/serve_"$shape"_*side"$tag".md
+echo "codellm up $(( $(date +%s) - t0 )) s in all"
