@@ -106,7 +106,9 @@ class GraphRunner:
             decode_attention.probe(device, cache.k[0].shape[-1], verify_run) else 1
         kv_all = cache.max_len + 1
         self.kv_buckets = [kv_all] if self.kernel else _buckets(kv_all, min(min_kv, kv_all))
-        self.prefill_buckets = [n for n in PREFILL_BUCKETS if n <= cache.max_len]
+        # a prefill graph packs many prompts, so its size is not bounded by the context: with buckets capped at a
+        # 400-token context, a burst of 128-token prompts went two prompts a replay, each replay reading every weight
+        self.prefill_buckets = list(PREFILL_BUCKETS)
         width = self.prefill_buckets[-1] if self.prefill_buckets else 0
         # one device buffer for a packed prefill, filled by one copy (its parts: ``_pf_parts``)
         self.pf_width = width
