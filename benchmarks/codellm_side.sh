@@ -4,6 +4,7 @@
 # then serve_bench's decode-heavy sweep (128 in, 256 out). The server's log keeps its memory and capture lines.
 # Usage: bash benchmarks/codellm_side.sh HOME SHAPE OUTDIR [TAG [serve options...]]   (HOME holds model "bench")
 set -uo pipefail
+source "$(dirname "$0")/wait_ready.sh"
 home=${1:?usage: codellm_side.sh HOME SHAPE OUTDIR [TAG [serve options...]]}
 shape=${2:?shape, as in serve_bench.SHAPES}
 out=${3:?outdir}
@@ -17,15 +18,9 @@ CODELLM_HOME=$home python3 -m codellm.cli.main serve --port "$port" --model benc
     --max-queue 512 --log-level info "$@" > "$log" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null' EXIT
-ready=0
-while [ $(( $(date +%s) - t0 )) -lt "${START_TIMEOUT:-360}" ]; do
-    kill -0 "$server" 2>/dev/null || { echo "codellm serve exited"; break; }
-    curl -sf "http://127.0.0.1:$port/health" > /dev/null && { ready=1; break; }
-    sleep 1
-done
-echo "codellm: $([ $ready = 1 ] && echo ready || echo NOT ready) after $(( $(date +%s) - t0 )) s"
+wait_ready codellm "$server" "$port" "$t0" "$log"; ok=$?
 grep -v "^ " "$log" | grep -iE "KV cache|device memory|fail|out of memory" | cut -c1-220 | head -8
-[ $ready = 1 ] || { tail -40 "$log"; exit 1; }
+[ $ok = 0 ] || exit 1
 url="http://127.0.0.1:$port"
 timeout "${PREFIX_TIMEOUT:-300}" python3 benchmarks/prefix_bench.py --url "$url" --model bench --tokenizer "$home/src" \
     --shape "$shape" --tag="$tag" --out "$out" | tail -22

@@ -6,6 +6,7 @@
 # for each piece, then install.sh), its client script in $VLLM_BIN (default .vllm/bin).
 # Usage: bash benchmarks/vllm_side.sh MODEL_DIR SHAPE OUTDIR [TAG]
 set -uo pipefail
+source "$(dirname "$0")/wait_ready.sh"
 set -m  # the server gets its own process group: API server and engine core stop together
 model=${1:?usage: vllm_side.sh MODEL_DIR SHAPE OUTDIR [TAG]}
 shape=${2:?shape, as in serve_bench.SHAPES}
@@ -26,15 +27,9 @@ server=$!
 stop() { kill -TERM -- "-$server" 2>/dev/null; for _ in $(seq 30); do kill -0 -- "-$server" 2>/dev/null || break; sleep 1; done
          kill -KILL -- "-$server" 2>/dev/null; wait "$server" 2>/dev/null; }
 trap stop EXIT
-ready=0
-while [ $(( $(date +%s) - t0 )) -lt "${START_TIMEOUT:-360}" ]; do
-    kill -0 "$server" 2>/dev/null || { echo "vllm serve exited"; break; }
-    curl -sf "http://127.0.0.1:$port/health" > /dev/null && { ready=1; break; }
-    sleep 2
-done
-echo "vllm: $([ $ready = 1 ] && echo ready || echo NOT ready) after $(( $(date +%s) - t0 )) s"
+wait_ready vllm "$server" "$port" "$t0" "$log"; ok=$?
 grep -E "FLASH_ATTN|TRITON_ATTN|KV cache|Maximum concurrency" "$log" | cut -c1-200 | head -8
-[ $ready = 1 ] || { tail -40 "$log"; exit 1; }
+[ $ok = 0 ] || exit 1
 url="http://127.0.0.1:$port"
 PYTHONPATH=$PWD timeout "${PREFIX_TIMEOUT:-300}" python3 benchmarks/prefix_bench.py --url "$url" --model bench \
     --tokenizer "$model" --shape "$shape" --server vllm-0.26 --tag="$tag" --out "$out"
