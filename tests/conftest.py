@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -15,6 +16,14 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# httpx's top-level calls give up after 5 s by default. On a loaded 2-core machine (CI runs two test workers) a request
+# that loads a model, or waits behind the other worker's CPU work, may take longer, and a test would fail on a race
+# with the clock. The suite's plain calls wait up to TEST_HTTP_TIMEOUT (only against a hang); a call that passes its
+# own timeout keeps it (the keyword given at the call wins over the partial's).
+TEST_HTTP_TIMEOUT = httpx.Timeout(300.0, connect=30.0)
+for _name in ("request", "stream", "get", "options", "head", "post", "put", "patch", "delete"):
+    setattr(httpx, _name, functools.partial(getattr(httpx, _name), timeout=TEST_HTTP_TIMEOUT))
 from hubmirror import HubMirror  # noqa: E402
 
 TINY_REPO = "Qwen/Qwen2.5-Coder-0.5B-Instruct"  # the catalog's qwen2.5-coder:0.5b, served by the mirror
