@@ -41,7 +41,7 @@ def default_slots(cuda: bool) -> int:
 class Engine(Admission):
     def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int | None = None,
                  cuda_graphs: bool = True, compile: bool = False, overlap: bool | None = None, fuse: bool = True,
-                 kv_cache_memory: int | None = None, kv_fit: bool | None = None, block_size: int = 16,
+                 kv_cache_memory: int | None = None, kv_fit: bool = False, block_size: int = 16,
                  prefix_caching: bool = True,
                  speculative: SpeculativeConfig | None = None, draft: LoadedModel | None = None,
                  source: Callable[[float], None] | None = None, ranks=None):
@@ -61,9 +61,13 @@ class Engine(Admission):
         layers, kv_heads, head_dim = kv_shape(lm.model)
         per_token = memory.kv_bytes_per_token(layers, kv_heads, head_dim, lm.dtype.itemsize)
         tokens = memory.kv_tokens(cuda, lm.max_len, kv_cache_memory, per_token, block_size, slots=contexts)
-        if cuda and (kv_cache_memory is None if kv_fit is None else kv_fit):  # a default pool: what is free here
+        drafting = speculative is not None and speculative.method == "draft"
+        if drafting and draft is None:
+            raise ValueError("draft-model speculation needs the draft model")
+        # a default pool (``kv_fit``: one the server already cut to fit) is cut to what this device has free now
+        if cuda and (kv_cache_memory is None or kv_fit):
             both = per_token  # (a draft model keeps a cache of as many blocks)
-            if draft is not None and speculative is not None and speculative.method == "draft":
+            if drafting:
                 both += memory.kv_bytes_per_token(*kv_shape(draft.model), draft.dtype.itemsize)
             tokens = memory.fit_on_device(lm.device, tokens, both, lm.max_len, block_size)
         self.pool = blocks.BlockPool(tokens // block_size, block_size, caching=prefix_caching)
@@ -76,9 +80,7 @@ class Engine(Admission):
         if ranks is not None:  # tensor parallelism: ``lm``'s model is rank 0's shard (``sharding``)
             ranks.setup(self.runner.cache)  # the other ranks size their caches alike
         self.drafter: Drafter | None = None
-        if speculative is not None and speculative.method == "draft":
-            if draft is None:
-                raise ValueError("draft-model speculation needs the draft model")
+        if drafting:
             drafter.check_vocabulary(lm, draft)
             self.drafter = Drafter(draft, blocks=self.pool.num_blocks, block_size=block_size, rows=slots,
                                    verify_rows=verify_rows, verify_run=verify_run, cuda_graphs=cuda_graphs,

@@ -109,20 +109,21 @@ class GraphRunner:
         # a prefill graph packs many prompts, so its size is not bounded by the context: with buckets capped at a
         # 400-token context, a burst of 128-token prompts went two prompts a replay, each replay reading every weight
         self.prefill_buckets = list(PREFILL_BUCKETS)
-        width = self.prefill_buckets[-1] if self.prefill_buckets else 0
         # one device buffer for a packed prefill, filled by one copy (its parts: ``_pf_parts``)
-        self.pf_width = width
+        self.pf_width = width = PREFILL_BUCKETS[-1]
         self.pf = torch.zeros(4 * width + 2 * PREFILL_ROWS + 2, dtype=torch.long, device=device)
         # cached-prefix prefills: the pool rows of every key each chunk attends to, then their cumulative counts
-        self.key_buckets = list(KEY_BUCKETS) if width else []
-        self.pk_width = self.key_buckets[-1] if self.key_buckets else 0
+        self.key_buckets = list(KEY_BUCKETS)
+        self.pk_width = KEY_BUCKETS[-1]
         self.pk = torch.zeros(self.pk_width + PREFILL_ROWS + 2, dtype=torch.long, device=device)
         # by (tokens, keys); keys 0: fresh prompts, attending to themselves
         self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_replays: collections.Counter = collections.Counter()  # "fresh" and "cached" prefills replayed
         self.keys = torch.arange(cache.max_len + 1, device=device)
         self.pool = torch.cuda.graph_pool_handle()
-        self._side: torch.cuda.Stream | None = None  # where captures warm up (``_capture``)
+        # where every capture warms up: the caching allocator keeps a stream's freed blocks for that stream alone, so
+        # each capture warming up on a stream of its own would strand its activations' memory there
+        self._side = torch.cuda.Stream(device)
         self.disabled = False
         self.lora: multilora.Rows | None = None  # unmerged adapters in the graphs (``use_adapters``)
         self.compiled = compile
@@ -144,7 +145,6 @@ class GraphRunner:
             lane.graphs.clear()
         self.prefill_graphs.clear()
         self.pool = torch.cuda.graph_pool_handle()
-        self._side: torch.cuda.Stream | None = None  # where captures warm up (``_capture``)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, take: torch.Tensor, ctx: kvcache.StepContext,
                  tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,10 +192,6 @@ class GraphRunner:
         return out.logits[0]
 
     def _capture(self, step, *args):
-        # one side stream for every capture: the caching allocator keeps a stream's freed blocks for that stream
-        # alone, so each capture warming up on a stream of its own would strand its activations' memory there
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
         stream = self._side
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), torch.inference_mode():

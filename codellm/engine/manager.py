@@ -282,7 +282,7 @@ class ModelManager:
         view = dict(num_ctx=o.num_ctx, quantize=o.quantize, trust_remote_code=o.trust_remote_code)
         engine = dict(slots=o.slots, max_queue=o.max_queue, prefill_chunk=o.prefill_chunk, cuda_graphs=o.cuda_graphs,
                       compile=o.compile, kv_cache_memory=kv_cache_memory or o.kv_cache_memory,
-                      kv_fit=True if kv_cache_memory else None, prefix_caching=o.prefix_caching,
+                      kv_fit=kv_cache_memory is not None, prefix_caching=o.prefix_caching,
                       speculative=spec)
         separate = o.engine_process
         if o.tensor_parallel > 1:  # the child is rank 0 and starts the others

@@ -81,18 +81,18 @@ def footprint(registry, weights: mt.Manifest, options, kv_cache: bool = True, ca
 
 
 def fit_on_device(device: torch.device, tokens: int, per_token: int, max_len: int, block_size: int = 16) -> int:
-    """A default pool of ``tokens`` cut, where the device has less free memory now than it and ``1 - KV_SHARE`` of the
-    device besides (activations, CUDA graphs, cuBLAS workspaces), to what leaves that; down to one whole context. The
-    server's ``footprint`` sized it from what was free before the engine loaded; this measures, in the engine, what
-    its weights, its CUDA context and anything else running left."""
+    """A default pool of ``tokens``, cut where it would leave less than ``1 - KV_SHARE`` of the device free
+    (activations, CUDA graphs, cuBLAS workspaces), down to one whole context. The server's ``footprint`` sized it from
+    what was free before the engine loaded; this measures, in the engine, what its weights, its CUDA context and
+    anything else running there left."""
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    room = free - int((1 - KV_SHARE) * total)
-    if tokens * per_token <= room:
+    reserve = int((1 - KV_SHARE) * total)
+    if tokens * per_token <= free - reserve:
         return tokens
-    fitted = kv_tokens(True, max_len, max(room, 1), per_token, block_size)
+    fitted = kv_tokens(True, max_len, max(free - reserve, 1), per_token, block_size)
     log.info("a KV cache of %s, what the device has free beside %s held back (%s free of %s)",
-             human(fitted * per_token), human(total - int(KV_SHARE * total)), human(free), human(total))
+             human(fitted * per_token), human(reserve), human(free), human(total))
     return min(tokens, fitted)
 
 
