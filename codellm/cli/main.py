@@ -247,7 +247,7 @@ def engine_options(f):
         click.option("--slots", type=click.IntRange(1), help="Sequences decoded together (default: 256 on GPU, 8 on CPU)."),
         click.option("--kv-cache-memory", help="Memory for the paged KV cache of each model, e.g. 16GB (default: a "
                      "whole context for each of --slots, or 64 whole contexts on GPU, 8 on CPU, cut to what fits beside "
-                     "the weights in 90% of the memory). Sequences take blocks as they grow, so it holds many more "
+                     "the weights in 90% of the memory, measured again on a GPU once the weights are loaded). Sequences take blocks as they grow, so it holds many more "
                      "short ones than whole contexts."),
         click.option("--prefix-caching/--no-prefix-caching", default=True, show_default=True,
                      help="Reuse the KV cache of prompts that start like earlier ones (and of earlier answers)."),
