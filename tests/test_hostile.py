@@ -509,7 +509,9 @@ def test_a_full_disk_is_one_line_and_leaves_the_registry_whole(hub, tmp_path):
 def test_template_deadlines_racing_the_end_of_renders_never_hang():
     """Renders that end just as their deadline passes, on several threads at once: each is an answer or TooSlow,
     nothing is raised outside a render, and the watchdog keeps working (an interruption that landed while a thread
-    took the watchdog's lock once left it held, and every later chat request hung)."""
+    took the watchdog's lock once left it held, and every later chat request hung). A one-microsecond switch
+    interval lets the watchdog run inside any bytecode of a render's arming, where the hang lived."""
+    import sys
     import threading
 
     from codellm.engine.templates import TooSlow, bounded
@@ -531,11 +533,16 @@ def test_template_deadlines_racing_the_end_of_renders_never_hang():
                 outcomes.append(False)
             except BaseException as exc:  # noqa: BLE001 (an interruption escaping a render is the bug)
                 errors.append(exc)
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        sys.setswitchinterval(interval)
     assert not any(t.is_alive() for t in threads) and not errors
     assert len(outcomes) == 1600 and any(outcomes) and not all(outcomes)
     assert bounded(render, seconds=5) == render()

@@ -14,6 +14,7 @@ import ctypes
 import functools
 import itertools
 import json
+import queue
 import re
 import threading
 import time
@@ -166,13 +167,14 @@ class _Watchdog:
     """One thread that interrupts renders past their deadline (a timer thread per render would cost a thread
     start on every chat request). Arming, disarming and firing share a lock, so an interruption is only ever
     sent while its render is armed; one sent as the render was ending is withdrawn in ``disarm`` before it can be
-    raised outside the render. The lock is a plain ``threading.Lock``: an interruption raised while a thread
-    takes it cannot leave it held (a Condition's Python-level ``__enter__`` could, and did, hang every later
-    render)."""
+    raised outside the render. An interruption can land on any bytecode between arming and disarming, so nothing
+    there may hold Python-level lock state: the lock is a plain ``threading.Lock`` and the wake-up a C
+    ``SimpleQueue`` (a Condition's, or an Event's, Python-level ``__enter__`` interrupted half-way left its lock
+    held, and every later render hung)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._armed: dict[int, tuple[float, int]] = {}  # token -> (deadline, thread id)
         self._tokens = itertools.count()
         self._thread: threading.Thread | None = None
@@ -184,7 +186,7 @@ class _Watchdog:
                 self._thread.start()
             token = next(self._tokens)
             self._armed[token] = (time.monotonic() + seconds, threading.get_ident())
-        self._wake.set()
+        self._wake.put(None)
         return token
 
     def disarm(self, token: int) -> bool:
@@ -204,8 +206,12 @@ class _Watchdog:
                         del self._armed[token]
                         _interrupt(thread_id)
                 soonest = min((d for d, _ in self._armed.values()), default=None)
-            self._wake.wait(None if soonest is None else max(0.0, soonest - now))
-            self._wake.clear()
+            try:
+                self._wake.get(timeout=None if soonest is None else max(0.0, soonest - now))
+                while True:  # one pass serves every wake-up sent meanwhile
+                    self._wake.get_nowait()
+            except queue.Empty:
+                pass
 
 
 _watchdog = _Watchdog()
