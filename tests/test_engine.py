@@ -787,3 +787,16 @@ def test_side_by_side_attention_is_the_block_diagonal_one():
     assert layout is not None
     torch.testing.assert_close(side, ref, rtol=1e-5, atol=1e-5)
     assert kvcache.segments([0, 500, 502, 504], [0, 500, 502, 504], 504, 504) is None  # a long prompt beside two short
+
+
+def test_the_default_prefill_budget_follows_the_model_size():
+    """A GPU step prefills about as much compute whatever the model: 8192 tokens of a 1B model, 2048 of an 8B; a
+    4-bit weight counts as the parameters it holds."""
+    from codellm.engine.core import default_prefill_chunk, parameter_count
+
+    assert [default_prefill_chunk(True, n) for n in (135_000_000, 1_240_000_000, 3_200_000_000, 8_000_000_000,
+                                                     70_000_000_000)] == [8192, 8192, 4096, 2048, 2048]
+    assert default_prefill_chunk(False, 8_000_000_000) == 512
+    packed = torch.nn.Linear(8, 4, bias=False)
+    packed.weight = torch.nn.Parameter(torch.zeros(16, 1, dtype=torch.uint8), requires_grad=False)
+    assert parameter_count(packed) == 32

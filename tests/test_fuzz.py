@@ -29,7 +29,8 @@ def fuzz_server(tmp_path_factory, tiny_dir):
     home = tmp_path_factory.mktemp("fuzz-home")
     create(Registry(home), "tiny-coder", Modelfile(from_=str(tiny_dir), parameters={"num_predict": 8}))
     # the hub is a closed port: pulls fail at once, and the fuzzer skips them (a hub's failure is a 5xx by right)
-    srv = Server(home, "--model", "tiny-coder", "--num-ctx", "64", "--slots", "4", "--engine-thread",
+    srv = Server(home, "--model", "tiny-coder", "--num-ctx", "64", "--slots", "4", "--prefill-chunk", "16",
+                 "--engine-thread",
                  env={"HF_ENDPOINT": "http://127.0.0.1:9"})
     yield srv
     srv.stop()

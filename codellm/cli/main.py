@@ -245,6 +245,9 @@ def engine_options(f):
         click.option("--quantize", type=click.Choice(["nf4"]), help="Load weights 4-bit with bitsandbytes (GPU)."),
         click.option("--num-ctx", type=click.IntRange(16), help="Context length per sequence (default: the model's num_ctx or 4096)."),
         click.option("--slots", type=click.IntRange(1), help="Sequences decoded together (default: 256 on GPU, 8 on CPU)."),
+        click.option("--prefill-chunk", type=click.IntRange(16), help="Prompt tokens one step prefills; longer prompts "
+                     "are prefilled over several steps, between which running streams decode (default on GPU: 8192 for "
+                     "a 1B model down to 2048 for 7B and up, bounded by the step's compute; 512 on CPU)."),
         click.option("--kv-cache-memory", help="Memory for the paged KV cache of each model, e.g. 16GB (default: a "
                      "whole context for each of --slots, or 64 whole contexts on GPU, 8 on CPU, cut to what fits beside "
                      "the weights in 90% of the memory, measured again on a GPU once the weights are loaded). Sequences take blocks as they grow, so it holds many more "

@@ -11,6 +11,7 @@ fault fails.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -36,6 +37,25 @@ log = logging.getLogger("codellm.engine")
 def default_slots(cuda: bool) -> int:
     """Sequences decoded together when not set: KV memory is paged, so many short ones fit where few long ones do."""
     return 256 if cuda else 8
+
+
+PREFILL_FLOPS = 2e13  # prompt work one GPU step takes when not set: about 30 ms of an H100
+
+
+def default_prefill_chunk(cuda: bool, parameters: int) -> int:
+    """Prompt tokens one step prefills when not set. Every stream decoding beside a prefill waits for it, and a burst
+    of prompts gets its first tokens a step's worth at a time, so a step's prefill is bounded by its compute (two
+    flops a parameter a token): 8192 tokens of a 1B model, 4096 of a 3B, 2048 of a 7-8B (a power of two, from 2048 to
+    8192). A CPU takes 512."""
+    if not cuda:
+        return 512
+    tokens = PREFILL_FLOPS / (2 * max(parameters, 1))
+    return min(8192, max(2048, 2 ** round(math.log2(tokens))))
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Weights in the model, counting a 4-bit parameter (two to a byte) twice."""
+    return sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
 
 
 class Engine(Admission):
@@ -87,7 +107,7 @@ class Engine(Admission):
                                    compile=compile)
         # prompt tokens per step: a burst of 64 128-token prompts prefills in one forward on a GPU (time to first
         # token), at the cost of one longer step for streams already decoding
-        self.scheduler = Scheduler(self.pool, slots, prefill_chunk or (8192 if cuda else 512))
+        self.scheduler = Scheduler(self.pool, slots, prefill_chunk or default_prefill_chunk(cuda, parameter_count(lm.model)))
         # greedy steps pick their tokens in the step and leave them on the device (see _decode_one), read a step late
         # while the device runs the next one where it runs asynchronously (a GPU; None: there only, True: everywhere);
         # a CPU runs the step in the calling thread, and reading late there would only delay every token by a step

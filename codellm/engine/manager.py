@@ -39,7 +39,7 @@ class LoadOptions:
     num_ctx: int | None = None
     slots: int | None = None
     max_queue: int = 256
-    prefill_chunk: int | None = None  # prompt tokens per step (default: 8192 on GPU, 512 on CPU)
+    prefill_chunk: int | None = None  # prompt tokens per step (default: core.default_prefill_chunk)
     kv_cache_memory: int | None = None  # bytes of paged KV cache per model (default: memory.kv_tokens)
     prefix_caching: bool = True
     trust_remote_code: bool = False
