@@ -1,13 +1,13 @@
 """One rank of a tensor-parallel check (``test_sharded_ranks_match_the_whole_model``), in a process of its own:
-``python tests/shard_check.py MODEL_DIR RANK WORLD INIT_URL OUT`` shards the model over gloo and writes, for one
-prompt, the greedy tokens of ``generate`` and the last logits through the engine's paged attention with fused
-projections (safetensors at OUT)."""
+``python tests/shard_check.py MODEL_DIR RANK WORLD INIT_URL OUT`` loads this rank's share of the model (as a served
+rank does), joins the others over gloo and writes, for one prompt, the greedy tokens of ``generate`` and the last
+logits through the engine's paged attention with fused projections (safetensors at OUT)."""
 import sys
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig
 
 from codellm.engine import fusion, kvcache, sharding
 from codellm.engine.runner import kv_shape
@@ -18,9 +18,9 @@ PROMPT = [5, 17, 99, 3, 42, 7, 311, 12]
 def main(model_dir: str, rank: int, world: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                 attn_implementation=kvcache.register()).eval()
-    split = sharding.shard(model, rank, world)
+    model = sharding.load(model_dir, rank, world, device=torch.device("cpu"), dtype=torch.float32,
+                          attn_implementation=kvcache.register())
+    split = sharding.plan(AutoConfig.from_pretrained(model_dir), world)
     with torch.inference_mode():
         tokens = model.generate(torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False, eos_token_id=None,
                                 pad_token_id=0)[0, len(PROMPT):]

@@ -647,6 +647,29 @@ def test_a_default_kv_cache_too_big_for_the_memory_is_cut_to_what_fits(served_ho
         manager.close()
 
 
+def test_a_tensor_parallel_footprint_is_a_ranks_share(served_home):
+    """Split over two ranks, each holds the embeddings whole and half of every layer and of the KV heads; on a CPU both
+    ranks are in the one memory the server measures, so the model needs both shares there."""
+    from codellm.engine import kvcache, loader, memory, sharding
+    from codellm.engine.manager import LoadOptions
+    from codellm.registry import Registry
+    from codellm.registry import manifest as mt
+
+    reg = Registry(served_home)
+    entry, weights = loader.resolve(reg, "tiny-coder")
+    options = LoadOptions(dtype="fp32", num_ctx=256, slots=4)
+    whole = memory.footprint(reg, weights, options)
+    options.tensor_parallel = 2
+    split = memory.footprint(reg, weights, options)
+    assert split.copies == 2 and split.kv == whole.kv // 2
+    model_dir = reg.files_dir(weights, mt.FILE_LAYERS - {mt.ADAPTER}, key=f"w{loader.weights_identity(weights)}")
+    rank = sharding.load(model_dir, 0, 2, device=torch.device("cpu"), dtype=torch.float32,
+                         attn_implementation=kvcache.register())
+    held = sum(p.numel() * p.element_size() for p in {id(p): p for p in rank.parameters()}.values())
+    assert abs(split.weights - held) < 0.1 * held and split.weights < 0.8 * whole.weights
+    assert whole.total < split.total < 2 * whole.total
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="measures a GPU's free memory")
 def test_a_default_kv_pool_is_cut_in_the_engine_to_what_the_device_has_free():
     """The server sizes a default pool from what was free before the engine loaded; the engine measures again, and

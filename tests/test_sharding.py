@@ -26,6 +26,42 @@ def test_plan_divides_heads_kv_heads_and_columns():
         sharding.plan(cfg, 0)
 
 
+def test_a_rank_reads_only_its_share_of_the_checkpoint(tmp_path):
+    """``sharding.load`` builds an empty model, cuts it and fills it from slices of the safetensors files: the same
+    tensors as loading the whole model and cutting it (biases of column-parallel layers cut, an untied LM head
+    whole), with the rotary frequencies, which no checkpoint holds, made for real."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from codellm.engine import kvcache
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False)
+    Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    attn = kvcache.register()
+    for rank in range(2):
+        whole = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation=attn).eval()
+        sharding.shard(whole, rank, 2)
+        got = sharding.load(tmp_path, rank, 2, device=torch.device("cpu"), dtype=torch.float32, attn_implementation=attn)
+        want, have = whole.state_dict(), got.state_dict()
+        assert want.keys() == have.keys()
+        assert all(torch.equal(want[k], have[k]) for k in want), [k for k in want if not torch.equal(want[k], have[k])]
+        assert got.model.layers[0].self_attn.q_proj.bias.shape == (32,) and got.config.num_key_value_heads == 1
+        assert all(not t.is_meta for t in [*got.parameters(), *got.buffers()])
+        assert isinstance(got.model.layers[1].mlp.down_proj, sharding.RowParallelLinear)
+
+
+def test_quantized_weights_are_not_split_over_ranks(served_home):
+    from codellm.engine import loader
+    from codellm.errors import Refused
+    from codellm.registry import Registry
+
+    registry = Registry(served_home, read_only=True)
+    entry, weights = loader.resolve(registry, "tiny-coder")
+    with pytest.raises(Refused, match="not split over ranks"):
+        loader.load_weights(registry, entry, weights, quantize="nf4", shard=(0, 2))
+
+
 @pytest.mark.timeout(600)
 def test_sharded_ranks_match_the_whole_model(tiny_dir, tmp_path):
     """Each rank holds half of every layer's heads and MLP columns, with two all-reduces a layer: both give the
@@ -118,8 +154,8 @@ def test_a_rank_that_cannot_load_fails_the_start_at_once(served_home):
     first, and rank 0 reports it within seconds instead of waiting out the group's five-minute timeout."""
     from conftest import free_port
 
-    start = (f"from codellm.engine import sharding; sharding.Ranks.start(2, ({str(served_home)!r}, True, "
-             f"'library/no-such-model:latest', {{}}), 'tcp://127.0.0.1:{free_port()}', 'gloo')")
+    start = (f"from codellm.engine import sharding; sharding.Ranks.spawn(2, ({str(served_home)!r}, True, "
+             f"'library/no-such-model:latest', {{}}), 'tcp://127.0.0.1:{free_port()}', 'gloo').join()")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     r = subprocess.run([sys.executable, "-c", start], env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode != 0 and "rank 1 exited (code 1) before joining" in r.stderr, r.stderr[-2000:]

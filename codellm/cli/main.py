@@ -277,9 +277,10 @@ def engine_options(f):
                      "GPUs), or as a thread of this process (default on CPU)."),
         click.option("--tensor-parallel", type=click.IntRange(1, 64), default=1, show_default=True,
                      help="Split each model over this many processes (a GPU each, over NCCL; gloo on CPUs): every "
-                     "rank holds 1/N of each layer's attention heads and MLP columns and of the KV cache. The engine "
-                     "runs in a child process, which is rank 0; steps run eagerly (no CUDA graphs), and LoRA adapters "
-                     "and embeddings are not served by such a model."),
+                     "rank reads and holds only 1/N of each layer's attention heads and MLP columns and of the KV cache, "
+                     "so a model larger than one GPU fits over several. The engine runs in a child process, which is "
+                     "rank 0; steps run eagerly (no CUDA graphs), weights are not quantized, and LoRA adapters and "
+                     "embeddings are not served by such a model."),
     ]):
         f = option(f)
     return f

@@ -105,7 +105,9 @@ def adapter_name(entry) -> str:
 
 
 def load_weights(registry: Registry, entry, weights: mt.Manifest, *, device=None, dtype=None, quantize=None,
-                 trust_remote_code=False):
+                 trust_remote_code=False, shard: tuple[int, int] | None = None):
+    """The model's weights on ``device``; with ``shard`` (rank, world), only that rank's share of a tensor-parallel
+    split (``sharding.load``)."""
     from transformers import AutoModelForCausalLM
 
     config = entry.manifest.config
@@ -118,6 +120,16 @@ def load_weights(registry: Registry, entry, weights: mt.Manifest, *, device=None
     dev, torch_dtype = pick_device(device, dtype)
     kwargs = dict(dtype=torch_dtype, attn_implementation=kvcache.register(), use_safetensors=True,
                   trust_remote_code=trust_remote_code)
+    if shard is not None and shard[1] > 1:
+        from codellm.engine import sharding
+
+        if quantize:
+            raise Refused(f"{quantize} weights are not split over ranks: serve {entry.name.short} unquantized with "
+                          f"--tensor-parallel")
+        log.info("loading rank %d of %d's share of %s from %s (%s, %s)", *shard, entry.name.short, model_dir, dev,
+                 torch_dtype)
+        return sharding.load(model_dir, *shard, device=dev, dtype=torch_dtype, attn_implementation=kwargs["attn_implementation"],
+                             trust_remote_code=trust_remote_code), dev, torch_dtype
     if quantize:
         if quantize != "nf4":
             raise InvalidRequest(f"unknown quantization {quantize!r} (supported: nf4)")

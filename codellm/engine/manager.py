@@ -236,7 +236,7 @@ class ModelManager:
             if fp.fitted:
                 log.info("%s: a KV cache of %s, what fits beside its weights (--kv-cache-memory sets it)", entry.name,
                          memory.human(fp.kv))
-            need = fp.weights + fp.kv + extra
+            need = fp.total + extra
             self._make_room(need)
             group = self._groups[gkey] = Group(gkey, self._start_engine(entry, weights, spec, fp.kv if fp.fitted else None),
                                                need)

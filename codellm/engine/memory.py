@@ -42,9 +42,14 @@ def parse_size(text: str | None) -> int | None:
 
 
 class Footprint(NamedTuple):
-    weights: int  # bytes the weights take once loaded
-    kv: int  # bytes of the paged KV pool
+    weights: int  # bytes the weights take once loaded (a rank's share, split over several)
+    kv: int  # bytes of the paged KV pool (a rank's share)
     fitted: bool  # the default pool was cut to what fits beside the weights (``KV_SHARE``)
+    copies: int = 1  # shares in the memory ``available`` measures: the ranks on CPU (one host), 1 on GPUs (one each)
+
+    @property
+    def total(self) -> int:
+        return (self.weights + self.kv) * self.copies
 
 
 KV_SHARE = 0.9  # of what codellm may use, the most weights and a default KV pool take together (vLLM's 0.9 default)
@@ -54,30 +59,44 @@ def footprint(registry, weights: mt.Manifest, options, kv_cache: bool = True, ca
     """What a model takes once loaded, in the dtype asked for: its weights, and the engine's KV pool. A default pool
     (no --kv-cache-memory) larger than ``KV_SHARE`` of ``capacity`` less the weights is cut to that, down to one
     whole context: a serve of many sequences on a big model then starts with the cache the device holds, as
-    vLLM's does, instead of refusing for want of one it never asked for."""
+    vLLM's does, instead of refusing for want of one it never asked for. Split over tensor-parallel ranks, each
+    holds the embeddings and LM head whole and 1/N of the rest and of the KV heads (``sharding``)."""
     from codellm.engine.loader import DEFAULT_NUM_CTX, pick_device
 
     device, dtype = pick_device(options.device, options.dtype)
+    cuda = device.type == "cuda"
     target = torch.finfo(dtype).bits // 8
     stored = _STORED.get(weights.config.dtype or "", target)
     raw = sum(layer.size for layer in weights.layers_of(mt.WEIGHTS) if (layer.filename or "").endswith(".safetensors"))
     nbytes = int(raw * (0.3 if options.quantize == "nf4" else target / stored))
-    layer = weights.layer(mt.CONFIG) if kv_cache else None
-    if not layer:
-        return Footprint(nbytes, 0, False)
-    cfg = json.loads(registry.read_layer(layer))
-    cfg = cfg.get("text_config", cfg)
+    world = getattr(options, "tensor_parallel", 1) or 1
+    cfg = text_config(registry, weights) if kv_cache or world > 1 else None
+    copies = 1 if cuda else world
+    if world > 1 and cfg is not None:
+        whole = cfg.get("vocab_size", 0) * cfg.get("hidden_size", 0) * target
+        whole *= 1 if cfg.get("tie_word_embeddings", False) else 2
+        nbytes = min(nbytes, whole) + max(0, nbytes - whole) // world
+    if cfg is None or not kv_cache:
+        return Footprint(nbytes, 0, False, copies)
     heads = cfg.get("num_attention_heads") or 1
     head_dim = cfg.get("head_dim") or (cfg.get("hidden_size", 0) // heads)
     kv = cfg.get("num_key_value_heads") or heads
     max_len = min(options.num_ctx or DEFAULT_NUM_CTX, weights.config.context_length or DEFAULT_NUM_CTX)
-    per_token = kv_bytes_per_token(cfg.get("num_hidden_layers", 0), kv, head_dim, target)
-    cuda = device.type == "cuda"
+    per_token = kv_bytes_per_token(cfg.get("num_hidden_layers", 0), max(1, kv // world), head_dim, target)
     pool = per_token * kv_tokens(cuda, max_len, options.kv_cache_memory, per_token, slots=options.slots)
-    room = int(KV_SHARE * capacity) - nbytes if capacity is not None else None
+    room = int(KV_SHARE * capacity) // copies - nbytes if capacity is not None else None
     if options.kv_cache_memory or room is None or pool <= room:
-        return Footprint(nbytes, pool, False)
-    return Footprint(nbytes, per_token * kv_tokens(cuda, max_len, max(room, 1), per_token), True)
+        return Footprint(nbytes, pool, False, copies)
+    return Footprint(nbytes, per_token * kv_tokens(cuda, max_len, max(room, 1), per_token), True, copies)
+
+
+def text_config(registry, weights: mt.Manifest) -> dict | None:
+    """The weights' config.json as a dict (its text model's, for a model of several), None when it has none."""
+    layer = weights.layer(mt.CONFIG)
+    if not layer:
+        return None
+    cfg = json.loads(registry.read_layer(layer))
+    return cfg.get("text_config", cfg)
 
 
 def fit_on_device(device: torch.device, tokens: int, per_token: int, max_len: int, block_size: int = 16) -> int:
@@ -97,8 +116,8 @@ def fit_on_device(device: torch.device, tokens: int, per_token: int, max_len: in
 
 
 def estimate(registry, weights: mt.Manifest, options, kv_cache: bool = True) -> int:
-    """Bytes the weights take once loaded plus the engine's default KV pool (``footprint``, uncut)."""
-    return sum(footprint(registry, weights, options, kv_cache)[:2])
+    """Bytes the weights take once loaded plus the engine's default KV pool (``footprint``, uncut), over all ranks."""
+    return footprint(registry, weights, options, kv_cache).total
 
 
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, itemsize: int) -> int:

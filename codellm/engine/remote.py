@@ -488,15 +488,22 @@ def _child_main(conn, home: str, read_only: bool, name: str, load: dict, engine_
         world = engine_opts.pop("tensor_parallel", 1) or 1
         if world > 1 and loader.pick_device(load.get("device"), load.get("dtype"))[0].type == "cuda":
             load = {**load, "device": "cuda:0"}  # rank r runs on GPU r
-        model, dev, dtype = loader.load_weights(registry, entry, weights, **load)
         ranks = None
-        if world > 1:  # this process is rank 0 and starts the others, each loading its shard of the same weights
+        if world > 1:  # this process is rank 0 and starts the others; each rank reads its own share of the weights
             from codellm.engine import sharding
 
-            sharding.plan(model, world)  # (one that does not divide fails here, before any rank starts)
-            ranks = sharding.Ranks.start(world, (home, read_only, name, load), _loopback_url(),
-                                         "nccl" if dev.type == "cuda" else "gloo")
-            sharding.shard(model, 0, world)
+            sharding.plan(memory.text_config(registry, weights) or {}, world)  # (fails before any rank starts)
+            cuda = loader.pick_device(load.get("device"), load.get("dtype"))[0].type == "cuda"
+            ranks = sharding.Ranks.spawn(world, (home, read_only, name, load), _loopback_url(),
+                                         "nccl" if cuda else "gloo")
+            try:
+                model, dev, dtype = loader.load_weights(registry, entry, weights, **load, shard=(0, world))
+                ranks.join()
+            except BaseException:
+                ranks.kill()
+                raise
+        else:
+            model, dev, dtype = loader.load_weights(registry, entry, weights, **load)
         base = loader.view(registry, entry, weights, model, dev, dtype, **view_opts)
         draft = loader.load_draft(registry, engine_opts.get("speculative"), base, **load)
         engine = Engine(base, **engine_opts, draft=draft, source=source, ranks=ranks)  # nothing arrives before "ready"

@@ -35,14 +35,21 @@ class Plan(msgspec.Struct, frozen=True):
 
 
 def _text_config(model_or_config):
+    """A model's, or a config's, text config; a config.json read as a dict, as attributes."""
+    if isinstance(model_or_config, dict):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(**model_or_config)
     cfg = getattr(model_or_config, "config", model_or_config)
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
 def plan(config, world: int) -> Plan:
     """The split of a model with this config over ``world`` ranks; ValueError where it does not divide evenly."""
-    cfg = _text_config(config)
-    heads, hidden, inter = cfg.num_attention_heads, cfg.hidden_size, cfg.intermediate_size
+    cfg = _text_config(config)  # (a transformers config, or the config.json's dict)
+    heads, hidden, inter = (getattr(cfg, k, None) for k in ("num_attention_heads", "hidden_size", "intermediate_size"))
+    if not (heads and hidden and inter):
+        raise ValueError("tensor parallelism splits decoders whose config gives their heads, hidden and MLP sizes")
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     if world < 1:
@@ -82,29 +89,109 @@ def _columns(layer: nn.Linear, rank: int, world: int) -> None:
     layer.out_features = rows
 
 
+def _projections(model: nn.Module) -> list[tuple[str, nn.Module, str, int]]:
+    """(module name, module, attribute, dim) of every projection tensor parallelism cuts: dim 0 by output rows
+    (column-parallel), 1 by input columns (row-parallel). ValueError unless the model is a decoder of q/k/v/o
+    attention and gated MLPs (Llama, Qwen2, Mistral)."""
+    cfg = _text_config(model)
+    found, attention, mlps = [], 0, 0
+    for prefix, module in model.named_modules():
+        attention += all(isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "o_proj"))
+        mlps += all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "down_proj"))
+        for names, dim in ((COLUMNS, 0), (ROWS, 1)):
+            found += [(prefix, module, n, dim) for n in names if isinstance(getattr(module, n, None), nn.Linear)]
+    if attention != cfg.num_hidden_layers or mlps != cfg.num_hidden_layers:
+        raise ValueError(f"{type(model).__name__}: not a decoder of q/k/v/o attention and gated MLPs")
+    return found
+
+
+def cuts(model: nn.Module, rank: int, world: int) -> dict[str, tuple[int, int, int]]:
+    """What rank ``rank`` keeps of each tensor that is cut, by state-dict name: (dim, start, stop). Tensors not
+    named here are whole on every rank."""
+    out = {}
+    for prefix, module, attr, dim in _projections(model):
+        layer, name = getattr(module, attr), f"{prefix}.{attr}" if prefix else attr
+        size = (layer.out_features if dim == 0 else layer.in_features) // world
+        out[f"{name}.weight"] = (dim, rank * size, (rank + 1) * size)
+        if dim == 0 and layer.bias is not None:  # (a row-parallel bias is added once, whole)
+            out[f"{name}.bias"] = (0, rank * size, (rank + 1) * size)
+    return out
+
+
 def shard(model: nn.Module, rank: int, world: int, group=None) -> Plan:
-    """Cut ``model`` (a decoder of q/k/v/o attention and a gated MLP: Llama, Qwen2, Mistral) in place to rank
-    ``rank``'s share; its config then describes the share (so the KV cache is sized for it)."""
+    """Cut ``model`` in place to rank ``rank``'s share (on the meta device too: ``load`` cuts an empty model, then
+    reads only its share); its config then describes the share (so the KV cache is sized for it)."""
     cfg = _text_config(model)
     split = plan(cfg, world)
-    layers = [m for m in model.modules() if all(isinstance(getattr(m, n, None), nn.Linear) for n in ("q_proj", "o_proj"))]
-    mlps = [m for m in model.modules() if all(isinstance(getattr(m, n, None), nn.Linear) for n in ("gate_proj", "down_proj"))]
-    if len(layers) != cfg.num_hidden_layers or len(mlps) != cfg.num_hidden_layers:
-        raise ValueError(f"{type(model).__name__}: not a decoder of q/k/v/o attention and gated MLPs")
+    projections = _projections(model)
     if world == 1:
         return split
     with torch.no_grad():
-        for module in layers + mlps:
-            for name in COLUMNS:
-                if hasattr(module, name):
-                    _columns(getattr(module, name), rank, world)
-            for name in ROWS:
-                if hasattr(module, name):
-                    setattr(module, name, RowParallelLinear(getattr(module, name), rank, world, group))
+        for _, module, attr, dim in projections:
+            if dim == 0:
+                _columns(getattr(module, attr), rank, world)
+            else:
+                setattr(module, attr, RowParallelLinear(getattr(module, attr), rank, world, group))
     cfg.head_dim = split.head_dim  # (not derived from the hidden size and the heads left any more)
     cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size = split.heads, split.kv_heads, split.intermediate
     model._codellm_shard = (rank, world)
     return split
+
+
+def load(model_dir, rank: int, world: int, *, device: torch.device, dtype: torch.dtype, **from_config) -> nn.Module:
+    """Rank ``rank``'s share of the checkpoint in ``model_dir``, read slice by slice: the model is built with empty
+    (meta) parameters, cut, and only then filled from the safetensors files, so that no rank ever holds, in host or
+    device memory, more than its share of what is cut (a model larger than one GPU loads over several)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=from_config.get("trust_remote_code", False))
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **from_config)
+    keep = cuts(model, rank, world)
+    shard(model, rank, world)
+    wanted = set(model.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key not in wanted:
+                    continue
+                piece = f.get_slice(key)
+                if key in keep:
+                    dim, start, stop = keep[key]
+                    piece = piece[start:stop] if dim == 0 else piece[:, start:stop]
+                else:
+                    piece = piece[:]
+                state[key] = piece.to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+    empty = [name for name, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise ValueError(f"the checkpoint in {model_dir} lacks {', '.join(empty[:4])}" + (" ..." if len(empty) > 4 else ""))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device).eval()  # (the buffers: rotary frequencies, made for real at build)
+
+
+class _parameters_on_meta:
+    """Parameters made inside are empty (meta): a model is built for its shapes only. Buffers are made for real:
+    those not in a checkpoint (rotary frequencies) are computed at build, and small."""
+
+    def __enter__(self):
+        self._register = register = nn.Module.register_parameter
+
+        def on_meta(module, name, param):
+            register(module, name, None if param is None else
+                     nn.Parameter(param.to("meta"), requires_grad=param.requires_grad))
+        nn.Module.register_parameter = on_meta
+        return self
+
+    def __exit__(self, *exc):
+        nn.Module.register_parameter = self._register
 
 
 # -- serving over several ranks ---------------------------------------------------------------------------------
@@ -179,30 +266,37 @@ class Ranks:
         self.control = control  # the group messages go over (gloo: NCCL moves only GPU tensors)
 
     @classmethod
-    def start(cls, world: int, worker_args: tuple, init: str, backend: str) -> "Ranks":
-        """Start ranks 1..world-1 (``worker`` with ``worker_args``), then join the process group as rank 0. The ranks
-        are interpreters of their own (an engine process, a daemon, may not fork children of its own), and each
-        is killed when this process dies. A rank loads its weights before it joins, so one that fails (a missing
-        file, no memory) exits before the group forms, and this fails at once instead of waiting out the group's
-        timeout."""
+    def spawn(cls, world: int, worker_args: tuple, init: str, backend: str) -> "Ranks":
+        """Start ranks 1..world-1 (``worker`` with ``worker_args``), each loading its share of the weights while this
+        process loads its own; ``join`` then forms the group. The ranks are interpreters of their own (an engine
+        process, a daemon, may not fork children of its own), and each is killed when this process dies."""
         import json
         import subprocess
         import sys
+
+        processes = [subprocess.Popen([sys.executable, "-m", "codellm.engine.sharding",
+                                       json.dumps([rank, world, init, backend, *worker_args])],
+                                      preexec_fn=_die_with_parent) for rank in range(1, world)]
+        ranks = cls(world, processes)
+        ranks._init, ranks._backend = init, backend
+        return ranks
+
+    def join(self) -> None:
+        """Join the process group as rank 0. A rank loads its weights before it joins, so one that fails (a missing
+        file, no memory) exits before the group forms, and this fails at once instead of waiting out the group's
+        timeout; the ranks are killed when it fails."""
         import threading
         from datetime import timedelta
 
         import torch.distributed as dist
 
-        processes = [subprocess.Popen([sys.executable, "-m", "codellm.engine.sharding",
-                                       json.dumps([rank, world, init, backend, *worker_args])],
-                                      preexec_fn=_die_with_parent) for rank in range(1, world)]
         joined, outcome = threading.Event(), []
 
         def join() -> None:  # (blocks until every rank has joined)
             try:
-                dist.init_process_group(backend, init_method=init, rank=0, world_size=world,
+                dist.init_process_group(self._backend, init_method=self._init, rank=0, world_size=self.world,
                                         timeout=timedelta(minutes=5))
-                outcome.append(_control_group(backend))
+                outcome.append(_control_group(self._backend))
             except BaseException as exc:
                 outcome.append(exc)
             finally:
@@ -211,17 +305,20 @@ class Ranks:
         threading.Thread(target=join, name="tp-join", daemon=True).start()
         try:
             while not joined.wait(0.2):
-                dead = [(rank, p.returncode) for rank, p in enumerate(processes, 1) if p.poll() is not None]
+                dead = [(rank, p.returncode) for rank, p in enumerate(self.processes, 1) if p.poll() is not None]
                 if dead:
                     raise RuntimeError("tensor parallelism: " + ", ".join(
                         f"rank {rank} exited (code {code})" for rank, code in dead) + " before joining; see its log")
             if isinstance(outcome[0], BaseException):
                 raise outcome[0]
         except BaseException:
-            for p in processes:
-                p.kill()
+            self.kill()
             raise
-        return cls(world, processes, outcome[0])
+        self.control = outcome[0]
+
+    def kill(self) -> None:
+        for p in self.processes:
+            p.kill()
 
     def setup(self, cache) -> None:
         _send(Setup(cache.blocks, cache.block_size, cache.slots, cache.max_len), self.control)
@@ -281,10 +378,9 @@ def worker(rank: int, world: int, init: str, backend: str, home: str, read_only:
     if backend == "nccl":  # a GPU a rank
         load = {**load, "device": f"cuda:{rank}"}
         torch.cuda.set_device(rank)
-    model, dev, dtype = loader.load_weights(registry, entry, weights, **load)
+    model, dev, dtype = loader.load_weights(registry, entry, weights, **load, shard=(rank, world))
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=timedelta(minutes=5))
     control = _control_group(backend)
-    shard(model, rank, world)
     fusion.fuse(model)  # as rank 0's engine does: the same kernels in the same order
     decoder = msgspec.msgpack.Decoder(Message)
     setup = _receive(decoder, control)

@@ -134,7 +134,11 @@ def load_for_training(model_dir: Path, cfg: TrainConfig, dev: torch.device, quan
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # (its older name is deprecated)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         if cfg.checkpoint_layers is not None:  # the layers past N keep their activations instead
             for layer in _decoder_layers(model)[cfg.checkpoint_layers:]:
