@@ -276,6 +276,41 @@ def test_a_draft_catches_up_on_what_it_did_not_see(copy_home):
     assert outputs["draft"] == outputs[False] and len(outputs[False]["long"]) == 60
 
 
+def test_a_draft_recomputes_shared_blocks_it_never_saw(copy_home):
+    """An answer decoded without speculation goes into the prefix cache with the target's keys only. A next turn that
+    reuses it has the draft take in the blocks whose keys it does not hold (a block is marked once the draft has its
+    keys), instead of drafting over whatever those blocks held before: afterwards the draft's cache holds, for the
+    whole conversation, the keys a draft computing it all from scratch holds, and the output is the same."""
+    from codellm.engine.kvcache import cache_rows
+    from codellm.engine.sampling import SamplingParams
+
+    prompt = _ids(_engine_tokenizer(copy_home))
+    plain = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, speculative=False)
+    turn = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    got = {}
+    for warm in (False, True):
+        _, engine = _engine(copy_home, "copier", spec="draft", draft="copier")
+        try:
+            answer = _run(engine, prompt, plain)[0][0]  # the first turn: no drafts, its blocks cached
+            if not warm:
+                engine.pool.reset()  # (nothing held now) the next turn computes everything
+            hits = engine.scheduler.prefix_hits
+            history = prompt + answer + prompt[:20]
+            tokens, _, last = _run(engine, history, turn)[0]
+            assert (engine.scheduler.prefix_hits - hits >= len(prompt) + 32) == warm  # the answer's blocks reused
+            assert last.drafted_tokens > 0
+            cache = engine.drafter.runner.cache
+            blocks = engine.pool.match(history, None)
+            rows = cache_rows(blocks, 0, len(blocks) * cache.block_size, cache.block_size)
+            got[warm] = tokens, cache.k[-1][rows].clone(), cache.v[-1][rows].clone()
+        finally:
+            engine.shutdown()
+    assert got[True][0] == got[False][0]
+    for cold, warm in zip(got[False][1:], got[True][1:]):
+        assert cold.shape == warm.shape and cold.shape[0] >= len(prompt) + 48
+        torch.testing.assert_close(warm, cold, rtol=1e-4, atol=1e-4)
+
+
 def test_a_draft_of_another_vocabulary_is_refused():
     from codellm.engine import tiny
     from codellm.engine.drafter import check_vocabulary

@@ -33,6 +33,9 @@ class BlockPool:
         self.refs = [0] * num_blocks
         self.keys: list[tuple | None] = [None] * num_blocks  # a cached block's (parent, tokens, salt)
         self.by_key: dict[tuple, int] = {}
+        # blocks whose keys a mirroring cache (a draft model's, on the same block ids) holds too: a shared block
+        # written while its sequence did not draft is computed by the draft before it drafts over it
+        self.mirrored = [False] * num_blocks
         # blocks no sequence holds, the next to hand out first: unkeyed ones at the front, then cached ones from
         # the least recently freed
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
@@ -47,6 +50,13 @@ class BlockPool:
 
     def _key(self, parent: int | None, tokens, salt) -> tuple:
         return (parent, tuple(tokens), salt)
+
+    def mirrored_prefix(self, chain: Chain) -> int:
+        """Positions from the start of ``chain`` whose blocks the mirroring cache holds."""
+        n = 0
+        while n < len(chain.blocks) and self.mirrored[chain.blocks[n]]:
+            n += 1
+        return n * self.size
 
     def match(self, tokens: list[int], salt: str | None) -> list[int]:
         """The cached blocks that hold the longest full-block prefix of ``tokens``, leaving at least the last
@@ -105,6 +115,12 @@ class BlockPool:
             chain.parent = hash(key)
             chain.keyed += 1
 
+    def mirror(self, chain: Chain, written: int) -> None:
+        """The mirroring cache holds the first ``written`` positions of ``chain``: its full blocks among them are
+        marked."""
+        for block in chain.blocks[:written // self.size]:
+            self.mirrored[block] = True
+
     def release(self, chain: Chain) -> None:
         """Let go of every block of ``chain``: a keyed block stays cached until the pool needs it."""
         for block in reversed(chain.blocks):  # a chain's tail goes first when blocks are needed
@@ -120,6 +136,7 @@ class BlockPool:
         assert not any(self.refs), "blocks are still held"
         self.keys = [None] * self.num_blocks
         self.by_key.clear()
+        self.mirrored = [False] * self.num_blocks
 
     def _hold(self, block: int) -> None:
         if self.refs[block] == 0:
@@ -129,6 +146,7 @@ class BlockPool:
     def _take(self) -> int:
         block, _ = self.free.popitem(last=False)
         key = self.keys[block]
+        self.mirrored[block] = False
         if key is not None:  # evicted: its contents are about to be overwritten
             self.keys[block] = None
             if self.by_key.get(key) == block:

@@ -102,11 +102,9 @@ class Engine(Admission):
         self.drafter: Drafter | None = None
         if drafting:
             drafter.check_vocabulary(lm, draft)
-            self.drafter = Drafter(draft, blocks=self.pool.num_blocks, block_size=block_size, rows=slots,
-                                   verify_rows=verify_rows, verify_run=verify_run, cuda_graphs=cuda_graphs,
-                                   compile=compile)
-        # prompt tokens per step: a burst of 64 128-token prompts prefills in one forward on a GPU (time to first
-        # token), at the cost of one longer step for streams already decoding
+            self.drafter = Drafter(draft, pool=self.pool, rows=slots, verify_rows=verify_rows, verify_run=verify_run,
+                                   cuda_graphs=cuda_graphs, compile=compile)
+        # prompt tokens per step (``default_prefill_chunk``): streams already decoding wait for each step's prefill
         self.scheduler = Scheduler(self.pool, slots, prefill_chunk or default_prefill_chunk(cuda, parameter_count(lm.model)))
         # greedy steps pick their tokens in the step and leave them on the device (see _decode_one), read a step late
         # while the device runs the next one where it runs asynchronously (a GPU; None: there only, True: everywhere);

@@ -6,9 +6,10 @@ The draft runs in the same engine, on its own paged cache: a ``ModelRunner`` of 
 blocks as the target's and is indexed by the same block tables, so a sequence's blocks hold its keys in both. The
 draft computes what the target computes for prompts (each prefill chunk, mirrored), and catches up on the tokens it
 has not seen (the last one, and any decoded while not speculating) at the start of each drafting step. A sequence's
-``draft_cached`` says how far the draft's keys are its own. Nothing the draft computes decides an output token: a
-stale draft key (in a block the prefix cache shares, written while its sequence did not speculate) costs only kept
-drafts.
+``draft_cached`` says how far the draft's keys are its own, and the block pool marks the blocks whose draft keys are
+whole (``BlockPool.mirror``): a prompt that shares cached blocks the draft never computed (an answer decoded without
+speculating, reused by the next turn) has the draft compute them first. Nothing the draft computes decides an output
+token; a wrong draft key would cost only kept drafts.
 
 One drafting step launches a catch-up (every sequence's unseen tokens as rows of the verify lane, or a packed
 prefill when they are many) and k - 1 decode steps, each feeding the next on the device, and reads the k drafts of
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from codellm.engine.blocks import BlockPool
 from codellm.engine.loader import LoadedModel
 from codellm.engine.runner import ModelRunner, kv_shape
 from codellm.engine.sequence import Chunk, Sequence
@@ -33,11 +35,12 @@ def check_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
 
 
 class Drafter:
-    def __init__(self, lm: LoadedModel, *, blocks: int, block_size: int, rows: int, verify_rows: int,
+    def __init__(self, lm: LoadedModel, *, pool: BlockPool, rows: int, verify_rows: int,
                  verify_run: int = 1, cuda_graphs: bool = True, compile: bool = False):
         self.lm = lm
+        self.pool = pool  # the target's: the draft's cache has as many blocks, under the same ids
         layers, kv_heads, head_dim = kv_shape(lm.model)
-        self.runner = ModelRunner(lm, blocks=blocks, block_size=block_size, rows=rows, layers=layers,
+        self.runner = ModelRunner(lm, blocks=pool.num_blocks, block_size=pool.size, rows=rows, layers=layers,
                                   kv_heads=kv_heads, head_dim=head_dim, cuda_graphs=cuda_graphs, compile=compile,
                                   verify_rows=verify_rows, verify_run=verify_run)
         self.verify_rows = verify_rows
@@ -53,11 +56,16 @@ class Drafter:
         self.runner.set_rows(seqs)
 
     def prefill(self, chunks: list[Chunk]) -> None:
-        """The target's prompt chunks, computed by the draft too (its logits are not needed)."""
+        """The target's prompt chunks, computed by the draft too (its logits are not needed), each from where the
+        draft's keys of its sequence end: the chunk's start, or earlier where it continues shared blocks the draft
+        does not hold."""
+        chunks = [(seq, min(start, max(seq.draft_cached, self.pool.mirrored_prefix(seq.chain))), end)
+                  for seq, start, end in chunks]
         if chunks:
             self.runner.prefill(chunks)
         for seq, _, end in chunks:
             seq.draft_cached = end
+            self.pool.mirror(seq.chain, end)
 
     def propose(self, rows: list[tuple[Sequence, int]]) -> list[list[int]]:
         """Up to k greedy draft tokens for each (sequence, k): the draft's continuation of everything it knows."""
@@ -86,7 +94,8 @@ class Drafter:
                 drafts.append(argmax.index_select(0, slots))
             tokens = torch.stack(drafts, dim=1).tolist()  # the one wait
         for seq, ks in zip(seqs, known):
-            seq.draft_cached = len(ks) + steps - 1
+            seq.draft_cached = len(ks) + steps - 1  # (past ``ks``: the drafts' keys, kept or not after the check)
+            self.pool.mirror(seq.chain, len(ks))
         return [t[:k] for t, (_, k) in zip(tokens, rows)]
 
     @staticmethod

@@ -137,7 +137,7 @@ class Scheduler:
         log.info("preempting sequence %d (%d tokens): the KV cache is full", seq.id, len(seq.prompt) + len(seq.generated))
         self.running.remove(seq)
         self._give_back(seq)
-        seq.cached = 0
+        seq.cached = seq.draft_cached = 0  # (what is still cached of it is found again, by the draft too)
         self.waiting.appendleft(seq)
         self.preempted += 1
 
