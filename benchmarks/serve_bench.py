@@ -38,6 +38,10 @@ SHAPES = {
     "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                       tie_word_embeddings=False),
+    # larger than one GPU: written tensor by tensor (``write_random_checkpoint``), served with --tensor-parallel
+    "llama3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0, tie_word_embeddings=False),
     "tiny": dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True),
 }
@@ -81,15 +85,64 @@ def build_model(shape: str, home: Path, name: str = "bench", **overrides) -> str
 
     cfg = LlamaConfig(**{**SHAPES[shape], **overrides}, bos_token_id=None, eos_token_id=0, pad_token_id=0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16 if device == "cuda" else torch.float32)
     directory = home / "src"
-    model.save_pretrained(directory, safe_serialization=True)
+    if shape in STREAMED:
+        write_random_checkpoint(cfg, directory, device)
+    else:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(cfg).to(torch.bfloat16 if device == "cuda" else torch.float32)
+        model.save_pretrained(directory, safe_serialization=True)
+        del model
     synthetic_tokenizer(cfg.vocab_size).save_pretrained(directory)
-    del model
     create(Registry(home), name, Modelfile(from_=str(directory)))
     return name
+
+
+STREAMED = {"llama3-70b"}  # shapes whose whole model would not fit in host memory in fp32
+
+
+def write_random_checkpoint(cfg, directory: Path, device: str = "cpu", shard_bytes: int = 4 << 30) -> None:
+    """A random bf16 checkpoint of ``cfg``'s Llama, written a tensor at a time in shards of about ``shard_bytes``
+    with their index, as save_pretrained writes one: the names and shapes come from a model built empty (meta),
+    so no more than one shard is ever in memory. Linear weights are N(0, 0.02), norms ones."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in LlamaForCausalLM(cfg).state_dict().items()}
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    directory.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    index, shard, size, files = {}, {}, 0, []
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, str(directory / name), metadata={"format": "pt"})
+            files.append(name)
+            index.update({k: name for k in shard})
+            shard, size = {}, 0
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
+        shard[name] = t
+        size += t.numel() * 2
+        if size >= shard_bytes:
+            flush()
+    flush()
+    total = sum(shapes[k].numel() * 2 for k in index)
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": index}, indent=2))
+    cfg.torch_dtype = "bfloat16"
+    cfg.save_pretrained(directory)
 
 
 def build_adapter(home: Path, base: str, name: str = "bench-lora", rank: int = 16) -> str:
