@@ -507,6 +507,39 @@ def test_explicit_nulls_mean_the_defaults(server):
     assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
 
 
+def test_adapters_a_killed_server_added_are_removed_by_the_next_one(served_home, adapter_dir):
+    """A server killed before its shutdown cannot remove the adapters it added at run time; the next server on the
+    registry does, from the dead one's ledger, and leaves a live server's alone."""
+    from codellm.registry import Registry
+
+    reg = Registry(served_home)
+    live = Server(served_home, "--slots", "2", "--num-ctx", "256", "--engine-thread", "--allow-lora-updates")
+    doomed = Server(served_home, "--slots", "2", "--num-ctx", "256", "--engine-thread", "--allow-lora-updates")
+    try:
+        for srv, name in ((live, "lora-of-the-living"), (doomed, "lora-of-the-killed")):
+            r = httpx.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(adapter_dir),
+                                                                     "base_model_name": "tiny-coder"})
+            assert r.status_code == 200, r.text
+        doomed.proc.kill()
+        doomed.proc.wait(60)
+        assert reg.exists("lora-of-the-killed")  # left behind
+        assert any(p.name.endswith(f"-{doomed.proc.pid}.json") for p in (served_home / "run").iterdir())
+        nxt = Server(served_home, "--slots", "2", "--num-ctx", "256", "--engine-thread", "--allow-lora-updates")
+        try:
+            assert not reg.exists("lora-of-the-killed") and reg.exists("lora-of-the-living")
+            assert not any(p.name.endswith(f"-{doomed.proc.pid}.json") for p in (served_home / "run").iterdir())
+            r = httpx.post(nxt.url + "/v1/load_lora_adapter", json={"lora_name": "lora-of-the-killed",
+                                                                    "lora_path": str(adapter_dir),
+                                                                    "base_model_name": "tiny-coder"})
+            assert r.status_code == 200, r.text  # the name is free again
+        finally:
+            nxt.stop()
+    finally:
+        live.stop()
+        doomed.stop()
+    assert not reg.exists("lora-of-the-living") and not reg.exists("lora-of-the-killed")
+
+
 @pytest.mark.parametrize("placement", ["--engine-thread", "--engine-process"])
 def test_lora_adapters_loaded_and_unloaded_while_serving(served_home, adapter_dir, placement):
     """vLLM's runtime LoRA routes: off by default; on, an adapter from a PEFT directory (from this machine) or a

@@ -4,15 +4,21 @@
 Off unless the server was started with ``--allow-lora-updates``. A loaded adapter becomes a registry model
 named ``lora_name`` (FROM its base, ADAPTER its files), served on its base's weights and engine like any
 other adapter, and listed in ``/v1/models``; unloading forgets it and removes what loading created, and so
-does the server's shutdown. The
-adapter comes from a registry adapter model, or from a PEFT directory on the server's own disk, which only a
-client on this machine (loopback) may name.
+does the server's shutdown. A server killed before its shutdown leaves them behind; each server keeps a
+ledger of its own in the registry (``run/lora-HOST-PID.json``), and the next server started on that registry on
+this host removes what a dead one's ledger lists. The adapter comes from a registry adapter model, or from a PEFT
+directory on the server's own disk, which only a client on this machine (loopback) may name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
+import logging
+import os
+import socket
+from pathlib import Path
 
 from litestar import Request, post
 from litestar.response import Response
@@ -23,6 +29,9 @@ from codellm.errors import CodellmError, InvalidRequest, NotFound
 from codellm.registry import manifest as mt
 from codellm.registry.names import is_valid
 from codellm.server.openai import manager_of
+
+
+log = logging.getLogger("codellm.server")
 
 
 class Forbidden(CodellmError):
@@ -92,8 +101,13 @@ async def load_lora_adapter(request: Request, data: LoadLoRA) -> Response:
     if not reg.exists(base):
         raise NotFound(f"The model `{base}` does not exist.", param="base_model_name")
     modelfile = Modelfile(from_=base, adapters=[data.lora_path])
-    await asyncio.to_thread(create, reg, data.lora_name, modelfile, allow_paths=entry is None)
-    request.app.state.runtime_adapters.add(reg.get(data.lora_name).name)
+    names = request.app.state.runtime_adapters
+    await asyncio.to_thread(_record, reg, names | {data.lora_name})  # before it exists: a kill leaves no stray
+    try:
+        await asyncio.to_thread(create, reg, data.lora_name, modelfile, allow_paths=entry is None)
+        names.add(reg.get(data.lora_name).name)
+    finally:
+        await asyncio.to_thread(_record, reg, names)
     try:
         await asyncio.to_thread(manager.get, data.lora_name)  # attached now, not on the first request
     except BaseException:
@@ -105,12 +119,76 @@ async def load_lora_adapter(request: Request, data: LoadLoRA) -> Response:
 def forget_all(app) -> None:
     """At shutdown: adapters added at run time last as long as the server, as in vLLM; the registry forgets them."""
     reg = app.state.manager.registry
-    for name in list(app.state.runtime_adapters):
+    _remove(reg, app.state.runtime_adapters)
+    app.state.runtime_adapters.clear()
+    if not reg.read_only:
+        _ledger(reg).unlink(missing_ok=True)
+
+
+def _remove(reg, names) -> None:
+    for name in names:
         try:
-            reg.remove(name)
+            if is_valid(str(name)) and reg.exists(str(name)) and reg.get(str(name)).manifest.layers_of(mt.ADAPTER):
+                reg.remove(str(name))
         except CodellmError:
             pass
-    app.state.runtime_adapters.clear()
+
+
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), None if there is none: a pid taken again by another
+    process after a kill has another start."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "?"
+
+
+def _ledger(reg, pid: int | None = None) -> Path:
+    return reg.home / "run" / f"lora-{socket.gethostname()}-{os.getpid() if pid is None else pid}.json"
+
+
+def _record(reg, names) -> None:
+    """This server's ledger: the adapters it added, written whole (a temporary file renamed over it)."""
+    path = _ledger(reg)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"started": _started(os.getpid()), "adapters": sorted(str(n) for n in names)}))
+    os.replace(tmp, path)
+
+
+def reclaim(reg) -> list[str]:
+    """At start: remove the adapters that servers on this host, now gone, added at run time and never removed (they
+    were killed). Ledgers of other hosts and of live servers are left alone; a ledger that cannot be read is
+    dropped."""
+    if reg.read_only:
+        return []
+    removed = []
+    prefix = f"lora-{socket.gethostname()}-"
+    for path in (reg.home / "run").glob(prefix + "*.json"):
+        pid = path.stem.removeprefix(prefix)
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            ledger = json.loads(path.read_text())
+            started, names = ledger["started"], [n for n in ledger["adapters"] if isinstance(n, str)]
+        except (OSError, ValueError, KeyError, TypeError):
+            started, names = None, []
+        now = _started(int(pid))
+        if now is not None and (now == started or "?" in (now, started)):
+            continue  # that server still runs
+        _remove(reg, names)
+        removed += names
+        path.unlink(missing_ok=True)
+    if removed:
+        log.info("removed adapters added at run time by servers that were stopped without shutting down: %s",
+                 ", ".join(removed))
+    return removed
 
 
 def _forget(request: Request, name: str) -> None:
@@ -119,6 +197,7 @@ def _forget(request: Request, name: str) -> None:
     key = manager.registry.get(name).name
     manager.registry.remove(key)
     request.app.state.runtime_adapters.discard(key)
+    _record(manager.registry, request.app.state.runtime_adapters)
 
 
 @post("/v1/unload_lora_adapter", status_code=200, summary="Remove a LoRA adapter added while serving (vLLM)")

@@ -84,6 +84,7 @@ async def _on_startup(app: Litestar) -> None:
     import asyncio
 
     loop = asyncio.get_running_loop()
+    await asyncio.to_thread(adapters.reclaim, app.state.manager.registry)  # what killed servers left behind
     app.state.manager.serve_on(loop)  # engine processes' outputs are read on this loop
     pace_streams(loop, app.state.stream_interval)
     app.state.reaper = asyncio.create_task(_reaper(app))
