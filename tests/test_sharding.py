@@ -94,7 +94,8 @@ def test_sharded_ranks_match_the_whole_model(tiny_dir, tmp_path):
 
 def test_tensor_parallel_server_answers_as_one_process(served_home, tiny_dir):
     """`codellm serve --tensor-parallel 2` on CPU: rank 0 (the engine process) schedules, and every forward it runs
-    is relayed to rank 1 over gloo. Concurrent greedy completions are the unsharded model's, token for token; what
+    is relayed to rank 1 over gloo. Concurrent greedy completions are the unsharded model's, token for token (a prompt
+    that continues cached blocks too); what
     needs the whole model in one process (embeddings) is a clear 400; the ranks exit with the server."""
     import concurrent.futures
 
@@ -105,7 +106,8 @@ def test_tensor_parallel_server_answers_as_one_process(served_home, tiny_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     whole = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    prompts = ["def fibonacci(n):\n", "class Stack:\n    def", "import csv\n\ndef read_csv(path):\n    with"]
+    long = "import csv\nimport json\n\n\ndef read_rows(path):\n    with open(path) as fh:\n        return list(csv.reader(fh))\n\n\ndef main(path):\n    rows = read_rows(path)\n    print(json.dumps(rows))\n"
+    prompts = ["def fibonacci(n):\n", "class Stack:\n    def", "import csv\n\ndef read_csv(path):\n    with", long]
     refs = []
     with torch.inference_mode():
         for p in prompts:
@@ -115,14 +117,18 @@ def test_tensor_parallel_server_answers_as_one_process(served_home, tiny_dir):
             refs.append(tok.decode(out, skip_special_tokens=True))
     srv = Server(served_home, "--tensor-parallel", "2", "--num-ctx", "512")
     try:
+        cached = []
+
         def complete(p):
             r = httpx.post(srv.url + "/v1/completions", timeout=300, json={
                 "model": "tiny-coder", "prompt": p, "max_tokens": 32, "temperature": 0, "ignore_eos": True})
             assert r.status_code == 200, r.text
+            cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
             return r.json()["choices"][0]["text"]
 
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # batched together
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # batched together
             assert list(pool.map(complete, prompts)) == refs
+        assert complete(long) == refs[-1] and cached[-1] >= 16  # a prompt continuing cached blocks, on both ranks
         r = httpx.post(srv.url + "/v1/embeddings", json={"model": "tiny-coder", "input": "x"}, timeout=120)
         assert r.status_code == 400 and "tensor-parallel" in r.json()["error"]["message"], r.text
         assert complete(prompts[0]) == refs[0]  # and it still serves

@@ -218,6 +218,21 @@ def pack_keys(chunks: list[tuple[list[int], int, list[int]]], block_size: int, s
     return torch.tensor(index + [scratch] * (width - total), dtype=torch.long), cu_k, max(ends) if width == total else width
 
 
+def packed_step(cache: PagedCache, packed: list[tuple[list[int], int, list[int]]], fresh: bool, device):
+    """What one eager forward of packed chunks (tokens, first position, blocks) needs: CPU ids and positions [N],
+    each chunk's last index (CPU), and the step context on ``device``. Chunks that continue cached prefixes
+    (not ``fresh``) attend to their whole sequences. Every tensor-parallel rank builds its step with this, from the
+    same chunks."""
+    ids, positions, write, cu, last = pack_prompts(packed, cache.block_size, cache.scratch)
+    keys = {}
+    if not fresh:
+        index, cu_k, max_k = pack_keys(packed, cache.block_size)
+        keys = dict(kv_index=index.to(device), cu_k=cu_k.to(device, torch.int32), max_k=max_k)
+    ctx = packed_context(cache, write.to(device), positions.to(device), cu.to(device, torch.int32),
+                         max(len(t) for t, _, _ in packed), **keys)
+    return ids, positions, last, ctx
+
+
 def _packed_attention(ctx: StepContext, layer: int, query, key, value, scale) -> torch.Tensor:
     """[1, N, Hq, D]: every packed chunk attends causally to its sequence's keys (its own, when fresh). On GPUs in
     half precision this is FlashAttention's variable-length kernel (GQA native, no mask; a query run shorter than

@@ -99,14 +99,14 @@ class ModelRunner:
         extra = {}
         if self.peft:  # rows pick their adapter (PEFT mixed-batch LoRA)
             extra["adapter_names"] = [a or "__base__" for a in adapters]
+        if self.ranks is not None:  # the other ranks build the same step from the same rows
+            self.ranks.rows(ids, positions, tables)
         return self._logits(kvcache.step_context(self.cache, tables, positions), ids, positions.clamp(min=0),
                             0 if all_logits else 1, **extra)
 
     def _logits(self, ctx: kvcache.StepContext, ids: torch.Tensor, positions: torch.Tensor, logits_to_keep, **extra) -> torch.Tensor:
         """The model's logits for ``ids`` at ``positions`` (CPU tensors) inside step ``ctx``, launched eagerly."""
         dev = self.lm.device
-        if self.ranks is not None:
-            self.ranks.relay(ctx, ids, positions, logits_to_keep)
         if isinstance(logits_to_keep, torch.Tensor):
             logits_to_keep = logits_to_keep.to(dev)
         with kvcache.use(ctx), kvcache.attention_backends(dev), torch.inference_mode():
@@ -172,15 +172,10 @@ class ModelRunner:
         """One eager forward of packed chunks (tokens, first position, blocks): each chunk's last logits, or with
         ``every`` the logits of all its positions, end to end."""
         dev = self.lm.device
-        bs = self.cache.block_size
         lora = self.graphs.lora if self.graphs_usable else None
-        ids, positions, write, cu, last = kvcache.pack_prompts(packed, bs, self.cache.scratch)
-        keys = {}
-        if not fresh:  # chunks that continue cached prefixes attend to their whole sequences
-            index, cu_k, max_k = kvcache.pack_keys(packed, bs)
-            keys = dict(kv_index=index.to(dev), cu_k=cu_k.to(dev, torch.int32), max_k=max_k)
-        ctx = kvcache.packed_context(self.cache, write.to(dev), positions.to(dev), cu.to(dev, torch.int32),
-                                     max(len(t) for t, _, _ in packed), **keys)
+        if self.ranks is not None:  # the other ranks build the same step from the same chunks
+            self.ranks.packed(packed, fresh)
+        ids, positions, last, ctx = kvcache.packed_step(self.cache, packed, fresh, dev)
         tokens = [t for t, _, _ in packed]
         with lora.active(multilora.token_adapters(tokens, adapters, len(ids)).to(dev).view(1, -1)) if lora \
                 else contextlib.nullcontext():

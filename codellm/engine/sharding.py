@@ -196,8 +196,9 @@ class _parameters_on_meta:
 
 # -- serving over several ranks ---------------------------------------------------------------------------------
 # Rank 0 runs the engine: the scheduler, the paged cache's bookkeeping and sampling. Every forward it launches is
-# first broadcast to the other ranks (``Ranks.relay``), which run the same forward on their shards, so that the
-# all-reduces inside meet. What crosses is typed (msgspec) and tensors go as raw bytes: no pickles.
+# first broadcast to the other ranks as its host inputs (``Ranks.rows``, ``Ranks.packed``), from which they build the
+# same step and run it on their shards, so that the all-reduces inside meet. What crosses is typed (msgspec) and
+# tensors go as raw bytes: no pickles.
 class Array(msgspec.Struct, array_like=True):
     dtype: str
     shape: list[int]
@@ -223,21 +224,26 @@ class Setup(msgspec.Struct, tag="setup", array_like=True):
     max_len: int
 
 
-class Forward(msgspec.Struct, tag="forward", array_like=True):
+class Rows(msgspec.Struct, tag="rows", array_like=True):
+    """An eager step over rows of tokens (``kvcache.step_context``): decode steps, left-padded prefills."""
+
     ids: Array
-    positions: Array
-    keep: int | Array  # logits_to_keep
-    tensors: dict[str, Array]  # the step context's tensors (write, positions, mask, kv_index, table, cu, cu_k)
-    kv_len: int
-    max_k: int
+    positions: Array  # -1: padding
+    tables: list[list[int]]  # each row's blocks
+
+
+class Packed(msgspec.Struct, tag="packed", array_like=True):
+    """An eager forward of packed prompt chunks (``kvcache.packed_step``)."""
+
+    chunks: list[tuple[list[int], int, list[int]]]  # (tokens, first position, blocks)
+    fresh: bool
 
 
 class Done(msgspec.Struct, tag="done", array_like=True):
     pass
 
 
-Message = Setup | Forward | Done
-_CONTEXT = ("write", "positions", "mask", "kv_index", "table", "cu", "cu_k")
+Message = Setup | Rows | Packed | Done
 
 
 def _send(message: msgspec.Struct, group=None) -> None:
@@ -323,10 +329,13 @@ class Ranks:
     def setup(self, cache) -> None:
         _send(Setup(cache.blocks, cache.block_size, cache.slots, cache.max_len), self.control)
 
-    def relay(self, ctx, ids: torch.Tensor, positions: torch.Tensor, keep) -> None:
-        tensors = {name: Array.of(getattr(ctx, name)) for name in _CONTEXT if getattr(ctx, name) is not None}
-        _send(Forward(Array.of(ids), Array.of(positions), keep if isinstance(keep, int) else Array.of(keep), tensors,
-                      ctx.kv_len, ctx.max_k), self.control)
+    def rows(self, ids: torch.Tensor, positions: torch.Tensor, tables: list[list[int]]) -> None:
+        """The other ranks run the step rank 0 is about to run, from its host inputs (nothing read back from the
+        device, and a table of blocks rather than the gathered indices and masks)."""
+        _send(Rows(Array.of(ids), Array.of(positions), tables), self.control)
+
+    def packed(self, chunks: list[tuple[list[int], int, list[int]]], fresh: bool) -> None:
+        _send(Packed(chunks, fresh), self.control)
 
     def stop(self) -> None:
         import torch.distributed as dist
@@ -391,14 +400,16 @@ def worker(rank: int, world: int, init: str, backend: str, home: str, read_only:
         message = _receive(decoder, control)
         if isinstance(message, Done):
             break
-        parts = {k: a.tensor(dev) for k, a in message.tensors.items()}
-        ctx = kvcache.StepContext(cache, parts["write"], parts["positions"], message.kv_len, parts.get("mask"),
-                                  parts.get("kv_index"), table=parts.get("table"), cu=parts.get("cu"),
-                                  cu_k=parts.get("cu_k"), max_k=message.max_k)
-        keep = message.keep if isinstance(message.keep, int) else message.keep.tensor(dev)
-        with kvcache.use(ctx), kvcache.attention_backends(dev), torch.inference_mode():
-            model(input_ids=message.ids.tensor(dev), position_ids=message.positions.tensor(dev), use_cache=False,
-                  logits_to_keep=keep)
+        if isinstance(message, Rows):
+            positions = message.positions.tensor("cpu")
+            ctx = kvcache.step_context(cache, message.tables, positions)
+            ids, positions = message.ids.tensor("cpu"), positions.clamp(min=0)
+        else:
+            ids, positions, _, ctx = kvcache.packed_step(cache, [(list(t), start, list(b)) for t, start, b in message.chunks],
+                                                         message.fresh, dev)
+            ids, positions = ids.view(1, -1), positions.view(1, -1)
+        with kvcache.use(ctx), kvcache.attention_backends(dev), torch.inference_mode():  # (its logits are rank 0's)
+            model(input_ids=ids.to(dev), position_ids=positions.to(dev), use_cache=False, logits_to_keep=1)
     dist.destroy_process_group()
 
 
