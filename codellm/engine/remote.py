@@ -486,14 +486,14 @@ def _child_main(conn, home: str, read_only: bool, name: str, load: dict, engine_
         registry = Registry(home, read_only=read_only)
         entry, weights = loader.resolve(registry, name)
         world = engine_opts.pop("tensor_parallel", 1) or 1
-        if world > 1 and loader.pick_device(load.get("device"), load.get("dtype"))[0].type == "cuda":
-            load = {**load, "device": "cuda:0"}  # rank r runs on GPU r
         ranks = None
         if world > 1:  # this process is rank 0 and starts the others; each rank reads its own share of the weights
             from codellm.engine import sharding
 
             sharding.plan(memory.text_config(registry, weights) or {}, world)  # (fails before any rank starts)
             cuda = loader.pick_device(load.get("device"), load.get("dtype"))[0].type == "cuda"
+            if cuda:
+                load = {**load, "device": "cuda:0"}  # rank r runs on GPU r
             ranks = sharding.Ranks.spawn(world, (home, read_only, name, load), _loopback_url(),
                                          "nccl" if cuda else "gloo")
             try:

@@ -64,12 +64,10 @@ class RowParallelLinear(nn.Linear):
     """A linear layer holding a slice of its input columns: the partial products of all ranks are summed (one
     all-reduce), then the bias is added once."""
 
-    def __init__(self, layer: nn.Linear, rank: int, world: int, group=None):
-        cols = layer.in_features // world
-        super().__init__(cols, layer.out_features, bias=layer.bias is not None, device="meta")
-        self.weight = nn.Parameter(layer.weight.data[:, rank * cols:(rank + 1) * cols].contiguous(),
-                                   requires_grad=False)
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.data.clone(), requires_grad=False)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group=None):
+        super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,13 +78,10 @@ class RowParallelLinear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
-def _columns(layer: nn.Linear, rank: int, world: int) -> None:
-    """Keep rank ``rank``'s contiguous slice of the output rows (and bias)."""
-    rows = layer.out_features // world
-    layer.weight = nn.Parameter(layer.weight.data[rank * rows:(rank + 1) * rows].contiguous(), requires_grad=False)
-    if layer.bias is not None:
-        layer.bias = nn.Parameter(layer.bias.data[rank * rows:(rank + 1) * rows].contiguous(), requires_grad=False)
-    layer.out_features = rows
+def _part(tensor, span: tuple[int, int, int]):
+    """The ``(dim, start, stop)`` slice of a tensor, or of a safetensors file's tensor (read as that slice only)."""
+    dim, start, stop = span
+    return tensor[start:stop] if dim == 0 else tensor[:, start:stop]
 
 
 def _projections(model: nn.Module) -> list[tuple[str, nn.Module, str, int]]:
@@ -123,15 +118,21 @@ def shard(model: nn.Module, rank: int, world: int, group=None) -> Plan:
     reads only its share); its config then describes the share (so the KV cache is sized for it)."""
     cfg = _text_config(model)
     split = plan(cfg, world)
-    projections = _projections(model)
+    keep = cuts(model, rank, world)
     if world == 1:
         return split
     with torch.no_grad():
-        for _, module, attr, dim in projections:
-            if dim == 0:
-                _columns(getattr(module, attr), rank, world)
-            else:
-                setattr(module, attr, RowParallelLinear(getattr(module, attr), rank, world, group))
+        for prefix, module, attr, dim in _projections(model):
+            layer, name = getattr(module, attr), f"{prefix}.{attr}" if prefix else attr
+            weight = _part(layer.weight.data, keep[f"{name}.weight"]).contiguous()
+            bias = None if layer.bias is None else layer.bias.data
+            if dim == 1:  # row-parallel: partial sums, all-reduced, and the bias whole
+                setattr(module, attr, RowParallelLinear(weight, None if bias is None else bias.clone(), group))
+                continue
+            layer.weight = nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                layer.bias = nn.Parameter(_part(bias, keep[f"{name}.bias"]).contiguous(), requires_grad=False)
+            layer.out_features = weight.shape[0]
     cfg.head_dim = split.head_dim  # (not derived from the hidden size and the heads left any more)
     cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size = split.heads, split.kv_heads, split.intermediate
     model._codellm_shard = (rank, world)
@@ -160,11 +161,7 @@ def load(model_dir, rank: int, world: int, *, device: torch.device, dtype: torch
                 if key not in wanted:
                     continue
                 piece = f.get_slice(key)
-                if key in keep:
-                    dim, start, stop = keep[key]
-                    piece = piece[start:stop] if dim == 0 else piece[:, start:stop]
-                else:
-                    piece = piece[:]
+                piece = _part(piece, keep[key]) if key in keep else piece[:]
                 state[key] = piece.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(config.get_text_config(), "tie_word_embeddings", False):
