@@ -126,10 +126,10 @@ def forget_all(app) -> None:
 
 
 def _remove(reg, names) -> None:
-    for name in names:
+    for name in map(str, names):
         try:
-            if is_valid(str(name)) and reg.exists(str(name)) and reg.get(str(name)).manifest.layers_of(mt.ADAPTER):
-                reg.remove(str(name))
+            if is_valid(name) and reg.exists(name) and reg.get(name).manifest.layers_of(mt.ADAPTER):
+                reg.remove(name)
         except CodellmError:
             pass
 
@@ -149,8 +149,8 @@ def _started(pid: int) -> str | None:
         return "?"
 
 
-def _ledger(reg, pid: int | None = None) -> Path:
-    return reg.home / "run" / f"lora-{socket.gethostname()}-{os.getpid() if pid is None else pid}.json"
+def _ledger(reg) -> Path:
+    return reg.home / "run" / f"lora-{socket.gethostname()}-{os.getpid()}.json"
 
 
 def _record(reg, names) -> None:
