@@ -261,6 +261,9 @@ def engine_options(f):
         click.option("--compile/--no-compile", default=True, show_default=True,
                      help="torch.compile the GPU decode step before capturing it (fused kernels, ~1.3x decode "
                      "throughput; about 30 s more at load)."),
+        click.option("--compile-prefill/--no-compile-prefill", default=False, show_default=True,
+                     help="torch.compile the GPU packed-prefill step too (fused norms, rotary and activations in "
+                     "prompt processing; more time at load)."),
         click.option("--speculative", type=click.Choice(["off", "ngram", "draft"]), default=None,
                      help="Speculative decoding (default off, or draft with --draft): ngram proposes the tokens that "
                      "followed the same text earlier in the prompt or the answer (edits, renames, quoted tool output); "

@@ -60,7 +60,7 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 class Engine(Admission):
     def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int | None = None,
-                 cuda_graphs: bool = True, compile: bool = False, overlap: bool | None = None, fuse: bool = True,
+                 cuda_graphs: bool = True, compile: bool = False, compile_prefill: bool = False, overlap: bool | None = None, fuse: bool = True,
                  kv_cache_memory: int | None = None, kv_fit: bool = False, block_size: int = 16,
                  prefix_caching: bool = True,
                  speculative: SpeculativeConfig | None = None, draft: LoadedModel | None = None,
@@ -95,8 +95,8 @@ class Engine(Admission):
         verify_run = speculative.verify_run if speculative is not None else 1
         self.runner = ModelRunner(lm, blocks=self.pool.num_blocks, block_size=block_size, rows=slots,
                                   layers=layers, kv_heads=kv_heads, head_dim=head_dim,
-                                  cuda_graphs=cuda_graphs, compile=compile, verify_rows=verify_rows, verify_run=verify_run,
-                                  ranks=ranks)
+                                  cuda_graphs=cuda_graphs, compile=compile, compile_prefill=compile_prefill,
+                                  verify_rows=verify_rows, verify_run=verify_run, ranks=ranks)
         if ranks is not None:  # tensor parallelism: ``lm``'s model is rank 0's shard (``sharding``)
             ranks.setup(self.runner.cache)  # the other ranks size their caches alike
         self.drafter: Drafter | None = None

@@ -93,7 +93,7 @@ def step_inputs(b: int, ids: list[int], positions: list[int], take: list[int], a
 
 class GraphRunner:
     def __init__(self, model, cache: kvcache.PagedCache, device: torch.device, tokens: torch.Tensor, *, min_kv: int = 128,
-                 compile: bool = False, verify_rows: int = 0, verify_run: int = 1):
+                 compile: bool = False, compile_prefill: bool = False, verify_rows: int = 0, verify_run: int = 1):
         self.model, self.cache, self.device = model, cache, device
         # tokens: [slots] each slot's last argmax, on the device: the next step can read its input there
         self.lanes = {"decode": Lane(cache.slots, device, tokens, gather=False)}
@@ -128,6 +128,8 @@ class GraphRunner:
         self.lora: multilora.Rows | None = None  # unmerged adapters in the graphs (``use_adapters``)
         self.compiled = compile
         self.forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
+        self.prefill_forward = torch.compile(self._prefill_forward, dynamic=True) if compile_prefill \
+            else self._prefill_forward
 
     def use_adapters(self, rows: multilora.Rows) -> None:
         """Adapters were attached (and stacked into ``rows``): capture every graph again with them in. The step
@@ -140,7 +142,7 @@ class GraphRunner:
     def _uncompiled(self) -> None:
         """Drop every graph; later captures are of the plain step, into a new memory pool (the old graphs' pool
         goes with them, and capturing into it again fails an allocator assertion)."""
-        self.forward, self.compiled = self._forward, False
+        self.forward, self.prefill_forward, self.compiled = self._forward, self._prefill_forward, False
         for lane in self.lanes.values():
             lane.graphs.clear()
         self.prefill_graphs.clear()
@@ -181,15 +183,19 @@ class GraphRunner:
 
     def _prefill_step(self, n: int, k: int) -> torch.Tensor:
         ids, pos, write, cu, last, adapters = self._pf_parts(self.pf)
-        ids, pos, write, cu, adapters = ids[:n], pos[:n], write[:n], cu.to(torch.int32), adapters[:n]
-        keys = {}
-        if k:
-            keys = dict(kv_index=self.pk[:k], cu_k=self.pk[self.pk_width:].to(torch.int32), max_k=k)
-        ctx = kvcache.packed_context(self.cache, write, pos, cu, n, **keys)
-        with kvcache.attention_backends(self.device), self._adapters(adapters.view(1, n)):
-            out = self.model(input_ids=ids.view(1, n), position_ids=pos.view(1, n), use_cache=False,
-                             logits_to_keep=last, codellm_step=ctx)
-        return out.logits[0]
+        kv_index, cu_k = (self.pk[:k], self.pk[self.pk_width:]) if k else (None, None)
+        with kvcache.attention_backends(self.device), self._adapters(adapters[:n].view(1, n)):
+            return self.prefill_forward(ids[:n], pos[:n], write[:n], cu, last, kv_index, cu_k)
+
+    def _prefill_forward(self, ids: torch.Tensor, pos: torch.Tensor, write: torch.Tensor, cu: torch.Tensor,
+                         last: torch.Tensor, kv_index: torch.Tensor | None, cu_k: torch.Tensor | None) -> torch.Tensor:
+        """A packed prefill's logits at ``last``. Its sizes come from the tensors' shapes, so that one compiled
+        graph (``compile_prefill``) serves every bucket."""
+        n = ids.shape[0]
+        keys = {} if kv_index is None else dict(kv_index=kv_index, cu_k=cu_k.to(torch.int32), max_k=kv_index.shape[0])
+        ctx = kvcache.packed_context(self.cache, write, pos, cu.to(torch.int32), n, **keys)
+        return self.model(input_ids=ids.view(1, n), position_ids=pos.view(1, n), use_cache=False, logits_to_keep=last,
+                          codellm_step=ctx).logits[0]
 
     def _capture(self, step, *args):
         stream = self._side
@@ -225,6 +231,10 @@ class GraphRunner:
                                 log.exception("capturing the compiled decode step failed; capturing it uncompiled")
                                 self._uncompiled()
                                 return self.warmup()
+        self.capture_prefill()
+
+    def capture_prefill(self) -> None:
+        """Capture a prefill graph for every (tokens, keys) bucket pair; one that fails leaves prompts eager."""
         # the prefill buffer still holds the last real prefill's ids, positions and logit rows when graphs are captured
         # again (an adapter attached while serving): its values past that prompt are not valid for a larger bucket
         self.pf.zero_()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class LoadOptions:
     trust_remote_code: bool = False
     cuda_graphs: bool = True  # decode through captured CUDA graphs on GPUs (eager when off, or for adapters)
     compile: bool = True  # torch.compile the graph-captured decode step (GPU only; falls back to plain graphs)
+    compile_prefill: bool = False  # and the packed-prefill step (one dynamic graph for every bucket)
     engine_process: bool | None = None  # each engine in a child process (default: on GPUs), see engine.remote
     tensor_parallel: int = 1  # ranks a model is split over (engine.sharding); above 1 its engine is a child process
     speculative: "SpeculativeConfig | None" = None  # speculative decoding (engine.speculation, engine.drafter)
@@ -61,6 +63,7 @@ class Served:
     expires_at: float | None = None  # None: stays loaded
     encoder: object = None  # codellm.engine.encoders.Encoder for embedding / rerank models
     active: int = 0  # requests in flight (a model is never unloaded under them)
+    listing: str = ""  # its manifest's path: a model removed from the registry is no longer served
 
     @property
     def engine_gone(self) -> bool:
@@ -190,7 +193,9 @@ class ModelManager:
         served = self._served.get(key)
         if served is None or served.engine_gone:
             return None
-        if not self.registry.exists(key):  # removed from the registry (codellm rm) while loaded: forget it once idle
+        # removed from the registry (codellm rm) while loaded: forget it once idle (one stat: resolving the name's path
+        # on every request was a third of a request's time on the event loop)
+        if not os.path.isfile(served.listing):
             if served.active == 0:
                 self.unload(key)
             return None
@@ -250,7 +255,7 @@ class ModelManager:
         lm = loader.view(self.registry, entry, weights, engine.lm.model, engine.lm.device, engine.lm.dtype,
                          num_ctx=o.num_ctx, quantize=o.quantize, adapter=adapter, trust_remote_code=o.trust_remote_code,
                          max_len_cap=engine.lm.max_len)
-        served = Served(lm, engine, group=gkey)
+        served = Served(lm, engine, group=gkey, listing=self.registry.manifest_path(key))
         served.expires_at = None if pin or o.keep_alive is None else time.time() + o.keep_alive
         self._served[key] = served
         from codellm.engine import grammar
@@ -281,7 +286,7 @@ class ModelManager:
         load = dict(device=o.device, dtype=o.dtype, quantize=o.quantize, trust_remote_code=o.trust_remote_code)
         view = dict(num_ctx=o.num_ctx, quantize=o.quantize, trust_remote_code=o.trust_remote_code)
         engine = dict(slots=o.slots, max_queue=o.max_queue, prefill_chunk=o.prefill_chunk, cuda_graphs=o.cuda_graphs,
-                      compile=o.compile, kv_cache_memory=kv_cache_memory or o.kv_cache_memory,
+                      compile=o.compile, compile_prefill=o.compile_prefill, kv_cache_memory=kv_cache_memory or o.kv_cache_memory,
                       kv_fit=kv_cache_memory is not None, prefix_caching=o.prefix_caching,
                       speculative=spec)
         separate = o.engine_process
@@ -311,7 +316,7 @@ class ModelManager:
         self._groups[gkey] = Group(gkey, None, need)
         lm = LoadedModel(name=key, manifest=entry.manifest, model=enc.model, tokenizer=enc.tokenizer, device=enc.device,
                          dtype=next(enc.model.parameters()).dtype, max_len=enc.max_len)
-        served = Served(lm, None, group=gkey, encoder=enc)
+        served = Served(lm, None, group=gkey, encoder=enc, listing=self.registry.manifest_path(key))
         served.expires_at = None if pin or o.keep_alive is None else time.time() + o.keep_alive
         self._served[key] = served
         return served

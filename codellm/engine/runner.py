@@ -40,7 +40,8 @@ def kv_shape(model) -> tuple[int, int, int]:
 
 class ModelRunner:
     def __init__(self, lm: LoadedModel, *, blocks: int, block_size: int, rows: int, layers: int, kv_heads: int,
-                 head_dim: int, cuda_graphs: bool = True, compile: bool = False, verify_rows: int = 0,
+                 head_dim: int, cuda_graphs: bool = True, compile: bool = False, compile_prefill: bool = False,
+                 verify_rows: int = 0,
                  verify_run: int = 1, ranks=None):
         self.lm = lm
         self.ranks = ranks  # tensor parallelism (``sharding.Ranks``): every forward is relayed to the other ranks
@@ -58,6 +59,7 @@ class ModelRunner:
             from codellm.engine.cudagraph import GraphRunner
 
             self.graphs = GraphRunner(lm.model, self.cache, lm.device, self.last_tokens, compile=compile,
+                                      compile_prefill=compile_prefill,
                                       verify_rows=verify_rows, verify_run=verify_run)
 
     @property

@@ -80,6 +80,11 @@ class Registry:
     def exists(self, name: str | ModelName) -> bool:
         return self._path(_name(name)).is_file()
 
+    def manifest_path(self, name: str | ModelName) -> str:
+        """Where ``name``'s manifest is (checked to lie inside the registry): a caller that looks again and again
+        whether a model is still there stats this, without resolving the name's path each time."""
+        return str(self._path(_name(name)))
+
     def get(self, name: str | ModelName) -> Entry:
         parsed = _name(name)
         path = self._path(parsed)

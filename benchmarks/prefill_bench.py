@@ -1,0 +1,102 @@
+"""How long one captured packed-prefill replay takes, in-process (no HTTP), for a few packings of fresh prompts,
+with the prefill graphs captured plain and compiled (``GraphRunner(compile_prefill=True)``), and which kernels
+fill a replay (torch.profiler).
+
+    python benchmarks/prefill_bench.py --home /root/h8 --packings 16x128,1x2048,4x128 --variants plain,compiled
+(build the model first with serve_bench.py --build llama3-8b --home /root/h8)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from codellm.engine.core import Engine  # noqa: E402
+from codellm.engine.loader import load  # noqa: E402
+from codellm.registry import Registry  # noqa: E402
+
+
+def packing(text: str, block_size: int) -> list[tuple[list[int], int, list[int]]]:
+    """'16x128': 16 fresh prompts of 128 tokens, each on blocks of its own (what they write is never read)."""
+    count, length = (int(x) for x in text.split("x"))
+    per = -(-length // block_size)
+    return [([1000 + i] * length, 0, list(range(i * per, (i + 1) * per))) for i in range(count)]
+
+
+def replay_ms(graphs, chunks, reps: int) -> float:
+    for _ in range(3):
+        graphs.prefill(chunks)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        graphs.prefill(chunks)
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start) / reps
+
+
+def kernels(graphs, chunks, top: int) -> list[dict]:
+    """The kernels of three replays, by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            graphs.prefill(chunks)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0 and e.device_type.name == "CUDA":
+            rows.append({"kernel": e.key[:110], "ms_per_replay": round(t / 3000, 3), "count": e.count // 3})
+    rows.sort(key=lambda r: -r["ms_per_replay"])
+    return rows[:top]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--home", type=Path, required=True)
+    ap.add_argument("--model", default="bench")
+    ap.add_argument("--packings", default="16x128,1x2048,4x128")
+    ap.add_argument("--variants", default="plain,rmsnorm,compiled")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    lm = load(Registry(args.home), args.model, device="cuda", num_ctx=4096)
+    engine = Engine(lm, slots=8, compile=False)
+    graphs = engine.runner.graphs
+    size = engine.runner.cache.block_size
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model, "variants": {}}
+    for variant in args.variants.split(","):
+        if variant == "rmsnorm":  # the model's norms as torch's fused rms_norm (fp32 inside, one kernel)
+            for m in lm.model.modules():
+                if type(m).__name__.endswith("RMSNorm"):
+                    m.forward = lambda x, m=m: torch.nn.functional.rms_norm(x, (x.shape[-1],), m.weight,
+                                                                             m.variance_epsilon)
+        if variant == "compiled":
+            graphs.prefill_forward = torch.compile(graphs._prefill_forward, dynamic=True)
+        graphs.prefill_graphs.clear()
+        start = time.perf_counter()
+        graphs.capture_prefill()
+        entry = {"capture_s": round(time.perf_counter() - start, 1), "graphs": len(graphs.prefill_graphs), "ms": {}}
+        for text in args.packings.split(","):
+            chunks = packing(text, size)
+            entry["ms"][text] = round(replay_ms(graphs, chunks, args.reps), 3)
+        entry["kernels"] = kernels(graphs, packing(args.packings.split(",")[0], size), args.top)
+        results["variants"][variant] = entry
+        print(variant, json.dumps({k: v for k, v in entry.items() if k != "kernels"}), flush=True)
+        for row in entry["kernels"]:
+            print(f"   {row['ms_per_replay']:8.3f} ms  x{row['count']:<4d} {row['kernel']}")
+    engine.shutdown()
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
