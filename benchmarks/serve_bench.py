@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -202,7 +203,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
 async def _client(url: str, model: str, prompts: list[list[int]], max_tokens: int, start_at: float) -> list[dict]:
     limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-        await one_request(client, url, model, prompts[0][:16], 8)  # warm-up
+        await one_request(client, url, model, WARMUP, 8)
         await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
         return await asyncio.gather(*(one_request(client, url, model, p, max_tokens) for p in prompts))
 
@@ -249,12 +250,26 @@ def _engine_ttft_between(before: dict[str, float], after: dict[str, float]) -> d
             "engine_ttft_ms_p99_le": round(1000 * p99, 1)}
 
 
+WARMUP = [299] * 16  # a warm-up request's prompt: no level's prompt starts like it (their tokens are 300 and up)
+_levels = itertools.count()
+
+
+def fresh(prompts: list[list[int]]) -> list[list[int]]:
+    """``prompts`` with a first token of their own for this level (0-298, by the levels run so far in this process):
+    a level's prompts share no cached block with an earlier level's (the first 64 of 256 prompts were the 64-stream
+    level's, prefilled but for their last block), and a repeated level measures fresh prompts again."""
+    first = next(_levels) % 299
+    return [[first, *p[1:]] for p in prompts]
+
+
 def run_level(url: str, model: str, prompts: list[list[int]], max_tokens: int, streams_per_client: int = 32) -> dict:
     """All streams start together, spread over enough client processes that parsing SSE in Python is not
-    what gets measured (one asyncio client tops out near 10k events/s)."""
+    what gets measured (one asyncio client tops out near 10k events/s). Every level's prompts are fresh (``fresh``):
+    with prefix caching, a server would otherwise find the earlier levels' prompts in its cache."""
     import multiprocessing
 
-    httpx.post(url + "/v1/completions", json={"model": model, "prompt": prompts[0][:16], "max_tokens": 4}, timeout=900)
+    httpx.post(url + "/v1/completions", json={"model": model, "prompt": WARMUP, "max_tokens": 4}, timeout=900)
+    prompts = fresh(prompts)
     procs = max(1, -(-len(prompts) // streams_per_client))
     shares = [prompts[i::procs] for i in range(procs)]
     before = engine_ttft(url)
