@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("prefill_bench times captured CUDA graphs: it needs a GPU")
     lm = load(Registry(args.home), args.model, device="cuda", num_ctx=4096)
     engine = Engine(lm, slots=8, compile=False)
     graphs = engine.runner.graphs
