@@ -30,7 +30,7 @@ import serve_bench; serve_bench.build_model('llama3-8b', Path('$out/h8'))" > "$o
 timeout 420 python3 benchmarks/prefill_bench.py --home "$out/h8" --variants plain,compiled \
     --out "$out/prefill_8b.json" > "$out/prefill_bench.log" 2>&1
 echo "prefill_bench: rc $?"; grep -E "^(plain|compiled) " "$out/prefill_bench.log"
-timeout 480 python3 benchmarks/serve_bench.py --shape llama3-8b --home "$out/h8" --concurrency 1,64,256 \
+CODELLM_STEP_LOG="$out/steps_8b.jsonl" timeout 480 python3 benchmarks/serve_bench.py --shape llama3-8b --home "$out/h8" --concurrency 1,64,256 \
     --server-args="--compile-prefill" --out "$out" > "$out/serve_bench_8b.log" 2>&1
 echo "serve_bench 8B --compile-prefill: rc $?"; grep "| codellm" "$out"/serve_llama3-8b_*.md
 fi

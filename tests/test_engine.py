@@ -823,3 +823,30 @@ def test_the_default_prefill_budget_follows_the_model_size():
     packed = torch.nn.Linear(8, 4, bias=False)
     packed.weight = torch.nn.Parameter(torch.zeros(16, 1, dtype=torch.uint8), requires_grad=False)
     assert parameter_count(packed) == 32
+
+
+def test_the_step_log_has_a_line_per_step(loaded, tmp_path, monkeypatch):
+    """CODELLM_STEP_LOG: each step's admissions, prompt tokens and decoded rows, on the clock every process shares."""
+    import json
+
+    from codellm.engine.core import Engine
+
+    path = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("CODELLM_STEP_LOG", str(path))
+    engine = Engine(loaded, slots=4, prefill_chunk=8)
+    start = time.perf_counter()
+    try:
+        sinks = [TokenSink() for _ in range(3)]
+        prompts = [list(range(300, 300 + n)) for n in (5, 12, 20)]
+        for prompt, sink in zip(prompts, sinks):
+            engine.submit(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), sink)
+        assert all(sink.done.wait(60) for sink in sinks)
+    finally:
+        engine.shutdown()
+    steps = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(steps) >= engine.stats.steps  # (every decode step, and steps that only prefilled)
+    assert sum(s["admitted"] for s in steps) == 3
+    assert sum(s["prefill_tokens"] for s in steps) == 5 + 12 + 20
+    assert max(s["prefill_tokens"] for s in steps) <= 8  # the budget, chunked
+    assert sum(s["decoded"] for s in steps) >= 3 * 5  # (each choice's first token comes from its prefill)
+    assert all(s["model"] == loaded.name and s["t"] >= start and s["prefill_ms"] >= 0 for s in steps)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from codellm.engine import blocks, drafter, fusion, grammar, memory, outputs, sampling, speculation, telemetry
+from codellm.engine import blocks, drafter, fusion, grammar, memory, outputs, sampling, speculation, steplog, telemetry
 from codellm.engine.client import Admission, Handle
 from codellm.engine.drafter import Drafter
 from codellm.engine.detok import IncrementalDetokenizer, StopMatcher, pieces_of
@@ -118,6 +118,7 @@ class Engine(Admission):
         self._init_admission(max_queue)
         pieces_of(lm.tokenizer)  # the token text table, at load rather than on the first request
         self.stats = Stats(kv_blocks=self.pool.num_blocks)
+        self._steplog = steplog.from_env(lm.name)  # CODELLM_STEP_LOG: a line per step
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self.step_lock = threading.Lock()  # held while a step runs: hold it to change the model safely
@@ -257,6 +258,8 @@ class Engine(Admission):
         self._tell()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(seq, "cancelled")
+        if self._steplog is not None:
+            self._steplog.close()
 
     def _step(self, admit: bool = True) -> None:
         """A step, timed where it decoded: how fast steps that speculate go, against steps that do not, decides
@@ -273,14 +276,18 @@ class Engine(Admission):
 
     def _run_step(self, admit: bool) -> None:
         untold = self._untold  # (a step that verifies drafts tells these during its forward and leaves its own)
+        begun = time.perf_counter()
         plan = self.scheduler.schedule_prefill(admit)
         self._set_rows(plan.rows)
         self._prefill(plan)
+        prefilled = time.perf_counter()
         decode = self.scheduler.schedule_decode()
         if decode.preempted:
             self._complete()  # a preempted sequence resumes from every token it has, the one in flight included
         self._set_rows(decode.rows)
         self._decode(decode.batch)
+        if self._steplog is not None and (plan.rows or plan.chunks or plan.alone or decode.batch):  # (not idle ones)
+            self._steplog.record(begun, len(plan.rows), plan.chunks + plan.alone, len(decode.batch), prefilled)
         if untold and self._untold is untold:  # no forward to hide them behind: told now, a step late at most
             self._tell()
         self.stats.kv_used = self.pool.used
