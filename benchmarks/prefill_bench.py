@@ -63,7 +63,8 @@ def main():
     ap.add_argument("--home", type=Path, required=True)
     ap.add_argument("--model", default="bench")
     ap.add_argument("--packings", default="16x128,1x2048,4x128")
-    ap.add_argument("--variants", default="plain,rmsnorm,compiled")
+    ap.add_argument("--variants", default="plain,compiled",
+                    help="in order, each on top of the last: plain, rmsnorm (torch's fused rms_norm), compiled")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", type=Path)

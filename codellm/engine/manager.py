@@ -56,6 +56,7 @@ class LoadOptions:
 class Served:
     lm: LoadedModel
     engine: EngineClient | None  # None for encoders (embedding and rerank models)
+    listing: str  # its manifest's path (``Registry.manifest_path``): a model removed from the registry is not served
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
 
@@ -63,7 +64,6 @@ class Served:
     expires_at: float | None = None  # None: stays loaded
     encoder: object = None  # codellm.engine.encoders.Encoder for embedding / rerank models
     active: int = 0  # requests in flight (a model is never unloaded under them)
-    listing: str = ""  # its manifest's path: a model removed from the registry is no longer served
 
     @property
     def engine_gone(self) -> bool:

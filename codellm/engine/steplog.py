@@ -7,7 +7,6 @@ the prefill and the decode halves (a half that waits for the device shows it the
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import msgspec
@@ -25,7 +24,8 @@ class Step(msgspec.Struct):
 
 
 class StepLog:
-    _lock = threading.Lock()  # engines of several models append to one file
+    """Engines of several models (and processes) may share FILE: it is opened to append, unbuffered, so each line is
+    one write that lands whole at the end."""
 
     def __init__(self, path: str, model: str):
         self.model = model
@@ -37,8 +37,7 @@ class StepLog:
         line = self._encode(Step(self.model, round(begun, 6), admitted, sum(end - start for _, start, end in chunks),
                                  len(chunks), decoded, round(1000 * (prefilled - begun), 3),
                                  round(1000 * (now - prefilled), 3))) + b"\n"
-        with self._lock:
-            self._file.write(line)
+        self._file.write(line)
 
     def close(self) -> None:
         self._file.close()

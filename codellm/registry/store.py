@@ -78,7 +78,7 @@ class Registry:
         return FileLock(str(locks / (sha256_bytes(key.encode())[7:23] + ".lock")))
 
     def exists(self, name: str | ModelName) -> bool:
-        return self._path(_name(name)).is_file()
+        return os.path.isfile(self.manifest_path(name))
 
     def manifest_path(self, name: str | ModelName) -> str:
         """Where ``name``'s manifest is (checked to lie inside the registry): a caller that looks again and again
