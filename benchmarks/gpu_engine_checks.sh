@@ -4,8 +4,9 @@
 # (each level twice: the 64- and 256-stream levels follow the host CPU) and the edit workload with and without
 # n-gram speculation. Usage: bash benchmarks/gpu_engine_checks.sh [OUTDIR [PARTS]]   (results and logs land in
 # OUTDIR; PARTS: any of "tests serve spec", default all three: about 2, 5 and 8 minutes; "prefill", not in the
-# default: the Llama-3-8B shape built in OUTDIR/h8, one packed-prefill replay plain and compiled
-# (prefill_bench.py), then the decode-heavy sweep with --compile-prefill, about 9 minutes in all)
+# default: the Llama-3-8B shape built in OUTDIR/h8, one packed-prefill replay over the model's own pointwise ops and
+# over the fused kernels (prefill_bench.py), then the 8B decode-heavy sweep, about 8 minutes in all; H8=DIR builds or
+# reuses the 8B model there instead, so that its 16 GB stay out of an OUTDIR that is copied back)
 set -uo pipefail
 out=${1:-/tmp/codellm-gpu-checks}
 parts=${2:-tests serve spec}
@@ -25,14 +26,15 @@ timeout 420 python3 benchmarks/serve_bench.py --build llama3.2-1b --home "$out/s
 echo "serve_bench: rc $?"; grep "| codellm" "$out"/serve_*.md
 fi
 if [[ " $parts " == *" prefill "* ]]; then
-[ -d "$out/h8/src" ] || python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
-import serve_bench; serve_bench.build_model('llama3-8b', Path('$out/h8'))" > "$out/build_8b.log" 2>&1
-timeout 420 python3 benchmarks/prefill_bench.py --home "$out/h8" --variants plain,compiled \
+h8=${H8:-$out/h8}
+[ -d "$h8/src" ] || python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
+import serve_bench; serve_bench.build_model('llama3-8b', Path('$h8'))" > "$out/build_8b.log" 2>&1
+timeout 420 python3 benchmarks/prefill_bench.py --home "$h8" --variants eager,fused \
     --out "$out/prefill_8b.json" > "$out/prefill_bench.log" 2>&1
-echo "prefill_bench: rc $?"; grep -E "^(plain|compiled) " "$out/prefill_bench.log"
-CODELLM_STEP_LOG="$out/steps_8b.jsonl" timeout 480 python3 benchmarks/serve_bench.py --shape llama3-8b --home "$out/h8" --concurrency 1,64,256 \
-    --server-args="--compile-prefill" --out "$out" > "$out/serve_bench_8b.log" 2>&1
-echo "serve_bench 8B --compile-prefill: rc $?"; grep "| codellm" "$out"/serve_llama3-8b_*.md
+echo "prefill_bench: rc $?"; grep -E "^(eager|fused) " "$out/prefill_bench.log"
+CODELLM_STEP_LOG="$out/steps_8b.jsonl" timeout 480 python3 benchmarks/serve_bench.py --shape llama3-8b --home "$h8" --concurrency 1,64,256 \
+    --out "$out" > "$out/serve_bench_8b.log" 2>&1
+echo "serve_bench 8B: rc $?"; grep "| codellm" "$out"/serve_llama3-8b_*.md
 fi
 if [[ " $parts " == *" spec "* ]]; then
 timeout 600 python3 benchmarks/spec_bench.py --shape llama3.2-1b --steps 900 --lr 4e-4 --ways off,ngram \

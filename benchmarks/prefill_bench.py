@@ -1,8 +1,10 @@
 """How long one captured packed-prefill replay takes, in-process (no HTTP), for a few packings of fresh prompts,
-with the prefill graphs captured plain and compiled (``GraphRunner(compile_prefill=True)``), and which kernels
-fill a replay (torch.profiler).
+with the prefill graphs captured over the model's own pointwise ops (eager), over the engine's fused pointwise
+kernels (fused: ``fusion.POINTWISE``, the default), over them compiled shape by shape with the gated activation
+compiled too (fused-auto: ``fusion.AUTO_DYNAMIC``) or compiled whole (``GraphRunner(compile_prefill=True)``: many
+minutes for an 8B model), and which kernels fill a replay (torch.profiler).
 
-    python benchmarks/prefill_bench.py --home /root/h8 --packings 16x128,1x2048,4x128 --variants plain,compiled
+    python benchmarks/prefill_bench.py --home /root/h8 --packings 16x128,1x2048,4x128 --variants eager,fused
 (build the model first with serve_bench.py --build llama3-8b --home /root/h8)
 """
 
@@ -18,16 +20,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from codellm.engine import fusion  # noqa: E402
 from codellm.engine.core import Engine  # noqa: E402
 from codellm.engine.loader import load  # noqa: E402
 from codellm.registry import Registry  # noqa: E402
 
 
 def packing(text: str, block_size: int) -> list[tuple[list[int], int, list[int]]]:
-    """'16x128': 16 fresh prompts of 128 tokens, each on blocks of its own (what they write is never read)."""
-    count, length = (int(x) for x in text.split("x"))
-    per = -(-length // block_size)
-    return [([1000 + i] * length, 0, list(range(i * per, (i + 1) * per))) for i in range(count)]
+    """'16x128': 16 fresh prompts of 128 tokens, each on blocks of its own (what they write is never read);
+    '4x512+2048': 4 chunks of 512 tokens, each continuing a cached prefix of 2048 (an agent's next turn)."""
+    shape, _, cached = text.partition("+")
+    count, length = (int(x) for x in shape.split("x"))
+    start = int(cached or 0)
+    per = -(-(start + length) // block_size)
+    return [([1000 + i] * length, start, list(range(i * per, (i + 1) * per))) for i in range(count)]
 
 
 def replay_ms(graphs, chunks, reps: int) -> float:
@@ -63,8 +69,9 @@ def main():
     ap.add_argument("--home", type=Path, required=True)
     ap.add_argument("--model", default="bench")
     ap.add_argument("--packings", default="16x128,1x2048,4x128")
-    ap.add_argument("--variants", default="plain,compiled",
-                    help="in order, each on top of the last: plain, rmsnorm (torch's fused rms_norm), compiled")
+    ap.add_argument("--variants", default="eager,fused",
+                    help="in order: eager (the model's pointwise ops), fused (the engine's pointwise kernels), "
+                         "fused-auto (compiled shape by shape, the gate too), compiled (the step through torch.compile)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", type=Path)
@@ -77,11 +84,10 @@ def main():
     size = engine.runner.cache.block_size
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model, "variants": {}}
     for variant in args.variants.split(","):
-        if variant == "rmsnorm":  # the model's norms as torch's fused rms_norm (fp32 inside, one kernel)
-            for m in lm.model.modules():
-                if type(m).__name__.endswith("RMSNorm"):
-                    m.forward = lambda x, m=m: torch.nn.functional.rms_norm(x, (x.shape[-1],), m.weight,
-                                                                             m.variance_epsilon)
+        fusion.POINTWISE = variant != "eager"
+        if fusion.AUTO_DYNAMIC != (variant == "fused-auto"):
+            fusion.AUTO_DYNAMIC = variant == "fused-auto"
+            fusion.recompile()
         if variant == "compiled":
             graphs.prefill_forward = torch.compile(graphs._prefill_forward, dynamic=True)
         graphs.prefill_graphs.clear()
