@@ -2,7 +2,7 @@
 with the prefill graphs captured over the model's own pointwise ops (eager), over the engine's fused pointwise
 kernels (fused: ``fusion.POINTWISE``, the default), over them compiled shape by shape with the gated activation
 compiled too (fused-auto: ``fusion.AUTO_DYNAMIC``) or compiled whole (``GraphRunner(compile_prefill=True)``: many
-minutes for an 8B model), and which kernels fill a replay (torch.profiler).
+minutes for an 8B model), and which kernels fill each packing's replay (torch.profiler).
 
     python benchmarks/prefill_bench.py --home /root/h8 --packings 16x128,1x2048,4x128 --variants eager,fused
 (build the model first with serve_bench.py --build llama3-8b --home /root/h8)
@@ -73,7 +73,7 @@ def main():
                     help="in order: eager (the model's pointwise ops), fused (the engine's pointwise kernels), "
                          "fused-auto (compiled shape by shape, the gate too), compiled (the step through torch.compile)")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -97,11 +97,13 @@ def main():
         for text in args.packings.split(","):
             chunks = packing(text, size)
             entry["ms"][text] = round(replay_ms(graphs, chunks, args.reps), 3)
-        entry["kernels"] = kernels(graphs, packing(args.packings.split(",")[0], size), args.top)
+        entry["kernels"] = {text: kernels(graphs, packing(text, size), args.top) for text in args.packings.split(",")}
         results["variants"][variant] = entry
         print(variant, json.dumps({k: v for k, v in entry.items() if k != "kernels"}), flush=True)
-        for row in entry["kernels"]:
-            print(f"   {row['ms_per_replay']:8.3f} ms  x{row['count']:<4d} {row['kernel']}")
+        for text, rows in entry["kernels"].items():
+            print(f"  {text}:")
+            for row in rows:
+                print(f"   {row['ms_per_replay']:8.3f} ms  x{row['count']:<4d} {row['kernel']}")
     engine.shutdown()
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

@@ -262,8 +262,8 @@ def engine_options(f):
                      help="torch.compile the GPU decode step before capturing it (fused kernels, ~1.3x decode "
                      "throughput; about 30 s more at load)."),
         click.option("--compile-prefill/--no-compile-prefill", default=False, show_default=True,
-                     help="torch.compile the GPU packed-prefill step too (fused norms, rotary and activations in "
-                     "prompt processing; more time at load)."),
+                     help="torch.compile the GPU packed-prefill step whole (norms and rotary are fused kernels "
+                     "without it; minutes more at load for a 7-8B model)."),
         click.option("--speculative", type=click.Choice(["off", "ngram", "draft"]), default=None,
                      help="Speculative decoding (default off, or draft with --draft): ngram proposes the tokens that "
                      "followed the same text earlier in the prompt or the answer (edits, renames, quoted tool output); "
