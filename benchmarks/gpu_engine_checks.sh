@@ -14,7 +14,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
 if [[ " $parts " == *" tests "* ]]; then
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py \
-    -k "split_kv or greedy or first_tokens or pipelined or compiled or fused or packed" > "$out/tests_engine.txt" 2>&1
+    -k "split_kv or greedy or first_tokens or pipelined or compiled or fused or packed or riding" > "$out/tests_engine.txt" 2>&1
 echo "engine tests: rc $? ($(tail -1 "$out/tests_engine.txt"))"
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_speculation.py \
     -k "greedy or catches or adapters" > "$out/tests_speculation.txt" 2>&1

@@ -18,9 +18,12 @@ class TokenSink:
     def __init__(self):
         self.tokens: list[int] = []
         self.done = threading.Event()
+        self.first = threading.Event()  # its first token came
 
     def __call__(self, out) -> None:
         self.tokens.extend(out.token_ids)
+        if self.tokens:
+            self.first.set()
         if out.finish_reason:
             self.done.set()
 
@@ -333,6 +336,37 @@ def test_greedy_matches_hf_generate_with_concurrent_batching(loaded, prefill_chu
             assert sinks[i].tokens == refs[i], f"prompt {i} diverged"
         assert engine.stats.max_batch == len(prompts)
         assert engine.active() == 0
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("overlap", [True, None], ids=["read-late", "read-at-once"])
+def test_decode_rows_riding_in_prefills_match_hf_generate(loaded, overlap):
+    """Decoding sequences ride in the forward of a step that prefills (``mixed``): prompts arriving while others
+    decode, chunked so that several steps carry riders, give HF's greedy tokens, and rows did ride."""
+    from codellm.engine.core import Engine
+
+    tok = loaded.tokenizer
+    prompts = ["def fibonacci(n):\n", "class Stack:\n    def", "for i in range(10):", "import csv\n\ndef read_csv(path):\n    with"]
+    refs = []
+    for p in prompts:
+        ids = tok(p, add_special_tokens=False)["input_ids"]
+        out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                    pad_token_id=0)
+        refs.append(out[0, len(ids):].tolist())
+    engine = Engine(loaded, slots=4, prefill_chunk=8, overlap=overlap, mixed=True)
+    try:
+        sinks = [TokenSink() for _ in prompts]
+        for i, p in enumerate(prompts):
+            engine.submit(tok(p, add_special_tokens=False)["input_ids"],
+                          SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), sinks[i])
+            assert sinks[i].first.wait(60)  # the next prompt arrives while this one decodes
+        assert all(sink.done.wait(60) for sink in sinks)
+        for i in range(len(prompts)):
+            assert sinks[i].tokens == refs[i], f"prompt {i} diverged"
+        assert engine.stats.rides > 0 and engine.active() == 0
+        if engine.runner.graphs is not None:  # on a GPU, fresh prompts and their riders ran in captured graphs
+            assert engine.runner.graphs.riding_graphs and engine.runner.graphs.prefill_replays["riding"] > 0
     finally:
         engine.shutdown()
 

@@ -19,10 +19,13 @@ class Sink:
         self.cached = 0
         self.reasons: dict[int, str] = {}
         self.done = threading.Event()
+        self.first = threading.Event()  # a token came
         self.n = 1
 
     def __call__(self, out) -> None:
         self.tokens.setdefault(out.index, []).extend(out.token_ids)
+        if out.token_ids:
+            self.first.set()
         self.cached = out.cached_tokens
         if out.finish_reason:
             self.reasons[out.index] = out.finish_reason
@@ -41,15 +44,15 @@ def lm(served_home):
     return load(Registry(served_home), "tiny-coder", dtype="fp32")
 
 
-def run(engine, requests, *, timeout=120):
-    """Submit (prompt, params, n, lm) requests together; their sinks once all have finished."""
+def run(engine, requests, *, timeout=120, wait=True):
+    """Submit (prompt, params, n, lm) requests together; their sinks once all have finished (``wait``), or at once."""
     sinks = []
     for prompt, params, n, view in requests:
         sink = Sink()
         sink.n = n
         engine.submit(prompt, params, sink, n=n, lm=view)
         sinks.append(sink)
-    assert all(s.done.wait(timeout) for s in sinks)
+    assert not wait or all(s.done.wait(timeout) for s in sinks)
     return sinks
 
 
@@ -126,9 +129,12 @@ def small(lm):
     return dataclasses.replace(lm, max_len=64)
 
 
-def test_preemption_recomputes_and_gives_the_same_tokens(small):
+@pytest.mark.parametrize("mixed", [False, True], ids=["apart", "riding"])
+def test_preemption_recomputes_and_gives_the_same_tokens(small, mixed):
     """Four sequences that together need three times the pool: the newest are preempted and computed again
-    later (partly from what is still cached), and every token is what a pool big enough gives."""
+    later (partly from what is still cached), and every token is what a pool big enough gives. Riding: the last
+    two arrive while the first two decode, so decoding rows ride in their prefills and take blocks first (a
+    sequence preempted for them drops its chunk)."""
     from codellm.engine.core import Engine
 
     tok = small.tokenizer
@@ -137,13 +143,21 @@ def test_preemption_recomputes_and_gives_the_same_tokens(small):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     outputs = {}
     for memory in (None, 1):
-        engine = Engine(small, slots=4, block_size=4, kv_cache_memory=memory)  # 1 byte: the least pool there is
+        # 1 byte: the least pool there is; prompts prefilled 4 tokens a step, so that many steps carry riders
+        engine = Engine(small, slots=4, block_size=4, kv_cache_memory=memory, mixed=mixed, prefill_chunk=4)
         try:
             assert engine.pool.num_blocks == (18 if memory else 4 * 65 // 4)
-            sinks = run(engine, [(p, params, 1, None) for p in prompts])
+            if mixed:
+                sinks = run(engine, [(p, params, 1, None) for p in prompts[:2]], wait=False)
+                assert all(s.first.wait(60) for s in sinks)
+                sinks += run(engine, [(p, params, 1, None) for p in prompts[2:]])
+                assert all(s.done.wait(60) for s in sinks)
+            else:
+                sinks = run(engine, [(p, params, 1, None) for p in prompts])
             outputs[memory] = [s.tokens[0] for s in sinks]
             if memory:
                 assert engine.stats.preempted > 0
+                assert (engine.stats.rides > 0) == mixed
             assert not any(engine.pool.refs) and engine.pool.used == 0 and engine.active() == 0
         finally:
             engine.shutdown()
@@ -151,19 +165,88 @@ def test_preemption_recomputes_and_gives_the_same_tokens(small):
     assert all(len(t) == 40 for t in outputs[1])
 
 
-def test_cancelled_streams_give_every_block_back(small):
+def test_mixed_steps_from_the_load_options(served_home, lm):
+    """``--mixed-steps`` reaches the engine through the model manager, and its streams give the tokens of one
+    without: a second prompt arriving while the first decodes, its prefill carrying the first."""
+    from codellm.engine.manager import LoadOptions, ModelManager
+    from codellm.registry import Registry
+
+    tok = lm.tokenizer
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("def fibonacci(n):\n", "class Stack:\n    def")]
+    tokens = {}
+    for mixed in (False, True):
+        manager = ModelManager(Registry(served_home), LoadOptions(mixed_steps=mixed))
+        try:
+            engine = manager.get("tiny-coder").engine
+            assert engine.mixed == mixed
+            sinks = run(engine, [(prompts[0], GREEDY, 1, None)], wait=False)
+            assert sinks[0].first.wait(60)
+            sinks += run(engine, [(prompts[1], GREEDY, 1, None)])
+            assert sinks[0].done.wait(60)
+            tokens[mixed] = [s.tokens[0] for s in sinks]
+            assert (engine.stats.rides > 0) == mixed
+        finally:
+            manager.close()
+    assert tokens[True] == tokens[False]
+
+
+def test_a_prompt_preempted_for_its_riders_blocks_waits_and_gives_the_same_tokens(small):
+    """A prompt admitted into the last free blocks, in the step where the sequence riding in its prefill needs a
+    new block: the prompt is preempted before it runs (its chunk dropped), waits for the rider to finish, and both
+    give what a pool big enough gives."""
+    from codellm.engine.core import Engine
+
+    tok = small.tokenizer
+    first = tok("def fibonacci(n):\n", add_special_tokens=False)["input_ids"]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    short = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outputs, second = {}, None
+    for memory in (1, None):  # the least pool there is, then one big enough
+        engine = Engine(small, slots=2, block_size=4, kv_cache_memory=memory, mixed=True)
+        b = Sink()
+
+        class Trigger(Sink):
+            """On the engine thread, between steps: once the next step's token starts a block of its own (and
+            four blocks are taken), a prompt of every block left arrives, to be admitted in that step."""
+
+            def __call__(self, out) -> None:
+                nonlocal second
+                super().__call__(out)
+                length = len(first) + len(self.tokens[0])
+                if not b.submitted and length >= 20 and length % 4 == 1 and not out.finish_reason:
+                    if second is None:
+                        second = [(7 + i) % 50 + 3 for i in range(4 * (engine.pool.num_blocks - engine.pool.used))]
+                    b.submitted = True
+                    engine.submit(second, short, b)
+
+        b.submitted = False
+        a = Trigger()
+        try:
+            engine.submit(first, params, a)
+            assert a.done.wait(60) and b.done.wait(60)
+            if memory:
+                assert engine.stats.preempted == 1 and engine.stats.rides > 0
+            outputs[memory] = (a.tokens[0], b.tokens[0])
+            assert not any(engine.pool.refs) and engine.active() == 0
+        finally:
+            engine.shutdown()
+    assert outputs[1] == outputs[None] and len(outputs[1][0]) == 40 and len(outputs[1][1]) == 6
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["apart", "riding"])
+def test_cancelled_streams_give_every_block_back(small, mixed):
     """A storm of streams, cancelled at all stages (queued, prefilling, decoding, preempted), on a pool too
     small for all of them: afterwards no block is held and the engine still answers."""
     from codellm.engine.core import Engine
 
     tok = small.tokenizer
     prompt = tok("def quicksort(items):\n    if len(items) <= 1:\n", add_special_tokens=False)["input_ids"]
-    engine = Engine(small, slots=4, block_size=4, kv_cache_memory=1, max_queue=64)
+    engine = Engine(small, slots=4, block_size=4, kv_cache_memory=1, max_queue=64, mixed=mixed)
     try:
         handles, sinks = [], []
         for i in range(40):
             sink = Sink()
-            params = SamplingParams(temperature=0.8, seed=i, max_tokens=30, ignore_eos=True)
+            params = SamplingParams(temperature=0 if mixed else 0.8, seed=i, max_tokens=30, ignore_eos=True)
             handles.append(engine.submit(prompt[: 5 + i % 10], params, sink))
             sinks.append(sink)
             if i % 3 == 0:

@@ -62,7 +62,7 @@ class Engine(Admission):
     def __init__(self, lm: LoadedModel, *, slots: int | None = None, max_queue: int = 256, prefill_chunk: int | None = None,
                  cuda_graphs: bool = True, compile: bool = False, compile_prefill: bool = False, overlap: bool | None = None, fuse: bool = True,
                  kv_cache_memory: int | None = None, kv_fit: bool = False, block_size: int = 16,
-                 prefix_caching: bool = True,
+                 prefix_caching: bool = True, mixed: bool = False,
                  speculative: SpeculativeConfig | None = None, draft: LoadedModel | None = None,
                  source: Callable[[float], None] | None = None, ranks=None):
         self.lm = lm
@@ -96,7 +96,8 @@ class Engine(Admission):
         self.runner = ModelRunner(lm, blocks=self.pool.num_blocks, block_size=block_size, rows=slots,
                                   layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                                   cuda_graphs=cuda_graphs, compile=compile, compile_prefill=compile_prefill,
-                                  verify_rows=verify_rows, verify_run=verify_run, ranks=ranks)
+                                  verify_rows=verify_rows, verify_run=verify_run, mixed=mixed and speculative is None,
+                                  ranks=ranks)
         if ranks is not None:  # tensor parallelism: ``lm``'s model is rank 0's shard (``sharding``)
             ranks.setup(self.runner.cache)  # the other ranks size their caches alike
         self.drafter: Drafter | None = None
@@ -111,6 +112,9 @@ class Engine(Admission):
         # a CPU runs the step in the calling thread, and reading late there would only delay every token by a step
         self.overlap = overlap is not False
         self.read_late = cuda if overlap is None else bool(overlap)
+        # decoding sequences ride in a prefilling step's forward (one forward reads the weights once), where the
+        # runner can run them together and every one of them is pipelined (``_ride``)
+        self.mixed = mixed and speculative is None
         self._launched: list[Launched] = []  # tokens on the device the host has not read, oldest first
         # a speculating step's tokens, in their sequences but not yet told to their requests: reading late, that host
         # work (detokenizing, stop strings, delivery) runs while the device checks the next step's drafts
@@ -277,17 +281,22 @@ class Engine(Admission):
     def _run_step(self, admit: bool) -> None:
         untold = self._untold  # (a step that verifies drafts tells these during its forward and leaves its own)
         begun = time.perf_counter()
+        riding = self.mixed and self.overlap and self.runner.can_ride
         plan = self.scheduler.schedule_prefill(admit)
         self._set_rows(plan.rows)
-        self._prefill(plan)
-        prefilled = time.perf_counter()
-        decode = self.scheduler.schedule_decode()
-        if decode.preempted:
-            self._complete()  # a preempted sequence resumes from every token it has, the one in flight included
-        self._set_rows(decode.rows)
-        self._decode(decode.batch)
-        if self._steplog is not None and (plan.rows or plan.chunks or plan.alone or decode.batch):  # (not idle ones)
-            self._steplog.record(begun, len(plan.rows), plan.chunks + plan.alone, len(decode.batch), prefilled)
+        if riding and plan.chunks and not plan.alone:
+            prefilled, decoded = self._ride(plan)
+        else:
+            self._prefill(plan)
+            prefilled = time.perf_counter()
+            decode = self.scheduler.schedule_decode()
+            if decode.preempted:
+                self._complete()  # a preempted sequence resumes from every token it has, the one in flight included
+            self._set_rows(decode.rows)
+            self._decode(decode.batch)
+            decoded = len(decode.batch)
+        if self._steplog is not None and (plan.rows or plan.chunks or plan.alone or decoded):  # (not idle ones)
+            self._steplog.record(begun, len(plan.rows), plan.chunks + plan.alone, decoded, prefilled)
         if untold and self._untold is untold:  # no forward to hide them behind: told now, a step late at most
             self._tell()
         self.stats.kv_used = self.pool.used
@@ -372,6 +381,41 @@ class Engine(Admission):
             self._prefilled(plan.chunks)
             if seqs:
                 self._after_prefill(seqs, logits)
+
+    def _ride(self, plan: PrefillPlan) -> tuple[float, int]:
+        """A prefilling step whose decoding sequences ride in the prefill's forward: each one's next token a
+        one-token row beside the prompt chunks, picked on the device and read a step late, as ``_decode_one``'s
+        are. Their blocks are given first (a sequence preempted for them drops its chunk); prompts the step
+        completes start decoding in the next step. Where one of them is not pipelined, they decode after the
+        prefill, as in any other step. Returns when the prefill was launched, and how many sequences decoded."""
+        decode = self.scheduler.schedule_decode()
+        if decode.preempted:
+            self._complete()
+            plan.chunks = [c for c in plan.chunks if c[0].chain is not None]
+        self._set_rows(decode.rows)
+        batch = [s for s in decode.batch if s.decodable]
+        riders = batch if all(s.pipelined and len(s.generated) + s.inflight < s.max_new for s in batch) else []
+        earlier, self._launched = self._launched, []  # the previous step's tokens, read while this one runs
+        if plan.chunks:
+            seqs, logits, launched = self.runner.prefill_riding(plan.chunks, riders)
+            self._prefilled(plan.chunks)
+            if seqs:
+                self._after_prefill(seqs, logits)
+        else:
+            launched = self.runner.launch(riders) if riders else None
+        prefilled = time.perf_counter()
+        now, self._launched = self._launched, earlier
+        self._complete()
+        self._launched = now
+        if riders:
+            self._counted(riders)
+            self.stats.rides += len(riders)
+            self._launched.append(launched)
+        elif batch:
+            self._decode(batch)
+        if not self.read_late:
+            self._complete()
+        return prefilled, len(batch)
 
     def _prefilled(self, chunks) -> None:
         self.scheduler.prefilled(chunks)

@@ -15,6 +15,11 @@ fresh prompts, which attend to themselves, and one per (tokens, keys) bucket pai
 a cached prefix: their keys are gathered from the pool through a static index buffer, padded with the
 scratch block, so a prompt that hits the prefix cache is as cheap to launch as a fresh one.
 
+With ``mixed`` (``--mixed-steps``) a prefill of fresh prompts also carries the running streams' decode rows, one
+token each after the prompts, in one replay (``ride``): the forward reads the weights once for both, where a
+prefilling step otherwise runs a decode step of its own beside it. There is one such graph per (prompt tokens, rows)
+bucket pair; the prompt tokens attend as a packed prefill, the rows through the split-KV kernel and their table rows.
+
 With ``compile=True`` the decode step is first compiled by ``torch.compile`` (inductor fuses the norms,
 rotary embedding and activations of every layer into a few kernels) and the compiled step is what the
 graphs capture: at batch 1 the step is made of hundreds of tiny kernels, so fewer of them is the win.
@@ -93,7 +98,8 @@ def step_inputs(b: int, ids: list[int], positions: list[int], take: list[int], a
 
 class GraphRunner:
     def __init__(self, model, cache: kvcache.PagedCache, device: torch.device, tokens: torch.Tensor, *, min_kv: int = 128,
-                 compile: bool = False, compile_prefill: bool = False, verify_rows: int = 0, verify_run: int = 1):
+                 compile: bool = False, compile_prefill: bool = False, verify_rows: int = 0, verify_run: int = 1,
+                 mixed: bool = False):
         self.model, self.cache, self.device = model, cache, device
         # tokens: [slots] each slot's last argmax, on the device: the next step can read its input there
         self.lanes = {"decode": Lane(cache.slots, device, tokens, gather=False)}
@@ -126,6 +132,10 @@ class GraphRunner:
         self._side = torch.cuda.Stream(device)
         self.disabled = False
         self.lora: multilora.Rows | None = None  # unmerged adapters in the graphs (``use_adapters``)
+        # prefills of fresh prompts with decode rows riding (``riding``): their inputs as a lane's, one graph per
+        # (prompt tokens, rows) bucket pair; the rows attend by the split-KV kernel, so it is needed
+        self.riding = Lane(cache.slots, device, tokens, gather=True) if mixed and self.kernel else None
+        self.riding_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.compiled = compile
         self.forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
         self.prefill_forward = torch.compile(self._prefill_forward, dynamic=True) if compile_prefill \
@@ -146,6 +156,7 @@ class GraphRunner:
         for lane in self.lanes.values():
             lane.graphs.clear()
         self.prefill_graphs.clear()
+        self.riding_graphs.clear()
         self.pool = torch.cuda.graph_pool_handle()
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, take: torch.Tensor, ctx: kvcache.StepContext,
@@ -196,6 +207,25 @@ class GraphRunner:
         ctx = kvcache.packed_context(self.cache, write, pos, cu.to(torch.int32), n, **keys)
         return self.model(input_ids=ids.view(1, n), position_ids=pos.view(1, n), use_cache=False, logits_to_keep=last,
                           codellm_step=ctx).logits[0]
+
+    def _riding_step(self, n: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, pos, write, cu, last, adapters = self._pf_parts(self.pf)
+        r_ids, r_pos, r_take, r_adapters, r_write, r_row, _ = (self.riding.packed[i, :r] for i in range(INPUTS))
+        with kvcache.attention_backends(self.device), self._adapters(torch.cat([adapters[:n], r_adapters]).view(1, -1)):
+            return self._riding_forward(ids[:n], pos[:n], write[:n], cu, last, r_ids, r_pos, r_take, r_write, r_row)
+
+    def _riding_forward(self, ids, pos, write, cu, last, r_ids, r_pos, r_take, r_write, r_row):
+        """A packed prefill of fresh prompts with ``r`` one-token rows after it, a decoding sequence each (its input
+        taken from its slot's last argmax where ``r_take``): the chunks' logits at ``last``, and the rows' argmax."""
+        n, tokens = ids.shape[0], self.riding.tokens
+        r_ids = torch.where(r_take.bool(), tokens[r_row.clamp(max=tokens.shape[0] - 1)], r_ids)
+        ctx = kvcache.packed_context(self.cache, torch.cat([write, r_write]), torch.cat([pos, r_pos]),
+                                     cu.to(torch.int32), n)
+        ctx.rows_from, ctx.table, ctx.lens = n, self.cache.table.index_select(0, r_row), (r_pos + 1).to(torch.int32)
+        keep = torch.cat([last, n + torch.arange(r_ids.shape[0], device=last.device)])
+        logits = self.model(input_ids=torch.cat([ids, r_ids]).view(1, -1), position_ids=torch.cat([pos, r_pos]).view(1, -1),
+                            use_cache=False, logits_to_keep=keep, codellm_step=ctx).logits[0]
+        return logits[:PREFILL_ROWS], sampling.greedy_argmax(logits[PREFILL_ROWS:])
 
     def _capture(self, step, *args):
         stream = self._side
@@ -258,9 +288,33 @@ class GraphRunner:
                     self.prefill_graphs.clear()
                     torch.cuda.empty_cache()
                     return
+        self.capture_riding()
         # the warmups' blocks, cached and unused now, go back to the device: memory outside torch's allocator (cuBLAS
         # handles of other threads and streams, NCCL) is taken from the device, and cannot reclaim them
         torch.cuda.empty_cache()
+
+    def capture_riding(self) -> None:
+        """Capture a graph for every (prompt tokens, decode rows) bucket pair; one that fails leaves rows decoding
+        apart from prefills. Capture-time rows write to the scratch block and read the spare, all-scratch table row."""
+        if self.riding is None:
+            return
+        lane = self.riding
+        lane.packed.zero_()
+        lane.packed[4].fill_(self.cache.scratch)
+        lane.packed[5].fill_(self.cache.slots)
+        _, _, _, cu, _, _ = self._pf_parts(self.pf)
+        for n in self.prefill_buckets:
+            for r in lane.buckets:
+                cu.fill_(n)
+                cu[0] = 0
+                try:
+                    self.riding_graphs[(n, r)] = self._capture(self._riding_step, n, r)
+                except Exception:
+                    log.exception("capturing a prefill graph with decode rows failed; they decode apart")
+                    self.riding_graphs.clear()
+                    self.riding = None
+                    torch.cuda.empty_cache()
+                    return
 
     def run(self, ids: list[int], positions: list[int], take: list[int], write: list[int],
             adapters: list[int] | None = None, rows: list[int] | None = None,
@@ -297,6 +351,38 @@ class GraphRunner:
         graph, (logits, tokens) = lane.graphs[key]
         graph.replay()
         return logits[:n], tokens[:n]
+
+    def ride(self, chunks: list[tuple[list[int], int, list[int]]], adapters: list[int] | None, ids: list[int],
+             positions: list[int], take: list[int], write: list[int], rows: list[int],
+             row_adapters: list[int] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A packed prefill of fresh prompt ``chunks`` with decode rows riding in its replay (their ids, positions,
+        take flags, cache rows of their keys, table rows and adapter numbers, as ``run`` takes a verify lane's): the
+        chunks' next-token logits [len(chunks), V] and the rows' argmax [len(ids)], on the device; None where no
+        captured graph fits (cached prefixes, too many tokens or chunks)."""
+        if self.riding is None or self.disabled or len(chunks) > PREFILL_ROWS or any(start for _, start, _ in chunks):
+            return None
+        total = sum(len(t) for t, _, _ in chunks)
+        n = next((b for b in self.prefill_buckets if b >= total), None)
+        lane = self.riding
+        r = next((b for b in lane.buckets if b >= len(ids)), None)
+        if (n, r) not in self.riding_graphs:
+            return None
+        host = torch.empty(self.pf.shape[0], dtype=torch.long, pin_memory=True)
+        h_ids, h_pos, h_write, h_cu, h_last, h_adapters = self._pf_parts(host)
+        h_ids[:n], h_pos[:n], h_write[:n], h_cu[:], h_last[:] = kvcache.pack_prompts(
+            chunks, self.cache.block_size, self.cache.scratch, width=n, rows=PREFILL_ROWS)
+        if self.lora is not None:
+            h_adapters[:n] = multilora.token_adapters([t for t, _, _ in chunks], adapters, n)
+        self.pf.copy_(host, non_blocking=True)
+        staging = lane.staging[lane.flip]
+        lane.flip ^= 1
+        staging[:, :r] = step_inputs(r, ids, positions, take, row_adapters, write, rows, self.cache.scratch,
+                                     self.cache.slots)
+        lane.packed[:, :r].copy_(staging[:, :r], non_blocking=True)
+        graph, (logits, tokens) = self.riding_graphs[(n, r)]
+        graph.replay()
+        self.prefill_replays["riding"] += 1
+        return logits[:len(chunks)], tokens[:len(ids)]
 
     def prefill_groups(self, lengths: list[int], keys: list[int]) -> list[list[int]]:
         """Chunks of these lengths, attending to this many keys each, (in order) cut into groups that each fit one

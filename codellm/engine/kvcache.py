@@ -141,6 +141,10 @@ class StepContext:
     cu: torch.Tensor | None = None
     cu_k: torch.Tensor | None = None
     max_k: int = 0
+    # a packed prefill with decoding sequences riding in it: its tokens from ``rows_from`` on are one-token rows, each
+    # attending to its sequence's first ``lens`` keys through its ``table`` row (the split-KV kernel's layout)
+    rows_from: int = 0
+    lens: torch.Tensor | None = None
 
 
 def cache_row(blocks: list[int], position: int, block_size: int) -> int:
@@ -233,6 +237,24 @@ def packed_step(cache: PagedCache, packed: list[tuple[list[int], int, list[int]]
     return ids, positions, last, ctx
 
 
+def riding_step(cache: PagedCache, packed: list[tuple[list[int], int, list[int]]], rows: list[tuple[int, int, list[int]]],
+                slots: list[int], fresh: bool, device):
+    """``packed_step`` with one-token rows after the chunks: (token, position, blocks) each, its sequence's table
+    row in ``slots``. The rows' last indices follow the chunks' (one each); they attend by ``_rows_attention``."""
+    ids, positions, last, ctx = packed_step(cache, packed, fresh, device)
+    n, bs = ids.shape[0], cache.block_size
+    ids = torch.cat([ids, torch.tensor([t for t, _, _ in rows], dtype=torch.long)])
+    at = torch.tensor([p for _, p, _ in rows], dtype=torch.long)
+    positions = torch.cat([positions, at])
+    write = torch.tensor([cache_row(blocks, p, bs) for _, p, blocks in rows], dtype=torch.long)
+    ctx.write = torch.cat([ctx.write, write.to(device).view(1, -1)], dim=1)
+    ctx.positions = positions.to(device).view(1, -1)
+    ctx.rows_from = n
+    ctx.table = cache.table.index_select(0, torch.tensor(slots, device=cache.table.device))
+    ctx.lens = (at + 1).to(device, torch.int32)
+    return ids, positions, torch.cat([last, n + torch.arange(len(rows))]), ctx
+
+
 def _packed_attention(ctx: StepContext, layer: int, query, key, value, scale) -> torch.Tensor:
     """[1, N, Hq, D]: every packed chunk attends causally to its sequence's keys (its own, when fresh). On GPUs in
     half precision this is FlashAttention's variable-length kernel (GQA native, no mask; a query run shorter than
@@ -278,6 +300,23 @@ def _packed_attention(ctx: StepContext, layer: int, query, key, value, scale) ->
     k, v = (t.repeat_interleave(group, dim=1) if group > 1 else t for t in (key, value))
     out = F.scaled_dot_product_attention(query, k.to(query.dtype), v.to(query.dtype), attn_mask=mask, scale=scale)
     return out.transpose(1, 2).contiguous()
+
+
+def _rows_attention(ctx: StepContext, layer: int, query: torch.Tensor, scale: float) -> torch.Tensor:
+    """[R, Hq, D]: one-token rows (``query`` [R, Hq, D]), row b over the first ``lens[b]`` keys of its ``table`` row:
+    the split-KV kernel where it runs, else SDPA over each row's keys gathered from the pool (padded and masked)."""
+    kc, vc, bs = ctx.cache.k[layer], ctx.cache.v[layer], ctx.cache.block_size
+    if decode_attention.available(query.device, query.shape[-1]):
+        return decode_attention.decode_attention(query, kc, vc, ctx.table, ctx.lens, scale, bs)
+    longest = ctx.table.shape[1] * bs
+    keys = torch.arange(longest, device=query.device)
+    index = ctx.table[:, keys // bs].long() * bs + keys % bs  # [R, longest]
+    mask = (keys[None] < ctx.lens[:, None])[:, None, None]  # [R, 1, 1, longest]
+    k, v = (pool[index].permute(0, 2, 1, 3).to(query.dtype) for pool in (kc, vc))  # [R, Hkv, longest, D]
+    group = query.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(query[:, :, None], k, v, attn_mask=mask, scale=scale)[:, :, 0]
 
 
 def segments(cu: list[int], cu_k: list[int], n: int, nk: int) -> tuple[torch.Tensor, ...] | None:
@@ -343,6 +382,11 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     kc[ctx.write] = key.transpose(1, 2).to(kc.dtype)  # [B, T, Hkv, D] into the rows of the pool
     vc[ctx.write] = value.transpose(1, 2).to(vc.dtype)
     if ctx.cu is not None:
+        if ctx.rows_from:  # the prompt chunks as a packed prefill, then the riding rows as a decode step
+            n = ctx.rows_from
+            head = _packed_attention(ctx, layer, query[:, :, :n], key[:, :, :n], value[:, :, :n], scale)
+            rows = _rows_attention(ctx, layer, query[0, :, n:].transpose(0, 1), scale)
+            return torch.cat([head[0], rows.to(head.dtype)]).unsqueeze(0), None
         return _packed_attention(ctx, layer, query, key, value, scale), None
     b, hq, t, d = query.shape
     if ctx.table is not None and decode_attention.usable(query):  # a decode step: split-KV over each row's own length

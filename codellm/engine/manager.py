@@ -47,6 +47,7 @@ class LoadOptions:
     cuda_graphs: bool = True  # decode through captured CUDA graphs on GPUs (eager when off, or for adapters)
     compile: bool = True  # torch.compile the graph-captured decode step (GPU only; falls back to plain graphs)
     compile_prefill: bool = False  # and the packed-prefill step (one dynamic graph for every bucket)
+    mixed_steps: bool = False  # decoding sequences ride in a prefilling step's forward (eager steps only, for now)
     engine_process: bool | None = None  # each engine in a child process (default: on GPUs), see engine.remote
     tensor_parallel: int = 1  # ranks a model is split over (engine.sharding); above 1 its engine is a child process
     speculative: "SpeculativeConfig | None" = None  # speculative decoding (engine.speculation, engine.drafter)
@@ -287,7 +288,7 @@ class ModelManager:
         view = dict(num_ctx=o.num_ctx, quantize=o.quantize, trust_remote_code=o.trust_remote_code)
         engine = dict(slots=o.slots, max_queue=o.max_queue, prefill_chunk=o.prefill_chunk, cuda_graphs=o.cuda_graphs,
                       compile=o.compile, compile_prefill=o.compile_prefill, kv_cache_memory=kv_cache_memory or o.kv_cache_memory,
-                      kv_fit=kv_cache_memory is not None, prefix_caching=o.prefix_caching,
+                      kv_fit=kv_cache_memory is not None, prefix_caching=o.prefix_caching, mixed=o.mixed_steps,
                       speculative=spec)
         separate = o.engine_process
         if o.tensor_parallel > 1:  # the child is rank 0 and starts the others

@@ -43,6 +43,7 @@ class Stats(msgspec.Struct):
     decode_tokens: int = 0
     prefill_tokens: int = 0
     max_batch: int = 0
+    rides: int = 0  # decode rows that rode in a prefill's forward
     batch_sizes: dict[int, int] = {}  # decode steps by batch size
     finished: int = 0
     cancelled: int = 0

@@ -41,8 +41,7 @@ def kv_shape(model) -> tuple[int, int, int]:
 class ModelRunner:
     def __init__(self, lm: LoadedModel, *, blocks: int, block_size: int, rows: int, layers: int, kv_heads: int,
                  head_dim: int, cuda_graphs: bool = True, compile: bool = False, compile_prefill: bool = False,
-                 verify_rows: int = 0,
-                 verify_run: int = 1, ranks=None):
+                 verify_rows: int = 0, verify_run: int = 1, mixed: bool = False, ranks=None):
         self.lm = lm
         self.ranks = ranks  # tensor parallelism (``sharding.Ranks``): every forward is relayed to the other ranks
         cuda = lm.device.type == "cuda"
@@ -59,8 +58,8 @@ class ModelRunner:
             from codellm.engine.cudagraph import GraphRunner
 
             self.graphs = GraphRunner(lm.model, self.cache, lm.device, self.last_tokens, compile=compile,
-                                      compile_prefill=compile_prefill,
-                                      verify_rows=verify_rows, verify_run=verify_run)
+                                      compile_prefill=compile_prefill, verify_rows=verify_rows, verify_run=verify_run,
+                                      mixed=mixed)
 
     @property
     def graphs_usable(self) -> bool:
@@ -133,6 +132,59 @@ class ModelRunner:
         if not seqs:
             return [], None
         return seqs, torch.cat([logits for group_seqs, logits in packed if group_seqs])
+
+    @property
+    def can_ride(self) -> bool:
+        """Whether decode rows can ride in a prefill's forward (``prefill_riding``): in captured graphs where they
+        were captured, else in eager packed steps (one process, no PEFT rows: a CPU, or a GPU whose graphs are off)."""
+        if self.graphs_usable:
+            return self.graphs.riding is not None
+        return not self.peft and self.ranks is None
+
+    def prefill_riding(self, chunks: list[Chunk], riders: list[Sequence]) -> tuple[list[Sequence], torch.Tensor | None,
+                                                                                    Launched | None]:
+        """``prefill`` of prompt chunks with decoding sequences riding in the same forward, a one-token row each
+        after the chunks (its input the last token, on the device when still in flight): the prompts it completes
+        with their logits, as ``prefill`` gives them, and the riders' next tokens launched as ``launch`` does."""
+        self.cache.sync()
+        if not riders:
+            return (*self.prefill(chunks), None)
+        packed = [(seq.known()[start:end], start, seq.chain.blocks) for seq, start, end in chunks]
+        rows = [(0 if s.inflight else s.generated[-1], len(s.prompt) + len(s.generated) + s.inflight - 1, s.chain.blocks)
+                for s in riders]  # each rider's input at its position: the token in flight, or its last one
+        dev = self.lm.device
+        cuda = dev.type == "cuda"
+        slots = torch.tensor([s.slot for s in riders], pin_memory=cuda).to(dev, non_blocking=True)
+        with torch.inference_mode():
+            if self.graphs_usable:
+                lora = self.graphs.lora
+                out = self.graphs.ride(
+                    packed, [lora.of(seq.adapter) for seq, _, _ in chunks] if lora else None, [t for t, _, _ in rows],
+                    [p for _, p, _ in rows], [int(s.inflight > 0) for s in riders],
+                    [kvcache.cache_row(blocks, p, self.cache.block_size) for _, p, blocks in rows],
+                    [s.slot for s in riders], [lora.of(s.adapter) for s in riders] if lora else None)
+                if out is None:  # no captured graph fits: the prefill, then the rows' own decode step
+                    seqs, logits = self.prefill(chunks)
+                    return seqs, logits, self.launch(riders)
+                logits, tokens = out
+            else:
+                fresh = all(start == 0 for _, start, _ in packed)
+                ids, positions, last, ctx = kvcache.riding_step(self.cache, packed, rows, [s.slot for s in riders],
+                                                                fresh, dev)
+                ids = ids.to(dev)
+                take = torch.tensor([s.inflight > 0 for s in riders], device=dev)
+                n = ctx.rows_from
+                ids[n:] = torch.where(take, self.last_tokens[slots], ids[n:])
+                every = self._logits(ctx, ids.view(1, -1), positions.view(1, -1), last)[0]
+                logits, tokens = every[:len(chunks)], greedy_argmax(every[len(chunks):])
+            self.last_tokens.index_copy_(0, slots, tokens)
+        done = self._completing(chunks)
+        host = self._host_tokens[self._flip][:len(riders)]
+        self._flip ^= 1
+        launched = self._in_flight(riders, tokens, host, [(s, i) for i, s in enumerate(riders)])
+        if not done:
+            return [], None, launched
+        return [chunks[r][0] for r in done], logits[done], launched
 
     @staticmethod
     def _completing(chunks: list[Chunk]) -> list[int]:
