@@ -225,7 +225,9 @@ class GraphRunner:
         keep = torch.cat([last, n + torch.arange(r_ids.shape[0], device=last.device)])
         logits = self.model(input_ids=torch.cat([ids, r_ids]).view(1, -1), position_ids=torch.cat([pos, r_pos]).view(1, -1),
                             use_cache=False, logits_to_keep=keep, codellm_step=ctx).logits[0]
-        return logits[:PREFILL_ROWS], sampling.greedy_argmax(logits[PREFILL_ROWS:])
+        # the chunks' rows copied out, so that a graph keeps [PREFILL_ROWS, V] of output as a prefill graph does, not
+        # the rows' logits too (which only their argmax needs)
+        return logits[:PREFILL_ROWS].clone(), sampling.greedy_argmax(logits[PREFILL_ROWS:])
 
     def _capture(self, step, *args):
         stream = self._side
