@@ -29,7 +29,7 @@ if [[ " $parts " == *" prefill "* ]]; then
 h8=${H8:-$out/h8}
 [ -d "$h8/src" ] || python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
 import serve_bench; serve_bench.build_model('llama3-8b', Path('$h8'))" > "$out/build_8b.log" 2>&1
-timeout 420 python3 benchmarks/prefill_bench.py --home "$h8" --variants eager,fused,fused-auto \
+timeout 420 python3 benchmarks/prefill_bench.py --home "$h8" --variants eager,fused,fused-auto --rows 64,256 \
     --out "$out/prefill_8b.json" > "$out/prefill_bench.log" 2>&1
 echo "prefill_bench: rc $?"; grep -E "^(eager|fused|fused-auto) " "$out/prefill_bench.log"
 CODELLM_STEP_LOG="$out/steps_8b.jsonl" timeout 480 python3 benchmarks/serve_bench.py --shape llama3-8b --home "$h8" --concurrency 1,64,256 \

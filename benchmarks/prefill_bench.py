@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from codellm.engine import fusion  # noqa: E402
+from codellm.engine import fusion, kvcache  # noqa: E402
 from codellm.engine.core import Engine  # noqa: E402
 from codellm.engine.loader import load  # noqa: E402
 from codellm.registry import Registry  # noqa: E402
@@ -45,6 +45,35 @@ def replay_ms(graphs, chunks, reps: int) -> float:
         graphs.prefill(chunks)
     torch.cuda.synchronize()
     return 1000 * (time.perf_counter() - start) / reps
+
+
+def timed(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start) / reps
+
+
+def riding_ms(graphs, cache, chunks, rows: int, reps: int, at: int = 200) -> dict:
+    """One replay of ``chunks`` with ``rows`` decode rows riding in it (each at position ``at`` of a sequence of its
+    own), against the prefill replay followed by the rows' own decode replay: ms each."""
+    bs = cache.block_size
+    per = -(-(at + 1) // bs)
+    first = cache.scratch // bs - rows * per  # the pool's last blocks: the chunks take its first ones
+    tables = [list(range(first + i * per, first + (i + 1) * per)) for i in range(rows)]
+    for i, blocks in enumerate(tables):
+        cache.set_row(i, blocks)
+    cache.sync()
+    ids, positions, take = [1] * rows, [at] * rows, [0] * rows
+    write = [kvcache.cache_row(blocks, at, bs) for blocks in tables]
+    assert graphs.ride(chunks, None, ids, positions, take, write, list(range(rows)), None) is not None
+    mixed = timed(lambda: graphs.ride(chunks, None, ids, positions, take, write, list(range(rows)), None), reps)
+    apart = timed(lambda: (graphs.prefill(chunks), graphs.run(ids, positions, take, write)), reps)
+    return {"riding": round(mixed, 3), "apart": round(apart, 3)}
 
 
 def kernels(graphs, chunks, top: int) -> list[dict]:
@@ -72,6 +101,9 @@ def main():
     ap.add_argument("--variants", default="eager,fused",
                     help="in order: eager (the model's pointwise ops), fused (the engine's pointwise kernels), "
                          "fused-auto (compiled shape by shape, the gate too), compiled (the step through torch.compile)")
+    ap.add_argument("--rows", default="",
+                    help="decode rows riding in each fresh packing's replay (--mixed-steps), e.g. 64,256: one replay "
+                         "against the prefill replay and a decode replay")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--out", type=Path)
@@ -79,7 +111,8 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("prefill_bench times captured CUDA graphs: it needs a GPU")
     lm = load(Registry(args.home), args.model, device="cuda", num_ctx=4096)
-    engine = Engine(lm, slots=8, compile=False)
+    rows = [int(r) for r in args.rows.split(",") if r]
+    engine = Engine(lm, slots=max([8, *rows]), compile=False, mixed=bool(rows))
     graphs = engine.runner.graphs
     size = engine.runner.cache.block_size
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model, "variants": {}}
@@ -97,6 +130,9 @@ def main():
         for text in args.packings.split(","):
             chunks = packing(text, size)
             entry["ms"][text] = round(replay_ms(graphs, chunks, args.reps), 3)
+        if rows:
+            entry["riding_ms"] = {f"{text}+{r}": riding_ms(graphs, engine.runner.cache, packing(text, size), r, args.reps)
+                                  for text in args.packings.split(",") if "+" not in text for r in rows}
         entry["kernels"] = {text: kernels(graphs, packing(text, size), args.top) for text in args.packings.split(",")}
         results["variants"][variant] = entry
         print(variant, json.dumps({k: v for k, v in entry.items() if k != "kernels"}), flush=True)
