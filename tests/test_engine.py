@@ -308,6 +308,20 @@ def test_compiled_fast_path_matches_hf_generate(loaded):
         engine.shutdown()
 
 
+PROMPTS = ["def fibonacci(n):\n", "class Stack:\n    def", "for i in range(10):", "import csv\n\ndef read_csv(path):\n    with"]
+
+
+def _hf_greedy(loaded, prompts: list[str], new: int) -> list[list[int]]:
+    """HF generate's greedy tokens for each prompt alone: what the engine must give."""
+    refs = []
+    for p in prompts:
+        ids = loaded.tokenizer(p, add_special_tokens=False)["input_ids"]
+        out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, eos_token_id=None,
+                                    pad_token_id=0)
+        refs.append(out[0, len(ids):].tolist())
+    return refs
+
+
 @pytest.mark.parametrize("overlap", [True, None], ids=["read-late", "read-at-once"])
 @pytest.mark.parametrize("prefill_chunk", [4, 512], ids=["chunked-prefill", "batched-prefill"])
 def test_greedy_matches_hf_generate_with_concurrent_batching(loaded, prefill_chunk, overlap):
@@ -316,13 +330,8 @@ def test_greedy_matches_hf_generate_with_concurrent_batching(loaded, prefill_chu
     from codellm.engine.core import Engine
 
     tok = loaded.tokenizer
-    prompts = ["def fibonacci(n):\n", "class Stack:\n    def", "for i in range(10):", "import csv\n\ndef read_csv(path):\n    with"]
-    refs = []
-    for p in prompts:
-        ids = tok(p, add_special_tokens=False)["input_ids"]
-        out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                                    pad_token_id=0)
-        refs.append(out[0, len(ids):].tolist())
+    prompts = PROMPTS
+    refs = _hf_greedy(loaded, prompts, 32)
     # 4: prompts are chunked and interleave with decodes; 512: prompts of different lengths prefill packed in one row
     engine = Engine(loaded, slots=4, prefill_chunk=prefill_chunk, overlap=overlap)
     try:
@@ -347,13 +356,8 @@ def test_decode_rows_riding_in_prefills_match_hf_generate(loaded, overlap):
     from codellm.engine.core import Engine
 
     tok = loaded.tokenizer
-    prompts = ["def fibonacci(n):\n", "class Stack:\n    def", "for i in range(10):", "import csv\n\ndef read_csv(path):\n    with"]
-    refs = []
-    for p in prompts:
-        ids = tok(p, add_special_tokens=False)["input_ids"]
-        out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                                    pad_token_id=0)
-        refs.append(out[0, len(ids):].tolist())
+    prompts = PROMPTS
+    refs = _hf_greedy(loaded, prompts, 24)
     engine = Engine(loaded, slots=4, prefill_chunk=8, overlap=overlap, mixed=True)
     try:
         sinks = [TokenSink() for _ in prompts]
