@@ -409,7 +409,7 @@ class Engine(Admission):
         self._launched = now
         if riders:
             self._counted(riders)
-            self.stats.rides += len(riders)
+            self.stats.rides += len(riders) if plan.chunks else 0
             self._launched.append(launched)
         elif batch:
             self._decode(batch)
