@@ -263,7 +263,8 @@ def engine_options(f):
                      "throughput; about 30 s more at load)."),
         click.option("--mixed-steps/--no-mixed-steps", default=False, show_default=True,
                      help="Decoding streams ride in the forward of a step that prefills prompts, so one pass over the "
-                     "weights serves both (greedy streams; where steps run eagerly: a CPU, or --no-cuda-graphs)."),
+                     "weights serves both (greedy streams; on GPUs in CUDA graphs of their own for fresh prompts, not "
+                     "yet measured there)."),
         click.option("--compile-prefill/--no-compile-prefill", default=False, show_default=True,
                      help="torch.compile the GPU packed-prefill step whole (norms and rotary are fused kernels "
                      "without it; minutes more at load for a 7-8B model)."),

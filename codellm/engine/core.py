@@ -28,7 +28,7 @@ from codellm.engine.outputs import Output, Sink, Stats
 from codellm.engine.runner import Launched, ModelRunner, kv_shape
 from codellm.engine.sampling import SamplingParams, TokenLogprob, generator
 from codellm.engine.speculation import SpeculativeConfig
-from codellm.engine.scheduler import PrefillPlan, Scheduler
+from codellm.engine.scheduler import DecodePlan, PrefillPlan, Scheduler
 from codellm.engine.sequence import Sequence, constraint, stop_ids
 
 log = logging.getLogger("codellm.engine")
@@ -68,6 +68,9 @@ class Engine(Admission):
         self.lm = lm
         # drafts from prompt lookup or from a draft model (``draft``), checked in one forward (``speculation``)
         self.speculative = speculative
+        # decoding sequences ride in a prefilling step's forward (one forward reads the weights once), where the
+        # runner can run them together and every one of them is pipelined (``_ride``)
+        self.mixed = mixed and speculative is None
         self._pace = speculation.Pace()
         self._paced: tuple[bool, int] | None = None  # this step's decode: (speculated, batch size), to time it
         self._step_end = 0.0
@@ -96,8 +99,7 @@ class Engine(Admission):
         self.runner = ModelRunner(lm, blocks=self.pool.num_blocks, block_size=block_size, rows=slots,
                                   layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                                   cuda_graphs=cuda_graphs, compile=compile, compile_prefill=compile_prefill,
-                                  verify_rows=verify_rows, verify_run=verify_run, mixed=mixed and speculative is None,
-                                  ranks=ranks)
+                                  verify_rows=verify_rows, verify_run=verify_run, mixed=self.mixed, ranks=ranks)
         if ranks is not None:  # tensor parallelism: ``lm``'s model is rank 0's shard (``sharding``)
             ranks.setup(self.runner.cache)  # the other ranks size their caches alike
         self.drafter: Drafter | None = None
@@ -112,9 +114,6 @@ class Engine(Admission):
         # a CPU runs the step in the calling thread, and reading late there would only delay every token by a step
         self.overlap = overlap is not False
         self.read_late = cuda if overlap is None else bool(overlap)
-        # decoding sequences ride in a prefilling step's forward (one forward reads the weights once), where the
-        # runner can run them together and every one of them is pipelined (``_ride``)
-        self.mixed = mixed and speculative is None
         self._launched: list[Launched] = []  # tokens on the device the host has not read, oldest first
         # a speculating step's tokens, in their sequences but not yet told to their requests: reading late, that host
         # work (detokenizing, stop strings, delivery) runs while the device checks the next step's drafts
@@ -289,10 +288,7 @@ class Engine(Admission):
         else:
             self._prefill(plan)
             prefilled = time.perf_counter()
-            decode = self.scheduler.schedule_decode()
-            if decode.preempted:
-                self._complete()  # a preempted sequence resumes from every token it has, the one in flight included
-            self._set_rows(decode.rows)
+            decode = self._decode_plan()
             self._decode(decode.batch)
             decoded = len(decode.batch)
         if self._steplog is not None and (plan.rows or plan.chunks or plan.alone or decoded):  # (not idle ones)
@@ -382,17 +378,23 @@ class Engine(Admission):
             if seqs:
                 self._after_prefill(seqs, logits)
 
+    def _decode_plan(self) -> DecodePlan:
+        """The step's decode batch, with the blocks its next tokens need (their rows written)."""
+        decode = self.scheduler.schedule_decode()
+        if decode.preempted:
+            self._complete()  # a preempted sequence resumes from every token it has, the one in flight included
+        self._set_rows(decode.rows)
+        return decode
+
     def _ride(self, plan: PrefillPlan) -> tuple[float, int]:
         """A prefilling step whose decoding sequences ride in the prefill's forward: each one's next token a
         one-token row beside the prompt chunks, picked on the device and read a step late, as ``_decode_one``'s
         are. Their blocks are given first (a sequence preempted for them drops its chunk); prompts the step
         completes start decoding in the next step. Where one of them is not pipelined, they decode after the
         prefill, as in any other step. Returns when the prefill was launched, and how many sequences decoded."""
-        decode = self.scheduler.schedule_decode()
+        decode = self._decode_plan()
         if decode.preempted:
-            self._complete()
             plan.chunks = [c for c in plan.chunks if c[0].chain is not None]
-        self._set_rows(decode.rows)
         batch = [s for s in decode.batch if s.decodable]
         riders = batch if all(s.pipelined and len(s.generated) + s.inflight < s.max_new for s in batch) else []
         earlier, self._launched = self._launched, []  # the previous step's tokens, read while this one runs

@@ -69,6 +69,14 @@ class Lane:
         self.packed = torch.zeros((INPUTS, bmax), dtype=torch.long, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
 
+    def stage(self, b: int, inputs: torch.Tensor) -> None:
+        """A step's input rows ([INPUTS, b], ``step_inputs``) into the device buffer, by one copy from the pinned
+        block the step before did not use."""
+        staging = self.staging[self.flip]
+        self.flip ^= 1
+        staging[:, :b] = inputs
+        self.packed[:, :b].copy_(staging[:, :b], non_blocking=True)
+
 
 def _buckets(limit: int, start: int) -> list[int]:
     out, b = [], start
@@ -337,11 +345,7 @@ class GraphRunner:
         if b is None or kv is None:
             return None
         scratch = self.cache.scratch
-        staging = lane.staging[lane.flip]
-        lane.flip ^= 1
-        staging[:, :b] = step_inputs(b, ids, positions, take, adapters, write, rows, scratch, self.cache.slots,
-                                     offsets)
-        lane.packed[:, :b].copy_(staging[:, :b], non_blocking=True)
+        lane.stage(b, step_inputs(b, ids, positions, take, adapters, write, rows, scratch, self.cache.slots, offsets))
         key = (b, kv)
         if key not in lane.graphs:
             try:
@@ -369,22 +373,24 @@ class GraphRunner:
         r = next((b for b in lane.buckets if b >= len(ids)), None)
         if (n, r) not in self.riding_graphs:
             return None
-        host = torch.empty(self.pf.shape[0], dtype=torch.long, pin_memory=True)
+        self._load_prompts(chunks, adapters, n)
+        lane.stage(r, step_inputs(r, ids, positions, take, row_adapters, write, rows, self.cache.scratch,
+                                  self.cache.slots))
+        graph, (logits, tokens) = self.riding_graphs[(n, r)]
+        graph.replay()
+        self.prefill_replays["riding"] += 1
+        return logits[:len(chunks)], tokens[:len(ids)]
+
+    def _load_prompts(self, chunks: list[tuple[list[int], int, list[int]]], adapters: list[int] | None, n: int) -> None:
+        """Packed prompt chunks (``kvcache.pack_prompts``, ``n`` tokens wide) and their tokens' adapter numbers into the
+        prefill buffer, by one copy."""
+        host = torch.empty(self.pf.shape[0], dtype=torch.long, pin_memory=True)  # cached pinned block, freed once copied
         h_ids, h_pos, h_write, h_cu, h_last, h_adapters = self._pf_parts(host)
         h_ids[:n], h_pos[:n], h_write[:n], h_cu[:], h_last[:] = kvcache.pack_prompts(
             chunks, self.cache.block_size, self.cache.scratch, width=n, rows=PREFILL_ROWS)
         if self.lora is not None:
             h_adapters[:n] = multilora.token_adapters([t for t, _, _ in chunks], adapters, n)
         self.pf.copy_(host, non_blocking=True)
-        staging = lane.staging[lane.flip]
-        lane.flip ^= 1
-        staging[:, :r] = step_inputs(r, ids, positions, take, row_adapters, write, rows, self.cache.scratch,
-                                     self.cache.slots)
-        lane.packed[:, :r].copy_(staging[:, :r], non_blocking=True)
-        graph, (logits, tokens) = self.riding_graphs[(n, r)]
-        graph.replay()
-        self.prefill_replays["riding"] += 1
-        return logits[:len(chunks)], tokens[:len(ids)]
 
     def prefill_groups(self, lengths: list[int], keys: list[int]) -> list[list[int]]:
         """Chunks of these lengths, attending to this many keys each, (in order) cut into groups that each fit one
@@ -421,13 +427,7 @@ class GraphRunner:
             host_k[:k], host_k[self.pk_width:] = index, cu_k
             self.pk[:k].copy_(host_k[:k], non_blocking=True)
             self.pk[self.pk_width:].copy_(host_k[self.pk_width:], non_blocking=True)
-        host = torch.empty(self.pf.shape[0], dtype=torch.long, pin_memory=True)  # cached pinned block, freed once copied
-        h_ids, h_pos, h_write, h_cu, h_last, h_adapters = self._pf_parts(host)
-        h_ids[:n], h_pos[:n], h_write[:n], h_cu[:], h_last[:] = kvcache.pack_prompts(
-            chunks, self.cache.block_size, self.cache.scratch, width=n, rows=PREFILL_ROWS)
-        if self.lora is not None:
-            h_adapters[:n] = multilora.token_adapters(prompts, adapters, n)
-        self.pf.copy_(host, non_blocking=True)
+        self._load_prompts(chunks, adapters, n)
         graph, logits = self.prefill_graphs[(n, k)]
         graph.replay()
         self.prefill_replays["cached" if k else "fresh"] += 1

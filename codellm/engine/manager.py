@@ -47,7 +47,7 @@ class LoadOptions:
     cuda_graphs: bool = True  # decode through captured CUDA graphs on GPUs (eager when off, or for adapters)
     compile: bool = True  # torch.compile the graph-captured decode step (GPU only; falls back to plain graphs)
     compile_prefill: bool = False  # and the packed-prefill step (one dynamic graph for every bucket)
-    mixed_steps: bool = False  # decoding sequences ride in a prefilling step's forward (eager steps only, for now)
+    mixed_steps: bool = False  # decoding sequences ride in a prefilling step's forward (``Engine(mixed=)``)
     engine_process: bool | None = None  # each engine in a child process (default: on GPUs), see engine.remote
     tensor_parallel: int = 1  # ranks a model is split over (engine.sharding); above 1 its engine is a child process
     speculative: "SpeculativeConfig | None" = None  # speculative decoding (engine.speculation, engine.drafter)
