@@ -12,12 +12,12 @@ Attention is fused only inside an engine step, where the attention function is o
 outside one the model's own forward runs unchanged.
 
 On a GPU the pointwise work between the GEMMs is done by fused kernels: RMSNorm as torch's ``rms_norm`` (one
-kernel for the model's six: upcast, square, mean, rsqrt, scale, downcast), and the rotary embedding of q and k
-compiled (a kernel each for the eager ten). A packed prefill is GEMM-bound, and its eager pointwise ops cost
-two-thirds again of its GEMM time; these two take a fifth off a 2048-token replay (Llama-3-8B shape on an H100:
-NOTES run 37). The gated activation stays two eager kernels: compiled for any shape it was slower than they are
-there. Inside a ``torch.compile`` trace (the compiled decode step) the model's own ops run, which inductor fuses
-with their neighbours.
+kernel for the model's six: upcast, square, mean, rsqrt, scale, downcast), and the SiLU gate and the rotary embedding
+of q and k as Triton kernels of ours (``pointwise``), where Triton runs; without it the rotary embedding is compiled
+(a kernel each for the eager ten) and the gate stays two eager kernels. A packed prefill is GEMM-bound, and its eager
+pointwise ops cost two-thirds again of its GEMM time; the norm and the compiled rotary took a fifth off a 2048-token
+replay (Llama-3-8B shape on an H100: NOTES run 37). Inside a ``torch.compile`` trace (the compiled decode step) the
+model's own ops run, which inductor fuses with their neighbours.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codellm.engine import kvcache
+from codellm.engine import kvcache, pointwise
 
 log = logging.getLogger("codellm.engine")
 # attention classes whose forward is q/k/v projections, rotary embedding, attention, o_proj (nothing else)
@@ -46,10 +46,17 @@ def _fast(x: torch.Tensor) -> bool:
     return x.is_cuda and POINTWISE and not torch.compiler.is_compiling()
 
 
-# switches for benchmarks/prefill_bench.py: the fused kernels at all; compiling for each new shape first and for
-# the dimensions that changed after (torch.compile's default) instead of for any shape, with the gate compiled too
+# switches for benchmarks/prefill_bench.py: the fused kernels at all; the Triton kernels of ``pointwise`` for the
+# gate and the rotary embedding (else compiled rotary, eager gate); compiling for each new shape first and for the
+# dimensions that changed after (torch.compile's default) instead of for any shape, with the gate compiled too
 POINTWISE = True
+KERNELS = True
 AUTO_DYNAMIC = False
+
+
+def _kernels(x: torch.Tensor) -> bool:
+    """Whether ``pointwise``'s Triton kernels run for ``x``: they have no backward, so never where autograd records."""
+    return KERNELS and _fast(x) and not x.requires_grad and pointwise.available(x)
 
 
 class _Compiled:
@@ -135,7 +142,10 @@ def _fuse_attention(module: nn.Module) -> bool:
         shape = (*input_shape, -1, self.head_dim)
         q, k, v = (t.view(shape).transpose(1, 2) for t in F.linear(hidden_states, weight, bias).split(sizes, dim=-1))
         cos, sin = named["position_embeddings"]
-        q, k = rotary(q, k, cos, sin)
+        if _kernels(q) and pointwise.rotary_fits(q, cos, sin) and pointwise.rotary_matches(family, q.device):
+            q, k = pointwise.rotary(q, cos, sin), pointwise.rotary(k, cos, sin)
+        else:
+            q, k = rotary(q, k, cos, sin)
         out, _ = kvcache.slot_attention(self, q, k, v, named.get("attention_mask"), scaling=self.scaling, **rest)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
 
@@ -156,6 +166,8 @@ def _fuse_mlp(module: nn.Module) -> bool:
         if not _plain(self.gate_proj, self.up_proj):  # an adapter wraps them: PEFT's path
             return original(x)
         both = F.linear(x, weight, bias)
+        if silu and _kernels(both) and not AUTO_DYNAMIC:
+            return self.down_proj(pointwise.silu_and_mul(both))
         if silu and AUTO_DYNAMIC:
             return self.down_proj(_SILU_GATE(both))
         return self.down_proj(self.act_fn(both[..., :split]) * both[..., split:])
