@@ -1,8 +1,11 @@
 """How long one captured packed-prefill replay takes, in-process (no HTTP), for a few packings of fresh prompts,
 with the prefill graphs captured over the model's own pointwise ops (eager), over the engine's fused pointwise
-kernels (fused: ``fusion.POINTWISE``, the default), over them compiled shape by shape with the gated activation
-compiled too (fused-auto: ``fusion.AUTO_DYNAMIC``) or compiled whole (``GraphRunner(compile_prefill=True)``: many
-minutes for an 8B model), and which kernels fill each packing's replay (torch.profiler).
+kernels (fused: ``fusion.POINTWISE`` with the Triton gate and rotary of ``pointwise``, the default), over the fused
+norm with the rotary embedding compiled for any shape and the gate eager (fused-compiled: ``fusion.KERNELS`` off, the
+GPU path where Triton does not run), over that compiled shape by shape with the gated activation compiled too
+(fused-auto: ``fusion.AUTO_DYNAMIC``) or compiled whole (``GraphRunner(compile_prefill=True)``: many minutes for an 8B
+model), and which kernels fill each packing's replay (torch.profiler). A packing that takes a prefill graph of a smaller
+attention grid (``cudagraph.layout``) is timed in the general layout too.
 
     python benchmarks/prefill_bench.py --home /root/h8 --packings 16x128,1x2048,4x128 --variants eager,fused
 (build the model first with serve_bench.py --build llama3-8b --home /root/h8)
@@ -20,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from codellm.engine import fusion, kvcache  # noqa: E402
+from codellm.engine import cudagraph, fusion, kvcache  # noqa: E402
 from codellm.engine.core import Engine  # noqa: E402
 from codellm.engine.loader import load  # noqa: E402
 from codellm.registry import Registry  # noqa: E402
@@ -36,13 +39,13 @@ def packing(text: str, block_size: int) -> list[tuple[list[int], int, list[int]]
     return [([1000 + i] * length, start, list(range(i * per, (i + 1) * per))) for i in range(count)]
 
 
-def replay_ms(graphs, chunks, reps: int) -> float:
+def replay_ms(graphs, chunks, reps: int, general: bool = False) -> float:
     for _ in range(3):
-        graphs.prefill(chunks)
+        graphs.prefill(chunks, general=general)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(reps):
-        graphs.prefill(chunks)
+        graphs.prefill(chunks, general=general)
     torch.cuda.synchronize()
     return 1000 * (time.perf_counter() - start) / reps
 
@@ -100,7 +103,8 @@ def main():
     ap.add_argument("--packings", default="16x128,1x2048,4x128")
     ap.add_argument("--variants", default="eager,fused",
                     help="in order: eager (the model's pointwise ops), fused (the engine's pointwise kernels), "
-                         "fused-auto (compiled shape by shape, the gate too), compiled (the step through torch.compile)")
+                         "fused-compiled (fused norm, compiled rotary, eager gate), fused-auto (compiled shape by "
+                         "shape, the gate too), compiled (the step through torch.compile)")
     ap.add_argument("--rows", default="",
                     help="decode rows riding in each fresh packing's replay (--mixed-steps), e.g. 64,256: one replay "
                          "against the prefill replay and a decode replay")
@@ -118,6 +122,7 @@ def main():
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model, "variants": {}}
     for variant in args.variants.split(","):
         fusion.POINTWISE = variant != "eager"
+        fusion.KERNELS = variant == "fused"
         if fusion.AUTO_DYNAMIC != (variant == "fused-auto"):
             fusion.AUTO_DYNAMIC = variant == "fused-auto"
             fusion.recompile()
@@ -127,18 +132,22 @@ def main():
         start = time.perf_counter()
         graphs.capture_prefill()
         entry = {"capture_s": round(time.perf_counter() - start, 1), "graphs": len(graphs.prefill_graphs), "ms": {}}
+        entry["general_ms"] = {}  # the same packings in the general layout, where they have another
         for text in args.packings.split(","):
             chunks = packing(text, size)
             entry["ms"][text] = round(replay_ms(graphs, chunks, args.reps), 3)
+            n = next(b for b in graphs.prefill_buckets if b >= sum(len(t) for t, _, _ in chunks))
+            if cudagraph.layout([len(t) for t, _, _ in chunks], n) != cudagraph.GENERAL:
+                entry["general_ms"][text] = round(replay_ms(graphs, chunks, args.reps, general=True), 3)
         if rows:
             entry["riding_ms"] = {f"{text}+{r}": riding_ms(graphs, engine.runner.cache, packing(text, size), r, args.reps)
                                   for text in args.packings.split(",") if "+" not in text for r in rows}
         entry["kernels"] = {text: kernels(graphs, packing(text, size), args.top) for text in args.packings.split(",")}
         results["variants"][variant] = entry
         print(variant, json.dumps({k: v for k, v in entry.items() if k != "kernels"}), flush=True)
-        for text, rows in entry["kernels"].items():
+        for text, table in entry["kernels"].items():
             print(f"  {text}:")
-            for row in rows:
+            for row in table:
                 print(f"   {row['ms_per_replay']:8.3f} ms  x{row['count']:<4d} {row['kernel']}")
     engine.shutdown()
     if args.out:

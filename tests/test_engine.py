@@ -112,11 +112,12 @@ def test_fused_projections_share_memory_and_match(tiny_dir):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused pointwise kernels run on GPUs")
 def test_fused_pointwise_kernels_match_the_models_ops(tiny_dir):
-    """On a GPU an engine step's norms and rotary embedding are fused kernels: the logits the model's own ops give,
-    within bf16 rounding (the kernels round once where the ops round after each), and the compiled one did run."""
+    """On a GPU an engine step's norms, gate and rotary embedding are fused kernels (Triton's where it runs, else
+    the compiled rotary and eager gate): the logits the model's own ops give, within bf16 rounding (the kernels round
+    once where the ops round after each), and the kernels of each way did run."""
     from transformers import AutoModelForCausalLM
 
-    from codellm.engine import fusion, kvcache
+    from codellm.engine import fusion, kvcache, pointwise
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation=kvcache.register(),
                                                  dtype=torch.bfloat16).cuda().eval()
@@ -125,15 +126,18 @@ def test_fused_pointwise_kernels_match_the_models_ops(tiny_dir):
     cache = _paged(model.config, blocks=4, max_len=16, dtype=torch.bfloat16, device="cuda")
     logits = {}
     try:
-        for on in (False, True):
-            fusion.POINTWISE = on
+        for way, on, kernels in (("plain", False, False), ("compiled", True, False), ("triton", True, True)):
+            fusion.POINTWISE, fusion.KERNELS = on, kernels
             with torch.inference_mode(), kvcache.use(kvcache.step_context(cache, [[2, 0]], torch.arange(8).unsqueeze(0))):
-                logits[on] = model(input_ids=ids, use_cache=False).logits.float()
+                logits[way] = model(input_ids=ids, use_cache=False).logits.float()
     finally:
-        fusion.POINTWISE = True
+        fusion.POINTWISE, fusion.KERNELS = True, True
     assert all(r.compiled is not None and not r.broken for r in fusion._ROTARY.values()) and fusion._ROTARY
-    diff = (logits[True] - logits[False]).abs()
-    assert diff.max() < 0.25 and diff.mean() < 0.01, (diff.max(), diff.mean())
+    if pointwise.triton is not None:
+        assert pointwise._CHECKED and all(pointwise._CHECKED.values())
+    for way in ("compiled", "triton"):
+        diff = (logits[way] - logits["plain"]).abs()
+        assert diff.max() < 0.25 and diff.mean() < 0.01, (way, diff.max(), diff.mean())
 
 
 def _paged(cfg, *, blocks: int, max_len: int, dtype=torch.float32, device="cpu", block_size: int = 4):
@@ -204,6 +208,58 @@ def test_packed_prefill_matches_each_prompt_alone(tiny_dir, dtype):
     for layer in range(cfg.num_hidden_layers):  # the third prompt's keys landed in its blocks, at its positions
         rows = cache.index([tables[2]], 11)[0].to(device)
         torch.testing.assert_close(cache.k[layer][rows], one.k[layer][:11], **tol)
+
+
+def test_prefill_layouts_hold_their_chunks():
+    """A bucket's prefill graph is picked by its chunks' lengths; whichever it is, its rows and longest chunk hold
+    them (a chunk longer than the graph's longest would be cut short by FlashAttention's grid)."""
+    from codellm.engine import cudagraph as cg
+
+    assert cg.layout([100] * 16, 2048) == cg.SHORT and cg.layout([2048], 2048) == cg.FEW
+    assert cg.layout([300] * 4, 2048) == cg.FEW and cg.layout([300] * 5, 2048) == cg.GENERAL
+    assert cg.layout([256], 256) == cg.GENERAL  # a small bucket's one graph is already small
+    for lengths in ([1], [256] * 8, [257], [100, 900], [1, 1, 1, 1, 1200], [64] * 32, [500, 500, 500, 500]):
+        n = next(b for b in cg.PREFILL_BUCKETS if b >= sum(lengths))
+        rows, longest = cg._shape(cg.layout(lengths, n), n)
+        assert len(lengths) <= rows and max(lengths) <= longest and cg.layout(lengths, n) in cg._layouts(n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captured prefill graphs: the GPU fast path")
+def test_prefill_graph_layouts_give_the_general_layouts_logits(served_home):
+    """bf16 on a GPU, where attention is FlashAttention's: fresh and cached-prefix chunks in each layout's graph
+    (short chunks, few chunks), and fresh ones with decode rows riding, give the logits of the general layout's."""
+    from codellm.engine import cudagraph as cg
+    from codellm.engine import kvcache
+    from codellm.engine.core import Engine
+    from codellm.engine.loader import load
+    from codellm.registry import Registry
+
+    engine = Engine(load(Registry(served_home), "tiny-coder", dtype="bf16"), slots=8, mixed=True)
+    try:
+        graphs, bs = engine.runner.graphs, engine.runner.cache.block_size
+
+        def chunks(lengths, start=0):
+            per = -(-(start + max(lengths)) // bs)
+            return [([(7 * i + j) % 300 + 5 for j in range(n)], start, list(range(i * per, (i + 1) * per)))
+                    for i, n in enumerate(lengths)]
+
+        for lengths, start, want in (([100] * 5, 0, cg.SHORT), ([300, 200], 0, cg.FEW), ([200] * 3, 300, cg.SHORT),
+                                     ([400, 120], 128, cg.FEW)):
+            packed = chunks(lengths, start)
+            n = next(b for b in graphs.prefill_buckets if b >= sum(lengths))
+            assert cg.layout(lengths, n) == want
+            general = graphs.prefill(packed, general=True).float().clone()
+            torch.testing.assert_close(graphs.prefill(packed).float(), general, rtol=0, atol=1e-2)
+            if not start:  # one decode row riding, on blocks no chunk uses
+                blocks = list(range(100, 100 + -(-41 // bs)))
+                engine.runner.cache.set_row(0, blocks)
+                engine.runner.cache.sync()
+                out = graphs.ride(packed, None, [9], [40], [0], [kvcache.cache_row(blocks, 40, bs)], [0], None)
+                assert out is not None
+                torch.testing.assert_close(out[0].float(), general, rtol=2e-2, atol=2e-2)  # (GEMMs one row taller)
+        assert graphs.prefill_replays["riding"] == 2
+    finally:
+        engine.shutdown()
 
 
 def _kernel_device() -> str | None:

@@ -13,7 +13,10 @@ end in one row, so a lone 128-token prompt costs one replay instead of an eager 
 Python (tens of ms, most of a c=1 time to first token). There is one graph per token-count bucket for
 fresh prompts, which attend to themselves, and one per (tokens, keys) bucket pair for chunks that continue
 a cached prefix: their keys are gathered from the pool through a static index buffer, padded with the
-scratch block, so a prompt that hits the prefix cache is as cheap to launch as a fresh one.
+scratch block, so a prompt that hits the prefix cache is as cheap to launch as a fresh one. Buckets past
+``SHORT_CHUNK`` tokens have each graph in three layouts (``layout``), which size FlashAttention's grid to the
+chunks: many short ones, a few of any length, or anything. Every prefill graph writes its logits to one
+shared buffer, so that none keeps [PREFILL_ROWS, V] of its own.
 
 With ``mixed`` (``--mixed-steps``) a prefill of fresh prompts also carries the running streams' decode rows, one
 token each after the prompts, in one replay (``ride``): the forward reads the weights once for both, where a
@@ -50,6 +53,12 @@ from codellm.engine import decode_attention, kvcache, multilora, sampling
 log = logging.getLogger("codellm.engine")
 
 PREFILL_ROWS = 64  # prompts one prefill replay takes
+# A bucket's graphs in three layouts, because FlashAttention's variable-length kernel launches (longest chunk / 128)
+# x (rows + 1) x heads programs, and most of them find no query and stop: with a 2048-token bucket's 64 rows that
+# is 33k programs a layer (about 80 us on an H100, more than 16 chunks of 128 tokens need). Layout GENERAL takes any
+# chunks; SHORT as many, none longer than SHORT_CHUNK tokens; FEW at most FEW_ROWS chunks of any length.
+GENERAL, SHORT, FEW = 0, 1, 2
+SHORT_CHUNK, FEW_ROWS = 256, 4
 PREFILL_BUCKETS = (64, 128, 256, 512, 1024, 2048)  # its token counts; larger prefills run eagerly (GPU-bound there)
 INPUTS = 7  # a lane's input rows (``step_inputs``)
 KEY_BUCKETS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # keys a prefill over cached prefixes attends to, all chunks together
@@ -104,6 +113,32 @@ def step_inputs(b: int, ids: list[int], positions: list[int], take: list[int], a
     return torch.frombuffer(flat, dtype=torch.long).view(INPUTS, b)
 
 
+def layout(lengths: list[int], n: int) -> int:
+    """The prefill layout for chunks of these lengths in an ``n``-token bucket whose attention grid is smallest (a
+    bucket no larger than ``SHORT_CHUNK`` has only the general one, already small)."""
+    if n <= SHORT_CHUNK:
+        return GENERAL
+    if max(lengths) <= SHORT_CHUNK:
+        return SHORT
+    return FEW if len(lengths) <= FEW_ROWS else GENERAL
+
+
+def _shape(layout: int, n: int) -> tuple[int, int]:
+    """A layout's chunk rows and longest chunk, in an ``n``-token bucket."""
+    return (FEW_ROWS if layout == FEW else PREFILL_ROWS), (SHORT_CHUNK if layout == SHORT else n)
+
+
+def _layouts(n: int) -> list[int]:
+    return [GENERAL] if n <= SHORT_CHUNK else [GENERAL, SHORT, FEW]
+
+
+def _capture_lengths(cu: torch.Tensor, n: int, layout: int) -> None:
+    """Capture-time chunk bounds in ``cu`` for an ``n``-token bucket: padding chunks as long as the layout allows."""
+    rows, longest = _shape(layout, n)
+    cu.copy_((torch.arange(cu.shape[0], device=cu.device) * longest).clamp(max=n))
+    cu[rows + 1:] = n
+
+
 class GraphRunner:
     def __init__(self, model, cache: kvcache.PagedCache, device: torch.device, tokens: torch.Tensor, *, min_kv: int = 128,
                  compile: bool = False, compile_prefill: bool = False, verify_rows: int = 0, verify_run: int = 1,
@@ -130,8 +165,11 @@ class GraphRunner:
         self.key_buckets = list(KEY_BUCKETS)
         self.pk_width = KEY_BUCKETS[-1]
         self.pk = torch.zeros(self.pk_width + PREFILL_ROWS + 2, dtype=torch.long, device=device)
-        # by (tokens, keys); keys 0: fresh prompts, attending to themselves
-        self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # by (tokens, keys, layout); keys 0: fresh prompts, attending to themselves
+        self.prefill_graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # the chunks' logits, which every prefill and riding graph writes to (they replay one at a time, and each read
+        # is queued before the next replay): made by the first capture's warm-up, [PREFILL_ROWS, V]
+        self.pf_logits: torch.Tensor | None = None
         self.prefill_replays: collections.Counter = collections.Counter()  # "fresh" and "cached" prefills replayed
         self.keys = torch.arange(cache.max_len + 1, device=device)
         self.pool = torch.cuda.graph_pool_handle()
@@ -143,7 +181,7 @@ class GraphRunner:
         # prefills of fresh prompts with decode rows riding (``riding``): their inputs as a lane's, one graph per
         # (prompt tokens, rows) bucket pair; the rows attend by the split-KV kernel, so it is needed
         self.riding = Lane(cache.slots, device, tokens, gather=True) if mixed and self.kernel else None
-        self.riding_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.riding_graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.compiled = compile
         self.forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
         self.prefill_forward = torch.compile(self._prefill_forward, dynamic=True) if compile_prefill \
@@ -200,42 +238,58 @@ class GraphRunner:
         return buf[:w], buf[w:2 * w], buf[2 * w:3 * w], buf[3 * w:3 * w + r + 2], buf[3 * w + r + 2:3 * w + 2 * r + 2], \
             buf[3 * w + 2 * r + 2:]
 
-    def _prefill_step(self, n: int, k: int) -> torch.Tensor:
+    def _prefill_step(self, n: int, k: int, layout: int = GENERAL) -> torch.Tensor:
         ids, pos, write, cu, last, adapters = self._pf_parts(self.pf)
-        kv_index, cu_k = (self.pk[:k], self.pk[self.pk_width:]) if k else (None, None)
+        rows, longest = _shape(layout, n)
+        kv_index, cu_k = (self.pk[:k], self.pk[self.pk_width:self.pk_width + rows + 2]) if k else (None, None)
         with kvcache.attention_backends(self.device), self._adapters(adapters[:n].view(1, n)):
-            return self.prefill_forward(ids[:n], pos[:n], write[:n], cu, last, kv_index, cu_k)
+            logits = self.prefill_forward(ids[:n], pos[:n], write[:n], cu[:rows + 2], last[:rows], kv_index, cu_k,
+                                          longest)
+        return self._chunk_logits(logits)
 
     def _prefill_forward(self, ids: torch.Tensor, pos: torch.Tensor, write: torch.Tensor, cu: torch.Tensor,
-                         last: torch.Tensor, kv_index: torch.Tensor | None, cu_k: torch.Tensor | None) -> torch.Tensor:
-        """A packed prefill's logits at ``last``. Its sizes come from the tensors' shapes, so that one compiled
-        graph (``compile_prefill``) serves every bucket."""
+                         last: torch.Tensor, kv_index: torch.Tensor | None, cu_k: torch.Tensor | None,
+                         longest: int) -> torch.Tensor:
+        """A packed prefill's logits at ``last`` (no chunk longer than ``longest``). Its sizes come from the tensors'
+        shapes, so that one compiled graph (``compile_prefill``) serves every bucket."""
         n = ids.shape[0]
         keys = {} if kv_index is None else dict(kv_index=kv_index, cu_k=cu_k.to(torch.int32), max_k=kv_index.shape[0])
-        ctx = kvcache.packed_context(self.cache, write, pos, cu.to(torch.int32), n, **keys)
+        ctx = kvcache.packed_context(self.cache, write, pos, cu.to(torch.int32), longest, **keys)
         return self.model(input_ids=ids.view(1, n), position_ids=pos.view(1, n), use_cache=False, logits_to_keep=last,
                           codellm_step=ctx).logits[0]
 
-    def _riding_step(self, n: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _chunk_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The chunks' logits ([rows, V]) copied into the buffer every prefill graph shares (``pf_logits``, made
+        outside any capture), so that no graph keeps [PREFILL_ROWS, V] of output of its own."""
+        if self.pf_logits is None or self.pf_logits.shape[1:] != logits.shape[1:] or self.pf_logits.dtype != logits.dtype:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("the prefill graphs' logit buffer is made by a warm-up, before any capture")
+            self.pf_logits = torch.empty((PREFILL_ROWS, *logits.shape[1:]), dtype=logits.dtype, device=logits.device)
+        out = self.pf_logits[:logits.shape[0]]
+        out.copy_(logits)
+        return out
+
+    def _riding_step(self, n: int, r: int, layout: int = GENERAL) -> tuple[torch.Tensor, torch.Tensor]:
         ids, pos, write, cu, last, adapters = self._pf_parts(self.pf)
+        rows, longest = _shape(layout, n)
         r_ids, r_pos, r_take, r_adapters, r_write, r_row, _ = (self.riding.packed[i, :r] for i in range(INPUTS))
         with kvcache.attention_backends(self.device), self._adapters(torch.cat([adapters[:n], r_adapters]).view(1, -1)):
-            return self._riding_forward(ids[:n], pos[:n], write[:n], cu, last, r_ids, r_pos, r_take, r_write, r_row)
+            return self._riding_forward(ids[:n], pos[:n], write[:n], cu[:rows + 2], last[:rows], longest, r_ids, r_pos,
+                                        r_take, r_write, r_row)
 
-    def _riding_forward(self, ids, pos, write, cu, last, r_ids, r_pos, r_take, r_write, r_row):
+    def _riding_forward(self, ids, pos, write, cu, last, longest, r_ids, r_pos, r_take, r_write, r_row):
         """A packed prefill of fresh prompts with ``r`` one-token rows after it, a decoding sequence each (its input
         taken from its slot's last argmax where ``r_take``): the chunks' logits at ``last``, and the rows' argmax."""
-        n, tokens = ids.shape[0], self.riding.tokens
+        n, tokens, rows = ids.shape[0], self.riding.tokens, last.shape[0]
         r_ids = torch.where(r_take.bool(), tokens[r_row.clamp(max=tokens.shape[0] - 1)], r_ids)
         ctx = kvcache.packed_context(self.cache, torch.cat([write, r_write]), torch.cat([pos, r_pos]),
-                                     cu.to(torch.int32), n)
+                                     cu.to(torch.int32), longest)
         ctx.rows_from, ctx.table, ctx.lens = n, self.cache.table.index_select(0, r_row), (r_pos + 1).to(torch.int32)
         keep = torch.cat([last, n + torch.arange(r_ids.shape[0], device=last.device)])
         logits = self.model(input_ids=torch.cat([ids, r_ids]).view(1, -1), position_ids=torch.cat([pos, r_pos]).view(1, -1),
                             use_cache=False, logits_to_keep=keep, codellm_step=ctx).logits[0]
-        # the chunks' rows copied out, so that a graph keeps [PREFILL_ROWS, V] of output as a prefill graph does, not
-        # the rows' logits too (which only their argmax needs)
-        return logits[:PREFILL_ROWS].clone(), sampling.greedy_argmax(logits[PREFILL_ROWS:])
+        # the chunks' rows into the shared buffer; of the rows' logits only their argmax is kept
+        return self._chunk_logits(logits[:rows]), sampling.greedy_argmax(logits[rows:])
 
     def _capture(self, step, *args):
         stream = self._side
@@ -282,22 +336,18 @@ class GraphRunner:
         write.fill_(self.cache.scratch)  # prefill graphs: capture-time writes go to the scratch block
         self.pk[:self.pk_width].fill_(self.cache.scratch)  # and capture-time keys are read from it
         cu_k = self.pk[self.pk_width:]
-        for n in self.prefill_buckets:
-            for k in [0] + [k for k in self.key_buckets if k >= n]:
-                if self.disabled:
-                    return
-                # one sequence of n padding tokens (and k keys): lengths past the bucket's would read out of bounds
-                cu.fill_(n)
-                cu[0] = 0
-                cu_k.fill_(k)
-                cu_k[0] = 0
-                try:
-                    self.prefill_graphs[(n, k)] = self._capture(self._prefill_step, n, k)
-                except Exception:
-                    log.exception("capturing a prefill graph failed; prompts prefill eagerly")
-                    self.prefill_graphs.clear()
-                    torch.cuda.empty_cache()
-                    return
+
+        def lengths(n: int, k: int, shape: int) -> None:
+            _capture_lengths(cu, n, shape)
+            # k keys, shared out as the queries are (k >= n, both powers of two): lengths past the bucket's would
+            # read out of bounds
+            cu_k.copy_(cu * (k // n) if k else cu)
+
+        keys = [(n, k, shape) for n in self.prefill_buckets for k in [0] + [k for k in self.key_buckets if k >= n]
+                for shape in _layouts(n)]
+        if self.disabled or not self._capture_all(self.prefill_graphs, keys, self._prefill_step, lengths,
+                                                  "prompts prefill eagerly"):
+            return
         self.capture_riding()
         # the warmups' blocks, cached and unused now, go back to the device: memory outside torch's allocator (cuBLAS
         # handles of other threads and streams, NCCL) is taken from the device, and cannot reclaim them
@@ -313,18 +363,26 @@ class GraphRunner:
         lane.packed[4].fill_(self.cache.scratch)
         lane.packed[5].fill_(self.cache.slots)
         _, _, _, cu, _, _ = self._pf_parts(self.pf)
-        for n in self.prefill_buckets:
-            for r in lane.buckets:
-                cu.fill_(n)
-                cu[0] = 0
-                try:
-                    self.riding_graphs[(n, r)] = self._capture(self._riding_step, n, r)
-                except Exception:
-                    log.exception("capturing a prefill graph with decode rows failed; they decode apart")
-                    self.riding_graphs.clear()
-                    self.riding = None
-                    torch.cuda.empty_cache()
-                    return
+
+        keys = [(n, r, shape) for n in self.prefill_buckets for r in lane.buckets for shape in _layouts(n)]
+        if not self._capture_all(self.riding_graphs, keys, self._riding_step, lambda n, r, shape: _capture_lengths(
+                cu, n, shape), "decode rows run apart from prefills"):
+            self.riding = None
+
+    def _capture_all(self, graphs: dict, keys: list[tuple[int, ...]], step, prepare, fallback: str) -> bool:
+        """Capture ``step(*key)`` into ``graphs`` for every key, each after ``prepare(*key)`` has set the buffers its
+        capture reads; at the first that fails, none are kept (what they held goes back to the device) and the engine
+        does without them: ``fallback`` says how."""
+        for key in keys:
+            try:
+                prepare(*key)
+                graphs[key] = self._capture(step, *key)
+            except Exception:
+                log.exception("capturing a %s graph failed; %s", step.__name__.strip("_"), fallback)
+                graphs.clear()
+                torch.cuda.empty_cache()
+                return False
+        return True
 
     def run(self, ids: list[int], positions: list[int], take: list[int], write: list[int],
             adapters: list[int] | None = None, rows: list[int] | None = None,
@@ -371,23 +429,26 @@ class GraphRunner:
         n = next((b for b in self.prefill_buckets if b >= total), None)
         lane = self.riding
         r = next((b for b in lane.buckets if b >= len(ids)), None)
-        if (n, r) not in self.riding_graphs:
+        key = (n, r, layout([len(t) for t, _, _ in chunks], n or 0))
+        if key not in self.riding_graphs:
             return None
-        self._load_prompts(chunks, adapters, n)
+        self._load_prompts(chunks, adapters, n, key[2])
         lane.stage(r, step_inputs(r, ids, positions, take, row_adapters, write, rows, self.cache.scratch,
                                   self.cache.slots))
-        graph, (logits, tokens) = self.riding_graphs[(n, r)]
+        graph, (logits, tokens) = self.riding_graphs[key]
         graph.replay()
         self.prefill_replays["riding"] += 1
         return logits[:len(chunks)], tokens[:len(ids)]
 
-    def _load_prompts(self, chunks: list[tuple[list[int], int, list[int]]], adapters: list[int] | None, n: int) -> None:
-        """Packed prompt chunks (``kvcache.pack_prompts``, ``n`` tokens wide) and their tokens' adapter numbers into the
-        prefill buffer, by one copy."""
+    def _load_prompts(self, chunks: list[tuple[list[int], int, list[int]]], adapters: list[int] | None, n: int,
+                      layout: int) -> None:
+        """Packed prompt chunks (``kvcache.pack_prompts``, ``n`` tokens wide, as many rows as ``layout`` has) and their
+        tokens' adapter numbers into the prefill buffer, by one copy."""
         host = torch.empty(self.pf.shape[0], dtype=torch.long, pin_memory=True)  # cached pinned block, freed once copied
         h_ids, h_pos, h_write, h_cu, h_last, h_adapters = self._pf_parts(host)
-        h_ids[:n], h_pos[:n], h_write[:n], h_cu[:], h_last[:] = kvcache.pack_prompts(
-            chunks, self.cache.block_size, self.cache.scratch, width=n, rows=PREFILL_ROWS)
+        rows = _shape(layout, n)[0]
+        h_ids[:n], h_pos[:n], h_write[:n], h_cu[:rows + 2], h_last[:rows] = kvcache.pack_prompts(
+            chunks, self.cache.block_size, self.cache.scratch, width=n, rows=rows)
         if self.lora is not None:
             h_adapters[:n] = multilora.token_adapters([t for t, _, _ in chunks], adapters, n)
         self.pf.copy_(host, non_blocking=True)
@@ -408,10 +469,12 @@ class GraphRunner:
             attended += k
         return groups
 
-    def prefill(self, chunks: list[tuple[list[int], int, list[int]]], adapters: list[int] | None = None) -> torch.Tensor | None:
+    def prefill(self, chunks: list[tuple[list[int], int, list[int]]], adapters: list[int] | None = None,
+                general: bool = False) -> torch.Tensor | None:
         """Next-token logits ([len(chunks), V], on the device) of a packed prefill (``chunks`` as
         ``kvcache.pack_prompts`` takes them, with each chunk's adapter number) by one graph replay, or None when no
-        captured graph fits (too many tokens, keys or chunks)."""
+        captured graph fits (too many tokens, keys or chunks). ``general``: in the general layout whatever the
+        chunks (for benchmarks)."""
         prompts = [tokens for tokens, _, _ in chunks]
         total = sum(len(p) for p in prompts)
         n = next((b for b in self.prefill_buckets if b >= total), None)
@@ -419,16 +482,20 @@ class GraphRunner:
         if any(start for _, start, _ in chunks):  # continuing cached prefixes: their keys come from the pool
             attended = sum(start + len(t) for t, start, _ in chunks)
             k = next((b for b in self.key_buckets if b >= max(attended, n or 0)), None)
-        if n is None or k is None or (n, k) not in self.prefill_graphs or len(prompts) > PREFILL_ROWS or self.disabled:
+        if n is None or k is None or len(prompts) > PREFILL_ROWS or self.disabled:
             return None
+        key = (n, k, GENERAL if general else layout([len(p) for p in prompts], n))
+        if key not in self.prefill_graphs:
+            return None
+        rows = _shape(key[2], n)[0]
         if k:
             host_k = torch.empty(self.pk.shape[0], dtype=torch.long, pin_memory=True)
-            index, cu_k, _ = kvcache.pack_keys(chunks, self.cache.block_size, self.cache.scratch, width=k, rows=PREFILL_ROWS)
-            host_k[:k], host_k[self.pk_width:] = index, cu_k
+            index, cu_k, _ = kvcache.pack_keys(chunks, self.cache.block_size, self.cache.scratch, width=k, rows=rows)
+            host_k[:k], host_k[self.pk_width:self.pk_width + rows + 2] = index, cu_k
             self.pk[:k].copy_(host_k[:k], non_blocking=True)
             self.pk[self.pk_width:].copy_(host_k[self.pk_width:], non_blocking=True)
-        self._load_prompts(chunks, adapters, n)
-        graph, logits = self.prefill_graphs[(n, k)]
+        self._load_prompts(chunks, adapters, n, key[2])
+        graph, logits = self.prefill_graphs[key]
         graph.replay()
         self.prefill_replays["cached" if k else "fresh"] += 1
         return logits[:len(prompts)]
