@@ -44,7 +44,9 @@ if triton is not None:
         out = gate * tl.sigmoid(gate) * up
         tl.store(out_ptr + row * out_stride + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    # the sizes that follow a prompt's length are not specialized on (divisible by 16, or 1): an eager prefill of a
+    # new length would otherwise compile the kernel again while a stream waits
+    @triton.jit(do_not_specialize=["tokens", "xb", "cb", "ob"])
     def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, tokens, xb, xh, xn, cb, cn, ob, oh, on,
                        HALF: tl.constexpr, BLOCK_H: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
