@@ -113,8 +113,7 @@ class PagedCache:
             blocks = blocks[:width]
             if blocks:
                 tab[i, :len(blocks)] = torch.tensor(blocks)
-        pos = torch.arange(length)
-        return tab[:, pos // self.block_size] * self.block_size + pos % self.block_size
+        return table_rows(tab, length, self.block_size)
 
 
 @dataclass
@@ -162,6 +161,13 @@ def cache_rows(blocks: list[int], start: int, end: int, block_size: int) -> list
         rows.extend(range(base, base + n))
         start += n
     return rows
+
+
+def table_rows(table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """The pool rows of each table row's first ``length`` keys ([R, length]), on the table's device: tensor ops only,
+    which a captured graph can hold."""
+    keys = torch.arange(length, device=table.device)
+    return table[:, keys // block_size].long() * block_size + keys % block_size
 
 
 def step_context(cache: PagedCache, tables: list[list[int]], positions: torch.Tensor) -> StepContext:
@@ -308,9 +314,8 @@ def _rows_attention(ctx: StepContext, layer: int, query: torch.Tensor, scale: fl
     kc, vc, bs = ctx.cache.k[layer], ctx.cache.v[layer], ctx.cache.block_size
     if decode_attention.available(query.device, query.shape[-1]):
         return decode_attention.decode_attention(query, kc, vc, ctx.table, ctx.lens, scale, bs)
-    longest = ctx.table.shape[1] * bs
-    keys = torch.arange(longest, device=query.device)
-    index = ctx.table[:, keys // bs].long() * bs + keys % bs  # [R, longest]
+    index = table_rows(ctx.table, ctx.table.shape[1] * bs, bs)  # [R, longest]
+    keys = torch.arange(index.shape[1], device=query.device)
     mask = (keys[None] < ctx.lens[:, None])[:, None, None]  # [R, 1, 1, longest]
     k, v = (pool[index].permute(0, 2, 1, 3).to(query.dtype) for pool in (kc, vc))  # [R, Hkv, longest, D]
     group = query.shape[1] // k.shape[1]
@@ -400,9 +405,7 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     if index is None:  # a captured decode step on SDPA: the rows' keys from the device table
         index = ctx.memo.get("index")
         if index is None:
-            keys = torch.arange(ctx.kv_len, device=query.device)
-            bs = ctx.cache.block_size
-            index = ctx.memo["index"] = ctx.table[:b, keys // bs].long() * bs + keys % bs
+            index = ctx.memo["index"] = table_rows(ctx.table[:b], ctx.kv_len, ctx.cache.block_size)
     k = kc[index].permute(0, 2, 1, 3)  # [B, Hkv, kv_len, D]
     v = vc[index].permute(0, 2, 1, 3)
     hkv = k.shape[1]
