@@ -59,7 +59,9 @@ PREFILL_ROWS = 64  # prompts one prefill replay takes
 # chunks; SHORT as many, none longer than SHORT_CHUNK tokens; FEW at most FEW_ROWS chunks of any length.
 GENERAL, SHORT, FEW = 0, 1, 2
 SHORT_CHUNK, FEW_ROWS = 256, 4
-PREFILL_BUCKETS = (64, 128, 256, 512, 1024, 2048)  # its token counts; larger prefills run eagerly (GPU-bound there)
+# its token counts; larger prefills run eagerly (GPU-bound there). Past 512 a step of 1.5x the one before: an agent's
+# turn of 600 tokens or a 1,100-token file would otherwise pay for nearly twice its tokens
+PREFILL_BUCKETS = (64, 128, 256, 512, 768, 1024, 1536, 2048)
 INPUTS = 7  # a lane's input rows (``step_inputs``)
 KEY_BUCKETS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # keys a prefill over cached prefixes attends to, all chunks together
 
@@ -339,8 +341,7 @@ class GraphRunner:
 
         def lengths(n: int, k: int, shape: int) -> None:
             _capture_lengths(cu, n, shape)
-            # k keys, shared out as the queries are (k >= n, both powers of two): lengths past the bucket's would
-            # read out of bounds
+            # k // n keys a query (k >= n), no more than k in all: lengths past the bucket's would read out of bounds
             cu_k.copy_(cu * (k // n) if k else cu)
 
         keys = [(n, k, shape) for n in self.prefill_buckets for k in [0] + [k for k in self.key_buckets if k >= n]
