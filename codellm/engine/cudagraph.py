@@ -136,9 +136,7 @@ def _layouts(n: int) -> list[int]:
 
 def _capture_lengths(cu: torch.Tensor, n: int, layout: int) -> None:
     """Capture-time chunk bounds in ``cu`` for an ``n``-token bucket: padding chunks as long as the layout allows."""
-    rows, longest = _shape(layout, n)
-    cu.copy_((torch.arange(cu.shape[0], device=cu.device) * longest).clamp(max=n))
-    cu[rows + 1:] = n
+    cu.copy_((torch.arange(cu.shape[0], device=cu.device) * _shape(layout, n)[1]).clamp(max=n))
 
 
 class GraphRunner:
@@ -240,7 +238,7 @@ class GraphRunner:
         return buf[:w], buf[w:2 * w], buf[2 * w:3 * w], buf[3 * w:3 * w + r + 2], buf[3 * w + r + 2:3 * w + 2 * r + 2], \
             buf[3 * w + 2 * r + 2:]
 
-    def _prefill_step(self, n: int, k: int, layout: int = GENERAL) -> torch.Tensor:
+    def _prefill_step(self, n: int, k: int, layout: int) -> torch.Tensor:
         ids, pos, write, cu, last, adapters = self._pf_parts(self.pf)
         rows, longest = _shape(layout, n)
         kv_index, cu_k = (self.pk[:k], self.pk[self.pk_width:self.pk_width + rows + 2]) if k else (None, None)
@@ -271,7 +269,7 @@ class GraphRunner:
         out.copy_(logits)
         return out
 
-    def _riding_step(self, n: int, r: int, layout: int = GENERAL) -> tuple[torch.Tensor, torch.Tensor]:
+    def _riding_step(self, n: int, r: int, layout: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, pos, write, cu, last, adapters = self._pf_parts(self.pf)
         rows, longest = _shape(layout, n)
         r_ids, r_pos, r_take, r_adapters, r_write, r_row, _ = (self.riding.packed[i, :r] for i in range(INPUTS))

@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from codellm.engine import pointwise
+
 try:
     import triton
     import triton.language as tl
@@ -42,9 +44,8 @@ _BROKEN: set[tuple[str, bool]] = set()  # (device type, with runs) where a trial
 def available(device: torch.device, head_dim: int) -> bool:
     """Whether decode steps on ``device`` with this head size run the kernel. Plain checks only: this runs
     inside the compiled decode step too."""
-    return (triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-            and os.environ.get("CODELLM_ATTENTION", "triton") != "sdpa" and (device.type, False) not in _BROKEN
-            and head_dim >= 16 and head_dim & (head_dim - 1) == 0)
+    return (pointwise.runs_on(device) and os.environ.get("CODELLM_ATTENTION", "triton") != "sdpa"
+            and (device.type, False) not in _BROKEN and head_dim >= 16 and head_dim & (head_dim - 1) == 0)
 
 
 def probe(device: torch.device, head_dim: int, run: int = 1) -> bool:

@@ -166,10 +166,10 @@ def _fuse_mlp(module: nn.Module) -> bool:
         if not _plain(self.gate_proj, self.up_proj):  # an adapter wraps them: PEFT's path
             return original(x)
         both = F.linear(x, weight, bias)
-        if silu and _kernels(both) and not AUTO_DYNAMIC:
-            return self.down_proj(pointwise.silu_and_mul(both))
         if silu and AUTO_DYNAMIC:
             return self.down_proj(_SILU_GATE(both))
+        if silu and _kernels(both):
+            return self.down_proj(pointwise.silu_and_mul(both))
         return self.down_proj(self.act_fn(both[..., :split]) * both[..., split:])
 
     module.forward = types.MethodType(forward, module)

@@ -29,8 +29,13 @@ except ImportError:  # CPU installs: the kernels are GPU-only
 log = logging.getLogger("codellm.engine")
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether Triton kernels run on ``device``: a GPU, or any device under Triton's interpreter."""
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def available(x: torch.Tensor) -> bool:
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return runs_on(x.device)
 
 
 if triton is not None:
